@@ -1,0 +1,3 @@
+from rlhf_pipeline.cli import main
+
+main()

@@ -1,0 +1,43 @@
+"""Errors a user can fix. The CLI prints them without a traceback and exits with code 2."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Bad input (a recipe, a path, a flag): shown as a message, never as a traceback."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a recipe: where (file, line, dotted key) and what was expected."""
+
+    message: str
+    key: str = ""
+    file: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.file or "<recipe>"
+        if self.line:
+            where += f":{self.line}"
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class RecipeError(UserError):
+    """One or more problems in a recipe (or in what it points to: data files, columns, models)."""
+
+    def __init__(self, problems: Iterable[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or ''."""
+    match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""

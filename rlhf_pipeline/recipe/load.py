@@ -1,0 +1,245 @@
+"""Read a recipe: `extends:` inheritance, `--set` overrides, schema validation, errors that point at file:line."""
+
+from __future__ import annotations
+
+import copy
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from rlhf_pipeline.errors import Problem, RecipeError, UserError, did_you_mean
+from rlhf_pipeline.recipe import training_fields
+from rlhf_pipeline.recipe.schema import STAGE_RECIPES, StageRecipe
+from rlhf_pipeline.recipe.yaml_io import KeyPath, dump_yaml, load_yaml, parse_scalar
+
+Origin = tuple[str, "int | None"]  # (file or "--set ...", line)
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated recipe plus where each of its keys came from (for errors raised later, e.g. a missing column)."""
+
+    path: Path
+    recipe: StageRecipe
+    data: dict[str, Any]
+    origins: dict[KeyPath, Origin] = field(repr=False)
+
+    @property
+    def stage(self) -> str:
+        return self.recipe.stage
+
+    def problem(self, key: str, message: str) -> Problem:
+        file, line = _locate(self.origins, _split_key(key), str(self.path))
+        return Problem(message, key, file, line)
+
+    def error(self, key: str, message: str) -> RecipeError:
+        """A RecipeError about `key` (dotted), located at the file and line that set it."""
+        return RecipeError([self.problem(key, message)])
+
+    def resolved_yaml(self, provenance: dict[str, Any] | None = None) -> str:
+        """The fully resolved recipe (extends merged, overrides applied, defaults filled in) as YAML."""
+        data = self.recipe.model_dump(mode="json", exclude={"extends", "provenance"})
+        if provenance is not None:
+            data["provenance"] = provenance
+        return dump_yaml(data)
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), expected_stage: str | None = None) -> LoadedRecipe:
+    """Read, merge, override and validate a recipe. Raises RecipeError listing every problem found."""
+    path = Path(path)
+    data, origins = _read_with_extends(path, chain=())
+    for text in overrides:
+        _apply_override(data, origins, text)
+    stage = data.get("stage")
+    if stage not in STAGE_RECIPES:
+        file, line = _locate(origins, ("stage",), str(path))
+        message = (
+            "missing: every recipe names its stage"
+            if stage is None
+            else f"unknown stage {stage!r}{did_you_mean(stage, STAGE_RECIPES)}"
+        )
+        raise RecipeError([Problem(f"{message} (one of: {', '.join(STAGE_RECIPES)})", "stage", file, line)])
+    if expected_stage and stage != expected_stage:
+        file, line = _locate(origins, ("stage",), str(path))
+        raise RecipeError(
+            [Problem(f"this is a `{stage}` recipe; run it with `rlhf {stage}`, not `rlhf {expected_stage}`",
+                     "stage", file, line)]
+        )
+    schema = STAGE_RECIPES[stage]
+    problems: list[Problem] = []
+    recipe = None
+    try:
+        recipe = schema.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_problems_from_pydantic(exc, schema, origins, str(path)))
+    training = data.get("training")
+    if stage in training_fields.CONFIG_CLASSES and isinstance(training, dict):
+        for key, message in training_fields.check_training(stage, training):
+            file, line = _locate(origins, ("training", key), str(path))
+            problems.append(Problem(message, f"training.{key}", file, line))
+    if problems:
+        raise RecipeError(sorted(problems, key=lambda p: (p.file or "", p.line or 0)))
+    return LoadedRecipe(path=path, recipe=recipe, data=data, origins=origins)
+
+
+def show_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> str:
+    return load_recipe(path, overrides).resolved_yaml()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# extends + merge
+# ---------------------------------------------------------------------------------------------------------------
+def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[KeyPath, Origin]]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise RecipeError([Problem(f"`extends` cycle: {cycle}", "extends", str(path))])
+    data, lines = load_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([Problem("a recipe is a mapping of keys to values", file=str(path), line=1)])
+    origins: dict[KeyPath, Origin] = {key: (str(path), line) for key, line in lines.items()}
+
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data, origins
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise RecipeError([Problem("expected a path or a list of paths", "extends", str(path), lines.get(("extends",)))])
+
+    merged: dict = {}
+    merged_origins: dict[KeyPath, Origin] = {}
+    for index, parent in enumerate(parents):
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            line = lines.get(("extends", index), lines.get(("extends",)))
+            raise RecipeError([Problem(f"no such file: {parent_path}", "extends", str(path), line)])
+        parent_data, parent_origins = _read_with_extends(parent_path, (*chain, resolved))
+        _deep_merge(merged, parent_data, merged_origins, parent_origins, ())
+    _deep_merge(merged, data, merged_origins, origins, ())
+    return merged, merged_origins
+
+
+def _deep_merge(base: dict, top: dict, base_origins: dict, top_origins: dict, prefix: KeyPath) -> None:
+    """Merge `top` into `base` in place: mappings merge key by key; anything else (lists too) replaces."""
+    for key, value in top.items():
+        key_path = (*prefix, key)
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            if key_path in top_origins:
+                base_origins[key_path] = top_origins[key_path]
+            _deep_merge(base[key], value, base_origins, top_origins, key_path)
+        else:
+            for stale in [k for k in base_origins if k[: len(key_path)] == key_path]:
+                del base_origins[stale]
+            base[key] = copy.deepcopy(value)
+            base_origins.update({k: v for k, v in top_origins.items() if k[: len(key_path)] == key_path})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --set key.sub=value
+# ---------------------------------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[KeyPath, Any]:
+    key, sep, raw = text.partition("=")
+    parts = tuple(key.strip().split("."))
+    if not sep or not all(parts):
+        raise UserError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. --set training.learning_rate=1e-4")
+    try:
+        value = parse_scalar(raw)
+    except Exception as exc:  # yaml errors on odd values: say which flag
+        raise UserError(f"--set {text!r}: cannot read the value: {exc}") from None
+    return parts, value
+
+
+def _apply_override(data: dict, origins: dict, text: str) -> None:
+    parts, value = parse_override(text)
+    origin: Origin = (f"--set {text}", None)
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+            origins[parts[: depth + 1]] = origin  # a section this flag created: errors about it name the flag
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise UserError(f"--set {text!r}: `{where}` holds a value ({child!r}), not a section of keys")
+        node = child
+    node[parts[-1]] = value
+    for stale in [k for k in origins if k[: len(parts)] == parts]:
+        del origins[stale]
+    origins[parts] = origin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------------------
+def _split_key(key: str) -> KeyPath:
+    return tuple(int(p) if p.isdigit() else p for p in key.split(".")) if key else ()
+
+
+def _locate(origins: dict[KeyPath, Origin], key: KeyPath, default_file: str) -> Origin:
+    """The file and line of `key`, or of its nearest ancestor that a file sets."""
+    for end in range(len(key), 0, -1):
+        if key[:end] in origins:
+            return origins[key[:end]]
+    return default_file, None
+
+
+def _problems_from_pydantic(exc: ValidationError, schema: type[BaseModel], origins, default_file) -> list[Problem]:
+    problems = []
+    seen = set()
+    for err in exc.errors():
+        loc, owner = _clean_loc(schema, err["loc"])
+        key = ".".join(str(p) for p in loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            allowed = list(owner.model_fields) if owner else []
+            message = f"unknown key{did_you_mean(loc[-1], allowed)}"
+            if allowed:
+                message += f" (allowed here: {', '.join(allowed)})"
+        elif kind == "missing":
+            message = "required key is missing"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            if kind not in ("value_error", "assertion_error") and "input" in err:
+                message += f" (got {err['input']!r})"
+        if (key, message) in seen:  # a union reports once per member; once is enough
+            continue
+        seen.add((key, message))
+        file, line = _locate(origins, loc, default_file)
+        problems.append(Problem(message, key, file, line))
+    return problems
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model in an annotation such as `Section`, `Section | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _clean_loc(schema: type[BaseModel], loc: tuple) -> tuple[KeyPath, type[BaseModel] | None]:
+    """Drop pydantic's union-member tags from an error location; return it with the model owning its last key."""
+    clean: list = []
+    owner: type[BaseModel] | None = None
+    annotation: Any = schema
+    for part in loc:
+        model = _model_class(annotation)
+        if model is not None and isinstance(part, str):
+            owner = model
+            clean.append(part)
+            annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        elif typing.get_origin(annotation) is dict or isinstance(part, int):
+            clean.append(part)
+            args = typing.get_args(annotation)
+            annotation = args[-1] if args else None
+        # anything else is a union tag such as 'str' or 'list[str]': not a key
+    return tuple(clean), owner

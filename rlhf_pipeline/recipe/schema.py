@@ -1,0 +1,469 @@
+"""Recipe schemas: one pydantic model per stage. Every key is declared once, with its help text.
+
+Unknown keys are errors everywhere (`extra="forbid"`). The `training:` section of the TRL-backed stages is a mapping
+checked against the TRL / transformers config class it becomes (see `training_fields.py`). Importing this module
+does not import torch or transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model / tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+class ModelSection(Section):
+    name_or_path: str | None = Field(
+        None,
+        description="Hub id (e.g. `gpt2`) or local directory of a pretrained model, such as an earlier stage's "
+        "output (`runs/tiny/sft`). A directory holding a LoRA adapter loads its base model plus the adapter.",
+    )
+    revision: str | None = Field(None, description="Branch, tag or commit of a Hub model.")
+    trust_remote_code: bool = Field(
+        False, description="Run modelling code shipped inside a Hub repository. Off unless you trust the repository."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Dtype of the loaded weights. Mixed-precision training is chosen separately (training.bf16/fp16).",
+    )
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel passed to from_pretrained: `sdpa`, `eager`, `flash_attention_2`, ..."
+    )
+
+    @model_validator(mode="after")
+    def _needs_a_model(self):
+        if self.name_or_path is None and not getattr(self, "init", None):
+            raise ValueError("set `name_or_path` (a Hub id or a local model directory)")
+        return self
+
+
+class GPT2Architecture(Section):
+    """A GPT-2 model initialised from scratch. The vocabulary size comes from the tokenizer."""
+
+    model_type: Literal["gpt2"] = Field("gpt2", description="Architecture family (GPT-2 class models).")
+    n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads per block; must divide n_embd.")
+    n_embd: int = Field(128, ge=8, description="Hidden size.")
+    n_positions: int = Field(128, ge=8, description="Longest sequence (in tokens) the model can read.")
+    n_inner: int | None = Field(None, description="MLP width; default 4 * n_embd.")
+    activation_function: Literal["gelu_new", "gelu", "relu", "silu", "gelu_pytorch_tanh"] = Field(
+        "gelu_new", description="MLP activation."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Residual, embedding and attention dropout.")
+    layer_norm_epsilon: float = Field(1e-5, gt=0.0, description="LayerNorm epsilon.")
+    initializer_range: float = Field(0.02, gt=0.0, description="Std of the normal weight initialisation.")
+    tie_word_embeddings: bool = Field(True, description="Share the input embedding and the LM head.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
+        return self
+
+
+class PretrainModelSection(ModelSection):
+    init: GPT2Architecture | None = Field(
+        None, description="Initialise a new model from this architecture instead of loading `name_or_path`."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.name_or_path and self.init:
+            raise ValueError("set either `name_or_path` (continue pre-training) or `init` (start from scratch), not both")
+        return self
+
+
+class TokenizerSection(Section):
+    name_or_path: str | None = Field(None, description="Hub id or directory of the tokenizer; default: the model's.")
+    revision: str | None = Field(None, description="Branch, tag or commit of a Hub tokenizer.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template for conversational data: a path to a `.jinja` file or the template text. "
+        "Needed when the tokenizer has none (GPT-2 has none).",
+    )
+
+
+class BpeTraining(Section):
+    """Train a byte-level BPE tokenizer (the `tokenizers` library) on the training text."""
+
+    vocab_size: int = Field(8000, ge=300, description="Vocabulary size, special tokens included.")
+    min_frequency: int = Field(2, ge=1, description="Pairs seen fewer times than this are not merged.")
+    eos_token: str = Field("<|endoftext|>", description="End-of-text token (also BOS and UNK, as in GPT-2).")
+    pad_token: str = Field("<pad>", description="Padding token, kept distinct from EOS.")
+
+
+class PretrainTokenizerSection(TokenizerSection):
+    train: BpeTraining | None = Field(
+        None, description="Train a new tokenizer on the training text instead of loading one."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------------
+class TextColumns(Section):
+    text: str | None = Field(None, description="Column holding the plain text (default `text`).")
+
+
+class SftColumns(Section):
+    text: str | None = Field(None, description="Plain-text column (language-modelling data).")
+    prompt: str | None = Field(None, description="Prompt column (prompt/completion data).")
+    completion: str | None = Field(None, description="Completion column (prompt/completion data).")
+    messages: str | None = Field(None, description="Column of chat messages (conversational data).")
+
+
+class PreferenceColumns(Section):
+    prompt: str | None = Field(
+        None, description="Prompt column; leave unset when chosen and rejected hold the whole text (implicit prompt)."
+    )
+    chosen: str | None = Field(None, description="Column of the preferred response (or whole text).")
+    rejected: str | None = Field(None, description="Column of the dispreferred response (or whole text).")
+    margin: str | None = Field(None, description="Optional column of preference margins (added to the loss).")
+
+
+class DataSection(Section):
+    dataset: str | None = Field(None, description="Hub dataset id, e.g. `Anthropic/hh-rlhf`.")
+    subset: str | None = Field(None, description="Configuration (subset) name of a Hub dataset.")
+    data_dir: str | None = Field(None, description="Folder inside a Hub dataset, e.g. `harmless-base`.")
+    revision: str | None = Field(None, description="Branch, tag or commit of a Hub dataset.")
+    files: Any = Field(
+        None,
+        description="Local data files (.jsonl, .json, .csv, .parquet; each may end in .gz): a path, a list of paths "
+        "(all in the train split) or a mapping split -> path(s). Relative paths start at the current directory.",
+    )
+    train_split: str = Field("train", description="Split to train on.")
+    eval_split: str | None = Field(None, description="Held-out split to evaluate on, when the data has one.")
+    eval_size: float | None = Field(
+        None,
+        gt=0,
+        description="Carve a held-out split off the training split instead: a fraction (< 1) or a number of rows, "
+        "drawn with the recipe's seed.",
+    )
+    max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many held-out rows.")
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _files_shape(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = {"train": [value]}
+        elif isinstance(value, list):
+            value = {"train": value}
+        if not isinstance(value, dict):
+            raise ValueError("expected a path, a list of paths, or a mapping split -> path(s)")
+        normalised = {}
+        for split, paths in value.items():
+            paths = [paths] if isinstance(paths, str) else paths
+            if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+                raise ValueError(f"split {split!r}: expected a path or a non-empty list of paths")
+            for path in paths:
+                data_format(path)  # raises ValueError on an unknown extension
+            normalised[str(split)] = paths
+        formats = {data_format(p) for paths in normalised.values() for p in paths}
+        if len(formats) > 1:
+            raise ValueError(f"all files must have one format, got {sorted(formats)}")
+        return normalised
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.dataset is None) == (self.files is None):
+            raise ValueError("set exactly one of `dataset` (a Hub dataset id) or `files` (local files)")
+        if self.files is not None and (self.subset or self.data_dir or self.revision):
+            raise ValueError("`subset`, `data_dir` and `revision` apply to Hub datasets, not local `files`")
+        if self.eval_split and self.eval_size:
+            raise ValueError("set `eval_split` (a given held-out split) or `eval_size` (carve one off), not both")
+        if self.eval_size is not None and self.eval_size >= 1 and self.eval_size != int(self.eval_size):
+            raise ValueError("`eval_size` is a fraction below 1 or a whole number of rows")
+        return self
+
+
+def data_format(path: str) -> str:
+    """The `datasets` builder for a local file: json, csv or parquet (a trailing .gz is allowed)."""
+    suffixes = PurePath(path).suffixes
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    if not suffixes or suffixes[-1] not in DATA_SUFFIXES:
+        raise ValueError(f"{path!r}: expected a {', '.join(DATA_SUFFIXES)} file (optionally .gz)")
+    return DATA_SUFFIXES[suffixes[-1]]
+
+
+class PretrainData(DataSection):
+    columns: TextColumns = Field(default_factory=TextColumns, description="Column mapping: role -> column name.")
+    block_size: int | None = Field(
+        None, ge=8, description="Texts are joined (EOS between them) and cut into blocks of this many tokens; "
+        "default: the model's context length, at most 1024."
+    )
+
+
+class SftData(DataSection):
+    columns: SftColumns = Field(default_factory=SftColumns, description="Column mapping: role -> column name.")
+
+
+class PreferenceData(DataSection):
+    columns: PreferenceColumns = Field(
+        default_factory=PreferenceColumns, description="Column mapping: role -> column name."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------------------------
+class LoraSection(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Any = Field(
+        "all-linear",
+        description="Modules that get adapters: a list of module names (GPT-2: c_attn, c_proj, c_fc) or `all-linear`.",
+    )
+    save: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="`merged`: fold the adapter into the weights and save a plain model that loads anywhere. "
+        "`adapter`: save only the adapter (small); it loads with AutoModelForCausalLM.from_pretrained(dir) when peft "
+        "is installed, which fetches the base model named in adapter_config.json.",
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _modules(cls, value: Any) -> Any:
+        if value == "all-linear" or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return value
+        raise ValueError("expected `all-linear` or a non-empty list of module names")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage recipes
+# ---------------------------------------------------------------------------------------------------------------
+class StageRecipe(Section):
+    stage: str = Field(description="Which stage this recipe is for.")
+    extends: Any = Field(None, description="Recipe(s) this one builds on (deep merge; paths relative to this file).")
+    seed: int = Field(42, description="Seed for initialisation, data shuffling and splits, and sampling.")
+    output_dir: str = Field(description="Where the stage writes its model, tokenizer, recipe and metrics.")
+    provenance: dict[str, Any] | None = Field(
+        None, description="Written by rlhf into recipe.resolved.yaml (versions, git commit); ignored on input."
+    )
+
+
+class PretrainRecipe(StageRecipe):
+    """Causal-LM pre-training on plain text, optionally from a freshly trained tokenizer and a new model."""
+
+    stage: Literal["pretrain"]
+    model: PretrainModelSection = Field(description="The model to train: a checkpoint or an architecture.")
+    tokenizer: PretrainTokenizerSection = Field(
+        default_factory=PretrainTokenizerSection, description="Where the tokenizer comes from."
+    )
+    data: PretrainData = Field(description="The plain-text corpus.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="transformers.TrainingArguments fields (`rlhf recipe keys pretrain`)."
+    )
+
+    @model_validator(mode="after")
+    def _tokenizer_source(self):
+        if self.model.init and not (self.tokenizer.train or self.tokenizer.name_or_path):
+            raise ValueError("a new model (`model.init`) needs `tokenizer.train` or `tokenizer.name_or_path`")
+        if self.tokenizer.train and self.tokenizer.name_or_path:
+            raise ValueError("set either `tokenizer.train` or `tokenizer.name_or_path`, not both")
+        if self.tokenizer.train and self.model.name_or_path:
+            raise ValueError("a trained tokenizer needs a new model (`model.init`): a checkpoint has its own vocabulary")
+        return self
+
+
+class SftRecipe(StageRecipe):
+    """Supervised fine-tuning with TRL's SFTTrainer."""
+
+    stage: Literal["sft"]
+    model: ModelSection = Field(description="The model to fine-tune.")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer overrides.")
+    data: SftData = Field(description="Demonstrations: plain text, prompt/completion or conversations.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="trl.SFTConfig fields (`rlhf recipe keys sft`)."
+    )
+    peft: LoraSection | None = Field(None, description="Train LoRA adapters instead of all weights.")
+
+
+class RewardRecipe(StageRecipe):
+    """Reward modelling on preference pairs with TRL's RewardTrainer."""
+
+    stage: Literal["reward"]
+    model: ModelSection = Field(description="The base model; it gains a one-output score head.")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer overrides.")
+    data: PreferenceData = Field(description="Preference pairs, with an explicit or implicit prompt.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="trl.RewardConfig fields (`rlhf recipe keys reward`)."
+    )
+    peft: LoraSection | None = Field(None, description="Train LoRA adapters (plus the score head) instead of all weights.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PPO (our own trainer: every knob is declared here, with its help text)
+# ---------------------------------------------------------------------------------------------------------------
+class PromptColumns(Section):
+    prompt: str | None = Field(
+        None, description="Prompt column. Without one, preference data (chosen/rejected sharing a prefix) gives its "
+        "shared prefix as the prompt.")
+    chosen: str | None = Field(None, description="Chosen column, only used to extract an implicit prompt.")
+    rejected: str | None = Field(None, description="Rejected column, only used to extract an implicit prompt.")
+
+
+class PromptData(DataSection):
+    columns: PromptColumns = Field(default_factory=PromptColumns, description="Column mapping: role -> column name.")
+    max_prompt_length: int = Field(
+        256, ge=1, description="Prompts longer than this many tokens are left out (the count is reported).")
+
+
+class RewardSource(Section):
+    """A scorer of (prompt, response) pairs: a reward model, or a Python function."""
+
+    model: str | None = Field(
+        None, description="Reward-stage output dir or Hub id of a one-output sequence-classification model.")
+    function: str | None = Field(
+        None,
+        description="`package.module:function` or `path/to/file.py:function`, called as f(prompts, responses) with "
+        "lists of strings (plus finished=[bool, ...], whether each response ended with EOS, when the function "
+        "accepts it) and returning one float per response.",
+    )
+    revision: str | None = Field(None, description="Branch, tag or commit of a Hub reward model.")
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped inside the reward model's repo.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the reward model's weights.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.model is None) == (self.function is None):
+            raise ValueError("set exactly one of `model` (a reward model) or `function` (module:function)")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"`function` is `module:function` or `file.py:function` (got {self.function!r})")
+        return self
+
+
+class ValueSection(Section):
+    mode: Literal["separate", "shared"] = Field(
+        "separate",
+        description="`separate`: a value network of its own, initialised from `name_or_path` (the classic setting: "
+        "a better first estimate, at the cost of a second model's memory and a second forward/backward). `shared`: "
+        "a value head on the policy's own trunk (one forward/backward; value and policy gradients share the trunk).",
+    )
+    name_or_path: str | None = Field(
+        None, description="Checkpoint the separate value network starts from; default: the reward model (or the "
+        "policy when the reward is a function).")
+
+
+class ReferenceSection(Section):
+    name_or_path: str | None = Field(
+        None, description="The frozen reference policy. Default: a frozen copy of the policy; with LoRA, the policy "
+        "with its adapter disabled (no second copy).")
+
+
+class GenerationSection(Section):
+    response_length: int = Field(64, ge=1, description="Tokens sampled per response at most.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (also divides the logits in training).")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0 keeps all (recommended for PPO).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1.0 keeps all (recommended for PPO).")
+
+
+class AdaptiveKL(Section):
+    target: float = Field(6.0, gt=0, description="KL (nats per response) the controller steers towards.")
+    horizon: float = Field(10000, gt=0, description="Episodes over which the coefficient may change by a factor e^0.2.")
+
+
+class PpoTraining(Section):
+    """PPO hyper-parameters. Defaults follow Huang et al. 2024 where the tiny default does not need otherwise."""
+
+    total_episodes: int = Field(10000, ge=1, description="Episodes (prompt -> response) sampled in the whole run.")
+    rollout_batch_size: int = Field(
+        64, ge=1, description="Episodes sampled per update, all processes together.")
+    num_mini_batches: int = Field(
+        1, ge=1, description="Mini-batches per PPO epoch: each is one optimizer step.")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per mini-batch on each process (memory only: the optimizer steps and the "
+        "loss are those of the whole mini-batch).")
+    forward_batch_size: int | None = Field(
+        None, ge=1, description="Rows per no-grad forward pass while scoring rollouts; default: the whole local batch.")
+    learning_rate: float = Field(3e-6, gt=0, description="AdamW learning rate.")
+    value_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of the value parameters; default: learning_rate.")
+    lr_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="`linear` anneals the learning rate to 0 over the run [N+]; `constant` keeps it.")
+    adam_eps: float = Field(1e-5, gt=0, description="AdamW epsilon (1e-5 as in the N+ details).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null disables.")
+    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value if adaptive).")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token KL estimate in the reward: k1 = log-ratio; k3 = (r - 1) - log r, never negative.")
+    adaptive_kl: AdaptiveKL | None = Field(
+        None, description="Adapt beta towards a target KL (Ziegler et al. 2019); null keeps kl_coef fixed.")
+    missing_eos_penalty: float | None = Field(
+        1.0, description="Subtracted from the score of a response that ends without EOS; null disables.")
+    score_normalization: Literal["none", "batch", "initial"] = Field(
+        "none", description="`batch`: whiten scores within each rollout batch; `initial`: fix an affine map so that "
+        "the initial policy's scores have mean 0 and std 1 (Ziegler et al. 2019); `none`: raw scores.")
+    score_clip: float | None = Field(None, gt=0, description="Clip (normalised) scores to [-x, x]; null disables.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_advantages: bool = Field(True, description="Whiten advantages over each rollout batch.")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip range around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    entropy_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus; 0 disables.")
+    target_kl: float | None = Field(
+        None, gt=0, description="Stop an update's remaining mini-batches once the approximate KL between the rollout "
+        "policy and the current one exceeds this; null never stops early.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    log_every: int = Field(1, ge=1, description="Log metrics every this many updates.")
+    sample_every: int = Field(10, ge=1, description="Log sample (prompt, response, score) rows every this many updates.")
+    num_samples: int = Field(4, ge=0, description="Sample rows logged each time.")
+    save_every: int | None = Field(
+        None, ge=1, description="Save a resumable checkpoint every this many updates; null: only at the end.")
+    eval_prompts: int = Field(
+        128, ge=1, description="Held-out prompts scored before and after training (same sampling settings).")
+    eval_batch_size: int = Field(64, ge=1, description="Prompts per generation batch during evaluation.")
+    report_to: Any = Field(
+        "none", description="Experiment trackers: `none`, `tensorboard`, `trackio`, `wandb`, `all`, or a list.")
+
+    @model_validator(mode="after")
+    def _batches(self):
+        from rlhf_pipeline.ppo.plan import BatchPlan
+
+        BatchPlan(self.total_episodes, self.rollout_batch_size, self.num_mini_batches, self.ppo_epochs,
+                  self.gradient_accumulation_steps)  # raises ValueError with the arithmetic
+        return self
+
+
+class PpoRecipe(StageRecipe):
+    """PPO against a reward model or function, with a KL penalty to a frozen reference (our own trainer)."""
+
+    stage: Literal["ppo"]
+    policy: ModelSection = Field(description="The policy to optimise (normally the SFT output).")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer overrides.")
+    reference: ReferenceSection = Field(default_factory=ReferenceSection, description="The frozen reference policy.")
+    reward: RewardSource = Field(description="What scores the responses during training.")
+    value: ValueSection = Field(default_factory=ValueSection, description="The value function (critic).")
+    gold: RewardSource | None = Field(
+        None, description="A gold scorer reported beside the reward (e.g. the tiny default's simulated annotator): "
+        "shows whether PPO improves true preference or only games the learned reward.")
+    data: PromptData = Field(description="Prompts; the held-out split (or a carved-off part) is used for evaluation.")
+    generation: GenerationSection = Field(default_factory=GenerationSection, description="Sampling settings.")
+    training: PpoTraining = Field(default_factory=PpoTraining, description="PPO hyper-parameters.")
+    peft: LoraSection | None = Field(None, description="Train LoRA adapters on the policy instead of all weights.")
+
+
+STAGE_RECIPES: dict[str, type[StageRecipe]] = {
+    "pretrain": PretrainRecipe,
+    "sft": SftRecipe,
+    "reward": RewardRecipe,
+    "ppo": PpoRecipe,
+}

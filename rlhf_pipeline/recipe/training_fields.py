@@ -1,0 +1,171 @@
+"""The `training:` keys each TRL-backed stage accepts, checked without importing transformers.
+
+`training:` is passed to `transformers.TrainingArguments` (pretrain), `trl.SFTConfig` (sft) or `trl.RewardConfig`
+(reward). So that `rlhf recipe validate` stays fast, the field names, their types and help texts are read from a
+snapshot (`training_fields.json`) taken from the installed libraries. Regenerate it after upgrading them:
+
+    python -m rlhf_pipeline.recipe.training_fields
+
+A test fails when the snapshot and the installed libraries disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from rlhf_pipeline.errors import did_you_mean
+
+SNAPSHOT = Path(__file__).with_name("training_fields.json")
+
+# stage -> the config class its `training:` section becomes
+CONFIG_CLASSES = {
+    "pretrain": "transformers.TrainingArguments",
+    "sft": "trl.SFTConfig",
+    "reward": "trl.RewardConfig",
+}
+
+# Keys that belong elsewhere in a recipe: setting them under `training:` is an error that says where they go.
+OWNED_ELSEWHERE = {
+    "output_dir": "set the top-level `output_dir` (or pass --output-dir)",
+    "seed": "set the top-level `seed`",
+    "hub_token": "tokens never go in recipes: set HF_TOKEN or run `hf auth login`",
+    "push_to_hub": "use the `hub:` section",
+    "hub_model_id": "use `hub.repo_id`",
+    "trust_remote_code": "set `model.trust_remote_code`",
+    "model_init_kwargs": "use the `model:` section (name_or_path, revision, dtype, attn_implementation)",
+    "chat_template_path": "set `tokenizer.chat_template`",
+    "dataset_text_field": "map the text column with `data.columns.text`",
+    "pad_token": "set the pad token on the tokenizer (rlhf uses the EOS token when a tokenizer has none)",
+}
+
+
+@lru_cache(maxsize=None)
+def snapshot() -> dict[str, Any]:
+    return json.loads(SNAPSHOT.read_text())
+
+
+def fields_for(stage: str) -> dict[str, dict[str, Any]]:
+    """name -> {"types": [...], "choices": [...] | None, "default": ..., "help": str} for a stage's config class."""
+    return snapshot()["classes"][CONFIG_CLASSES[stage]]
+
+
+def check_training(stage: str, training: dict[str, Any]) -> list[tuple[str, str]]:
+    """Problems with a `training:` mapping as (key, message) pairs; empty when it is fine."""
+    fields = fields_for(stage)
+    problems = []
+    for key, value in training.items():
+        if key in OWNED_ELSEWHERE:
+            problems.append((key, f"not set here: {OWNED_ELSEWHERE[key]}"))
+        elif key not in fields:
+            problems.append(
+                (key, f"unknown key for {CONFIG_CLASSES[stage]}{did_you_mean(key, fields)}")
+            )
+        else:
+            message = _type_problem(value, fields[key])
+            if message:
+                problems.append((key, message))
+    return problems
+
+
+def _type_problem(value: Any, field: dict[str, Any]) -> str | None:
+    kinds = field["types"]
+    if "any" in kinds:
+        return None
+    choices = field.get("choices")
+    if isinstance(value, str) and choices:
+        if value in choices:
+            return None
+        return f"expected one of {', '.join(map(str, choices))} (got {value!r}){did_you_mean(value, choices)}"
+    if _matches(value, kinds):
+        return None
+    return f"expected {' or '.join(kinds)} (got {value!r})"
+
+
+def _matches(value: Any, kinds: list[str]) -> bool:
+    checks = {
+        "null": lambda v: v is None,
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "list": lambda v: isinstance(v, list),
+        "dict": lambda v: isinstance(v, dict),
+    }
+    return any(checks[k](value) for k in kinds if k in checks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Snapshot generation (imports transformers and trl; run by developers, and by the test that checks freshness)
+# ---------------------------------------------------------------------------------------------------------------
+def take_snapshot() -> dict[str, Any]:
+    import dataclasses
+    import enum
+    import importlib
+    import typing
+    from importlib.metadata import version
+
+    def kinds_of(annotation: Any) -> tuple[list[str], list[str] | None]:
+        args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _union_type()) else ()
+        members = args or (annotation,)
+        kinds: list[str] = []
+        choices: list[str] | None = None
+        for member in members:
+            origin = typing.get_origin(member) or member
+            if member is type(None):
+                kinds.append("null")
+            elif member is typing.Any:
+                kinds.append("any")
+            elif origin is typing.Literal:
+                literal = typing.get_args(member)
+                choices = (choices or []) + [v for v in literal if isinstance(v, str)]
+                kinds.extend(sorted({"bool" if isinstance(v, bool) else "str" for v in literal}))
+            elif isinstance(origin, type) and issubclass(origin, enum.Enum):
+                choices = (choices or []) + [e.value for e in origin]
+                kinds.append("str")
+            elif origin in (bool, int, float, str):
+                kinds.append(origin.__name__)
+            elif origin in (list, tuple):
+                kinds.append("list")
+            elif origin is dict:
+                kinds.append("dict")
+            else:
+                kinds.append("object")  # e.g. ParallelismConfig: cannot be written in YAML
+        return sorted(set(kinds)), choices
+
+    classes = {}
+    for dotted in sorted(set(CONFIG_CLASSES.values())):
+        module_name, class_name = dotted.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module_name), class_name)
+        hints = typing.get_type_hints(cls)
+        fields = {}
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            kinds, choices = kinds_of(hints.get(f.name, f.type))
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if isinstance(default, enum.Enum):
+                default = default.value
+            if not isinstance(default, (bool, int, float, str, type(None))):
+                default = None
+            fields[f.name] = {
+                "types": kinds,
+                "choices": choices,
+                "default": default,
+                "help": " ".join(str(f.metadata.get("help", "")).split()),
+            }
+        classes[dotted] = fields
+    return {"versions": {"transformers": version("transformers"), "trl": version("trl")}, "classes": classes}
+
+
+def _union_type():
+    import types
+
+    return types.UnionType
+
+
+if __name__ == "__main__":
+    SNAPSHOT.write_text(json.dumps(take_snapshot(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {SNAPSHOT}")
