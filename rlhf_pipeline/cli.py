@@ -1,0 +1,148 @@
+"""The `rlhf` command line: parses arguments and dispatches. Imports neither torch nor transformers at start-up."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+from rlhf_pipeline import __version__, commands
+from rlhf_pipeline.errors import EXIT_USER_ERROR, UserError
+
+app = typer.Typer(
+    help="The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo. Recipes are YAML files.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+recipe_app = typer.Typer(help="Check and inspect recipes (fast: no torch).", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", metavar="KEY=VALUE",
+                 help="Override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable; values typed as "
+                      "in YAML)."),
+]
+OutputDirOpt = Annotated[
+    Optional[Path], typer.Option("--output-dir", help="Write here instead of the recipe's output_dir.")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in the output dir.")]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Resolve and validate the recipe, print the plan, write nothing.")
+]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input becomes a message on stderr and exit code 2, never a traceback."""
+    try:
+        yield
+    except UserError as exc:
+        typer.echo(commands.format_errors(exc), err=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the output dir has no metrics.json, so the run counts as unfinished", err=True)
+        raise typer.Exit(130) from None
+
+
+def _stage(stage: str, recipe: Path, set_: list[str] | None, output_dir: Path | None, overwrite: bool,
+           dry_run: bool, resume: bool = False) -> None:
+    with user_errors():
+        plan = commands.run_stage(stage, recipe, commands.stage_overrides(set_, output_dir), overwrite, dry_run,
+                                  resume)
+    if plan:
+        typer.echo(plan)
+
+
+@app.command()
+def pretrain(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
+             dry_run: DryRunOpt = False) -> None:
+    """Pre-train a causal LM on plain text (optionally training a new tokenizer and initialising a new model)."""
+    _stage("pretrain", recipe, set_, output_dir, overwrite, dry_run)
+
+
+@app.command()
+def sft(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
+        dry_run: DryRunOpt = False) -> None:
+    """Supervised fine-tuning (TRL SFTTrainer) on text, prompt/completion or conversational data."""
+    _stage("sft", recipe, set_, output_dir, overwrite, dry_run)
+
+
+@app.command()
+def reward(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
+           dry_run: DryRunOpt = False) -> None:
+    """Train a reward model on preference pairs (TRL RewardTrainer); reports held-out accuracy and margin."""
+    _stage("reward", recipe, set_, output_dir, overwrite, dry_run)
+
+
+@app.command()
+def ppo(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its last checkpoint.")]
+        = False, dry_run: DryRunOpt = False) -> None:
+    """PPO against a reward model or function, with a KL penalty to a frozen reference (our own trainer)."""
+    _stage("ppo", recipe, set_, output_dir, overwrite, dry_run, resume)
+
+
+@recipe_app.command("validate")
+def recipe_validate(
+    paths: Annotated[list[Path], typer.Argument(help="Recipe files, or directories to search for *.yaml.")],
+) -> None:
+    """Validate recipes against their stage's schema; exit code 2 if any is invalid."""
+    with user_errors():
+        valid, errors = commands.validate_paths(paths)
+    for path, stage in valid:
+        typer.echo(f"ok  {path}  ({stage})")
+    for error in errors:
+        typer.echo(commands.format_errors(error), err=True)
+    if errors:
+        raise typer.Exit(EXIT_USER_ERROR)
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Print the fully resolved recipe: extends merged, --set applied, defaults filled in."""
+    from rlhf_pipeline.recipe.load import load_recipe
+
+    with user_errors():
+        typer.echo(load_recipe(recipe, set_ or []).resolved_yaml(), nl=False)
+
+
+@recipe_app.command("keys")
+def recipe_keys(
+    stage: Annotated[str, typer.Argument(help="pretrain, sft, reward, ...")],
+    section: Annotated[Optional[str], typer.Argument(help="Only this section, e.g. `data` or `training`.")] = None,
+) -> None:
+    """List every key a stage's recipe accepts, with its default and help text."""
+    from rlhf_pipeline.recipe.reference import stage_reference
+
+    with user_errors():
+        typer.echo(stage_reference(stage, section))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rlhf-pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo. Recipes are YAML files."""
+
+
+def main() -> None:
+    app(prog_name="rlhf")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""What the CLI commands do, kept apart from argument parsing. Importing this module imports no torch."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Sequence
+
+from rlhf_pipeline import runs
+from rlhf_pipeline.errors import Problem, RecipeError, UserError
+from rlhf_pipeline.recipe.load import LoadedRecipe, load_recipe
+
+STAGE_MODULES = {
+    "pretrain": "rlhf_pipeline.stages.pretrain",
+    "sft": "rlhf_pipeline.stages.sft",
+    "reward": "rlhf_pipeline.stages.reward",
+    "ppo": "rlhf_pipeline.stages.ppo",
+}
+
+
+def stage_overrides(overrides: Sequence[str] | None, output_dir: Path | None) -> list[str]:
+    """`--set` values plus `--output-dir` (which is `--set output_dir=...`)."""
+    values = list(overrides or [])
+    if output_dir is not None:
+        values.append(f"output_dir={output_dir}")
+    return values
+
+
+def run_stage(stage: str, recipe_path: Path, overrides: Sequence[str], overwrite: bool, dry_run: bool,
+              resume: bool = False) -> str | None:
+    """Load and validate the recipe; print the plan (dry run) or run the stage. Returns the plan text on dry runs."""
+    loaded = load_recipe(recipe_path, overrides, expected_stage=stage)
+    if dry_run:
+        return describe_plan(loaded, overwrite)
+    if not resume:
+        runs.check_output_dir(loaded.recipe.output_dir, overwrite)
+    from rlhf_pipeline.stages.common import RunOptions
+
+    module = importlib.import_module(STAGE_MODULES[stage])
+    module.run(loaded, RunOptions(overwrite=overwrite, resume=resume))
+    return None
+
+
+def validate_paths(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[RecipeError]]:
+    """Validate recipe files (directories: every .yaml/.yml below them). Returns (valid (path, stage), errors)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()))
+        else:
+            files.append(path)
+    if not files:
+        raise UserError(f"no recipe files in {', '.join(map(str, paths))}")
+    valid, errors = [], []
+    for file in files:
+        try:
+            loaded = load_recipe(file)
+            check_local_files(loaded)
+            valid.append((file, loaded.stage))
+        except RecipeError as exc:
+            errors.append(exc)
+    return valid, errors
+
+
+def check_local_files(loaded: LoadedRecipe) -> None:
+    """Local data files must exist (model paths need not: they may be written by an earlier stage)."""
+    from rlhf_pipeline.data import check_data_files
+
+    data = getattr(loaded.recipe, "data", None)
+    if data is not None and getattr(data, "files", None):
+        check_data_files(loaded)
+
+
+def describe_plan(loaded: LoadedRecipe, overwrite: bool) -> str:
+    """What a run of this recipe would do, without doing any of it."""
+    recipe = loaded.recipe
+    check_local_files(loaded)
+    status = runs.check_output_dir(recipe.output_dir, overwrite)
+    status_text = {
+        "new": "new",
+        "finished": "holds a finished run: it will be replaced (--overwrite)",
+        "unfinished": "holds an unfinished run: it will be cleared",
+    }[status]
+    rows: list[tuple[str, str]] = [
+        ("stage", recipe.stage),
+        ("recipe", str(loaded.path)),
+        ("seed", str(recipe.seed)),
+        ("output_dir", f"{recipe.output_dir} ({status_text})"),
+    ]
+    rows.extend(_ppo_rows(recipe) if recipe.stage == "ppo" else _model_rows(recipe))
+    rows.extend(_data_rows(recipe))
+    training = getattr(recipe, "training", None)
+    if isinstance(training, dict):
+        rows.append(("training", ", ".join(f"{k}={v}" for k, v in training.items()) or "library defaults"))
+    peft = getattr(recipe, "peft", None)
+    if peft is not None:
+        rows.append(("peft", f"LoRA r={peft.r} alpha={peft.alpha:g} dropout={peft.dropout:g} on "
+                             f"{peft.target_modules}; saved {peft.save}"))
+    rows.append(("writes", "model + tokenizer (safetensors), recipe.resolved.yaml, metrics.json (last)"))
+    width = max(len(k) for k, _ in rows)
+    return "dry run: nothing was written\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _model_rows(recipe: Any) -> list[tuple[str, str]]:
+    model = recipe.model
+    init = getattr(model, "init", None)
+    if init is not None:
+        source = (f"new GPT-2: {init.n_layer} layers, {init.n_head} heads, width {init.n_embd}, "
+                  f"context {init.n_positions}")
+    else:
+        source = f"{model.name_or_path} ({model.dtype}{', remote code' if model.trust_remote_code else ''})"
+    tokenizer = recipe.tokenizer
+    train = getattr(tokenizer, "train", None)
+    if train is not None:
+        tok = f"train byte-level BPE, vocabulary {train.vocab_size}"
+    else:
+        tok = tokenizer.name_or_path or "the model's"
+    if tokenizer.chat_template:
+        tok += " + chat template"
+    return [("model", source), ("tokenizer", tok)]
+
+
+def _ppo_rows(recipe: Any) -> list[tuple[str, str]]:
+    from rlhf_pipeline.ppo.plan import BatchPlan
+
+    cfg, gen = recipe.training, recipe.generation
+    plan = BatchPlan(cfg.total_episodes, cfg.rollout_batch_size, cfg.num_mini_batches, cfg.ppo_epochs,
+                     cfg.gradient_accumulation_steps)
+    reference = recipe.reference.name_or_path or (
+        "the policy with its LoRA adapter disabled" if recipe.peft else f"frozen copy of {recipe.policy.name_or_path}")
+    value = ("a head on the policy's trunk (shared)" if recipe.value.mode == "shared" else
+             f"separate, from {recipe.value.name_or_path or recipe.reward.model or recipe.policy.name_or_path}")
+    kl = f"beta={cfg.kl_coef:g} ({cfg.kl_estimator})" + (
+        f", adaptive to {cfg.adaptive_kl.target:g} nats over {cfg.adaptive_kl.horizon:g} episodes"
+        if cfg.adaptive_kl else ", fixed")
+    rows = [
+        ("policy", f"{recipe.policy.name_or_path} ({recipe.policy.dtype})"),
+        ("reference", reference),
+        ("reward", recipe.reward.model or f"function {recipe.reward.function}"),
+        ("value", value),
+    ]
+    if recipe.gold:
+        rows.append(("gold", recipe.gold.model or f"function {recipe.gold.function}"))
+    rows += [
+        ("sampling", f"up to {gen.response_length} tokens, temperature {gen.temperature:g}, top_k {gen.top_k}, "
+                     f"top_p {gen.top_p:g}"),
+        ("batches", plan.describe() + " (with 1 process)"),
+        ("kl", kl),
+    ]
+    return rows
+
+
+def _data_rows(recipe: Any) -> list[tuple[str, str]]:
+    data = recipe.data
+    if data.files:
+        source = "; ".join(f"{split}: {', '.join(paths)}" for split, paths in data.files.items())
+    else:
+        source = data.dataset + (f" [{data.subset}]" if data.subset else "") + (
+            f" ({data.data_dir})" if data.data_dir else "")
+    if data.eval_split:
+        held_out = f"split {data.eval_split!r}"
+    elif data.eval_size:
+        held_out = f"{data.eval_size:g}{' of' if data.eval_size < 1 else ' rows of'} the train split (seed {recipe.seed})"
+    else:
+        held_out = "none"
+    rows = [("data", source), ("splits", f"train {data.train_split!r}; held-out {held_out}")]
+    mapped = {k: v for k, v in data.columns.model_dump().items() if v}
+    if mapped:
+        rows.append(("columns", ", ".join(f"{role} <- {col}" for role, col in mapped.items())))
+    return rows
+
+
+def format_errors(exc: UserError) -> str:
+    if isinstance(exc, RecipeError):
+        problems: list[Problem] = exc.problems
+        head = "error: " if len(problems) == 1 else f"error: {len(problems)} problems in the recipe:\n  "
+        return head + "\n  ".join(str(p) for p in problems)
+    return f"error: {exc}"

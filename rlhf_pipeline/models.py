@@ -1,0 +1,156 @@
+"""Tokenizers and models: load with `from_pretrained` (Hub id or path), initialise from an architecture, LoRA, save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from rlhf_pipeline.recipe.load import LoadedRecipe
+from rlhf_pipeline.recipe.schema import BpeTraining, GPT2Architecture, LoraSection, ModelSection, TokenizerSection
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def load_tokenizer(loaded: LoadedRecipe, section: TokenizerSection, model: ModelSection,
+                   key: str = "tokenizer") -> "PreTrainedTokenizerBase":
+    """The tokenizer named in `section` (default: the model's), with a pad token and the recipe's chat template."""
+    from transformers import AutoTokenizer
+
+    source = section.name_or_path or model.name_or_path
+    source_key = f"{key}.name_or_path" if section.name_or_path else "model.name_or_path"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=section.revision or model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise loaded.error(source_key, f"cannot load a tokenizer from {source!r}: {_short(exc)}") from None
+    if tokenizer.pad_token is None:  # GPT-2 has none; padding is always masked, so EOS can stand in
+        tokenizer.pad_token = tokenizer.eos_token
+    if section.chat_template:
+        tokenizer.chat_template = read_chat_template(loaded, section.chat_template, f"{key}.chat_template")
+    return tokenizer
+
+
+def read_chat_template(loaded: LoadedRecipe, value: str, key: str) -> str:
+    """A chat template from a `.jinja` file path or given inline."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise loaded.error(key, f"not a file ({value}) and not a Jinja template (no '{{{{' or '{{%')")
+    return path.read_text(encoding="utf-8")
+
+
+def train_bpe_tokenizer(texts: Iterable[str], config: BpeTraining) -> "PreTrainedTokenizerBase":
+    """A byte-level BPE tokenizer (GPT-2 style) trained on `texts`, with EOS (= BOS = UNK) and a distinct pad."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=config.vocab_size, min_frequency=config.min_frequency,
+                            special_tokens=[config.eos_token, config.pad_token], show_progress=True)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=config.eos_token,
+                                   bos_token=config.eos_token, unk_token=config.eos_token,
+                                   pad_token=config.pad_token)
+
+
+def init_gpt2(architecture: GPT2Architecture, tokenizer: "PreTrainedTokenizerBase") -> "PreTrainedModel":
+    """A randomly initialised GPT-2 sized by `architecture`, its vocabulary and special ids from `tokenizer`."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=architecture.n_positions,
+        n_embd=architecture.n_embd,
+        n_layer=architecture.n_layer,
+        n_head=architecture.n_head,
+        n_inner=architecture.n_inner,
+        activation_function=architecture.activation_function,
+        resid_pdrop=architecture.dropout,
+        embd_pdrop=architecture.dropout,
+        attn_pdrop=architecture.dropout,
+        layer_norm_epsilon=architecture.layer_norm_epsilon,
+        initializer_range=architecture.initializer_range,
+        tie_word_embeddings=architecture.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "causal-lm", key: str = "model",
+                    **extra: Any) -> "PreTrainedModel":
+    """`from_pretrained` on a Hub id or a path: a causal LM, or a one-score sequence classifier (`kind="reward"`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl.trainer.utils import create_model_from_path
+
+    auto_class = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+    kwargs: dict[str, Any] = {"revision": model.revision, "trust_remote_code": model.trust_remote_code,
+                              "dtype": model.dtype, "device_map": None, **extra}
+    if kind == "reward":
+        kwargs["num_labels"] = 1
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    try:
+        return create_model_from_path(model.name_or_path, auto_class, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise loaded.error(f"{key}.name_or_path", f"cannot load a model from {model.name_or_path!r}: "
+                                                  f"{_short(exc)}") from None
+
+
+def align_special_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> None:
+    """Make the model's config and generation config agree with the tokenizer on pad / EOS / BOS ids."""
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is None:
+            continue
+        config.pad_token_id = tokenizer.pad_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        if tokenizer.bos_token_id is not None:
+            config.bos_token_id = tokenizer.bos_token_id
+
+
+def lora_config(section: LoraSection, task_type: str, model: "PreTrainedModel"):
+    """A peft LoraConfig from the recipe's `peft:` section."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=section.target_modules,
+        task_type=task_type,
+        bias="none",
+        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",  # GPT-2 uses Conv1D (transposed) layers
+    )
+
+
+def save_model(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", output_dir: str | Path,
+               lora: LoraSection | None) -> str:
+    """Save weights (safetensors) and tokenizer. A LoRA model is merged first unless `lora.save == 'adapter'`.
+    Returns what was saved: 'full', 'merged' or 'adapter'."""
+    from peft import PeftModel
+
+    saved = "full"
+    if isinstance(model, PeftModel):
+        if lora is not None and lora.save == "adapter":
+            saved = "adapter"
+        else:
+            model = model.merge_and_unload()
+            saved = "merged"
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return saved
+
+
+def count_parameters(model: "PreTrainedModel") -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"num_parameters": total, "num_trainable_parameters": trainable}
+
+
+def _short(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+

@@ -1,0 +1,74 @@
+"""Batch sizes of a PPO run, derived once from the numbers a recipe states. Imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Every batch size of a PPO run, derived from the five numbers a recipe states.
+
+    An update samples `rollout_batch_size` episodes (all processes together), then runs `ppo_epochs` passes over
+    them, each pass split into `num_mini_batches` mini-batches; each mini-batch is one optimizer step, computed in
+    `gradient_accumulation_steps` micro-batches per process. Hence exactly
+    `ppo_epochs * num_mini_batches` optimizer steps per update, whatever the accumulation.
+    """
+
+    total_episodes: int
+    rollout_batch_size: int
+    num_mini_batches: int
+    ppo_epochs: int
+    gradient_accumulation_steps: int
+    num_processes: int = 1
+
+    def __post_init__(self):
+        problems = []
+        if self.total_episodes % self.rollout_batch_size:
+            problems.append(f"total_episodes ({self.total_episodes}) must be a multiple of rollout_batch_size "
+                            f"({self.rollout_batch_size})")
+        split = self.num_processes * self.num_mini_batches * self.gradient_accumulation_steps
+        if self.rollout_batch_size % split:
+            problems.append(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be divisible by processes ({self.num_processes})"
+                f" x num_mini_batches ({self.num_mini_batches}) x gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}) = {split}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_episodes // self.rollout_batch_size
+
+    @property
+    def local_rollout_batch_size(self) -> int:
+        return self.rollout_batch_size // self.num_processes
+
+    @property
+    def mini_batch_size(self) -> int:
+        """Episodes per optimizer step, all processes together."""
+        return self.rollout_batch_size // self.num_mini_batches
+
+    @property
+    def local_mini_batch_size(self) -> int:
+        return self.mini_batch_size // self.num_processes
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Episodes per forward/backward pass on one process."""
+        return self.local_mini_batch_size // self.gradient_accumulation_steps
+
+    @property
+    def optimizer_steps_per_update(self) -> int:
+        return self.ppo_epochs * self.num_mini_batches
+
+    @property
+    def total_optimizer_steps(self) -> int:
+        return self.num_updates * self.optimizer_steps_per_update
+
+    def describe(self) -> str:
+        return (f"{self.num_updates} updates x {self.rollout_batch_size} episodes; each update: {self.ppo_epochs} "
+                f"epochs x {self.num_mini_batches} mini-batches of {self.mini_batch_size} = "
+                f"{self.optimizer_steps_per_update} optimizer steps (micro-batch {self.micro_batch_size} per process, "
+                f"{self.gradient_accumulation_steps} accumulated, {self.num_processes} process(es)); "
+                f"{self.total_optimizer_steps} optimizer steps in all")

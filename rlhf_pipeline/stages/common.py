@@ -1,0 +1,127 @@
+"""What every stage does the same way: guard the output dir, seed, build the TRL config, train, save, finish."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rlhf_pipeline import runs
+from rlhf_pipeline.recipe.load import LoadedRecipe
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    overwrite: bool = False
+    resume: bool = False  # PPO only: continue from the last checkpoint
+
+
+# Defaults applied under the recipe's own `training:` keys (which win).
+TRAINER_DEFAULTS: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "logging_steps": 10}
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def say(stage: str, message: str) -> None:
+    """A progress line on stderr, from the main process only."""
+    if is_main_process():
+        print(f"[rlhf {stage}] {message}", file=sys.stderr, flush=True)
+
+
+def begin(loaded: LoadedRecipe, options: RunOptions) -> None:
+    """Refuse a finished output dir (unless --overwrite) before any work, and seed everything."""
+    from transformers import set_seed
+
+    runs.check_output_dir(loaded.recipe.output_dir, options.overwrite)
+    set_seed(loaded.recipe.seed)
+
+
+def start_outputs(loaded: LoadedRecipe) -> None:
+    """Clear an old run and write recipe.resolved.yaml (with provenance). Called once the stage is set up."""
+    if is_main_process():
+        runs.start_run(loaded.recipe.output_dir, loaded.resolved_yaml(runs.provenance()))
+    wait_for_everyone()
+
+
+def finish_outputs(loaded: LoadedRecipe, metrics: dict[str, Any]) -> dict[str, Any]:
+    if is_main_process():
+        path = runs.finish_run(loaded.recipe.output_dir, metrics)
+        say(loaded.stage, f"finished: {path}")
+    wait_for_everyone()
+    return metrics
+
+
+def training_config(loaded: LoadedRecipe, config_class: type, **stage_defaults: Any):
+    """The TRL / transformers config built from `training:` over the defaults; its own errors name the section."""
+    import torch
+
+    recipe = loaded.recipe
+    runtime_defaults = {"dataloader_pin_memory": torch.cuda.is_available()}  # pinning without a GPU only warns
+    kwargs = {**TRAINER_DEFAULTS, **runtime_defaults, **stage_defaults, **recipe.training}
+    kwargs.update(output_dir=recipe.output_dir, seed=recipe.seed)
+    try:
+        return config_class(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise loaded.error("training", f"{config_class.__name__} rejected these settings: {exc}") from None
+
+
+def train_and_evaluate(trainer: "Trainer", has_eval: bool, perplexity: bool = False) -> dict[str, Any]:
+    """Train, then evaluate on the held-out split; return the metrics every stage reports."""
+    result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    metrics: dict[str, Any] = {
+        "train_runtime": result.metrics.get("train_runtime"),
+        "train_loss": result.training_loss,
+        "final_train_loss": losses[-1] if losses else result.training_loss,
+        "train_steps": trainer.state.global_step,
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+    }
+    if has_eval:
+        evaluation = trainer.evaluate()
+        metrics.update({k: v for k, v in evaluation.items() if k.startswith("eval_") and "runtime" not in k
+                        and "per_second" not in k})
+        if perplexity and "eval_loss" in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    return metrics
+
+
+def save_trained(trainer: "Trainer", loaded: LoadedRecipe, lora=None) -> str:
+    """Save the trained model and tokenizer to the output dir: 'full', 'merged' (LoRA folded in) or 'adapter'."""
+    from peft import PeftModel
+
+    from rlhf_pipeline import models
+
+    output_dir = loaded.recipe.output_dir
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if isinstance(model, PeftModel) and (lora is None or lora.save == "merged"):
+        if is_main_process():
+            models.save_model(model, trainer.processing_class, output_dir, lora)
+        wait_for_everyone()
+        return "merged"
+    trainer.save_model(output_dir)  # distributed-aware; also saves the tokenizer (processing_class)
+    if is_main_process():
+        # a pickle of the TrainingArguments: the resolved recipe already records them, and outputs stay pickle-free
+        (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
+    wait_for_everyone()
+    return "adapter" if isinstance(model, PeftModel) else "full"
+
+
+def context_length(model) -> int:
+    """The longest sequence the model reads (GPT-2: n_positions), capped at 1024 as TRL's default."""
+    config = model.config
+    return min(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024), 1024)

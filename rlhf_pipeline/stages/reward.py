@@ -1,0 +1,98 @@
+"""Reward modelling with TRL's RewardTrainer on preference pairs (Bradley-Terry loss).
+
+Explicit-prompt pairs (`prompt`, `chosen`, `rejected`) and implicit-prompt pairs (`chosen` and `rejected` hold whole
+dialogues sharing a prefix, as in Anthropic HH-RLHF) are both accepted. After training, every held-out pair is scored
+and `eval_accuracy` (a tie counts as wrong) and `eval_margin` (mean chosen - rejected score) are reported. The saved
+model loads with `AutoModelForSequenceClassification` (one output: the score).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlhf_pipeline import data as data_io
+from rlhf_pipeline import models
+from rlhf_pipeline.recipe.load import LoadedRecipe
+from rlhf_pipeline.scoring import preference_metrics, score_sequences
+from rlhf_pipeline.stages.common import (
+    RunOptions,
+    begin,
+    context_length,
+    finish_outputs,
+    is_main_process,
+    save_trained,
+    say,
+    start_outputs,
+    train_and_evaluate,
+    training_config,
+)
+
+
+def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, Any]:
+    from trl import RewardConfig, RewardTrainer
+
+    recipe = loaded.recipe
+    if not (recipe.data.eval_split or recipe.data.eval_size):
+        raise loaded.error("data", "the reward stage reports held-out accuracy: set `eval_split` or `eval_size`")
+    begin(loaded, options)
+
+    # 1. data
+    train, held_out = data_io.load_splits(loaded)
+    roles = (["chosen", "rejected"], ["prompt", "margin"])
+    train = data_io.select_columns(loaded, train, recipe.data.train_split, *roles)
+    held_out = data_io.select_columns(loaded, held_out, "held-out", *roles)
+    prompt_kind = "explicit" if "prompt" in train.column_names else "implicit"
+
+    # 2. tokenizer and model (a one-score sequence classifier on top of the base)
+    tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.model)
+    model = models.load_pretrained(loaded, recipe.model, kind="reward")
+    models.align_special_tokens(model, tokenizer)
+    peft_config = models.lora_config(recipe.peft, "SEQ_CLS", model) if recipe.peft else None
+    say("reward", f"{len(train)} train pairs, {len(held_out)} held-out ({prompt_kind} prompt); "
+                  f"{'LoRA r=' + str(recipe.peft.r) if recipe.peft else 'full fine-tuning'}")
+
+    # 3. trainer
+    args = training_config(loaded, RewardConfig, max_length=context_length(model))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                            processing_class=tokenizer, peft_config=peft_config)
+    too_long = check_lengths(loaded, trainer, len(train), len(held_out))
+
+    # 4. train, then score every held-out pair
+    start_outputs(loaded)
+    metrics = train_and_evaluate(trainer, has_eval=True)
+    if is_main_process():
+        metrics.update(held_out_pair_metrics(trainer, tokenizer.pad_token_id))
+        say("reward", f"held-out accuracy {metrics['eval_accuracy']:.3f}, margin {metrics['eval_margin']:.3f} "
+                      f"over {metrics['eval_num_pairs']} pairs")
+
+    # 5. save
+    saved = save_trained(trainer, loaded, recipe.peft)
+    metrics.update(models.count_parameters(trainer.model), prompt=prompt_kind, saved=saved,
+                   train_pairs=len(trainer.train_dataset), **too_long)
+    return finish_outputs(loaded, metrics)
+
+
+def check_lengths(loaded: LoadedRecipe, trainer, n_train: int, n_held_out: int) -> dict[str, int]:
+    """RewardTrainer drops pairs longer than max_length: say how many, and stop if a split is left empty."""
+    max_length = trainer.args.max_length
+    too_long = {"train_pairs_too_long": n_train - len(trainer.train_dataset),
+                "eval_pairs_too_long": n_held_out - len(trainer.eval_dataset)}
+    key = "training.max_length" if "max_length" in loaded.recipe.training else "model.name_or_path"
+    for name, n_left, n_dropped in (("train", len(trainer.train_dataset), too_long["train_pairs_too_long"]),
+                                    ("held-out", len(trainer.eval_dataset), too_long["eval_pairs_too_long"])):
+        if n_left == 0:
+            raise loaded.error(key, f"every {name} pair is longer than max_length ({max_length} tokens); raise "
+                                    "training.max_length (up to the model's context length) or use shorter texts")
+        if n_dropped:
+            say("reward", f"{n_dropped} of {n_left + n_dropped} {name} pairs are longer than {max_length} tokens "
+                          "and were left out")
+    return too_long
+
+
+def held_out_pair_metrics(trainer, pad_token_id: int) -> dict[str, float]:
+    """Score the trainer's tokenized held-out pairs exactly as they were trained on; prefix the metrics `eval_`."""
+    pairs = trainer.eval_dataset
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    chosen = score_sequences(model, pairs["chosen_ids"], pad_token_id, desc="Scoring held-out chosen")
+    rejected = score_sequences(model, pairs["rejected_ids"], pad_token_id, desc="Scoring held-out rejected")
+    return {f"eval_{k}": v for k, v in preference_metrics(chosen, rejected).items()}

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny tokenizers, models and data built locally (no network), and CLI helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+HH_RLHF = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+# Trainer settings that keep stage tests to a few seconds on a CPU.
+FAST_TRAINING = {
+    "max_steps": 3,
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 8,
+    "learning_rate": 1.0e-3,
+    "logging_steps": 1,
+    "bf16": False,
+    "activation_checkpointing": False,
+    "disable_tqdm": True,
+}
+
+
+@pytest.fixture(autouse=True)
+def _run_from_repo_root(monkeypatch):
+    """Recipes name paths relative to the current directory, as users run them from the repository root."""
+    monkeypatch.chdir(REPO)
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_cli(*args: str):
+    """Invoke the Typer app in-process (CliRunner); returns the click Result."""
+    from typer.testing import CliRunner
+
+    from rlhf_pipeline.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def tiny_world() -> dict[str, list[dict]]:
+    from rlhf_pipeline.tiny.world import generate
+
+    return generate(seed=1, n_corpus=600, n_sft=64, n_pairs=64, n_pairs_test=16, n_prompts=64, n_prompts_test=16)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, tiny_world) -> Path:
+    """Small data files in every format the stages read."""
+    root = tmp_path_factory.mktemp("data")
+    write_jsonl(root / "text.jsonl", tiny_world["corpus"])
+    write_jsonl(root / "sft.jsonl", tiny_world["sft"])
+    write_jsonl(root / "prefs.jsonl", tiny_world["preferences-train"])
+    write_jsonl(root / "prefs-test.jsonl", tiny_world["preferences-test"])
+    write_jsonl(root / "prompts.jsonl", tiny_world["prompts-train"])
+    write_jsonl(root / "prompts-test.jsonl", tiny_world["prompts-test"])
+    write_jsonl(root / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in tiny_world["sft"]
+    ])
+    # implicit prompt: whole texts that share their prefix, as in Anthropic HH-RLHF
+    write_jsonl(root / "prefs-implicit.jsonl", [
+        {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+        for r in tiny_world["preferences-train"]
+    ])
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_world) -> Path:
+    """A 2-layer, 32-wide GPT-2 with a 400-token BPE vocabulary, saved like a pre-training output."""
+    from rlhf_pipeline.models import init_gpt2, train_bpe_tokenizer
+    from rlhf_pipeline.recipe.schema import BpeTraining, GPT2Architecture
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    texts = [r["text"] for r in tiny_world["corpus"]]
+    tokenizer = train_bpe_tokenizer([texts], BpeTraining(vocab_size=400))
+    model = init_gpt2(GPT2Architecture(n_layer=2, n_head=2, n_embd=32, n_positions=64), tokenizer)
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def stage_recipe(stage: str, output_dir: Path, model: Path | str, data: dict, **extra: Any) -> dict[str, Any]:
+    recipe = {"stage": stage, "seed": 0, "output_dir": str(output_dir), "model": {"name_or_path": str(model)},
+              "data": data, "training": dict(FAST_TRAINING)}
+    recipe.update(extra)
+    return recipe
