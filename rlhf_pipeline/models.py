@@ -93,11 +93,31 @@ def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "caus
         kwargs["num_labels"] = 1
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
+    # a local directory by its absolute path: a LoRA adapter saved later records it as its base model, and a
+    # relative path would only resolve from this working directory
+    source = str(Path(model.name_or_path).resolve()) if Path(model.name_or_path).is_dir() else model.name_or_path
     try:
-        return create_model_from_path(model.name_or_path, auto_class, **kwargs)
+        if (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():
+            return _load_base_plus_adapter(source, auto_class, kwargs)
+        return create_model_from_path(source, auto_class, **kwargs)
     except (OSError, ValueError) as exc:
         raise loaded.error(f"{key}.name_or_path", f"cannot load a model from {model.name_or_path!r}: "
                                                   f"{_short(exc)}") from None
+
+
+def _load_base_plus_adapter(adapter_dir: str, auto_class: Any, kwargs: dict[str, Any]) -> "PreTrainedModel":
+    """A LoRA adapter directory: its base model (named in adapter_config.json) with the adapter merged in, so that
+    the result trains like any model."""
+    from peft import PeftConfig, PeftModel
+    from trl.trainer.utils import create_model_from_path
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    if not config.base_model_name_or_path:
+        raise ValueError(f"{adapter_dir}/adapter_config.json names no base model (base_model_name_or_path)")
+    base_model = create_model_from_path(config.base_model_name_or_path, auto_class, **{**kwargs, "revision": None})
+    config.task_type = None  # e.g. an SFT (causal-LM) adapter under a reward model's score head: same base weights
+    merged = PeftModel.from_pretrained(base_model, adapter_dir, config=config).merge_and_unload()
+    return merged.requires_grad_(True)  # peft froze the base weights for inference
 
 
 def align_special_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> None:

@@ -58,10 +58,21 @@ def _default(field: Any) -> str:
     if field.default is PydanticUndefined and field.default_factory is None:
         return "required"
     if field.default_factory is not None:
-        value = field.default_factory()
+        factory = field.default_factory
+        if isinstance(factory, type) and issubclass(factory, BaseModel):  # a section: not built just to name it
+            return "(section defaults)"
+        value = factory()
         return "{}" if isinstance(value, dict) else "(section defaults)" if isinstance(value, BaseModel) else str(value)
-    return "null" if field.default is None else repr(field.default) if isinstance(field.default, str) else str(
-        field.default)
+    return _scalar(field.default)
+
+
+def _scalar(value: Any) -> str:
+    """A default as it is written in YAML: null, true / false, 'text', 2e-05."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def schema_rows(model: type[BaseModel], prefix: str = "") -> list[Row]:
@@ -81,8 +92,7 @@ def training_rows(stage: str) -> list[Row]:
         if name in training_fields.OWNED_ELSEWHERE:
             continue
         kind = " | ".join(spec["types"]) if not spec["choices"] else " | ".join(repr(c) for c in spec["choices"])
-        rows.append((f"training.{name}", kind, repr(spec["default"]) if isinstance(spec["default"], str)
-                     else str(spec["default"]).replace("None", "null"), spec["help"]))
+        rows.append((f"training.{name}", kind, _scalar(spec["default"]), spec["help"]))
     return rows
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
 from rlhf_pipeline import runs
 from rlhf_pipeline.recipe.load import LoadedRecipe
@@ -47,8 +49,25 @@ def begin(loaded: LoadedRecipe, options: RunOptions) -> None:
     """Refuse a finished output dir (unless --overwrite) before any work, and seed everything."""
     from transformers import set_seed
 
+    # TRL's own defaults set transformers' deprecated `gradient_checkpointing` name: nothing a user can act on
+    for message in (r"`gradient_checkpointing` is deprecated", r"`is_gradient_checkpointing` is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     runs.check_output_dir(loaded.recipe.output_dir, options.overwrite)
     set_seed(loaded.recipe.seed)
+
+
+@contextmanager
+def setting_up(loaded: LoadedRecipe) -> Iterator[None]:
+    """Around building the trainer: it creates the output dir, so a set-up that fails removes the empty dir again
+    (nothing is written before `start_outputs`)."""
+    path = Path(loaded.recipe.output_dir)
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
 
 
 def start_outputs(loaded: LoadedRecipe) -> None:
@@ -71,7 +90,10 @@ def training_config(loaded: LoadedRecipe, config_class: type, **stage_defaults: 
     import torch
 
     recipe = loaded.recipe
-    runtime_defaults = {"dataloader_pin_memory": torch.cuda.is_available()}  # pinning without a GPU only warns
+    gpu = torch.cuda.is_available()
+    runtime_defaults: dict[str, Any] = {"dataloader_pin_memory": gpu}  # pinning without a GPU only warns
+    if not gpu:
+        runtime_defaults["bf16"] = False  # TRL defaults to bf16, which a CPU run rejects or slows down
     kwargs = {**TRAINER_DEFAULTS, **runtime_defaults, **stage_defaults, **recipe.training}
     kwargs.update(output_dir=recipe.output_dir, seed=recipe.seed)
     try:
@@ -119,6 +141,14 @@ def save_trained(trainer: "Trainer", loaded: LoadedRecipe, lora=None) -> str:
         (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
     wait_for_everyone()
     return "adapter" if isinstance(model, PeftModel) else "full"
+
+
+def check_context(loaded: LoadedRecipe, key: str, length: int | None, model) -> None:
+    """Sequences longer than the model's position embeddings would crash mid-training: refuse them up front."""
+    config = model.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit and length and length > limit:
+        raise loaded.error(key, f"{length} tokens is longer than the model's context ({limit} tokens)")
 
 
 def context_length(model) -> int:

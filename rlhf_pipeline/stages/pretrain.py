@@ -14,10 +14,12 @@ from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.stages.common import (
     RunOptions,
     begin,
+    check_context,
     context_length,
     finish_outputs,
     save_trained,
     say,
+    setting_up,
     start_outputs,
     train_and_evaluate,
     training_config,
@@ -50,6 +52,7 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
         model = models.load_pretrained(loaded, recipe.model)
     models.align_special_tokens(model, tokenizer)
     block_size = recipe.data.block_size or context_length(model)
+    check_context(loaded, "data.block_size", block_size, model)
     say("pretrain", f"model: {models.count_parameters(model)['num_parameters']:,} parameters; "
                     f"vocabulary {len(tokenizer)}; blocks of {block_size} tokens")
 
@@ -60,8 +63,9 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
 
     # 3. trainer
     args = training_config(loaded, TrainingArguments)
-    trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
-                      data_collator=default_data_collator, processing_class=tokenizer)
+    with setting_up(loaded):
+        trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
+                          data_collator=default_data_collator, processing_class=tokenizer)
 
     # 4. train
     start_outputs(loaded)

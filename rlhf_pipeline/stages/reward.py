@@ -17,11 +17,13 @@ from rlhf_pipeline.scoring import preference_metrics, score_sequences
 from rlhf_pipeline.stages.common import (
     RunOptions,
     begin,
+    check_context,
     context_length,
     finish_outputs,
     is_main_process,
     save_trained,
     say,
+    setting_up,
     start_outputs,
     train_and_evaluate,
     training_config,
@@ -53,9 +55,11 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
 
     # 3. trainer
     args = training_config(loaded, RewardConfig, max_length=context_length(model))
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                            processing_class=tokenizer, peft_config=peft_config)
-    too_long = check_lengths(loaded, trainer, len(train), len(held_out))
+    check_context(loaded, "training.max_length", args.max_length, model)
+    with setting_up(loaded):
+        trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                                processing_class=tokenizer, peft_config=peft_config)
+        too_long = check_lengths(loaded, trainer, len(train), len(held_out))
 
     # 4. train, then score every held-out pair
     start_outputs(loaded)

@@ -14,10 +14,12 @@ from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.stages.common import (
     RunOptions,
     begin,
+    check_context,
     context_length,
     finish_outputs,
     save_trained,
     say,
+    setting_up,
     start_outputs,
     train_and_evaluate,
     training_config,
@@ -53,8 +55,10 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
 
     # 3. trainer
     args = training_config(loaded, SFTConfig, max_length=context_length(model))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                         processing_class=tokenizer, peft_config=peft_config)
+    check_context(loaded, "training.max_length", args.max_length, model)
+    with setting_up(loaded):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                             processing_class=tokenizer, peft_config=peft_config)
 
     # 4. train
     start_outputs(loaded)
@@ -69,15 +73,18 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
 def detect_format(loaded: LoadedRecipe, dataset) -> tuple[str, list[str]]:
     """Which of TRL's SFT formats the data is in, and the roles (columns) that carry it."""
     present = data_io.roles_present(loaded, dataset, SFT_ROLES)
-    if "messages" in present:
+    # roles mapped in `data.columns` choose the format; columns that merely carry a role's name do not override them
+    mapped = {r for r in SFT_ROLES if getattr(loaded.recipe.data.columns, r, None) is not None}
+    chosen = mapped or present
+    if "messages" in chosen:
         return "conversational", ["messages"]
-    if "prompt" in present or "completion" in present:
+    if "prompt" in chosen or "completion" in chosen:
         if not {"prompt", "completion"} <= present:
             missing = ({"prompt", "completion"} - present).pop()
             raise loaded.error("data.columns", f"prompt/completion data needs a `{missing}` column too "
                                                f"(the data has: {', '.join(dataset.column_names)})")
         return "prompt-completion", ["prompt", "completion"]
-    if "text" in present:
+    if "text" in chosen:
         return "language-modelling", ["text"]
     raise loaded.error(
         "data.columns",

@@ -1,0 +1,259 @@
+"""The `rlhf` command line: help, version, `recipe show / keys / validate`, dry runs, and a torch-free start-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import version
+
+import pytest
+import yaml
+from conftest import REPO, run_cli, stage_recipe, write_recipe
+
+import rlhf_pipeline
+from rlhf_pipeline.recipe.schema import STAGE_RECIPES
+
+STAGES = ("pretrain", "sft", "reward")
+
+
+def test_help_lists_every_command():
+    result = run_cli("--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output and "[OPTIONS] COMMAND [ARGS]..." in result.output
+    for command in (*STAGES, "recipe"):
+        assert f"\n  {command} " in result.output, command
+
+
+def test_no_arguments_prints_help():
+    result = run_cli()
+    assert "Usage: " in result.output and "\n  sft " in result.output
+    assert "Traceback" not in result.output
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"rlhf-pipeline {rlhf_pipeline.__version__}"
+    assert rlhf_pipeline.__version__ == version("rlhf-pipeline")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_help(stage):
+    result = run_cli(stage, "--help")
+    assert result.exit_code == 0, result.output
+    assert f" {stage} [OPTIONS] {{recipe}}" in result.output.splitlines()[0]
+    for option in ("--set", "--output-dir", "--overwrite", "--dry-run"):
+        assert option in result.output, option
+
+
+@pytest.mark.parametrize("command, words", [
+    ("validate", ["Validate recipes", "exit code 2"]),
+    ("show", ["fully resolved recipe", "--set"]),
+    ("keys", ["List every key", "section"]),
+])
+def test_recipe_help(command, words):
+    result = run_cli("recipe", command, "--help")
+    assert result.exit_code == 0, result.output
+    assert f" recipe {command} [OPTIONS] " in result.output.splitlines()[0]
+    for word in words:
+        assert word in result.output
+
+
+def test_unknown_command_is_a_usage_error():
+    result = run_cli("ppo-fast", "x.yaml")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipe show
+# ---------------------------------------------------------------------------------------------------------------
+def test_recipe_show_applies_overrides_and_fills_defaults(tmp_path):
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text("stage: sft\noutput_dir: runs/x\nmodel:\n  name_or_path: gpt2\ndata:\n  files: d.jsonl\n"
+                      "training:\n  learning_rate: 3.0e-4\n")
+    result = run_cli("recipe", "show", recipe, "--set", "training.learning_rate=1e-4", "--set", "peft.r=4",
+                     "--set", "data.columns.text=chosen")
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert shown["training"] == {"learning_rate": 1e-4}
+    assert shown["peft"]["r"] == 4
+    assert shown["data"]["columns"]["text"] == "chosen"
+    # defaults filled in
+    assert shown["seed"] == 42
+    assert shown["peft"]["alpha"] == 32 and shown["peft"]["save"] == "merged"
+    assert shown["model"]["dtype"] == "float32" and shown["model"]["trust_remote_code"] is False
+    assert shown["data"]["train_split"] == "train"
+    assert shown["data"]["files"] == {"train": ["d.jsonl"]}  # normalised
+    assert shown["tokenizer"] == {"name_or_path": None, "revision": None, "chat_template": None}
+    assert "extends" not in shown and "provenance" not in shown
+    assert list(shown)[:3] == ["stage", "seed", "output_dir"]  # recipe order, not alphabetical
+
+
+def test_recipe_show_merges_extends(tmp_path):
+    (tmp_path / "base.yaml").write_text("stage: reward\nseed: 7\ntraining:\n  learning_rate: 1.0e-5\n  max_steps: 10\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\noutput_dir: out\nmodel: {name_or_path: gpt2}\ndata: {dataset: x/y}\n"
+                     "training:\n  max_steps: 20\n")
+    result = run_cli("recipe", "show", child)
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert shown["stage"] == "reward" and shown["seed"] == 7
+    assert shown["training"] == {"learning_rate": 1e-5, "max_steps": 20}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipe keys
+# ---------------------------------------------------------------------------------------------------------------
+def test_recipe_keys_sft():
+    result = run_cli("recipe", "keys", "sft")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.startswith("Supervised fine-tuning")
+    for key in ("output_dir", "model.name_or_path", "tokenizer.chat_template", "data.files", "data.columns.prompt",
+                "data.eval_size", "peft.r", "peft.save"):
+        assert f"\n  {key}  (" in out, key
+    assert "model.init" not in out  # a pretrain key
+    assert "`rlhf recipe keys sft training` lists them" in out
+    assert "\n  training.learning_rate" not in out
+
+
+def test_recipe_keys_sft_training():
+    result = run_cli("recipe", "keys", "sft", "training")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "\n  training.learning_rate  (float; default 2e-05)" in out
+    assert "\n  training.lr_scheduler_type  ('linear' | 'cosine'" in out
+    assert "\n  training.completion_only_loss" in out  # an SFTConfig field, not a TrainingArguments one
+    for owned in ("output_dir", "seed", "hub_token", "push_to_hub"):  # set elsewhere in a recipe
+        assert f"\n  training.{owned}  " not in out, owned
+    assert "\n  model." not in out
+
+
+def test_recipe_keys_section():
+    result = run_cli("recipe", "keys", "reward", "data")
+    assert result.exit_code == 0, result.output
+    keys = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ") and not
+            line.startswith("   ")]
+    assert keys[0] == "data" and "data.columns.chosen" in keys and "data.columns.margin" in keys
+    assert all(k == "data" or k.startswith("data.") for k in keys), keys
+
+
+def test_recipe_keys_pretrain_has_architecture():
+    result = run_cli("recipe", "keys", "pretrain", "model")
+    assert result.exit_code == 0, result.output
+    assert "\n  model.init.n_layer  (int; default 4)" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("nope",), f"error: unknown stage 'nope' (one of: {', '.join(STAGE_RECIPES)})"),
+    (("sfy",), "unknown stage 'sfy'; did you mean 'sft'?"),
+    (("sft", "trainig"), "sft recipes have no section 'trainig'; did you mean 'training'?"),
+])
+def test_recipe_keys_unknown(args, message):
+    result = run_cli("recipe", "keys", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dry runs
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", STAGES)
+def test_dry_run_of_tiny_recipes(stage, tmp_path):
+    out = tmp_path / "nested" / "out"
+    result = run_cli(stage, f"recipes/tiny/{stage}.yaml", "--output-dir", out, "--dry-run",
+                     "--set", "training.learning_rate=1e-4")
+    assert result.exit_code == 0, result.output
+    plan = result.stdout
+    assert plan.startswith("dry run: nothing was written\n")
+    assert f"  stage       {stage}\n" in plan
+    assert f"  recipe      recipes/tiny/{stage}.yaml\n" in plan
+    assert f"  output_dir  {out} (new)\n" in plan
+    assert "learning_rate=0.0001" in plan
+    assert "recipes/tiny/data/" in plan
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_dry_run_plan_details(tmp_path, data_dir):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", stage_recipe(
+        "reward", out, "some/model", {"files": {"train": str(data_dir / "prefs.jsonl"),
+                                                 "test": str(data_dir / "prefs-test.jsonl")},
+                                       "eval_split": "test", "columns": {"chosen": "chosen"}},
+        peft={"r": 4}))
+    result = run_cli("reward", recipe, "--dry-run")
+    assert result.exit_code == 0, result.output
+    plan = result.stdout
+    assert "some/model (float32)" in plan
+    assert "held-out split 'test'" in plan
+    assert "chosen <- chosen" in plan
+    assert "LoRA r=4 alpha=32 dropout=0.05 on all-linear; saved merged" in plan
+    assert not out.exists()
+
+
+def test_dry_run_names_a_missing_data_file(tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", stage_recipe("sft", out, "m", {"files": str(tmp_path / "no.jsonl")}))
+    result = run_cli("sft", recipe, "--dry-run")
+    assert result.exit_code == 2
+    assert "data.files: no such file" in result.output
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# start-up cost: the fast commands never import torch or transformers
+# ---------------------------------------------------------------------------------------------------------------
+HEAVY = ("torch", "transformers", "trl", "datasets", "peft")
+
+PROBE = textwrap.dedent("""
+    import json, sys
+    from typer.testing import CliRunner
+    from rlhf_pipeline.cli import app
+
+    report = {}
+    for args in json.loads(sys.argv[1]):
+        result = CliRunner().invoke(app, args)
+        report[" ".join(args)] = {"exit_code": result.exit_code, "output": result.output,
+                                  "heavy": sorted(m for m in %r if m in sys.modules)}
+    print(json.dumps(report))
+""" % (HEAVY,))
+
+
+def test_fast_commands_import_no_torch(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: sft\nouput_dir: x\n")
+    commands = [
+        ["--help"],
+        ["sft", "--help"],
+        ["recipe", "validate", "recipes/"],
+        ["recipe", "show", "recipes/tiny/sft.yaml"],
+        ["recipe", "keys", "sft", "training"],
+        ["sft", "recipes/tiny/sft.yaml", "--dry-run", "--output-dir", str(tmp_path / "out")],
+        ["sft", str(bad)],
+    ]
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    for args in commands:
+        entry = report[" ".join(args)]
+        assert entry["exit_code"] == (2 if args[-1] == str(bad) else 0), entry["output"]
+        # checked after each command, in one interpreter: the first one to import torch would show up here
+        assert entry["heavy"] == [], f"`rlhf {' '.join(args)}` imported {entry['heavy']}"
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    """The real entry point (not CliRunner): exit code 2 and a one-line message on stderr."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: sft\noutput_dir: out\nmodel: {name_or_path: m}\ndata: {files: d.jsonl}\n"
+                   "training:\n  learning_rat: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "rlhf_pipeline", "recipe", "validate", str(bad)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr == (f"error: {bad}:6: training.learning_rat: unknown key for trl.SFTConfig; "
+                           "did you mean 'learning_rate'?\n")

@@ -1,0 +1,237 @@
+"""Recipe files: the committed ones validate; `extends`, `--set` and YAML typing; resolved recipes load again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_cli
+
+from rlhf_pipeline import commands, runs
+from rlhf_pipeline.errors import RecipeError, UserError
+from rlhf_pipeline.recipe.load import load_recipe, parse_override
+
+RECIPES = sorted((REPO / "recipes").rglob("*.y*ml"))
+
+
+def test_recipes_exist():
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES}
+    assert {"tiny/pretrain.yaml", "tiny/sft.yaml", "tiny/reward.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
+def test_committed_recipe_validates(path):
+    loaded = load_recipe(path.relative_to(REPO))
+    commands.check_local_files(loaded)
+    assert loaded.stage == yaml.safe_load(path.read_text())["stage"]
+    assert loaded.recipe.output_dir.startswith("runs/")
+
+
+def test_validate_command_on_recipes_dir():
+    result = run_cli("recipe", "validate", "recipes")
+    assert result.exit_code == 0, result.output
+    listed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok  ")}
+    assert listed == {str(p.relative_to(REPO)) for p in RECIPES}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# extends
+# ---------------------------------------------------------------------------------------------------------------
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_extends_deep_merge(tmp_path):
+    _write(tmp_path / "base" / "sft-base.yaml", """\
+stage: sft
+seed: 1
+output_dir: runs/base
+model:
+  name_or_path: gpt2
+  dtype: bfloat16
+data:
+  files: [a.jsonl, b.jsonl]
+  eval_size: 10
+  columns:
+    prompt: question
+    completion: answer
+training:
+  learning_rate: 1.0e-4
+  max_steps: 100
+peft:
+  r: 8
+  target_modules: [c_attn, c_proj]
+""")
+    child = _write(tmp_path / "child.yaml", """\
+extends: base/sft-base.yaml
+output_dir: runs/child
+model:
+  name_or_path: other-model
+data:
+  files: [c.jsonl]
+  columns:
+    completion: response
+training:
+  max_steps: 5
+peft:
+  target_modules: [c_fc]
+""")
+    recipe = load_recipe(child).recipe
+    assert recipe.seed == 1  # inherited scalar
+    assert recipe.output_dir == "runs/child"  # child overrides scalars
+    assert recipe.model.name_or_path == "other-model" and recipe.model.dtype == "bfloat16"  # mappings merge
+    assert recipe.data.files == {"train": ["c.jsonl"]}  # lists replace
+    assert recipe.data.eval_size == 10
+    assert recipe.data.columns.prompt == "question" and recipe.data.columns.completion == "response"
+    assert recipe.training == {"learning_rate": 1e-4, "max_steps": 5}
+    assert recipe.peft.r == 8 and recipe.peft.target_modules == ["c_fc"]
+
+
+def test_extends_paths_are_relative_to_the_child(tmp_path, monkeypatch):
+    _write(tmp_path / "a" / "common" / "base.yaml", "stage: reward\nseed: 3\n")
+    child = _write(tmp_path / "a" / "b" / "child.yaml",
+                   "extends: ../common/base.yaml\noutput_dir: o\nmodel: {name_or_path: m}\ndata: {dataset: d}\n")
+    monkeypatch.chdir(tmp_path)  # somewhere the relative path would not resolve from
+    assert load_recipe(child.relative_to(tmp_path)).recipe.seed == 3
+
+
+def test_extends_chain_and_multiple_parents_in_order(tmp_path):
+    _write(tmp_path / "root.yaml", "stage: sft\nseed: 1\ntraining:\n  learning_rate: 1.0e-3\n  max_steps: 1\n")
+    _write(tmp_path / "first.yaml", "extends: root.yaml\nseed: 2\ntraining:\n  max_steps: 2\n  logging_steps: 2\n")
+    _write(tmp_path / "second.yaml", "seed: 3\ntraining:\n  logging_steps: 3\noutput_dir: second\n")
+    child = _write(tmp_path / "child.yaml", "extends: [first.yaml, second.yaml]\nmodel: {name_or_path: m}\n"
+                                           "data: {dataset: d}\ntraining:\n  warmup_steps: 4\n")
+    recipe = load_recipe(child).recipe
+    assert recipe.seed == 3  # the later parent wins over the earlier one
+    assert recipe.output_dir == "second"
+    assert recipe.training == {"learning_rate": 1e-3, "max_steps": 2, "logging_steps": 3, "warmup_steps": 4}
+
+    swapped = _write(tmp_path / "swapped.yaml", child.read_text().replace("[first.yaml, second.yaml]",
+                                                                          "[second.yaml, first.yaml]"))
+    recipe = load_recipe(swapped).recipe
+    assert recipe.seed == 2
+    assert recipe.training["logging_steps"] == 2
+
+
+def test_extends_error_attribution(tmp_path):
+    """An error inherited from a parent names the parent's file and line; one in the child names the child."""
+    parent = _write(tmp_path / "parent" / "p.yaml", "stage: sft\nseed: 0\nmodel:\n  name_or_path: m\n"
+                                                    "  dtyp: float32\ntraining:\n  max_steps: lots\n")
+    child = _write(tmp_path / "child.yaml", "extends: parent/p.yaml\noutput_dir: o\ndata:\n  dataset: d\n"
+                                            "  eval_sise: 3\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(child)
+    found = {(p.file, p.line, p.key) for p in info.value.problems}
+    assert found == {
+        (str(parent), 5, "model.dtyp"),
+        (str(parent), 7, "training.max_steps"),
+        (str(child), 5, "data.eval_sise"),
+    }
+
+
+def test_override_in_child_takes_the_childs_line(tmp_path):
+    _write(tmp_path / "p.yaml", "stage: sft\nseed: 0\ntraining:\n  max_steps: 3\n")
+    child = _write(tmp_path / "c.yaml", "extends: p.yaml\noutput_dir: o\nmodel: {name_or_path: m}\n"
+                                        "data: {dataset: d}\ntraining:\n  max_steps: lots\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(child)
+    [problem] = info.value.problems
+    assert (problem.file, problem.line, problem.key) == (str(child), 6, "training.max_steps")
+
+
+def test_list_in_child_replaces_and_is_attributed_to_child(tmp_path):
+    _write(tmp_path / "p.yaml", "stage: sft\nseed: 0\npeft:\n  target_modules: [c_attn]\n")
+    child = _write(tmp_path / "c.yaml", "extends: p.yaml\noutput_dir: o\nmodel: {name_or_path: m}\n"
+                                        "data: {dataset: d}\npeft:\n  target_modules: []\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(child)
+    [problem] = info.value.problems
+    assert (problem.file, problem.line, problem.key) == (str(child), 6, "peft.target_modules")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --set and YAML typing
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, key, value", [
+    ("training.learning_rate=1e-4", ("training", "learning_rate"), 1e-4),
+    ("training.learning_rate=1.5E-5", ("training", "learning_rate"), 1.5e-5),
+    ("training.max_steps=3", ("training", "max_steps"), 3),
+    ("training.warmup_steps=0.1", ("training", "warmup_steps"), 0.1),
+    ("peft.target_modules=[c_attn, c_proj]", ("peft", "target_modules"), ["c_attn", "c_proj"]),
+    ("training.bf16=true", ("training", "bf16"), True),
+    ("training.bf16=false", ("training", "bf16"), False),
+    ("model.revision=null", ("model", "revision"), None),
+    ("output_dir=runs/x", ("output_dir",), "runs/x"),
+    ("data.columns.text=a=b", ("data", "columns", "text"), "a=b"),  # only the first `=` separates
+    ("model.revision='1e-4'", ("model", "revision"), "1e-4"),  # quoted: a string
+])
+def test_parse_override_types_values(text, key, value):
+    parsed_key, parsed = parse_override(text)
+    assert parsed_key == key
+    assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize("text", ["training.learning_rate", "=3", "training..x=1", ".x=1"])
+def test_parse_override_rejects(text):
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        parse_override(text)
+
+
+def test_overrides_reach_the_recipe(tmp_path):
+    recipe = _write(tmp_path / "r.yaml", "stage: sft\noutput_dir: o\nmodel: {name_or_path: m}\ndata: {dataset: d}\n"
+                                         "training:\n  max_steps: 10\n")
+    loaded = load_recipe(recipe, ["training.learning_rate=1e-4", "training.max_steps=3", "seed=7",
+                                  "peft.target_modules=[c_attn, c_proj]", "training.bf16=true",
+                                  "data.columns.text=chosen", "model.revision=null"])
+    r = loaded.recipe
+    assert r.training == {"max_steps": 3, "learning_rate": 1e-4, "bf16": True}
+    assert isinstance(r.training["learning_rate"], float) and isinstance(r.training["max_steps"], int)
+    assert r.seed == 7 and r.peft.target_modules == ["c_attn", "c_proj"] and r.data.columns.text == "chosen"
+    assert r.model.revision is None
+    # later flags win over earlier ones
+    assert load_recipe(recipe, ["seed=1", "seed=2"]).recipe.seed == 2
+
+
+def test_override_replaces_a_whole_section(tmp_path):
+    recipe = _write(tmp_path / "r.yaml", "stage: sft\noutput_dir: o\nmodel: {name_or_path: m}\ndata: {dataset: d}\n"
+                                         "training:\n  max_steps: 10\n")
+    assert load_recipe(recipe, ["training={}"]).recipe.training == {}
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    """PyYAML's YAML 1.1 rules read `1e-4` as a string; recipes read it as a float, as YAML 1.2 does."""
+    recipe = _write(tmp_path / "r.yaml", "stage: sft\noutput_dir: o\nmodel: {name_or_path: m}\ndata: {dataset: d}\n"
+                                         "training:\n  learning_rate: 1e-4\n  weight_decay: 5E-2\n"
+                                         "  adam_epsilon: -1e+3\n")
+    assert yaml.safe_load(recipe.read_text())["training"]["learning_rate"] == "1e-4"  # what plain PyYAML does
+    training = load_recipe(recipe).recipe.training
+    assert training == {"learning_rate": 1e-4, "weight_decay": 0.05, "adam_epsilon": -1000.0}
+    assert all(type(v) is float for v in training.values())
+
+
+def test_yaml_strings_stay_strings(tmp_path):
+    recipe = _write(tmp_path / "r.yaml", "stage: sft\noutput_dir: '1e3'\nmodel: {name_or_path: e5}\n"
+                                         "data: {dataset: d}\n")
+    r = load_recipe(recipe).recipe
+    assert r.output_dir == "1e3" and r.model.name_or_path == "e5"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipe.resolved.yaml round-trip
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
+def test_resolved_recipe_round_trip(path, tmp_path):
+    loaded = load_recipe(path.relative_to(REPO), ["training.learning_rate=1e-4"])
+    resolved = loaded.resolved_yaml(runs.provenance())
+    assert "\nprovenance:\n" in resolved
+    written = _write(tmp_path / "recipe.resolved.yaml", resolved)
+    again = load_recipe(written)
+    dump = dict(exclude={"provenance"})
+    assert again.recipe.model_dump(**dump) == loaded.recipe.model_dump(**dump)
+    assert again.recipe.provenance["versions"]["rlhf-pipeline"] == runs.provenance()["versions"]["rlhf-pipeline"]
+    assert again.resolved_yaml() == loaded.resolved_yaml()  # a fixed point
+    result = run_cli("recipe", "validate", written)
+    assert result.exit_code == 0, result.output
