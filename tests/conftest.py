@@ -10,6 +10,11 @@ from typing import Any
 import pytest
 import yaml
 
+# datasets and transformers attach their log handlers to the stderr that exists when they are first imported: import
+# them here, not inside a CliRunner call that swaps stderr (later log lines would print "--- Logging error ---").
+import datasets  # noqa: F401, E402
+import transformers  # noqa: F401, E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -108,3 +113,35 @@ def stage_recipe(stage: str, output_dir: Path, model: Path | str, data: dict, **
               "data": data, "training": dict(FAST_TRAINING)}
     recipe.update(extra)
     return recipe
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A one-output sequence classifier on the tiny model (random score head), saved like a reward-stage output."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tiny-reward")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def ppo_recipe(output_dir: Path, policy: Path, reward: dict, data_dir: Path, **training: Any) -> dict[str, Any]:
+    """A PPO recipe small enough for a test: 2 updates of 8 episodes, 2 epochs x 2 mini-batches x 2 micro-batches."""
+    settings = {"total_episodes": 16, "rollout_batch_size": 8, "num_mini_batches": 2, "ppo_epochs": 2,
+                "gradient_accumulation_steps": 2, "learning_rate": 1.0e-3, "eval_prompts": 8, "eval_batch_size": 4,
+                "sample_every": 1, "num_samples": 2}
+    settings.update(training)
+    return {
+        "stage": "ppo", "seed": 0, "output_dir": str(output_dir),
+        "policy": {"name_or_path": str(policy)},
+        "reward": reward,
+        "gold": {"function": "rlhf_pipeline.tiny.annotator:gold_score"},
+        "data": {"files": {"train": str(data_dir / "prompts.jsonl"), "test": str(data_dir / "prompts-test.jsonl")},
+                 "eval_split": "test"},
+        "generation": {"response_length": 8},
+        "training": settings,
+    }

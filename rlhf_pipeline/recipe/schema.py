@@ -143,7 +143,7 @@ class DataSection(Section):
     )
     train_split: str = Field("train", description="Split to train on.")
     eval_split: str | None = Field(None, description="Held-out split to evaluate on, when the data has one.")
-    eval_size: float | None = Field(
+    eval_size: int | float | None = Field(
         None,
         gt=0,
         description="Carve a held-out split off the training split instead: a fraction (< 1) or a number of rows, "
@@ -381,7 +381,9 @@ class AdaptiveKL(Section):
 class PpoTraining(Section):
     """PPO hyper-parameters. Defaults follow Huang et al. 2024 where the tiny default does not need otherwise."""
 
-    total_episodes: int = Field(10000, ge=1, description="Episodes (prompt -> response) sampled in the whole run.")
+    total_episodes: int = Field(
+        10240, ge=1, description="Episodes (prompt -> response) sampled in the whole run; a multiple of "
+        "rollout_batch_size.")
     rollout_batch_size: int = Field(
         64, ge=1, description="Episodes sampled per update, all processes together.")
     num_mini_batches: int = Field(

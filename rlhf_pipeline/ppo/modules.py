@@ -1,0 +1,208 @@
+"""The networks PPO trains and queries, and the rollout they share.
+
+Every forward pass here reads only the response positions' hidden states through the LM / value / score heads: a
+logits tensor over the whole prompt would cost batch x length x vocabulary floats for nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.ppo.core import last_token_index
+from rlhf_pipeline.rewards import call_function
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollouts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """A batch of episodes: left-padded prompts, responses padded after their first EOS."""
+
+    query: torch.Tensor  # [B, P] token ids, left-padded
+    query_mask: torch.Tensor  # [B, P] 1 on prompt tokens
+    response: torch.Tensor  # [B, R] token ids, pad after the first EOS
+    response_mask: torch.Tensor  # [B, R] float, 1 up to and including the first EOS
+    finished: torch.Tensor  # [B] bool: the response contains EOS
+    prompts: list[str]  # prompt texts
+    responses: list[str] = field(default_factory=list)  # response texts (special tokens removed)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query, self.response], 1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask.long()], 1)
+
+    @property
+    def response_start(self) -> int:
+        return self.query.shape[1]
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        rows = index.tolist()
+        return Rollout(self.query[index], self.query_mask[index], self.response[index], self.response_mask[index],
+                       self.finished[index], [self.prompts[i] for i in rows],
+                       [self.responses[i] for i in rows] if self.responses else [])
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, longest - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, longest - len(seq):] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a left-padded prompt reads as it did unpadded in training."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def truncate_after_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: int):
+    """Keep each response up to and including its first EOS; pad the rest. Works when pad == EOS too."""
+    is_eos = response == eos_token_id
+    finished = is_eos.any(1)
+    length = response.shape[1]
+    last = torch.where(finished, is_eos.int().argmax(1), torch.full_like(finished, length - 1, dtype=torch.long))
+    mask = torch.arange(length, device=response.device)[None, :] <= last[:, None]
+    return torch.where(mask, response, torch.full_like(response, pad_token_id)), mask.float(), finished
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Heads on trunks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _core(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers stay injected), or the model itself."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def trunk_of(model: nn.Module) -> nn.Module:
+    return _core(model).base_model
+
+
+def lm_head_of(model: nn.Module) -> nn.Module:
+    return _core(model).get_output_embeddings()
+
+
+def score_head_of(model: nn.Module) -> nn.Module:
+    core = _core(model)
+    head = getattr(core, "score", None)
+    if head is None:
+        raise UserError(f"{type(core).__name__} has no `score` head: reward and value models must be "
+                        "AutoModelForSequenceClassification checkpoints of a causal LM (e.g. a reward-stage output)")
+    return head
+
+
+def response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_start: int) -> torch.Tensor:
+    """Hidden states that predict each response token: positions response_start - 1 ... end - 1."""
+    hidden = trunk_of(model)(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    return hidden[:, response_start - 1 : -1]
+
+
+class PolicyAndValue(nn.Module):
+    """Everything the optimizer trains, in one module so that Accelerate / DDP wraps it once.
+
+    value `shared`: a linear value head on the policy's last hidden state (one trunk pass for both).
+    value `separate`: a value network of its own (a sequence-classification model read at every position).
+    """
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        self.value_head = None
+        if value_model is None:
+            hidden_size = _core(policy).config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden_size, 1)
+            nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden_size + 1))
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, values) at the response positions: [B, R, V] and [B, R]."""
+        hidden = response_hidden(self.policy, input_ids, attention_mask, response_start)
+        logits = lm_head_of(self.policy)(hidden)
+        if self.value_head is not None:
+            values = self.value_head(hidden).squeeze(-1)
+        else:
+            value_hidden = response_hidden(self.value_model, input_ids, attention_mask, response_start)
+            values = score_head_of(self.value_model)(value_hidden).squeeze(-1)
+        return logits, values
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        source = self.value_head if self.value_head is not None else self.value_model
+        return [p for p in source.parameters() if p.requires_grad]
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+
+def reference_logits(reference: nn.Module | None, policy: nn.Module, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, response_start: int) -> torch.Tensor:
+    """Logits of the frozen reference: a separate model, or (reference None) the LoRA policy with its adapter off."""
+    if reference is not None:
+        return lm_head_of(reference)(response_hidden(reference, input_ids, attention_mask, response_start))
+    with policy.disable_adapter():
+        return lm_head_of(policy)(response_hidden(policy, input_ids, attention_mask, response_start))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scorers: a reward model, or a reward function
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ModelScorer:
+    """A sequence-classification reward model read at the last real token of each response (the EOS if any)."""
+
+    def __init__(self, model: nn.Module, tokenizer, policy_tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        # The same vocabulary lets the rollout's token ids go straight in; otherwise the texts are re-tokenized.
+        self.same_vocab = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+        self.head = score_head_of(model)
+
+    @torch.no_grad()
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        if self.same_vocab:
+            input_ids, attention_mask = rollout.input_ids.to(device), rollout.attention_mask.to(device)
+            last = rollout.response_start + last_token_index(rollout.response_mask).to(device)
+        else:
+            eos = self.tokenizer.eos_token or ""
+            texts = [p + r + (eos if f else "") for p, r, f in
+                     zip(rollout.prompts, rollout.responses, rollout.finished.tolist())]
+            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                                     padding_side="right")
+            input_ids, attention_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+            last = attention_mask.sum(1) - 1
+        hidden = trunk_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=device)
+        return self.head(hidden[rows, last]).squeeze(-1).float().cpu()
+
+
+class FunctionScorer:
+    """A Python reward function over prompt and response texts."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
+        scores = call_function(self.function, rollout.prompts, rollout.responses, rollout.finished.tolist())
+        return torch.tensor(scores, dtype=torch.float32)

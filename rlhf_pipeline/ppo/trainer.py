@@ -1,0 +1,515 @@
+"""The PPO-RLHF training loop. One update, top to bottom:
+
+    1. take the next rollout batch of prompts (a seeded order, the same after --resume)
+    2. sample responses with the policy (KV cache), truncate after the first EOS
+    3. one no-grad pass: old log-probs and values (policy), reference log-probs
+    4. score: reward model or function, minus the missing-EOS penalty, optionally normalised and clipped
+    5. per-token rewards: -beta * KL on every token, the score on the last real token
+    6. GAE advantages and returns; whiten the advantages
+    7. PPO epochs over shuffled mini-batches (micro-batches accumulate): clipped policy loss, clipped value loss,
+       entropy bonus; one optimizer step per mini-batch; optional early stop on approximate KL
+    8. adapt beta, anneal the learning rate, log, save a checkpoint
+
+The math lives in `core.py`; this module only orchestrates. Metric names are defined in docs/ppo.md.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from rlhf_pipeline.ppo import core
+from rlhf_pipeline.ppo.modules import (
+    PolicyAndValue,
+    Rollout,
+    left_pad,
+    reference_logits,
+    truncate_after_eos,
+)
+from rlhf_pipeline.ppo.plan import BatchPlan
+from rlhf_pipeline.recipe.schema import GenerationSection, PpoTraining
+
+CHECKPOINTS = "checkpoints"
+LOG_FILE = "log.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclass
+class Prompts:
+    """Tokenized prompts with their texts."""
+
+    texts: list[str]
+    ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint must restore besides weights and optimizer: resumable by construction."""
+
+    update: int = 0  # updates completed
+    episodes: int = 0
+    optimizer_steps: int = 0
+    kl_coef: dict = field(default_factory=dict)
+    score_shift: float = 0.0  # score normalisation "initial": (score - shift) / scale
+    score_scale: float = 1.0
+    train_seconds: float = 0.0
+
+
+class PPOTrainer:
+    def __init__(self, *, config: PpoTraining, generation: GenerationSection, model: PolicyAndValue,
+                 reference: torch.nn.Module | None, tokenizer, scorer: Callable[[Rollout], torch.Tensor],
+                 gold: Callable[[Rollout], torch.Tensor] | None, prompts: Prompts, output_dir: str | Path, seed: int,
+                 accelerator, on_log: Callable[[dict], None] | None = None):
+        self.config = config
+        self.generation = generation
+        self.tokenizer = tokenizer
+        self.scorer = scorer
+        self.gold = gold
+        self.prompts = prompts
+        self.output_dir = Path(output_dir)
+        self.seed = seed
+        self.accelerator = accelerator
+        self.on_log = on_log
+        self.plan = BatchPlan(config.total_episodes, config.rollout_batch_size, config.num_mini_batches,
+                              config.ppo_epochs, config.gradient_accumulation_steps, accelerator.num_processes)
+        self.state = TrainerState()
+        self.kl_controller = core.KLController(
+            config.kl_coef,
+            config.adaptive_kl.target if config.adaptive_kl else None,
+            config.adaptive_kl.horizon if config.adaptive_kl else None,
+        )
+        value_lr = config.value_learning_rate or config.learning_rate
+        groups = [{"params": model.policy_parameters(), "lr": config.learning_rate, "initial_lr": config.learning_rate},
+                  {"params": model.value_parameters(), "lr": value_lr, "initial_lr": value_lr}]
+        optimizer = torch.optim.AdamW(groups, eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.reference = reference.to(accelerator.device) if reference is not None else None
+        self.device = accelerator.device
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+
+    # -----------------------------------------------------------------------------------------------------------
+    # the loop
+    # -----------------------------------------------------------------------------------------------------------
+    def train(self) -> TrainerState:
+        from tqdm.auto import tqdm
+
+        cfg, plan = self.config, self.plan
+        if cfg.score_normalization == "initial" and self.state.update == 0:
+            self._fit_initial_score_normalisation()
+        bar = tqdm(total=plan.num_updates, initial=self.state.update, desc="PPO updates", unit="update",
+                   disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        while self.state.update < plan.num_updates:
+            update = self.state.update
+            t_start = time.perf_counter()
+            self._anneal_learning_rate(update)
+
+            # 1. the next prompts for this process
+            batch_texts, batch_ids = self._prompt_batch(update)
+
+            # 2. sample responses, truncate after the first EOS
+            rollout = self.sample(batch_texts, batch_ids)
+            t_generated = time.perf_counter()
+
+            # 3. old log-probs and values, reference log-probs (no grad)
+            old_logprobs, old_values, ref_logprobs, entropy = self._score_tokens(rollout)
+
+            # 4. sequence scores
+            raw_scores = self.scorer(rollout).to(self.device)
+            scores = self._shape_scores(raw_scores, rollout.finished.to(self.device))
+            gold_scores = self.gold(rollout).to(self.device) if self.gold is not None else None
+            t_scored = time.perf_counter()
+
+            # 5. per-token rewards
+            mask = rollout.response_mask.to(self.device)
+            kl_coef = self.kl_controller.value
+            kl = core.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator)
+            rewards, non_score = core.per_token_rewards(scores, kl, mask, kl_coef)
+
+            # 6. advantages and returns
+            advantages, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                mean, var = self._global_moments(advantages, mask)
+                advantages = core.masked_whiten(advantages, mask, mean=mean, var=var)
+
+            # 7. PPO epochs
+            stats = self._optimise(rollout, old_logprobs, old_values, advantages, returns, mask)
+            t_trained = time.perf_counter()
+
+            # 8. bookkeeping
+            k1 = core.masked_sum(old_logprobs - ref_logprobs, mask, dim=1)
+            mean_kl = self._mean(k1)
+            self.kl_controller.update(mean_kl, plan.rollout_batch_size)
+            self.state.update += 1
+            self.state.episodes += plan.rollout_batch_size
+            self.state.optimizer_steps += stats.pop("optimizer_steps")
+            self.state.train_seconds += t_trained - t_start
+            row = {
+                "objective/score": self._mean(raw_scores),
+                "objective/score_used": self._mean(scores),
+                "objective/kl": mean_kl,
+                "objective/kl_k3": self._mean(core.masked_sum(core.kl_per_token(old_logprobs, ref_logprobs, "k3"),
+                                                              mask, dim=1)),
+                "objective/non_score_reward": self._mean(non_score.sum(1)),
+                "objective/rlhf_reward": self._mean(scores + non_score.sum(1)),
+                "objective/kl_coef": kl_coef,
+                "policy/entropy": self._mean(core.masked_mean(entropy, mask, dim=1)),
+                "value/explained_variance": float(core.explained_variance(old_values, returns, mask)),
+                "rollout/response_length": self._mean(mask.sum(1)),
+                "rollout/eos_rate": self._mean(rollout.finished.float().to(self.device)),
+                **stats,
+                "train/learning_rate": self.optimizer.param_groups[0]["lr"],
+                "train/episodes": self.state.episodes,
+                "train/update": self.state.update,
+                "train/optimizer_steps": self.state.optimizer_steps,
+                "time/generation": t_generated - t_start,
+                "time/scoring": t_scored - t_generated,
+                "time/training": t_trained - t_scored,
+                "time/update": t_trained - t_start,
+                "time/episodes_per_second": plan.rollout_batch_size / (t_trained - t_start),
+            }
+            if gold_scores is not None:
+                row["objective/gold"] = self._mean(gold_scores)
+            if self.state.update % cfg.log_every == 0 or self.state.update == plan.num_updates:
+                self._log(row)
+            if cfg.num_samples and (self.state.update % cfg.sample_every == 0 or self.state.update == 1):
+                self._log_samples(rollout, raw_scores, gold_scores)
+            if cfg.save_every and self.state.update % cfg.save_every == 0 and self.state.update < plan.num_updates:
+                self.save_checkpoint()
+            bar.update(1)
+            bar.set_postfix(score=f"{row['objective/score']:.3f}", kl=f"{mean_kl:.2f}",
+                            **({"gold": f"{row['objective/gold']:.3f}"} if gold_scores is not None else {}))
+        bar.close()
+        return self.state
+
+    # -----------------------------------------------------------------------------------------------------------
+    # 1. prompts
+    # -----------------------------------------------------------------------------------------------------------
+    def _prompt_batch(self, update: int) -> tuple[list[str], list[list[int]]]:
+        """The global batch of update `update` is episodes [u*B, (u+1)*B) of a stream that walks a fresh seeded
+        permutation of the prompts each epoch; each process takes its slice."""
+        plan, n = self.plan, len(self.prompts)
+        start = update * plan.rollout_batch_size + self.accelerator.process_index * plan.local_rollout_batch_size
+        indices = []
+        for episode in range(start, start + plan.local_rollout_batch_size):
+            epoch, position = divmod(episode, n)
+            indices.append(self._permutation(epoch)[position])
+        return [self.prompts.texts[i] for i in indices], [self.prompts.ids[i] for i in indices]
+
+    def _permutation(self, epoch: int) -> list[int]:
+        cache = getattr(self, "_permutations", {})
+        if epoch not in cache:
+            order = list(range(len(self.prompts)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            cache = {epoch: order}  # only the current epoch is needed
+            self._permutations = cache
+        return cache[epoch]
+
+    # -----------------------------------------------------------------------------------------------------------
+    # 2. sampling
+    # -----------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, texts: list[str], ids: list[list[int]]) -> Rollout:
+        """Generate one response per prompt with the current policy (KV cache), truncated after the first EOS."""
+        from transformers import GenerationConfig
+
+        gen = self.generation
+        config = GenerationConfig(max_new_tokens=gen.response_length, do_sample=True, temperature=gen.temperature,
+                                  top_k=gen.top_k, top_p=gen.top_p, eos_token_id=self.eos_id,
+                                  pad_token_id=self.pad_id, use_cache=True)
+        policy = self.accelerator.unwrap_model(self.model).policy
+        query, query_mask = left_pad(ids, self.pad_id)
+        query, query_mask = query.to(self.device), query_mask.to(self.device)
+        was_training = policy.training
+        policy.eval()
+        with self.accelerator.autocast():
+            output = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+        policy.train(was_training)
+        response, response_mask, finished = truncate_after_eos(output[:, query.shape[1]:], self.eos_id, self.pad_id)
+        responses = self.tokenizer.batch_decode(response, skip_special_tokens=True)
+        return Rollout(query, query_mask, response, response_mask, finished.cpu(), list(texts), responses)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # 3. no-grad forward passes
+    # -----------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _score_tokens(self, rollout: Rollout):
+        """Old log-probs, old values, reference log-probs and per-token entropy of the rollout."""
+        temperature = self.generation.temperature
+        model = self.accelerator.unwrap_model(self.model)
+        size = self.config.forward_batch_size or rollout.query.shape[0]
+        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref": [], "entropy": []}
+        input_ids, attention_mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
+        for begin in range(0, input_ids.shape[0], size):
+            chunk = slice(begin, begin + size)
+            ids, mask, tokens = input_ids[chunk], attention_mask[chunk], rollout.response[chunk]
+            with self.accelerator.autocast():
+                logits, values = model(ids, mask, start)
+                ref_logits = reference_logits(self.reference, model.policy, ids, mask, start)
+            parts["logprobs"].append(core.logprobs_of(logits, tokens, temperature))
+            parts["entropy"].append(core.entropy_of(logits, temperature))
+            parts["values"].append(values.float())
+            parts["ref"].append(core.logprobs_of(ref_logits, tokens, temperature))
+        joined = {k: torch.cat(v) for k, v in parts.items()}
+        return joined["logprobs"], joined["values"], joined["ref"], joined["entropy"]
+
+    # -----------------------------------------------------------------------------------------------------------
+    # 4. score shaping
+    # -----------------------------------------------------------------------------------------------------------
+    def _shape_scores(self, scores: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~finished).float()
+        if cfg.score_normalization == "batch":
+            ones = torch.ones_like(scores)
+            mean, var = self._global_moments(scores, ones)
+            scores = core.masked_whiten(scores, ones, mean=mean, var=var)
+        elif cfg.score_normalization == "initial":
+            scores = (scores - self.state.score_shift) / self.state.score_scale
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        return scores
+
+    def _fit_initial_score_normalisation(self) -> None:
+        """Ziegler et al. 2019: map the initial policy's scores to mean 0, std 1 (a fixed affine map)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 17)
+            texts, ids = self._prompt_batch(0)
+            rollout = self.sample(texts, ids)
+        scores = self.scorer(rollout).to(self.device)
+        if self.config.missing_eos_penalty is not None:
+            scores = scores - self.config.missing_eos_penalty * (~rollout.finished.to(self.device)).float()
+        mean, var = self._global_moments(scores, torch.ones_like(scores))
+        self.state.score_shift, self.state.score_scale = float(mean), float(var.clamp(min=1e-8).sqrt())
+
+    # -----------------------------------------------------------------------------------------------------------
+    # 7. optimisation
+    # -----------------------------------------------------------------------------------------------------------
+    def _optimise(self, rollout, old_logprobs, old_values, advantages, returns, mask) -> dict[str, float]:
+        cfg, plan = self.config, self.plan
+        temperature = self.generation.temperature
+        totals: dict[str, float] = {}
+        steps = 0
+        early_stopped = False
+        generator = torch.Generator().manual_seed(self.seed * 7919 + self.state.update * 31 +
+                                                  self.accelerator.process_index)
+        self.model.train()
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(plan.local_rollout_batch_size, generator=generator)
+            for mini in range(plan.num_mini_batches):
+                mini_index = order[mini * plan.local_mini_batch_size:(mini + 1) * plan.local_mini_batch_size]
+                tokens = mask[mini_index].sum().clamp(min=1)  # the normaliser of the whole mini-batch
+                step_stats: dict[str, float] = {}
+                for micro in range(plan.gradient_accumulation_steps):
+                    index = mini_index[micro * plan.micro_batch_size:(micro + 1) * plan.micro_batch_size]
+                    last_micro = micro == plan.gradient_accumulation_steps - 1
+                    sync = nullcontext() if last_micro else self.accelerator.no_sync(self.model)
+                    with sync:
+                        part = self._micro_step(rollout, index, old_logprobs, old_values, advantages, returns, mask,
+                                                tokens, temperature)
+                    for key, value in part.items():
+                        step_stats[key] = step_stats.get(key, 0.0) + value
+                if cfg.max_grad_norm is not None:
+                    grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    step_stats["policy/grad_norm"] = float(grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                steps += 1
+                for key, value in step_stats.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                if cfg.target_kl is not None and self._mean(torch.tensor(step_stats["policy/approx_kl"],
+                                                                         device=self.device)) > cfg.target_kl:
+                    early_stopped = True
+                    break
+            if early_stopped:
+                break
+        # each micro-batch added its token-weighted share, so one step's sum is that mini-batch's mean
+        stats = {key: self._mean(torch.tensor(value / steps, device=self.device)) for key, value in totals.items()}
+        stats["train/early_stopped"] = float(early_stopped)
+        stats["optimizer_steps"] = steps
+        return stats
+
+    def _micro_step(self, rollout, index, old_logprobs, old_values, advantages, returns, mask, tokens,
+                    temperature) -> dict[str, float]:
+        cfg = self.config
+        ids = rollout.input_ids[index]
+        attention = rollout.attention_mask[index]
+        with self.accelerator.autocast():
+            logits, values = self.model(ids, attention, rollout.response_start)
+        m = mask[index]
+        logprobs = core.logprobs_of(logits, rollout.response[index], temperature)
+        pg = core.policy_loss(logprobs, old_logprobs[index], advantages[index], m, cfg.cliprange, normaliser=tokens)
+        vf = core.value_loss(values.float(), old_values[index], returns[index], m, cfg.cliprange_value,
+                             normaliser=tokens)
+        loss = pg.loss + cfg.vf_coef * vf.loss
+        entropy = None
+        if cfg.entropy_coef > 0:
+            entropy = core.masked_sum(core.entropy_of(logits, temperature), m) / tokens
+            loss = loss - cfg.entropy_coef * entropy
+        self.accelerator.backward(loss)
+        share = float(m.sum() / tokens)  # this micro-batch's share of the mini-batch's tokens
+        stats = {
+            "loss/policy": pg.loss.item(),
+            "loss/value": vf.loss.item(),
+            "loss/total": loss.item(),
+            "policy/approx_kl": float(pg.approx_kl) * share,
+            "policy/clipfrac": float(pg.clipfrac) * share,
+            "policy/ratio": float(pg.ratio_mean) * share,
+            "value/clipfrac": float(vf.clipfrac) * share,
+        }
+        if entropy is not None:
+            stats["loss/entropy"] = entropy.item()
+        return stats
+
+    # -----------------------------------------------------------------------------------------------------------
+    # helpers
+    # -----------------------------------------------------------------------------------------------------------
+    def _anneal_learning_rate(self, update: int) -> None:
+        fraction = 1.0 - update / self.plan.num_updates if self.config.lr_schedule == "linear" else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * fraction
+
+    def _mean(self, values: torch.Tensor) -> float:
+        """Mean over all processes' values."""
+        values = values.detach().float().reshape(-1).to(self.device)
+        total = self.accelerator.reduce(torch.stack([values.sum(), values.new_tensor(values.numel())]), "sum")
+        return float(total[0] / total[1].clamp(min=1))
+
+    def _global_moments(self, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked mean and (unbiased) variance over all processes."""
+        sums = torch.stack([core.masked_sum(values, mask), core.masked_sum(values**2, mask), mask.sum()]).float()
+        sums = self.accelerator.reduce(sums, "sum")
+        count = sums[2].clamp(min=1)
+        mean = sums[0] / count
+        var = (sums[1] / count - mean**2).clamp(min=0) * count / (count - 1).clamp(min=1)
+        return mean, var
+
+    def _log(self, row: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+            if self.on_log is not None:
+                self.on_log(row)
+
+    def _log_samples(self, rollout: Rollout, scores: torch.Tensor, gold: torch.Tensor | None) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.output_dir / SAMPLES_FILE, "a", encoding="utf-8") as handle:
+            for i in range(min(self.config.num_samples, len(rollout.prompts))):
+                row = {"update": self.state.update, "prompt": rollout.prompts[i], "response": rollout.responses[i],
+                       "score": float(scores[i]), "finished": bool(rollout.finished[i])}
+                if gold is not None:
+                    row["gold"] = float(gold[i])
+                handle.write(json.dumps(row) + "\n")
+
+    # -----------------------------------------------------------------------------------------------------------
+    # evaluation
+    # -----------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, prompts: Prompts, seed: int) -> dict[str, Any]:
+        """Sample once per held-out prompt with the training settings (a fixed seed), score, compare to the
+        reference. Every process takes a shard; the means cover all prompts."""
+        from tqdm.auto import tqdm
+
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        shard = list(range(rank, len(prompts), world))
+        size = self.config.eval_batch_size
+        scores, golds, kls, lengths, finished, samples = [], [], [], [], [], []
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+            torch.manual_seed(seed + rank)
+            for begin in tqdm(range(0, len(shard), size), desc="Evaluating held-out prompts",
+                              disable=not self.accelerator.is_main_process, leave=False):
+                rows = shard[begin:begin + size]
+                rollout = self.sample([prompts.texts[i] for i in rows], [prompts.ids[i] for i in rows])
+                ids, attention, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
+                with self.accelerator.autocast():
+                    logits, _ = model(ids, attention, start)
+                    ref_logits = reference_logits(self.reference, model.policy, ids, attention, start)
+                t = self.generation.temperature
+                mask = rollout.response_mask.to(self.device)
+                kl = core.logprobs_of(logits, rollout.response, t) - core.logprobs_of(ref_logits, rollout.response, t)
+                kls.append(core.masked_sum(kl, mask, dim=1))
+                scores.append(self.scorer(rollout).to(self.device))
+                if self.gold is not None:
+                    golds.append(self.gold(rollout).to(self.device))
+                lengths.append(mask.sum(1))
+                finished.append(rollout.finished.float().to(self.device))
+                for i in range(len(rows)):
+                    if len(samples) < 8:
+                        samples.append({"prompt": rollout.prompts[i], "response": rollout.responses[i],
+                                        "score": float(scores[-1][i])})
+        result = {
+            "score": self._mean(torch.cat(scores)),
+            "kl": self._mean(torch.cat(kls)),
+            "response_length": self._mean(torch.cat(lengths)),
+            "eos_rate": self._mean(torch.cat(finished)),
+            "samples": samples,
+        }
+        if golds:
+            result["gold"] = self._mean(torch.cat(golds))
+        return result
+
+    # -----------------------------------------------------------------------------------------------------------
+    # checkpoints
+    # -----------------------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Weights (safetensors), optimizer, RNG states and trainer state, under checkpoints/update-NNNNNN."""
+        from safetensors.torch import save_model
+
+        path = self.output_dir / CHECKPOINTS / f"update-{self.state.update:06d}"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            path.mkdir(parents=True, exist_ok=True)
+            save_model(self.accelerator.unwrap_model(self.model), str(path / "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+            state = {**self.state.__dict__, "kl_coef": self.kl_controller.state_dict()}
+            (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        self.accelerator.wait_for_everyone()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, path / f"rng-{self.accelerator.process_index}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (path / "COMPLETE").write_text("")  # a checkpoint without it was interrupted while saving
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.accelerator.unwrap_model(self.model), str(path / "model.safetensors"))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.kl_controller.load_state_dict(state.pop("kl_coef"))
+        self.state = TrainerState(**{k: v for k, v in state.items() if k in TrainerState.__dataclass_fields__})
+        rng_file = path / f"rng-{self.accelerator.process_index}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)  # our own file: python's RNG state is a tuple
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    root = Path(output_dir) / CHECKPOINTS
+    complete = sorted(p for p in root.glob("update-*") if (p / "COMPLETE").exists()) if root.is_dir() else []
+    return complete[-1] if complete else None
+
+
+def read_log(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / LOG_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
