@@ -10,7 +10,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from rlhf_pipeline import __version__, commands
-from rlhf_pipeline.errors import EXIT_USER_ERROR, UserError
+from rlhf_pipeline.errors import EXIT_GATE_FAILED, EXIT_USER_ERROR, GateFailed, UserError
 
 app = typer.Typer(
     help="The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo. Recipes are YAML files.",
@@ -46,6 +46,9 @@ def user_errors() -> Iterator[None]:
     except UserError as exc:
         typer.echo(commands.format_errors(exc), err=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
+    except GateFailed as exc:
+        typer.echo(f"stopped: {exc}", err=True)
+        raise typer.Exit(EXIT_GATE_FAILED) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: the output dir has no metrics.json, so the run counts as unfinished", err=True)
         raise typer.Exit(130) from None
@@ -87,6 +90,55 @@ def ppo(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None,
         = False, dry_run: DryRunOpt = False) -> None:
     """PPO against a reward model or function, with a KL penalty to a frozen reference (our own trainer)."""
     _stage("ppo", recipe, set_, output_dir, overwrite, dry_run, resume)
+
+
+@app.command("eval")
+def evaluate(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None,
+             overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False) -> None:
+    """Evaluate a reward model on held-out pairs and/or a policy against a baseline; writes eval.json, a Markdown
+    report and plots."""
+    _stage("eval", recipe, set_, output_dir, overwrite, dry_run)
+
+
+@app.command()
+def pipeline(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", metavar="STAGE",
+                                                      help="Re-run this stage and every later one.")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE",
+                                                help="Run this stage only (earlier outputs must exist).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-run every stage, up to date or not.")] = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Run the stages of a pipeline recipe in order, wiring each output into the next stage and skipping the
+    stages that are up to date; stops before PPO when the reward model fails the quality gate (exit code 3)."""
+    with user_errors():
+        typer.echo(commands.run_pipeline(recipe, set_ or [], from_stage, only, force, dry_run))
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run dir (it has metrics.json).", show_default=False)],
+    repo_id: Annotated[str, typer.Option("--repo-id", metavar="ORG/NAME", show_default=False,
+                                         help="Hub model repo to push to; created when missing.")],
+    private: Annotated[bool, typer.Option("--private/--public",
+                                          help="Visibility of a repo this push creates (an existing repo keeps its "
+                                               "own).")] = True,
+    revision: Annotated[Optional[str], typer.Option("--revision", metavar="BRANCH",
+                                                    help="Branch to push to, created from main when missing; "
+                                                         "default main.")] = None,
+) -> None:
+    """Push a finished run dir to the Hugging Face Hub: weights, tokenizer, recipe, metrics and a model card with its
+    lineage. The token comes from HF_TOKEN or `hf auth login` and is never written anywhere."""
+    from rlhf_pipeline.hub import push_run
+
+    with user_errors():
+        result = push_run(run_dir, repo_id, private=private, revision=revision)
+    for path, reason in result.skipped.items():
+        typer.echo(f"left out {path}: {reason}", err=True)
+    typer.echo(f"pushed {len(result.files)} files to {result.url} (revision {result.revision}, "
+               f"commit {result.commit_sha[:12]})")
 
 
 @recipe_app.command("validate")

@@ -15,6 +15,7 @@ STAGE_MODULES = {
     "sft": "rlhf_pipeline.stages.sft",
     "reward": "rlhf_pipeline.stages.reward",
     "ppo": "rlhf_pipeline.stages.ppo",
+    "eval": "rlhf_pipeline.stages.evaluation",
 }
 
 
@@ -41,6 +42,19 @@ def run_stage(stage: str, recipe_path: Path, overrides: Sequence[str], overwrite
     return None
 
 
+def run_pipeline(recipe_path: Path, overrides: Sequence[str], from_stage: str | None, only: str | None,
+                 force: bool, dry_run: bool) -> str:
+    from rlhf_pipeline.pipeline import Options, plan_stages, run_pipeline as run
+
+    if from_stage is not None and only is not None:
+        raise UserError("--from and --only do not go together")
+    loaded = load_recipe(recipe_path, overrides, expected_stage="pipeline")
+    if dry_run:
+        for plan in plan_stages(loaded):
+            check_local_files(plan.loaded)
+    return run(loaded, Options(force=force, from_stage=from_stage, only=only, dry_run=dry_run))
+
+
 def validate_paths(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[RecipeError]]:
     """Validate recipe files (directories: every .yaml/.yml below them). Returns (valid (path, stage), errors)."""
     files: list[Path] = []
@@ -56,6 +70,11 @@ def validate_paths(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[
         try:
             loaded = load_recipe(file)
             check_local_files(loaded)
+            if loaded.stage == "pipeline":  # its stage recipes, as the pipeline wires them, must validate too
+                from rlhf_pipeline.pipeline import plan_stages
+
+                for plan in plan_stages(loaded):
+                    check_local_files(plan.loaded)
             valid.append((file, loaded.stage))
         except RecipeError as exc:
             errors.append(exc)
@@ -66,9 +85,10 @@ def check_local_files(loaded: LoadedRecipe) -> None:
     """Local data files must exist (model paths need not: they may be written by an earlier stage)."""
     from rlhf_pipeline.data import check_data_files
 
-    data = getattr(loaded.recipe, "data", None)
-    if data is not None and getattr(data, "files", None):
-        check_data_files(loaded)
+    for key in ("data", "preferences"):
+        section = getattr(loaded.recipe, key, None)
+        if section is not None and getattr(section, "files", None):
+            check_data_files(loaded, key)
 
 
 def describe_plan(loaded: LoadedRecipe, overwrite: bool) -> str:
@@ -87,8 +107,11 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool) -> str:
         ("seed", str(recipe.seed)),
         ("output_dir", f"{recipe.output_dir} ({status_text})"),
     ]
-    rows.extend(_ppo_rows(recipe) if recipe.stage == "ppo" else _model_rows(recipe))
-    rows.extend(_data_rows(recipe))
+    model_rows = {"ppo": _ppo_rows, "eval": _eval_rows}.get(recipe.stage, _model_rows)
+    rows.extend(model_rows(recipe))
+    for key in ("data", "preferences"):
+        if getattr(recipe, key, None) is not None:
+            rows.extend(_data_rows(getattr(recipe, key), key, recipe.seed))
     training = getattr(recipe, "training", None)
     if isinstance(training, dict):
         rows.append(("training", ", ".join(f"{k}={v}" for k, v in training.items()) or "library defaults"))
@@ -96,7 +119,13 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool) -> str:
     if peft is not None:
         rows.append(("peft", f"LoRA r={peft.r} alpha={peft.alpha:g} dropout={peft.dropout:g} on "
                              f"{peft.target_modules}; saved {peft.save}"))
-    rows.append(("writes", "model + tokenizer (safetensors), recipe.resolved.yaml, metrics.json (last)"))
+    hub = getattr(recipe, "hub", None)
+    if hub is not None and getattr(hub, "push", False) and recipe.stage != "pipeline":
+        rows.append(("hub", f"push to {hub.repo_id} ({'private' if hub.private else 'public'}"
+                            f"{', branch ' + hub.revision if hub.revision else ''}) when finished"))
+    writes = ("eval.json, eval.md, PNG plots" if recipe.stage == "eval"
+              else "model + tokenizer (safetensors)") + ", recipe.resolved.yaml, metrics.json (last)"
+    rows.append(("writes", writes))
     width = max(len(k) for k, _ in rows)
     return "dry run: nothing was written\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
@@ -150,8 +179,25 @@ def _ppo_rows(recipe: Any) -> list[tuple[str, str]]:
     return rows
 
 
-def _data_rows(recipe: Any) -> list[tuple[str, str]]:
-    data = recipe.data
+def _eval_rows(recipe: Any) -> list[tuple[str, str]]:
+    def source(scorer):
+        return scorer.model or f"function {scorer.function}"
+
+    rows = []
+    if recipe.policy is not None:
+        rows += [("policy", recipe.policy.name_or_path), ("baseline", recipe.baseline.name_or_path),
+                 ("reference", recipe.reference.name_or_path or "the baseline"),
+                 ("sampling", f"{recipe.num_prompts} held-out prompts at most, up to "
+                              f"{recipe.generation.response_length} tokens, temperature "
+                              f"{recipe.generation.temperature:g}")]
+    if recipe.reward is not None:
+        rows.append(("reward", source(recipe.reward)))
+    if recipe.gold is not None:
+        rows.append(("gold", source(recipe.gold)))
+    return rows
+
+
+def _data_rows(data: Any, key: str, seed: int) -> list[tuple[str, str]]:
     if data.files:
         source = "; ".join(f"{split}: {', '.join(paths)}" for split, paths in data.files.items())
     else:
@@ -160,10 +206,10 @@ def _data_rows(recipe: Any) -> list[tuple[str, str]]:
     if data.eval_split:
         held_out = f"split {data.eval_split!r}"
     elif data.eval_size:
-        held_out = f"{data.eval_size:g}{' of' if data.eval_size < 1 else ' rows of'} the train split (seed {recipe.seed})"
+        held_out = f"{data.eval_size:g}{' of' if data.eval_size < 1 else ' rows of'} the train split (seed {seed})"
     else:
         held_out = "none"
-    rows = [("data", source), ("splits", f"train {data.train_split!r}; held-out {held_out}")]
+    rows = [(key, source), ("splits", f"train {data.train_split!r}; held-out {held_out}")]
     mapped = {k: v for k, v in data.columns.model_dump().items() if v}
     if mapped:
         rows.append(("columns", ", ".join(f"{role} <- {col}" for role, col in mapped.items())))

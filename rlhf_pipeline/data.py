@@ -13,36 +13,39 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 
-def check_data_files(loaded: LoadedRecipe) -> None:
+# Every function takes `key`: the recipe section holding the data (`data`, or e.g. `preferences` in an eval recipe).
+
+
+def check_data_files(loaded: LoadedRecipe, key: str = "data") -> None:
     """Fail early (before anything is loaded or written) when a local data file or a named split is missing."""
-    data = loaded.recipe.data
+    data = getattr(loaded.recipe, key)
     files = data.files or {}
-    for key, split in (("data.train_split", data.train_split), ("data.eval_split", data.eval_split)):
+    for field, split in (("train_split", data.train_split), ("eval_split", data.eval_split)):
         if files and split is not None and split not in files:
-            raise loaded.error(key, f"no split {split!r} among data.files ({', '.join(files)})"
-                                    f"{did_you_mean(split, files)}")
+            raise loaded.error(f"{key}.{field}", f"no split {split!r} among {key}.files ({', '.join(files)})"
+                                                 f"{did_you_mean(split, files)}")
     for split, paths in files.items():
         for path in paths:
             if not Path(path).is_file():
                 raise loaded.error(
-                    "data.files",
+                    f"{key}.files",
                     f"no such file: {path} (split {split!r}; relative paths start at the current directory, "
                     f"{Path.cwd()})",
                 )
 
 
-def load_splits(loaded: LoadedRecipe) -> tuple["Dataset", "Dataset | None"]:
+def load_splits(loaded: LoadedRecipe, key: str = "data") -> tuple["Dataset", "Dataset | None"]:
     """The training split and the held-out split (given, carved off with the seed, or None)."""
-    data = loaded.recipe.data
-    check_data_files(loaded)
-    train = _load_split(loaded, data.train_split, "data.train_split")
+    data = getattr(loaded.recipe, key)
+    check_data_files(loaded, key)
+    train = _load_split(loaded, data.train_split, key, "train_split")
     held_out = None
     if data.eval_split:
-        held_out = _load_split(loaded, data.eval_split, "data.eval_split")
+        held_out = _load_split(loaded, data.eval_split, key, "eval_split")
     elif data.eval_size:
         size = data.eval_size if data.eval_size < 1 else int(data.eval_size)
         if isinstance(size, int) and size >= len(train):
-            raise loaded.error("data.eval_size", f"{size} rows asked for, but the training split has {len(train)}")
+            raise loaded.error(f"{key}.eval_size", f"{size} rows asked for, but the training split has {len(train)}")
         parts = train.train_test_split(test_size=size, seed=loaded.recipe.seed, shuffle=True)
         train, held_out = parts["train"], parts["test"]
     if data.max_train_samples:
@@ -52,28 +55,27 @@ def load_splits(loaded: LoadedRecipe) -> tuple["Dataset", "Dataset | None"]:
     return train, held_out
 
 
-def _load_split(loaded: LoadedRecipe, split: str, key: str) -> "Dataset":
+def _load_split(loaded: LoadedRecipe, split: str, key: str, field: str) -> "Dataset":
     import datasets
 
-    data = loaded.recipe.data
+    data = getattr(loaded.recipe, key)
     if data.files:
-        if split not in data.files:
-            raise loaded.error(key, f"no split {split!r} among data.files ({', '.join(data.files)})"
-                                    f"{did_you_mean(split, data.files)}")
         builder = data_format(data.files[split][0])
         try:
             return datasets.load_dataset(builder, data_files={split: data.files[split]}, split=split)
         except Exception as exc:  # malformed JSON / CSV / parquet: the user's file, so a user error
-            raise loaded.error("data.files", f"cannot read the {split!r} files: {_first_line(exc)}") from None
+            raise loaded.error(f"{key}.files", f"cannot read the {split!r} files: {_first_line(exc)}") from None
     try:
         return datasets.load_dataset(data.dataset, name=data.subset, data_dir=data.data_dir, revision=data.revision,
                                      split=split)
     except ValueError as exc:
-        if "Unknown split" in str(exc) or "split" in str(exc).lower():
-            raise loaded.error(key, f"{data.dataset!r} has no split {split!r}: {_first_line(exc)}") from None
-        raise loaded.error("data.dataset", f"cannot load {data.dataset!r}: {_first_line(exc)}") from None
+        if "split" in str(exc).lower():
+            raise loaded.error(f"{key}.{field}", f"{data.dataset!r} has no split {split!r}: {_first_line(exc)}") \
+                from None
+        raise loaded.error(f"{key}.dataset", f"cannot load {data.dataset!r}: {_first_line(exc)}") from None
     except Exception as exc:  # not found, offline, gated: say which dataset and why
-        raise loaded.error("data.dataset", f"cannot load Hub dataset {data.dataset!r}: {_first_line(exc)}") from None
+        raise loaded.error(f"{key}.dataset", f"cannot load Hub dataset {data.dataset!r}: {_first_line(exc)}") \
+            from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -82,9 +84,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def select_columns(loaded: LoadedRecipe, dataset: "Dataset", split: str, required: Sequence[str],
-                   optional: Sequence[str] = ()) -> "Dataset":
+                   optional: Sequence[str] = (), key: str = "data") -> "Dataset":
     """Keep the columns of the given roles, renamed to the role names (`data.columns` maps role -> column)."""
-    mapped = loaded.recipe.data.columns
+    mapped = getattr(loaded.recipe, key).columns
     available = dataset.column_names
     sources: dict[str, str] = {}
     for role in (*required, *optional):
@@ -92,7 +94,7 @@ def select_columns(loaded: LoadedRecipe, dataset: "Dataset", split: str, require
         if source is not None:
             if source not in available:
                 raise loaded.error(
-                    f"data.columns.{role}",
+                    f"{key}.columns.{role}",
                     f"the {split} data has no column {source!r} (it has: {', '.join(available)})"
                     f"{did_you_mean(source, available)}",
                 )
@@ -101,16 +103,16 @@ def select_columns(loaded: LoadedRecipe, dataset: "Dataset", split: str, require
             sources[role] = role
         elif role in required:
             raise loaded.error(
-                "data.columns",
+                f"{key}.columns",
                 f"the {split} data has no `{role}` column (it has: {', '.join(available)}); "
-                f"map one with `data.columns.{role}: <column>`",
+                f"map one with `{key}.columns.{role}: <column>`",
             )
     dataset = dataset.select_columns(list(dict.fromkeys(sources.values())))
     renames = {source: role for role, source in sources.items() if source != role}
     return dataset.rename_columns(renames) if renames else dataset
 
 
-def roles_present(loaded: LoadedRecipe, dataset: "Dataset", roles: Sequence[str]) -> set[str]:
+def roles_present(loaded: LoadedRecipe, dataset: "Dataset", roles: Sequence[str], key: str = "data") -> set[str]:
     """Which roles the data provides, mapped or under their own name."""
-    mapped = loaded.recipe.data.columns
+    mapped = getattr(loaded.recipe, key).columns
     return {r for r in roles if getattr(mapped, r, None) is not None or r in dataset.column_names}

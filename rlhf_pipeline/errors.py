@@ -7,10 +7,15 @@ from dataclasses import dataclass
 from typing import Iterable
 
 EXIT_USER_ERROR = 2
+EXIT_GATE_FAILED = 3
 
 
 class UserError(Exception):
     """Bad input (a recipe, a path, a flag): shown as a message, never as a traceback."""
+
+
+class GateFailed(Exception):
+    """A pipeline quality gate stopped the run (e.g. reward accuracy under the threshold): exit code 3."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +21,7 @@ def plot_ppo_curves(log_path: Path, png_path: Path) -> Path | None:
         if Path(log_path).exists() else []
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     updates = [r["train/update"] for r in rows]
     figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].plot(updates, [r["objective/score"] for r in rows], label="reward score")

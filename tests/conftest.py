@@ -145,3 +145,36 @@ def ppo_recipe(output_dir: Path, policy: Path, reward: dict, data_dir: Path, **t
         "generation": {"response_length": 8},
         "training": settings,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stand-in Hub (tests/hub_server.py)
+# ---------------------------------------------------------------------------------------------------------------
+TOKEN = "hf_TeStToKeN_do_not_leak_8d3f1a"
+
+
+def _use_hub(monkeypatch, server=None) -> None:
+    """Point huggingface_hub at the stand-in: HF_ENDPOINT is read when huggingface_hub is imported, so the
+    module constants it was copied into are patched too; the tests' conftest sets HF_HUB_OFFLINE=1."""
+    from huggingface_hub import constants
+
+    if server is not None:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # the stand-in has LFS but no Xet storage: with hf_xet installed, LFS-mode files would go to Xet
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The stand-in Hub, accepting only TOKEN; *.safetensors go through the LFS batch API, as on the real Hub."""
+    from hub_server import HubServer
+
+    with HubServer(token=TOKEN, lfs_patterns=("*.safetensors",)) as server:
+        _use_hub(monkeypatch, server)
+        yield server

@@ -99,7 +99,7 @@ STATIC_CASES = [
     Case("set-unknown-section-key", SFT,
          ["--set data.colums.prompt=q: data.colums: unknown key; did you mean 'columns'?"],
          commands=("sft", "show"), args=("--set", "data.colums.prompt=q")),
-    Case("set-through-scalar", SFT, ["--set 'seed.x=1': `seed`", "not a section"],
+    Case("set-through-scalar", SFT, ["--set seed.x=1: `seed` holds a value (0)", "not a section"],
          commands=("sft", "show"), args=("--set", "seed.x=1")),
     Case("set-through-default-scalar", sft_with("seed: 0\n", ""), ["--set seed.x=1: seed: "],
          commands=("sft", "show"), args=("--set", "seed.x=1")),

@@ -69,6 +69,12 @@ def test_ppo_trains_and_reports(tmp_path, tiny_model_dir, tiny_reward_dir, data_
     sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
     assert {"update", "prompt", "response", "score", "gold"} <= set(sample)
 
+    documented = (REPO / "docs" / "ppo.md").read_text()
+    undocumented = [k for k in {*rows[0], *metrics} if f"`{k}`" not in documented and not k.startswith("eval_")]
+    undocumented += [k for k in metrics if k.startswith("eval_") and f"`{k}`" not in documented
+                     and f"`{k.rsplit('_', 1)[0]}_*`" not in documented]
+    assert not undocumented, f"docs/ppo.md does not define {undocumented}"
+
     before, after = weights(tiny_model_dir), weights(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     resolved = (out / "recipe.resolved.yaml").read_text()

@@ -224,7 +224,7 @@ def test_yaml_strings_stay_strings(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
 def test_resolved_recipe_round_trip(path, tmp_path):
-    loaded = load_recipe(path.relative_to(REPO), ["training.learning_rate=1e-4"])
+    loaded = load_recipe(path.relative_to(REPO), ["seed=7"])
     resolved = loaded.resolved_yaml(runs.provenance())
     assert "\nprovenance:\n" in resolved
     written = _write(tmp_path / "recipe.resolved.yaml", resolved)
@@ -233,5 +233,7 @@ def test_resolved_recipe_round_trip(path, tmp_path):
     assert again.recipe.model_dump(**dump) == loaded.recipe.model_dump(**dump)
     assert again.recipe.provenance["versions"]["rlhf-pipeline"] == runs.provenance()["versions"]["rlhf-pipeline"]
     assert again.resolved_yaml() == loaded.resolved_yaml()  # a fixed point
+    if loaded.stage == "pipeline":
+        return  # its stage recipes are named relative to the pipeline file, which the copy has moved away from
     result = run_cli("recipe", "validate", written)
     assert result.exit_code == 0, result.output

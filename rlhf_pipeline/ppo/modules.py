@@ -7,6 +7,7 @@ logits tensor over the whole prompt would cost batch x length x vocabulary float
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -76,6 +77,44 @@ def truncate_after_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: 
     last = torch.where(finished, is_eos.int().argmax(1), torch.full_like(finished, length - 1, dtype=torch.long))
     mask = torch.arange(length, device=response.device)[None, :] <= last[:, None]
     return torch.where(mask, response, torch.full_like(response, pad_token_id)), mask.float(), finished
+
+
+@torch.no_grad()
+def sample_rollout(policy: nn.Module, tokenizer, texts: list[str], ids: list[list[int]], generation, device,
+                   autocast: Callable = nullcontext) -> Rollout:
+    """Sample one response per prompt (HF generate with its KV cache), truncated after the first EOS.
+
+    top_k=0 and top_p=1.0 by default: PPO's log-probabilities are those of the full softmax at `temperature`."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=generation.response_length, do_sample=True,
+                              temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              use_cache=True)
+    query, query_mask = left_pad(ids, tokenizer.pad_token_id)
+    query, query_mask = query.to(device), query_mask.to(device)
+    was_training = policy.training
+    policy.eval()
+    with autocast():
+        output = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+    policy.train(was_training)
+    response, response_mask, finished = truncate_after_eos(output[:, query.shape[1]:], tokenizer.eos_token_id,
+                                                           tokenizer.pad_token_id)
+    responses = tokenizer.batch_decode(response, skip_special_tokens=True)
+    return Rollout(query, query_mask, response, response_mask, finished.cpu(), list(texts), responses)
+
+
+def sequence_logprobs(model: nn.Module, rollout: Rollout, temperature: float, autocast: Callable = nullcontext,
+                      adapter_disabled: bool = False) -> torch.Tensor:
+    """Summed log-probability of each response under `model` (a causal LM; its LoRA adapter off if asked)."""
+    from rlhf_pipeline.ppo.core import logprobs_of, masked_sum
+
+    device = next(model.parameters()).device
+    input_ids, attention_mask = rollout.input_ids.to(device), rollout.attention_mask.to(device)
+    with torch.no_grad(), autocast(), (model.disable_adapter() if adapter_disabled else nullcontext()):
+        logits = lm_head_of(model)(response_hidden(model, input_ids, attention_mask, rollout.response_start))
+    logprobs = logprobs_of(logits, rollout.response.to(device), temperature)
+    return masked_sum(logprobs, rollout.response_mask.to(device), dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,9 +29,8 @@ from rlhf_pipeline.ppo import core
 from rlhf_pipeline.ppo.modules import (
     PolicyAndValue,
     Rollout,
-    left_pad,
     reference_logits,
-    truncate_after_eos,
+    sample_rollout,
 )
 from rlhf_pipeline.ppo.plan import BatchPlan
 from rlhf_pipeline.recipe.schema import GenerationSection, PpoTraining
@@ -218,26 +217,11 @@ class PPOTrainer:
     # -----------------------------------------------------------------------------------------------------------
     # 2. sampling
     # -----------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def sample(self, texts: list[str], ids: list[list[int]]) -> Rollout:
         """Generate one response per prompt with the current policy (KV cache), truncated after the first EOS."""
-        from transformers import GenerationConfig
-
-        gen = self.generation
-        config = GenerationConfig(max_new_tokens=gen.response_length, do_sample=True, temperature=gen.temperature,
-                                  top_k=gen.top_k, top_p=gen.top_p, eos_token_id=self.eos_id,
-                                  pad_token_id=self.pad_id, use_cache=True)
         policy = self.accelerator.unwrap_model(self.model).policy
-        query, query_mask = left_pad(ids, self.pad_id)
-        query, query_mask = query.to(self.device), query_mask.to(self.device)
-        was_training = policy.training
-        policy.eval()
-        with self.accelerator.autocast():
-            output = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
-        policy.train(was_training)
-        response, response_mask, finished = truncate_after_eos(output[:, query.shape[1]:], self.eos_id, self.pad_id)
-        responses = self.tokenizer.batch_decode(response, skip_special_tokens=True)
-        return Rollout(query, query_mask, response, response_mask, finished.cpu(), list(texts), responses)
+        return sample_rollout(policy, self.tokenizer, texts, ids, self.generation, self.device,
+                              self.accelerator.autocast)
 
     # -----------------------------------------------------------------------------------------------------------
     # 3. no-grad forward passes

@@ -47,12 +47,33 @@ class LoadedRecipe:
         return dump_yaml(data)
 
 
-def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), expected_stage: str | None = None) -> LoadedRecipe:
-    """Read, merge, override and validate a recipe. Raises RecipeError listing every problem found."""
+Assignment = tuple[str, Any, str]  # (dotted key, value, where it came from: e.g. "pipeline: the sft output")
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), expected_stage: str | None = None,
+                assignments: typing.Sequence[Assignment] = ()) -> LoadedRecipe:
+    """Read, merge, override and validate a recipe. Raises RecipeError listing every problem found.
+
+    `overrides` are `--set` texts (`key.sub=value`, the value typed as YAML); `assignments` set typed values directly
+    (the pipeline wires stage outputs into the next stage's recipe this way)."""
     path = Path(path)
     data, origins = _read_with_extends(path, chain=())
     for text in overrides:
-        _apply_override(data, origins, text)
+        parts, value = parse_override(text)
+        _assign(data, origins, parts, value, f"--set {text}")
+    return _validate(path, data, origins, assignments, expected_stage)
+
+
+def recipe_from_data(data: dict[str, Any], label: str, assignments: typing.Sequence[Assignment] = (),
+                     expected_stage: str | None = None) -> LoadedRecipe:
+    """Validate a recipe built in code (e.g. the pipeline's generated eval recipe); errors name `label`."""
+    return _validate(Path(label), copy.deepcopy(data), {}, assignments, expected_stage)
+
+
+def _validate(path: Path, data: dict, origins: dict, assignments: typing.Sequence[Assignment],
+              expected_stage: str | None) -> LoadedRecipe:
+    for key, value, origin in assignments:
+        _assign(data, origins, tuple(key.split(".")), value, origin)
     stage = data.get("stage")
     if stage not in STAGE_RECIPES:
         file, line = _locate(origins, ("stage",), str(path))
@@ -83,6 +104,29 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), expected
     if problems:
         raise RecipeError(sorted(problems, key=lambda p: (p.file or "", p.line or 0)))
     return LoadedRecipe(path=path, recipe=recipe, data=data, origins=origins)
+
+
+def resolved_data(yaml_text: str) -> dict[str, Any]:
+    """A resolved recipe (YAML text) as data, without what does not change the result (provenance, where it is
+    published): what two runs compare."""
+    import yaml
+
+    from rlhf_pipeline.recipe.yaml_io import RecipeYamlLoader
+
+    data = yaml.load(yaml_text, Loader=RecipeYamlLoader) or {}
+    data.pop("provenance", None)
+    data.pop("hub", None)
+    return data
+
+
+def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe mappings (1 and 1.0 are the same value)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys: list[str] = []
+        for key in list(old) + [k for k in new if k not in old]:
+            keys.extend(diff_keys(old.get(key), new.get(key), f"{prefix}{key}."))
+        return keys
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def show_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> str:
@@ -155,9 +199,9 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
     return parts, value
 
 
-def _apply_override(data: dict, origins: dict, text: str) -> None:
-    parts, value = parse_override(text)
-    origin: Origin = (f"--set {text}", None)
+def _assign(data: dict, origins: dict, parts: KeyPath, value: Any, label: str) -> None:
+    """Set a dotted key (creating sections as needed); errors about it will name `label`."""
+    origin: Origin = (label, None)
     node = data
     for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -166,7 +210,7 @@ def _apply_override(data: dict, origins: dict, text: str) -> None:
             origins[parts[: depth + 1]] = origin  # a section this flag created: errors about it name the flag
         if not isinstance(child, dict):
             where = ".".join(parts[: depth + 1])
-            raise UserError(f"--set {text!r}: `{where}` holds a value ({child!r}), not a section of keys")
+            raise UserError(f"{label}: `{where}` holds a value ({child!r}), not a section of keys")
         node = child
     node[parts[-1]] = value
     for stale in [k for k in origins if k[: len(parts)] == parts]:

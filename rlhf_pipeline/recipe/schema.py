@@ -7,6 +7,7 @@ does not import torch or transformers.
 
 from __future__ import annotations
 
+import re
 from pathlib import PurePath
 from typing import Any, Literal
 
@@ -244,6 +245,43 @@ class LoraSection(Section):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Hub
+# ---------------------------------------------------------------------------------------------------------------
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _check_repo_id(value: str | None) -> str | None:
+    """A light check (the schema imports no huggingface_hub); the full one happens at push time."""
+    if value is not None and (not HUB_REPO_ID.fullmatch(value) or ".." in value or "--" in value):
+        raise ValueError(f"expected `namespace/name` (letters, digits, `-`, `_`, `.`), got {value!r}")
+    return value
+
+
+class HubSection(Section):
+    """Publish the finished run to the Hugging Face Hub (what `rlhf push` does), at the end of the stage."""
+
+    repo_id: str | None = Field(
+        None, description="Hub model repo to push to, `namespace/name` (your user name or an organisation); created "
+        "when missing.")
+    push: bool = Field(
+        False, description="Push the run dir when the stage finishes: weights, tokenizer, recipe, metrics, samples "
+        "and a generated model card (never pickles or checkpoints). Needs a write token: HF_TOKEN or `hf auth login`.")
+    private: bool = Field(True, description="Create the repo private. An existing repo keeps its visibility.")
+    revision: str | None = Field(None, description="Branch to push to, created from main when missing; default main.")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _valid_repo_id(cls, value: str | None) -> str | None:
+        return _check_repo_id(value)
+
+    @model_validator(mode="after")
+    def _push_needs_a_repo(self):
+        if self.push and not self.repo_id:
+            raise ValueError("`push: true` needs `repo_id` (namespace/name)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # stage recipes
 # ---------------------------------------------------------------------------------------------------------------
 class StageRecipe(Section):
@@ -254,6 +292,7 @@ class StageRecipe(Section):
     provenance: dict[str, Any] | None = Field(
         None, description="Written by rlhf into recipe.resolved.yaml (versions, git commit); ignored on input."
     )
+    hub: HubSection = Field(default_factory=HubSection, description="Publish the finished run to the Hugging Face Hub.")
 
 
 class PretrainRecipe(StageRecipe):
@@ -463,9 +502,136 @@ class PpoRecipe(StageRecipe):
     peft: LoraSection | None = Field(None, description="Train LoRA adapters on the policy instead of all weights.")
 
 
+class EvalRecipe(StageRecipe):
+    """Evaluate a reward model on held-out pairs, and a policy against a baseline on held-out prompts."""
+
+    stage: Literal["eval"]
+    policy: ModelSection | None = Field(None, description="The policy to evaluate (e.g. a PPO output).")
+    baseline: ModelSection | None = Field(
+        None, description="What the policy is compared with (e.g. the SFT model); also the KL reference unless "
+        "`reference` is set.")
+    reference: ReferenceSection = Field(
+        default_factory=ReferenceSection, description="The KL reference; default: the baseline.")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer overrides.")
+    reward: RewardSource | None = Field(
+        None, description="Scores responses (win rate, score distributions); `reward.model` is also the reward "
+        "model evaluated on `preferences`.")
+    gold: RewardSource | None = Field(None, description="A gold scorer, reported beside the reward.")
+    data: PromptData | None = Field(
+        None, description="Prompts: the held-out split (`eval_split`, or `eval_size` carved off) is evaluated.")
+    preferences: PreferenceData | None = Field(
+        None, description="Preference pairs: the reward model is evaluated on their held-out split.")
+    generation: GenerationSection = Field(default_factory=GenerationSection, description="Sampling settings.")
+    num_prompts: int = Field(256, ge=1, description="Held-out prompts sampled (at most).")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    num_samples: int = Field(8, ge=0, description="Side-by-side samples shown in the report.")
+    ppo_run: str | None = Field(
+        None, description="A PPO output dir whose log.jsonl gives the per-update curves; default: the policy's dir "
+        "when it has one.")
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self):
+        policy_parts = [self.policy, self.baseline, self.data, self.reward]
+        reward_parts = [self.reward is not None and self.reward.model, self.preferences]
+        if any(policy_parts[:3]) and not all(policy_parts):
+            missing = [n for n, v in zip(("policy", "baseline", "data", "reward"), policy_parts) if not v]
+            raise ValueError(f"a policy evaluation needs {', '.join(missing)} too")
+        if not (all(policy_parts) or all(reward_parts)):
+            raise ValueError("nothing to evaluate: give `policy`, `baseline`, `data` and `reward` (a policy against "
+                             "a baseline) and/or `reward.model` and `preferences` (a reward model)")
+        for name, section in (("data", self.data), ("preferences", self.preferences)):
+            if section is not None and not (section.eval_split or section.eval_size):
+                raise ValueError(f"`{name}`: set `eval_split` or `eval_size`: evaluation uses held-out data only")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pipeline
+# ---------------------------------------------------------------------------------------------------------------
+PIPELINE_ORDER = ("pretrain", "sft", "reward", "ppo", "eval")
+
+
+class PipelineStage(Section):
+    recipe: str = Field(description="The stage's recipe, relative to this pipeline file.")
+    set: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides for that recipe as dotted keys, like --set: "
+        "`{training.num_train_epochs: 2}`.")
+
+
+class RewardPipelineStage(PipelineStage):
+    init_from: Literal["sft", "pretrain", "recipe"] = Field(
+        "sft", description="The reward model starts from the pipeline's `sft` output (or `pretrain` output), or from "
+        "what its own recipe names (`recipe`).")
+
+
+class EvalPipelineStage(Section):
+    recipe: str | None = Field(
+        None, description="An eval recipe; default: one built from the other stages (the PPO policy against the SFT "
+        "model on PPO's held-out prompts, the reward model on the reward stage's held-out pairs).")
+    set: dict[str, Any] = Field(default_factory=dict, description="Overrides for the eval recipe, as dotted keys.")
+
+
+class PipelineStages(Section):
+    pretrain: PipelineStage | None = Field(None, description="Pre-training.")
+    sft: PipelineStage | None = Field(None, description="SFT; starts from the pretrain output when there is one.")
+    reward: RewardPipelineStage | None = Field(None, description="Reward modelling.")
+    ppo: PipelineStage | None = Field(
+        None, description="PPO; its policy is the SFT output, its reward model (and value initialisation) the reward "
+        "output.")
+    eval: EvalPipelineStage | None = Field(None, description="Evaluation of what the other stages produced.")
+
+
+class GateSection(Section):
+    min_reward_accuracy: float | None = Field(
+        0.6, ge=0, le=1, description="Stop before PPO when the reward model's held-out accuracy is below this "
+        "(null disables the gate).")
+
+
+class PipelineHubSection(Section):
+    """Publish the pipeline's models to the Hub when it finishes, upstream first, so each card links its lineage."""
+
+    repo_prefix: str | None = Field(
+        None, description="`namespace/name`: each stage goes to `<repo_prefix>-<stage>` (e.g. org/tiny-rlhf-ppo).")
+    push: bool = Field(False, description="Push when the pipeline finishes. Needs HF_TOKEN or `hf auth login`.")
+    private: bool = Field(True, description="Create the repos private. An existing repo keeps its visibility.")
+    stages: list[Literal["pretrain", "sft", "reward", "ppo", "eval"]] = Field(
+        default_factory=lambda: ["sft", "reward", "ppo"], description="The stages whose outputs are pushed.")
+
+    @field_validator("repo_prefix")
+    @classmethod
+    def _valid_repo_prefix(cls, value: str | None) -> str | None:
+        return _check_repo_id(value)
+
+    @model_validator(mode="after")
+    def _push_needs_a_prefix(self):
+        if self.push and not self.repo_prefix:
+            raise ValueError("`push: true` needs `repo_prefix` (namespace/name)")
+        return self
+
+
+class PipelineRecipe(StageRecipe):
+    """The whole recipe in one command: each stage's output feeds the next; unchanged stages are skipped."""
+
+    stage: Literal["pipeline"]
+    output_dir: str = Field(description="Root directory: each stage writes to <output_dir>/<stage>.")
+    seed: int | None = Field(None, description="When set, every stage uses this seed instead of its recipe's.")
+    stages: PipelineStages = Field(description="The stages to run, in the order pretrain, sft, reward, ppo, eval.")
+    gate: GateSection = Field(default_factory=GateSection, description="Quality gates between stages.")
+    hub: PipelineHubSection = Field(
+        default_factory=PipelineHubSection, description="Push the stage outputs to the Hub when the pipeline finishes.")
+
+    @model_validator(mode="after")
+    def _some_stage(self):
+        if not any(getattr(self.stages, name) for name in PIPELINE_ORDER):
+            raise ValueError("`stages` lists no stage (pretrain, sft, reward, ppo, eval)")
+        return self
+
+
 STAGE_RECIPES: dict[str, type[StageRecipe]] = {
     "pretrain": PretrainRecipe,
     "sft": SftRecipe,
     "reward": RewardRecipe,
     "ppo": PpoRecipe,
+    "eval": EvalRecipe,
+    "pipeline": PipelineRecipe,
 }

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from rlhf_pipeline import runs
+from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.recipe.load import LoadedRecipe
 
 if TYPE_CHECKING:
@@ -78,10 +79,20 @@ def start_outputs(loaded: LoadedRecipe) -> None:
 
 
 def finish_outputs(loaded: LoadedRecipe, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Write metrics.json (the stage is finished), then push to the Hub when the recipe's `hub:` section says so."""
+    push_error: UserError | None = None
     if is_main_process():
         path = runs.finish_run(loaded.recipe.output_dir, metrics)
         say(loaded.stage, f"finished: {path}")
+        from rlhf_pipeline.hub import push_if_configured
+
+        try:
+            push_if_configured(loaded.recipe.output_dir, getattr(loaded.recipe, "hub", None))
+        except UserError as exc:  # raised once the other processes are released, so that none of them hangs
+            push_error = exc
     wait_for_everyone()
+    if push_error is not None:
+        raise push_error
     return metrics
 
 
@@ -151,7 +162,8 @@ def check_context(loaded: LoadedRecipe, key: str, length: int | None, model) -> 
         raise loaded.error(key, f"{length} tokens is longer than the model's context ({limit} tokens)")
 
 
-def context_length(model) -> int:
+def context_length(model, cap: int | None = 1024) -> int:
     """The longest sequence the model reads (GPT-2: n_positions), capped at 1024 as TRL's default."""
-    config = model.config
-    return min(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024), 1024)
+    config = model.config.get_text_config()
+    length = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
+    return min(length, cap) if cap else length

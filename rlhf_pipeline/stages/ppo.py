@@ -15,8 +15,7 @@ from rlhf_pipeline import models, runs
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.recipe.schema import ModelSection, RewardSource
-from rlhf_pipeline.recipe.yaml_io import RecipeYamlLoader
-from rlhf_pipeline.stages.common import RunOptions, finish_outputs, say
+from rlhf_pipeline.stages.common import RunOptions, context_length, finish_outputs, say
 
 EVAL_BEFORE_FILE = "eval_before.json"
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
@@ -56,12 +55,12 @@ def _train(loaded: LoadedRecipe, accelerator, checkpoint: Path | None) -> dict[s
     recipe, cfg = loaded.recipe, loaded.recipe.training
     set_seed(recipe.seed)
 
-    # 1. data: tokenized prompts
+    # 1. data: tokenized prompts that leave room for a response in the policy's context
     tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.policy)
-    train_prompts, eval_prompts = load_prompts(loaded, tokenizer)
+    policy = models.load_pretrained(loaded, recipe.policy, key="policy")
+    train_prompts, eval_prompts = load_prompts(loaded, tokenizer, context_length(policy), eval_limit=cfg.eval_prompts)
 
     # 2. models
-    policy = models.load_pretrained(loaded, recipe.policy, key="policy")
     models.align_special_tokens(policy, tokenizer)
     _disable_dropout(policy)
     if cfg.gradient_checkpointing:
@@ -160,24 +159,12 @@ def check_ppo_output_dir(loaded: LoadedRecipe, options: RunOptions) -> Path | No
 
 
 def _check_same_recipe(loaded: LoadedRecipe, saved_path: Path) -> None:
-    import yaml
+    from rlhf_pipeline.recipe.load import diff_keys, resolved_data
 
-    saved = yaml.load(saved_path.read_text(), Loader=RecipeYamlLoader) or {}
-    saved.pop("provenance", None)
-    current = yaml.load(loaded.resolved_yaml(), Loader=RecipeYamlLoader)
-    differences = sorted(_diff_keys(saved, current))
+    differences = diff_keys(resolved_data(saved_path.read_text()), resolved_data(loaded.resolved_yaml()))
     if differences:
         raise UserError(f"--resume: the recipe differs from the one the run started with ({saved_path}) at: "
                         f"{', '.join(differences)}. Resume with the same recipe, or start over with --overwrite.")
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = []
-        for key in set(a) | set(b):
-            keys.extend(_diff_keys(a.get(key), b.get(key), f"{prefix}{key}."))
-        return keys
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _truncate_logs(output_dir: Path, updates_done: int) -> None:
@@ -203,38 +190,41 @@ def plan_check(loaded: LoadedRecipe, num_processes: int):
 # -------------------------------------------------------------------------------------------------------------
 # data
 # -------------------------------------------------------------------------------------------------------------
-def load_prompts(loaded: LoadedRecipe, tokenizer):
-    """Tokenized training and held-out prompts. Preference data without a prompt column gives its shared prefix."""
+def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data", eval_limit: int | None = None):
+    """Tokenized training and held-out prompts from the `key` section. Preference data without a prompt column gives
+    its shared prefix as the prompt. Prompts longer than `max_prompt_length` tokens, or than what leaves room for a
+    whole response in the model's `context`, are left out (and counted)."""
     from rlhf_pipeline.ppo.trainer import Prompts
 
-    recipe = loaded.recipe
-    train, held_out = data_io.load_splits(loaded)
-    prompts = []
-    for split, name in ((train, recipe.data.train_split), (held_out, "held-out")):
-        present = data_io.roles_present(loaded, split, ["prompt", "chosen", "rejected"])
-        if "prompt" in present:
-            split = data_io.select_columns(loaded, split, name, ["prompt"])
-        elif {"chosen", "rejected"} <= present:
+    section = getattr(loaded.recipe, key)
+    response_length = loaded.recipe.generation.response_length
+    limit = min(section.max_prompt_length, context - response_length)
+    if limit < 1:
+        raise loaded.error("generation.response_length", f"{response_length} tokens leave no room for a prompt in "
+                                                         f"the model's context of {context} tokens")
+    train, held_out = data_io.load_splits(loaded, key)
+    tokenized = []
+    for split, name in ((train, "training"), (held_out, "held-out")):
+        present = data_io.roles_present(loaded, split, ["prompt", "chosen", "rejected"], key)
+        if "prompt" not in present and {"chosen", "rejected"} <= present:
             from trl.data_utils import extract_prompt
 
-            split = data_io.select_columns(loaded, split, name, ["chosen", "rejected"])
+            split = data_io.select_columns(loaded, split, name, ["chosen", "rejected"], key=key)
             split = split.map(extract_prompt, desc=f"Extracting {name} prompts")
         else:
-            split = data_io.select_columns(loaded, split, name, ["prompt"])  # raises: names the missing column
+            split = data_io.select_columns(loaded, split, name, ["prompt"], key=key)  # names a missing column
         texts = [_prompt_text(p, tokenizer, loaded) for p in split["prompt"]]
-        prompts.append(texts)
-    limit = recipe.data.max_prompt_length
-    tokenized = []
-    for texts, name in zip(prompts, ("training", "held-out")):
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         keep = [i for i, seq in enumerate(ids) if 0 < len(seq) <= limit]
         if len(keep) < len(ids):
-            say("ppo", f"left out {len(ids) - len(keep)} {name} prompts longer than {limit} tokens (or empty)")
+            say(loaded.stage, f"left out {len(ids) - len(keep)} of {len(ids)} {name} prompts longer than {limit} "
+                              "tokens (or empty)")
         if not keep:
-            raise loaded.error("data.max_prompt_length", f"no {name} prompt fits in {limit} tokens")
+            raise loaded.error(f"{key}.max_prompt_length", f"no {name} prompt fits in {limit} tokens")
         tokenized.append(Prompts([texts[i] for i in keep], [ids[i] for i in keep]))
     train_prompts, eval_prompts = tokenized
-    eval_prompts = Prompts(eval_prompts.texts[: recipe.training.eval_prompts], eval_prompts.ids[: recipe.training.eval_prompts])
+    if eval_limit is not None:
+        eval_prompts = Prompts(eval_prompts.texts[:eval_limit], eval_prompts.ids[:eval_limit])
     return train_prompts, eval_prompts
 
 

@@ -1,0 +1,378 @@
+"""`rlhf pipeline`: the stages in order, each stage's output wired into the next, unchanged stages skipped.
+
+A stage is skipped when its output is complete (metrics.json), its resolved recipe is the one recorded when the
+pipeline last ran it, and its inputs (upstream outputs, data files) have the same fingerprints. Every decision is
+printed. A reward model whose held-out accuracy is under the gate stops the pipeline before PPO.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf_pipeline import runs
+from rlhf_pipeline.errors import GateFailed, UserError
+from rlhf_pipeline.recipe.load import (
+    Assignment,
+    LoadedRecipe,
+    diff_keys,
+    load_recipe,
+    recipe_from_data,
+    resolved_data,
+)
+from rlhf_pipeline.recipe.schema import PIPELINE_ORDER
+
+STATE_FILE = "pipeline.json"
+
+
+@dataclass
+class StagePlan:
+    name: str
+    loaded: LoadedRecipe
+    wiring: list[str] = field(default_factory=list)  # human-readable "key <- value" lines
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.loaded.recipe.output_dir)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# planning: load every stage recipe with its wiring (validates everything before anything runs)
+# -------------------------------------------------------------------------------------------------------------
+def plan_stages(pipeline: LoadedRecipe) -> list[StagePlan]:
+    recipe = pipeline.recipe
+    listed = [name for name, entry in (pipeline.data.get("stages") or {}).items() if entry is not None]
+    canonical = [name for name in PIPELINE_ORDER if name in listed]
+    if listed != canonical:
+        raise pipeline.error("stages", f"stages run in the order {', '.join(PIPELINE_ORDER)}; list them in that order "
+                                       f"(got {', '.join(listed)})")
+    root = Path(recipe.output_dir)
+    plans: dict[str, StagePlan] = {}
+    for name in canonical:
+        entry = getattr(recipe.stages, name)
+        wiring: list[Assignment] = [("output_dir", str(root / name), f"{pipeline.path}: <output_dir>/{name}")]
+        if recipe.seed is not None:
+            wiring.append(("seed", recipe.seed, f"{pipeline.path}: seed"))
+        wiring += _wire(pipeline, name, entry, plans)
+        user_set = [(key, value, f"{pipeline.path}: stages.{name}.set.{key}") for key, value in _dotted(entry.set)]
+        if name == "eval" and entry.recipe is None:
+            loaded = recipe_from_data(_generated_eval(pipeline, plans), f"{pipeline.path} (stages.eval, generated)",
+                                      wiring + user_set, expected_stage="eval")
+        else:
+            path = pipeline.path.parent / entry.recipe
+            if not path.is_file():
+                raise pipeline.error(f"stages.{name}.recipe", f"no such file: {path}")
+            loaded = load_recipe(path, expected_stage=name, assignments=wiring + user_set)
+        plans[name] = StagePlan(name, loaded, [f"{k} <- {v}" for k, v, _ in wiring[1:] if k != "seed"])
+    return list(plans.values())
+
+
+def _dotted(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """`{training: {learning_rate: 1}}` and `{training.learning_rate: 1}` both mean the key training.learning_rate."""
+    items = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            items.extend(_dotted(value, f"{prefix}{key}."))
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _wire(pipeline: LoadedRecipe, name: str, entry, plans: dict[str, StagePlan]) -> list[Assignment]:
+    """Upstream outputs as this stage's inputs."""
+    out = {n: str(p.output_dir) for n, p in plans.items()}
+    src = f"{pipeline.path}: wired"
+    if name == "sft" and "pretrain" in out:
+        return [("model.name_or_path", out["pretrain"], f"{src} from pretrain")]
+    if name == "reward" and entry.init_from != "recipe":
+        if entry.init_from not in out:
+            raise pipeline.error("stages.reward.init_from", f"`{entry.init_from}` is not a stage of this pipeline; "
+                                                            "use `recipe` to keep the reward recipe's model")
+        return [("model.name_or_path", out[entry.init_from], f"{src} from {entry.init_from}")]
+    if name == "ppo":
+        wiring = []
+        policy = out.get("sft") or out.get("pretrain")
+        if policy:
+            wiring.append(("policy.name_or_path", policy, f"{src} from {'sft' if 'sft' in out else 'pretrain'}"))
+        if "reward" in out:
+            wiring.append(("reward", {"model": out["reward"]}, f"{src} from reward"))
+            wiring.append(("value.name_or_path", out["reward"], f"{src} from reward (used by a separate value)"))
+        return wiring
+    if name == "eval" and entry.recipe is not None:
+        wiring = []
+        if "ppo" in out:
+            ppo = plans["ppo"].loaded.recipe
+            wiring += [("policy.name_or_path", out["ppo"], f"{src} from ppo"),
+                       ("baseline.name_or_path", ppo.policy.name_or_path, f"{src} from ppo's policy")]
+        if "reward" in out:
+            wiring.append(("reward.model", out["reward"], f"{src} from reward"))
+        return wiring
+    return []
+
+
+def _generated_eval(pipeline: LoadedRecipe, plans: dict[str, StagePlan]) -> dict[str, Any]:
+    """An eval recipe built from the PPO and reward recipes of this pipeline."""
+    recipe = pipeline.recipe
+    data: dict[str, Any] = {"stage": "eval", "output_dir": str(Path(recipe.output_dir) / "eval")}
+    if "ppo" in plans:
+        ppo = plans["ppo"].loaded.recipe
+        data.update(
+            seed=ppo.seed,
+            policy={"name_or_path": str(plans["ppo"].output_dir)},
+            baseline={"name_or_path": ppo.policy.name_or_path},
+            tokenizer=ppo.tokenizer.model_dump(mode="json"),
+            reward=ppo.reward.model_dump(mode="json", exclude_none=True),
+            data=ppo.data.model_dump(mode="json"),
+            generation=ppo.generation.model_dump(mode="json"),
+            num_prompts=ppo.training.eval_prompts,
+        )
+        if ppo.gold is not None:
+            data["gold"] = ppo.gold.model_dump(mode="json", exclude_none=True)
+    if "reward" in plans:
+        data["preferences"] = plans["reward"].loaded.recipe.data.model_dump(mode="json")
+        data.setdefault("reward", {"model": str(plans["reward"].output_dir)})
+        data.setdefault("seed", plans["reward"].loaded.recipe.seed)
+    if "ppo" not in plans and "reward" not in plans:
+        raise pipeline.error("stages.eval", "nothing to evaluate without a ppo or reward stage: give "
+                                            "`stages.eval.recipe`")
+    return data
+
+
+# -------------------------------------------------------------------------------------------------------------
+# fingerprints: what a stage read, so that a changed input re-runs it
+# -------------------------------------------------------------------------------------------------------------
+def recipe_data(loaded: LoadedRecipe) -> dict[str, Any]:
+    return resolved_data(loaded.resolved_yaml())
+
+
+def local_inputs(loaded: LoadedRecipe) -> list[str]:
+    """Every existing local path a recipe names (models, data files, templates, reward code), except its output."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key not in ("output_dir", "provenance"):
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and value and "\n" not in value:
+            candidate = value.rsplit(":", 1)[0] if ".py:" in value else value  # a reward function's file
+            if Path(candidate).exists():
+                found.add(candidate)
+
+    walk(loaded.recipe.model_dump(mode="json"))
+    return sorted(found)
+
+
+def fingerprint(path: str) -> str:
+    """A finished run: its metrics and resolved recipe; a file: its bytes; a directory: its files' sizes and times."""
+    target = Path(path)
+    digest = hashlib.sha256()
+    if target.is_dir() and runs.is_finished(target):
+        for name in (runs.METRICS_FILE, runs.RECIPE_FILE):
+            if (target / name).is_file():
+                digest.update((target / name).read_bytes())
+    elif target.is_dir():
+        for item in sorted(p for p in target.rglob("*") if p.is_file()):
+            stat = item.stat()
+            digest.update(f"{item.relative_to(target)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    elif target.is_file():
+        with open(target, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def saved_recipe_data(output_dir: Path) -> dict[str, Any] | None:
+    """The recipe a finished run recorded (its provenance left out)."""
+    path = output_dir / runs.RECIPE_FILE
+    return resolved_data(path.read_text()) if path.is_file() else None
+
+
+# -------------------------------------------------------------------------------------------------------------
+# running
+# -------------------------------------------------------------------------------------------------------------
+@dataclass
+class Options:
+    force: bool = False
+    from_stage: str | None = None
+    only: str | None = None
+    dry_run: bool = False
+
+
+def run_pipeline(pipeline: LoadedRecipe, options: Options) -> str:
+    """Run (or, dry, describe) the pipeline; returns the summary table."""
+    plans = plan_stages(pipeline)
+    names = [p.name for p in plans]
+    for flag, stage in (("--from", options.from_stage), ("--only", options.only)):
+        if stage is None:
+            continue
+        if stage not in names:
+            raise UserError(f"{flag} {stage}: not a stage of this pipeline ({', '.join(names)})")
+        for earlier in plans[: names.index(stage)]:  # checked before anything runs
+            if not runs.is_finished(earlier.output_dir):
+                raise UserError(f"{flag} {stage}: the {earlier.name} output ({earlier.output_dir}) is missing or "
+                                f"unfinished; run the pipeline without {flag} first")
+    root = Path(pipeline.recipe.output_dir)
+    state_path = root / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
+    rows: list[tuple[str, str, str, str]] = []
+    upstream_will_change = False
+    for plan in plans:
+        decision, reason = _decide(plan, state, options, names, upstream_will_change)
+        if options.dry_run:
+            rows.append((plan.name, decision, reason, str(plan.output_dir)))
+            upstream_will_change |= decision == "run"
+            continue
+        _say(f"{plan.name}: {decision} ({reason})")
+        started = time.perf_counter()
+        if decision == "run":
+            inputs = {path: fingerprint(path) for path in local_inputs(plan.loaded)}
+            _run_stage(plan)
+            _record(state, state_path, plan, inputs)
+        elif decision == "adopt":
+            _record(state, state_path, plan, {path: fingerprint(path) for path in local_inputs(plan.loaded)})
+        elapsed = time.perf_counter() - started if decision == "run" else None
+        rows.append((plan.name, "ran" if decision == "run" else "skipped",
+                     f"{elapsed:.0f} s" if elapsed is not None else "-", _result(plan)))
+        if plan.name == "reward" and "ppo" in names[names.index("reward"):]:
+            _gate(pipeline, plan)
+    hub = pipeline.recipe.hub
+    if hub.push and not options.dry_run:
+        rows += _push_stages(hub, plans, options.only)
+    if options.dry_run:
+        wiring = [f"  {plan.name}: {line}" for plan in plans for line in plan.wiring]
+        if hub.push:
+            wiring.append(f"  then push {', '.join(hub.stages)} to {hub.repo_prefix}-<stage>")
+        return "\n".join([_table(("stage", "would", "why", "output"), rows, "dry run: nothing was written"),
+                          "wiring:", *wiring])
+    return _table(("stage", "status", "time", "result"), rows, "pipeline summary")
+
+
+def _decide(plan: StagePlan, state: dict, options: Options, names: list[str],
+            upstream_will_change: bool) -> tuple[str, str]:
+    name = plan.name
+    index = names.index(name)
+    finished = runs.is_finished(plan.output_dir)
+    if options.only is not None and options.only != name:
+        return "skip", "--only " + options.only
+    if options.force:
+        return "run", "--force"
+    if options.only == name:
+        return "run", "--only"
+    if options.from_stage is not None and index >= names.index(options.from_stage):
+        return "run", f"--from {options.from_stage}"
+    if not finished:
+        status = runs.output_dir_status(plan.output_dir)
+        if status == "foreign":
+            raise UserError(f"{plan.output_dir} exists and is not an rlhf run directory; the pipeline will not write "
+                            "into it. Empty it or choose another output_dir.")
+        return "run", "no finished output yet" if status == "new" else "the last run did not finish"
+    if upstream_will_change:
+        return "run", "an earlier stage will change"
+    recorded = state["stages"].get(name)
+    current_recipe = recipe_data(plan.loaded)
+    if recorded is None:
+        differences = diff_keys(saved_recipe_data(plan.output_dir), current_recipe)
+        if not differences:
+            return "adopt", "finished earlier with the same recipe"
+        raise UserError(f"{plan.output_dir} holds a finished run that this pipeline did not make, with a different "
+                        f"recipe (at {', '.join(differences[:5])}); pass --force to replace it, or change the "
+                        "pipeline's output_dir")
+    differences = diff_keys(recorded["recipe"], current_recipe)
+    if differences:
+        return "run", f"its recipe changed at {', '.join(differences[:5])}"
+    changed = [path for path in local_inputs(plan.loaded) if recorded["inputs"].get(path) != fingerprint(path)]
+    if changed:
+        return "run", f"input changed: {', '.join(changed)}"
+    return "skip", "up to date"
+
+
+def _record(state: dict, state_path: Path, plan: StagePlan, inputs: dict[str, str]) -> None:
+    """Remember what this stage's output was made from (pipeline.json, next to the stage dirs)."""
+    state["stages"][plan.name] = {"recipe": recipe_data(plan.loaded), "inputs": inputs,
+                                  "output_dir": str(plan.output_dir)}
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write_text(state_path, json.dumps(state, indent=1))
+
+
+def _run_stage(plan: StagePlan) -> None:
+    import importlib
+
+    from rlhf_pipeline.commands import STAGE_MODULES
+    from rlhf_pipeline.stages.common import RunOptions
+
+    importlib.import_module(STAGE_MODULES[plan.name]).run(plan.loaded, RunOptions(overwrite=True))
+
+
+def _push_stages(hub, plans: list[StagePlan], only: str | None) -> list[tuple[str, str, str, str]]:
+    """Push the chosen stage outputs upstream first, so that each model card links the repos it came from."""
+    from rlhf_pipeline.hub import push_run
+
+    rows = []
+    for plan in plans:
+        if plan.name not in hub.stages or (only is not None and plan.name != only):
+            continue
+        repo_id = f"{hub.repo_prefix}-{plan.name}"
+        result = push_run(plan.output_dir, repo_id, private=hub.private)
+        rows.append((f"push {plan.name}", "pushed", "-", result.url))
+    return rows
+
+
+def _gate(pipeline: LoadedRecipe, reward: StagePlan) -> None:
+    threshold = pipeline.recipe.gate.min_reward_accuracy
+    if threshold is None:
+        return
+    accuracy = runs.read_metrics(reward.output_dir).get("eval_accuracy")
+    if accuracy is None or accuracy < threshold:
+        shown = "missing" if accuracy is None else f"{accuracy:.3f}"
+        raise GateFailed(
+            f"quality gate: the reward model's held-out accuracy is {shown}, below gate.min_reward_accuracy = "
+            f"{threshold:g} ({reward.output_dir}/metrics.json). PPO was not run: improve the reward model (more data "
+            "or training), or lower the gate (null disables it).")
+
+
+def _result(plan: StagePlan) -> str:
+    metrics = runs.read_metrics(plan.output_dir) if runs.is_finished(plan.output_dir) else {}
+
+    def get(key: str, fmt: str = ".3f") -> str:
+        value = metrics.get(key)
+        return format(value, fmt) if isinstance(value, (int, float)) else "?"
+
+    if plan.name in ("pretrain", "sft"):
+        return f"held-out loss {get('eval_loss')} (perplexity {get('eval_perplexity', '.2f')})"
+    if plan.name == "reward":
+        return f"held-out accuracy {get('eval_accuracy')}, margin {get('eval_margin')}"
+    if plan.name == "ppo":
+        text = f"score {get('eval_score_before')} -> {get('eval_score_after')}, KL {get('eval_kl', '.2f')}"
+        if "eval_gold_before" in metrics:
+            text += f", gold {get('eval_gold_before')} -> {get('eval_gold_after')}"
+        return text + f", {get('episodes_per_second', '.1f')} episodes/s"
+    if plan.name == "eval":
+        parts = []
+        if "win_rate" in metrics:
+            parts.append(f"win rate {get('win_rate')}")
+            if "policy_gold" in metrics:
+                parts.append(f"gold {get('baseline_gold')} -> {get('policy_gold')}")
+        if "reward_accuracy" in metrics:
+            parts.append(f"reward accuracy {get('reward_accuracy')}")
+        return ", ".join(parts) + f" (report: {plan.output_dir}/eval.md)"
+    return ""
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], title: str) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([title, line(header), line(["-" * w for w in widths]), *[line(r) for r in rows]])
+
+
+def _say(message: str) -> None:
+    print(f"[rlhf pipeline] {message}", file=sys.stderr, flush=True)
+

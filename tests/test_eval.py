@@ -1,0 +1,98 @@
+"""`rlhf eval`: a reward model on held-out pairs, a policy against a baseline, the report and plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import FAST_TRAINING, run_cli, stage_recipe, write_recipe
+from rlhf_pipeline.stages.evaluation import distinct_n, win_rate
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def eval_recipe(output_dir, policy, baseline, reward_dir, data_dir, **extra):
+    recipe = {
+        "stage": "eval", "seed": 0, "output_dir": str(output_dir),
+        "policy": {"name_or_path": str(policy)}, "baseline": {"name_or_path": str(baseline)},
+        "reward": {"model": str(reward_dir)},
+        "gold": {"function": "rlhf_pipeline.tiny.annotator:gold_score"},
+        "data": {"files": {"train": str(data_dir / "prompts.jsonl"), "test": str(data_dir / "prompts-test.jsonl")},
+                 "eval_split": "test"},
+        "preferences": {"files": {"train": str(data_dir / "prefs.jsonl"), "test": str(data_dir / "prefs-test.jsonl")},
+                        "eval_split": "test"},
+        "generation": {"response_length": 8}, "num_prompts": 12, "batch_size": 5, "num_samples": 3,
+    }
+    recipe.update(extra)
+    return recipe
+
+
+def test_win_rate_and_distinct_n_by_hand():
+    assert win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, -1.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert distinct_n(["a b a", "a b"], 1) == pytest.approx(2 / 5)  # {a, b} over 5 words
+    assert distinct_n(["a b a", "a b"], 2) == pytest.approx(2 / 3)  # (a b), (b a), (a b)
+    assert distinct_n(["", "x"], 2) == 0.0
+
+
+def test_policy_against_itself(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
+    """The same model as policy and baseline, sampled with the same seeds: every comparison is a tie."""
+    out = tmp_path / "eval"
+    path = write_recipe(tmp_path / "eval.yaml", eval_recipe(out, tiny_model_dir, tiny_model_dir, tiny_reward_dir,
+                                                            data_dir))
+    result = run_cli("eval", path)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    metrics = report["metrics"]
+    assert metrics == json.loads((out / "metrics.json").read_text())
+    assert metrics["num_prompts"] == 12
+    assert metrics["win_rate"] == 0.5 and metrics["gold_win_rate"] == 0.5
+    assert metrics["policy_score"] == pytest.approx(metrics["baseline_score"])
+    assert metrics["policy_kl"] == pytest.approx(0.0, abs=1e-5) and metrics["baseline_kl"] == pytest.approx(0.0,
+                                                                                                           abs=1e-5)
+    assert 0 < metrics["policy_response_length"] <= 8 and 0 <= metrics["policy_distinct_2"] <= 1
+    assert 0 <= metrics["reward_accuracy"] <= 1
+    assert metrics["reward_num_pairs"] + metrics["reward_pairs_too_long"] == 16 and metrics["reward_num_pairs"] > 0
+    assert len(report["samples"]) == 3 and report["samples"][0]["policy"] == report["samples"][0]["baseline"]
+    for name in ("eval_score_distributions.png", "eval_gold_vs_sqrt_kl.png", "eval_reward_scores.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+        assert f"]({name})" in (out / "eval.md").read_text()
+    markdown = (out / "eval.md").read_text()
+    assert "| reward-model score (mean) |" in markdown and "## Side by side" in markdown
+
+
+def test_reward_model_accuracy_matches_the_reward_stage(tmp_path, tiny_model_dir, data_dir):
+    """Scoring held-out pairs in `rlhf eval` gives the accuracy and margin the reward stage reported."""
+    reward_out = tmp_path / "reward"
+    recipe = stage_recipe("reward", reward_out, tiny_model_dir,
+                          {"files": {"train": str(data_dir / "prefs.jsonl"), "test": str(data_dir / "prefs-test.jsonl")},
+                           "eval_split": "test"}, training=dict(FAST_TRAINING))
+    assert run_cli("reward", write_recipe(tmp_path / "reward.yaml", recipe)).exit_code == 0
+    trained = json.loads((reward_out / "metrics.json").read_text())
+    only_reward = eval_recipe(tmp_path / "eval", tiny_model_dir, tiny_model_dir, reward_out, data_dir)
+    for key in ("policy", "baseline", "data", "gold"):
+        del only_reward[key]
+    result = run_cli("eval", write_recipe(tmp_path / "eval.yaml", only_reward))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "policy_score" not in metrics
+    # the same pairs fit (the tiny model reads 64 tokens) and get the same scores
+    assert metrics["reward_num_pairs"] == trained["eval_num_pairs"] > 0
+    assert metrics["reward_pairs_too_long"] == trained["eval_pairs_too_long"]
+    assert metrics["reward_accuracy"] == pytest.approx(trained["eval_accuracy"])
+    assert metrics["reward_margin"] == pytest.approx(trained["eval_margin"], abs=1e-5)
+
+
+@pytest.mark.parametrize("drop, message", [
+    (("policy", "baseline", "data", "preferences"), "nothing to evaluate"),
+    (("baseline",), "a policy evaluation needs baseline"),
+])
+def test_bad_eval_recipes(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir, drop, message):
+    recipe = eval_recipe(tmp_path / "eval", tiny_model_dir, tiny_model_dir, tiny_reward_dir, data_dir)
+    for key in drop:
+        del recipe[key]
+    if "preferences" not in drop:
+        del recipe["preferences"]
+    result = run_cli("eval", write_recipe(tmp_path / "eval.yaml", recipe))
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "eval").exists()

@@ -1,0 +1,428 @@
+"""Pushing run dirs to the Hub: against a stand-in Hub server on 127.0.0.1 (tests/hub_server.py), offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from conftest import TOKEN, _use_hub
+from hub_server import HubServer
+
+from rlhf_pipeline import hub as hub_module
+from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.hub import model_card, push_if_configured, push_run
+
+PPO_REPO = "rlhf-test/tiny-ppo"
+GIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+MODEL_FILES = ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+               "tokenizer_config.json", "chat_template.jinja"]
+REPORT_FILES = ["recipe.resolved.yaml", "metrics.json", "eval.json", "log.jsonl", "samples.jsonl",
+                "eval_samples.jsonl", "ppo_curves.png", "notes/report.md"]
+NEVER_UPLOADED = ["training_args.bin", "rng_state.pth", "scaler.pt", "extra.pkl",
+                  "checkpoints/update-000001/model.safetensors", "checkpoints/update-000001/optimizer.pt",
+                  "runs/events.out.tfevents.1.host", ".hidden.json",
+                  ".metrics.json.x1y2.tmp", "notes.txt~", "README.md"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------------------------
+def _write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def _provenance() -> dict:
+    return {"created": "2026-01-01T00:00:00+00:00", "command": "rlhf ppo recipes/tiny/ppo.yaml", "python": "3.11.7",
+            "platform": "Linux", "versions": {"rlhf-pipeline": "0.1.0", "transformers": "5.24.0", "trl": "1.16.0",
+                                              "huggingface_hub": "2.4.0"},
+            "git": {"commit": GIT_COMMIT, "dirty": False}}
+
+
+def _finished_run(path: Path, recipe: dict, metrics: dict, weights: bool = True) -> Path:
+    """A run dir as a stage leaves it: model + tokenizer, recipe.resolved.yaml (with provenance), metrics.json last."""
+    path.mkdir(parents=True, exist_ok=True)
+    if weights:
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"transformer.wte.weight": torch.arange(12, dtype=torch.float32).reshape(4, 3),
+                   "score.weight": torch.ones(1, 3)}, str(path / "model.safetensors"))
+        _write(path / "config.json", json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 3, "n_positions": 16,
+                                                 "vocab_size": 4}))
+        _write(path / "generation_config.json", json.dumps({"eos_token_id": 0}))
+        _write(path / "tokenizer.json", json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}}}))
+        _write(path / "tokenizer_config.json", json.dumps({"eos_token": "<|endoftext|>"}))
+        _write(path / "chat_template.jinja", "{% for m in messages %}{{ m.content }}{% endfor %}")
+    _write(path / "recipe.resolved.yaml", yaml.safe_dump({**recipe, "provenance": _provenance()}, sort_keys=False))
+    _write(path / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+    return path
+
+
+@pytest.fixture
+def upstream(tmp_path) -> dict[str, Path]:
+    """An SFT run that was pushed (it has hub.json) and a reward run that was not."""
+    sft = _finished_run(tmp_path / "upstream" / "sft", {"stage": "sft", "output_dir": "runs/x/sft",
+                                                        "model": {"name_or_path": "gpt2"}},
+                        {"train_loss": 1.0}, weights=False)
+    _write(sft / "hub.json", json.dumps({"repo_id": "rlhf-test/tiny-sft", "url": "https://elsewhere.example/x",
+                                         "commit_sha": "feedface" * 5, "revision": "main",
+                                         "pushed_at": "2026-01-01T00:00:00+00:00"}))
+    reward = _finished_run(tmp_path / "upstream" / "reward", {"stage": "reward", "output_dir": "runs/x/reward",
+                                                              "model": {"name_or_path": str(sft)}},
+                           {"eval_accuracy": 0.9}, weights=False)
+    return {"sft": sft, "reward": reward}
+
+
+@pytest.fixture
+def ppo_run(tmp_path, upstream) -> Path:
+    """A finished PPO run dir, with everything a push must leave out beside what it must upload."""
+    recipe = {
+        "stage": "ppo", "seed": 0, "output_dir": "runs/x/ppo",
+        "policy": {"name_or_path": str(upstream["sft"]), "revision": None},
+        "tokenizer": {"name_or_path": None, "revision": None, "chat_template": None},
+        "reference": {"name_or_path": None},
+        "reward": {"model": str(upstream["reward"]), "function": None},
+        "value": {"mode": "shared", "name_or_path": None},
+        "gold": {"model": None, "function": "rlhf_pipeline.tiny.annotator:gold_score"},
+        "data": {"dataset": None, "files": {"train": ["data/prompts.jsonl"], "test": ["data/prompts-test.jsonl"]},
+                 "train_split": "train", "eval_split": "test"},
+        "generation": {"response_length": 8, "temperature": 0.7, "top_k": 0, "top_p": 1.0},
+        "training": {"total_episodes": 16, "learning_rate": 0.001},
+        "peft": None,
+    }
+    metrics = {"eval_score_before": 0.43723064661026, "eval_score_after": 3.300278663635254, "eval_kl": 4.0298,
+               "episodes": 16, "saved": "full", "final_policy_loss": -0.003920549992471933}
+    run = _finished_run(tmp_path / "ppo", recipe, metrics)
+    _write(run / "eval.json", json.dumps({"win_rate": 0.8125, "judge": {"agreement": 0.75}, "rows": [1, 2]}))
+    _write(run / "log.jsonl", json.dumps({"train/update": 1, "objective/score": 0.5}) + "\n")
+    _write(run / "samples.jsonl", json.dumps({"update": 1, "prompt": "p", "response": "r", "score": 0.1}) + "\n")
+    eval_rows = [
+        {"phase": "before", "prompt": "review of <Film|One>:", "response": " dull *very*\nslow", "score": -1.25},
+        {"phase": "before", "prompt": "second prompt", "response": " meh", "score": 0.5},
+        {"phase": "after", "prompt": "review of <Film|One>:", "response": " a joy<|endoftext|>", "score": 3.5},
+        {"phase": "after", "prompt": "second prompt", "response": " great", "score": 2.75},
+    ]
+    _write(run / "eval_samples.jsonl", "".join(json.dumps(r) + "\n" for r in eval_rows))
+    _write(run / "ppo_curves.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    _write(run / "notes" / "report.md", "# notes\n")
+    for name in NEVER_UPLOADED:
+        _write(run / name, b"\x80\x04pickled or otherwise unwanted")
+    return run
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card[4:].split("\n---\n", 1)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pushing
+# ---------------------------------------------------------------------------------------------------------------
+def test_push_uploads_the_run_and_its_card(hub, ppo_run, upstream):
+    before = _snapshot(ppo_run)
+    result = push_run(ppo_run, PPO_REPO)
+
+    uploaded = hub.uploaded(PPO_REPO)
+    assert set(uploaded) == {".gitattributes", "README.md", *MODEL_FILES, *REPORT_FILES}
+    for name in MODEL_FILES + REPORT_FILES:
+        assert uploaded[name] == (ppo_run / name).read_bytes(), name
+    # the weights went through the LFS batch API and arrive intact
+    assert any(method == "PUT" and path.startswith("/__lfs/") for method, path in hub.requests)
+    from safetensors.torch import load
+
+    assert load(uploaded["model.safetensors"])["transformer.wte.weight"].sum().item() == 66.0
+
+    repo = hub.repos[PPO_REPO]
+    assert repo.private is True and hub.created[0]["visibility"] == "private"
+    assert result.repo_id == PPO_REPO
+    assert result.url == f"{hub.url}/{PPO_REPO}"
+    assert result.commit_sha == repo.branches["main"]
+    assert sorted(result.files) == sorted(["README.md", *MODEL_FILES, *REPORT_FILES])
+    assert {"training_args.bin", "checkpoints/", "runs/", "README.md", ".hidden.json"} <= set(result.skipped)
+
+    # the run dir is untouched but for hub.json, which records the push (and no token)
+    after = _snapshot(ppo_run)
+    record = json.loads(after.pop("hub.json"))
+    assert after == before
+    assert set(record) == {"repo_id", "url", "commit_sha", "revision", "pushed_at"}
+    assert record["repo_id"] == PPO_REPO and record["url"] == f"{hub.url}/{PPO_REPO}"
+    assert record["commit_sha"] == result.commit_sha and record["revision"] == "main"
+
+    # the card is the generated one, not the run dir's README.md
+    card = uploaded["README.md"].decode()
+    assert card == model_card(ppo_run, repo_id=PPO_REPO, endpoint=hub.url)
+
+
+def test_the_token_goes_only_into_the_authorization_header(hub, ppo_run, upstream):
+    push_run(ppo_run, PPO_REPO)
+    needle = TOKEN.encode()
+    api_calls = [auth for (method, path), auth in zip(hub.requests, hub.authorizations) if path.startswith("/api/")
+                 and path != "/api/agent-harnesses"]
+    assert api_calls and all(auth == f"Bearer {TOKEN}" for auth in api_calls)
+    assert all(needle not in body for body in hub.bodies)
+    assert all(needle not in content for content in hub.uploaded(PPO_REPO).values())
+    for root in (ppo_run, *upstream.values()):
+        for name, content in _snapshot(root).items():
+            assert needle not in content, f"{root / name} holds the token"
+
+
+def test_the_card_describes_the_run(hub, ppo_run, upstream):
+    push_run(ppo_run, PPO_REPO)
+    card = hub.uploaded(PPO_REPO)["README.md"].decode()
+
+    meta = _front_matter(card)
+    assert meta["library_name"] == "transformers"
+    assert meta["tags"][:3] == ["rlhf-pipeline", "rlhf", "ppo"]
+    assert meta["pipeline_tag"] == "text-generation"
+    assert meta["base_model"] == "rlhf-test/tiny-sft"  # the policy, pushed before
+    assert "license" not in meta
+
+    # metrics (rounded) and the evaluation report
+    assert "| eval_score_after | 3.3 |" in card
+    assert "| eval_score_before | 0.4372 |" in card
+    assert "| final_policy_loss | -0.003921 |" in card
+    assert "| episodes | 16 |" in card and "| saved | full |" in card
+    assert "| win_rate | 0.8125 |" in card and "| judge.agreement | 0.75 |" in card
+
+    # lineage: the pushed SFT run links to its repo on the endpoint in use; the reward run was not pushed
+    assert f"[rlhf-test/tiny-sft]({hub.url}/rlhf-test/tiny-sft)" in card
+    reward_line = next(line for line in card.splitlines() if line.startswith("- **reward model:**"))
+    assert "local run, not pushed" in reward_line and str(upstream["reward"]) in reward_line
+    assert "reward run" in reward_line
+    assert "rlhf_pipeline.tiny.annotator:gold_score" in card
+    assert "data/prompts.jsonl" in card
+
+    # how to load it
+    assert f'AutoModelForCausalLM.from_pretrained("{PPO_REPO}")' in card
+
+    # samples: before/after side by side, Markdown and HTML escaped, one table row per sample
+    row = next(line for line in card.splitlines() if line.startswith("|") and "Film" in line)
+    assert row.startswith("| review of \\<Film\\|One\\>:") and row.endswith("|")
+    assert "dull \\*very\\*<br>slow" in row and "a joy\\<\\|endoftext\\|\\>" in row
+    assert "| -1.25 |" in row and "| 3.5 |" in row
+
+    # the resolved recipe, verbatim, and its provenance
+    recipe_text = (ppo_run / "recipe.resolved.yaml").read_text()
+    assert f"```yaml\n{recipe_text.rstrip()}\n```" in card
+    assert GIT_COMMIT in card
+    assert "| transformers | 5.24.0 |" in card
+
+
+def test_a_second_push_to_the_same_repo(monkeypatch, ppo_run, upstream):
+    """create_repo(exist_ok=True): the repo exists the second time; only changed files make a new commit."""
+    from huggingface_hub import HfApi
+
+    with HubServer(token=TOKEN) as server:  # every file as a regular (base64) commit operation
+        _use_hub(monkeypatch, server)
+        first = push_run(ppo_run, PPO_REPO, private=False)
+        assert server.repos[PPO_REPO].private is False
+
+        # unchanged: nothing to commit, the head stays
+        again = push_run(ppo_run, PPO_REPO)
+        assert again.commit_sha == first.commit_sha
+        assert [c.get("visibility") for c in server.created] == ["public", "private"]
+        assert server.repos[PPO_REPO].private is False  # an existing repo keeps its visibility
+
+        # changed: a new commit with the new content
+        _write(ppo_run / "eval.json", json.dumps({"win_rate": 0.9}))
+        third = push_run(ppo_run, PPO_REPO, commit_message="Re-evaluate")
+        assert third.commit_sha != first.commit_sha
+        assert server.uploaded(PPO_REPO)["eval.json"] == b'{"win_rate": 0.9}'
+        assert server.repos[PPO_REPO].commits[-1]["summary"] == "Re-evaluate"
+        assert json.loads((ppo_run / "hub.json").read_text())["commit_sha"] == third.commit_sha
+
+        # the client itself, as push_run uses it
+        api = HfApi()
+        url = api.create_repo(PPO_REPO, exist_ok=True)
+        assert str(url) == f"{server.url}/{PPO_REPO}"
+        assert api.model_info(PPO_REPO).sha == third.commit_sha
+
+
+def test_push_to_a_branch(hub, ppo_run):
+    result = push_run(ppo_run, PPO_REPO, revision="experiment-1")
+    assert result.revision == "experiment-1"
+    assert "README.md" in hub.uploaded(PPO_REPO, "experiment-1")
+    assert set(hub.uploaded(PPO_REPO, "main")) == {".gitattributes"}
+    assert json.loads((ppo_run / "hub.json").read_text())["revision"] == "experiment-1"
+
+
+def test_downstream_card_links_to_a_run_pushed_earlier(hub, tmp_path):
+    """The hub.json that push_run writes is what the next stage's card links to."""
+    sft = _finished_run(tmp_path / "sft", {"stage": "sft", "output_dir": "x", "model": {"name_or_path": "gpt2"},
+                                           "data": {"dataset": "org/demos", "subset": "default"}}, {"train_loss": 1.5})
+    push_run(sft, "rlhf-test/sft")
+    reward = _finished_run(tmp_path / "reward", {"stage": "reward", "output_dir": "y",
+                                                 "model": {"name_or_path": str(sft)}}, {"eval_accuracy": 0.75})
+    push_run(reward, "rlhf-test/reward")
+    card = hub.uploaded("rlhf-test/reward")["README.md"].decode()
+    assert _front_matter(card)["base_model"] == "rlhf-test/sft"
+    assert _front_matter(card)["pipeline_tag"] == "text-classification"
+    assert f"({hub.url}/rlhf-test/sft)" in card
+    assert hub.repos["rlhf-test/sft"].branches["main"][:12] in card  # the commit it came from
+    sft_card = hub.uploaded("rlhf-test/sft")["README.md"].decode()
+    assert _front_matter(sft_card)["base_model"] == "gpt2" and _front_matter(sft_card)["datasets"] == ["org/demos"]
+    assert f"({hub.url}/gpt2)" in sft_card and f"({hub.url}/datasets/org/demos)" in sft_card
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# refusals: nothing is sent, nothing is written
+# ---------------------------------------------------------------------------------------------------------------
+def _refused(hub: HubServer, run: Path, match: str, **kwargs) -> UserError:
+    before = _snapshot(run)
+    with pytest.raises(UserError, match=match) as info:
+        push_run(run, kwargs.pop("repo_id", PPO_REPO), **kwargs)
+    assert hub.requests == [] and hub.repos == {}
+    assert _snapshot(run) == before
+    assert TOKEN not in str(info.value)
+    return info.value
+
+
+def test_refuses_an_unfinished_run(hub, ppo_run):
+    (ppo_run / "metrics.json").unlink()
+    error = _refused(hub, ppo_run, "no metrics.json")
+    assert "only finished runs are pushed" in str(error)
+
+
+def test_refuses_a_directory_that_is_not_a_run(hub, tmp_path):
+    _write(tmp_path / "other" / "file.txt", "x")
+    _refused(hub, tmp_path / "other", "not an rlhf run dir")
+
+
+@pytest.mark.parametrize("repo_id", ["tiny-ppo", "org/team/tiny-ppo", "org/", "/tiny", "org/bad..name",
+                                     "org/with space", "org/-dash-first"])
+def test_refuses_a_malformed_repo_id(hub, ppo_run, repo_id):
+    _refused(hub, ppo_run, "invalid repo id", repo_id=repo_id)
+
+
+def test_refuses_without_a_token(hub, ppo_run, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
+    _refused(hub, ppo_run, r"set HF_TOKEN or run `hf auth login`")
+
+
+def test_refuses_in_offline_mode(hub, ppo_run, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _refused(hub, ppo_run, "HF_HUB_OFFLINE")
+
+
+def test_refuses_a_file_that_holds_the_token(hub, ppo_run):
+    _write(ppo_run / "log.jsonl", json.dumps({"note": f"token={TOKEN}"}) + "\n")
+    error = _refused(hub, ppo_run, "contains your Hub token")
+    assert "log.jsonl" in str(error)
+
+
+def test_a_rejected_token_is_a_user_error(monkeypatch, ppo_run):
+    with HubServer(token="hf_the_right_one") as server:
+        _use_hub(monkeypatch, server)
+        with pytest.raises(UserError, match="rejected the token") as info:
+            push_run(ppo_run, PPO_REPO)
+        assert TOKEN not in str(info.value)
+        assert server.repos == {} and not (ppo_run / "hub.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the `hub:` recipe section
+# ---------------------------------------------------------------------------------------------------------------
+def test_push_if_configured(hub, ppo_run, capsys):
+    section = SimpleNamespace(repo_id=PPO_REPO, push=False, private=True, revision=None)
+    assert push_if_configured(ppo_run, None) is None
+    assert push_if_configured(ppo_run, section) is None
+    assert hub.requests == []
+
+    with pytest.raises(UserError, match="hub.repo_id is not set"):
+        push_if_configured(ppo_run, SimpleNamespace(repo_id=None, push=True, private=True, revision=None))
+
+    section.push = True
+    result = push_if_configured(ppo_run, section)
+    assert result is not None and hub.repos[PPO_REPO].private is True
+    assert f"pushed {ppo_run} to {hub.url}/{PPO_REPO}" in capsys.readouterr().err
+
+
+def test_a_failed_push_at_the_end_of_a_stage_says_how_to_retry(monkeypatch, ppo_run):
+    with HubServer(token="hf_the_right_one") as server:
+        _use_hub(monkeypatch, server)
+        section = SimpleNamespace(repo_id=PPO_REPO, push=True, private=True, revision=None)
+        with pytest.raises(UserError, match=rf"run itself finished; push it again with `rlhf push {ppo_run}"):
+            push_if_configured(ppo_run, section)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the card, without pushing
+# ---------------------------------------------------------------------------------------------------------------
+def test_card_of_a_lora_adapter_reward_model(tmp_path):
+    run = _finished_run(tmp_path / "reward", {"stage": "reward", "output_dir": "x",
+                                              "model": {"name_or_path": "openai-community/gpt2", "revision": "main"},
+                                              "data": {"dataset": "Anthropic/hh-rlhf", "data_dir": "harmless-base"}},
+                        {"eval_accuracy": 0.6875, "saved": "adapter"}, weights=False)
+    _write(run / "adapter_config.json", json.dumps({"base_model_name_or_path": "runs/tiny/sft", "r": 8,
+                                                    "lora_alpha": 16, "peft_type": "LORA"}))
+    _write(run / "adapter_model.safetensors", b"")
+    card = model_card(run, repo_id="org/rm", endpoint="https://hub.example")
+    meta = _front_matter(card)
+    assert meta["library_name"] == "peft" and "lora" in meta["tags"] and "reward" in meta["tags"]
+    assert meta["pipeline_tag"] == "text-classification"
+    assert meta["base_model"] == "openai-community/gpt2" and meta["datasets"] == ["Anthropic/hh-rlhf"]
+    assert 'AutoPeftModelForSequenceClassification.from_pretrained("org/rm")' in card
+    assert "That base is a local path" in card
+    assert "[openai-community/gpt2](https://hub.example/openai-community/gpt2)" in card
+    assert "(https://hub.example/datasets/Anthropic/hh-rlhf)" in card
+    assert "| eval_accuracy | 0.6875 |" in card
+
+
+def test_card_of_a_pretraining_run_from_scratch(tmp_path):
+    recipe = {"stage": "pretrain", "output_dir": "x",
+              "model": {"name_or_path": None, "init": {"model_type": "gpt2", "n_layer": 2, "n_embd": 32,
+                                                      "n_positions": 64}},
+              "tokenizer": {"name_or_path": None, "train": {"vocab_size": 400}},
+              "data": {"files": {"train": ["corpus.jsonl"]}}}
+    run = _finished_run(tmp_path / "pretrain", recipe, {"eval_loss": 2.5, "num_parameters": 932608})
+    card = model_card(run, endpoint="https://hub.example")
+    meta = _front_matter(card)
+    assert "base_model" not in meta and meta["pipeline_tag"] == "text-generation"
+    assert "initialised from scratch" in card and "byte-level BPE" in card
+    assert "15 parameters" in card  # counted from the safetensors header
+    assert f'AutoModelForCausalLM.from_pretrained("{run}")' in card
+
+
+def test_importing_the_module_stays_light():
+    code = ("import sys, rlhf_pipeline.hub; heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_selection_rules():
+    assert hub_module._file_reason("optimizer.pt").startswith("pickle")
+    assert hub_module._file_reason("pytorch_model.bin").startswith("pickle")
+    assert hub_module._file_reason("merges.txt") is None and hub_module._file_reason("tokenizer.model") is None
+    assert hub_module._dir_reason("checkpoint-500") == "training checkpoints"
+    assert hub_module._dir_reason("wandb") == "experiment-tracker logs"
+
+
+def test_card_of_a_run_without_weights(tmp_path):
+    """An evaluation run holds reports only: no loading snippet, no library or pipeline metadata."""
+    run = _finished_run(tmp_path / "eval", {"stage": "eval", "output_dir": "x"}, {"win_rate": 0.5}, weights=False)
+    _write(run / "eval.json", json.dumps({"win_rate": 0.5}))
+    card = model_card(run, endpoint="https://hub.example")
+    meta = _front_matter(card)
+    assert "library_name" not in meta and "pipeline_tag" not in meta and "eval" in meta["tags"]
+    assert "## How to use" not in card and "| win_rate | 0.5 |" in card

@@ -1,0 +1,182 @@
+"""`rlhf pipeline`: wiring, skipping what is up to date, --from / --only / --force, the reward gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import FAST_TRAINING, ppo_recipe, run_cli, write_recipe
+
+TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path, data_dir) -> Path:
+    """Stage recipes and a pipeline recipe over the tiny fixtures, in one folder (recipes name each other relatively)."""
+    folder = tmp_path / "recipes"
+    data = {name: str(shutil.copy(data_dir / name, tmp_path / name)) for name in
+            ("text.jsonl", "sft.jsonl", "prefs.jsonl", "prefs-test.jsonl", "prompts.jsonl", "prompts-test.jsonl")}
+    training = dict(FAST_TRAINING)
+    write_recipe(folder / "pretrain.yaml", {
+        "stage": "pretrain", "output_dir": "unused", "model": {"init": TINY_ARCH},
+        "tokenizer": {"train": {"vocab_size": 400}}, "data": {"files": data["text.jsonl"], "eval_size": 16,
+                                                              "block_size": 32}, "training": training})
+    write_recipe(folder / "sft.yaml", {
+        "stage": "sft", "output_dir": "unused", "model": {"name_or_path": "unused"},
+        "data": {"files": data["sft.jsonl"], "eval_size": 8}, "training": training})
+    write_recipe(folder / "reward.yaml", {
+        "stage": "reward", "output_dir": "unused", "model": {"name_or_path": "unused"},
+        "data": {"files": {"train": data["prefs.jsonl"], "test": data["prefs-test.jsonl"]}, "eval_split": "test"},
+        "training": training})
+    ppo = ppo_recipe(Path("unused"), Path("unused"), {"model": "unused"}, tmp_path, total_episodes=8,
+                     gradient_accumulation_steps=1)
+    write_recipe(folder / "ppo.yaml", ppo)
+    write_recipe(folder / "pipeline.yaml", {
+        "stage": "pipeline", "output_dir": str(tmp_path / "runs"),
+        "stages": {"pretrain": {"recipe": "pretrain.yaml"}, "sft": {"recipe": "sft.yaml"},
+                   "reward": {"recipe": "reward.yaml"}, "ppo": {"recipe": "ppo.yaml"}, "eval": {}},
+        "gate": {"min_reward_accuracy": 0.0},
+    })
+    return tmp_path
+
+
+def resolved(run_dir: Path) -> dict:
+    return yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
+
+
+def statuses(output: str) -> dict[str, str]:
+    """stage -> ran/skipped, from the summary table."""
+    table = output[output.index("pipeline summary"):].splitlines()[3:]
+    return {line.split()[0]: line.split()[1] for line in table if line.strip()}
+
+
+def test_pipeline_wires_runs_and_skips(pipeline_dir):
+    recipe = pipeline_dir / "recipes" / "pipeline.yaml"
+    runs = pipeline_dir / "runs"
+
+    dry = run_cli("pipeline", recipe, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "dry run: nothing was written" in dry.output and "ppo: policy.name_or_path <- " in dry.output
+    assert not runs.exists()
+
+    first = run_cli("pipeline", recipe)
+    assert first.exit_code == 0, first.output
+    assert statuses(first.output) == dict.fromkeys(["pretrain", "sft", "reward", "ppo", "eval"], "ran")
+    # each output feeds the next
+    assert resolved(runs / "sft")["model"]["name_or_path"] == str(runs / "pretrain")
+    assert resolved(runs / "reward")["model"]["name_or_path"] == str(runs / "sft")
+    ppo = resolved(runs / "ppo")
+    assert ppo["policy"]["name_or_path"] == str(runs / "sft") and ppo["reward"]["model"] == str(runs / "reward")
+    assert ppo["value"]["name_or_path"] == str(runs / "reward")
+    evaluation = resolved(runs / "eval")
+    assert evaluation["policy"]["name_or_path"] == str(runs / "ppo")
+    assert evaluation["baseline"]["name_or_path"] == str(runs / "sft")
+    for name in ("eval.json", "eval.md", "eval_score_distributions.png", "eval_gold_vs_sqrt_kl.png",
+                 "eval_reward_scores.png", "metrics.json"):
+        assert (runs / "eval" / name).is_file(), name
+    assert (runs / "pipeline.json").is_file()
+
+    again = run_cli("pipeline", recipe)
+    assert again.exit_code == 0, again.output
+    assert set(statuses(again.output).values()) == {"skipped"}
+    assert "up to date" in again.output
+
+    # an edit to PPO re-runs PPO and what follows, nothing before it
+    edited = run_cli("pipeline", recipe, "--set", "stages.ppo.set={training.learning_rate: 0.002}")
+    assert edited.exit_code == 0, edited.output
+    assert statuses(edited.output) == {"pretrain": "skipped", "sft": "skipped", "reward": "skipped", "ppo": "ran",
+                                       "eval": "ran"}
+    assert "training.learning_rate" in edited.output
+    assert resolved(runs / "ppo")["training"]["learning_rate"] == 0.002
+
+    # a changed input (the reward data) re-runs the reward stage and everything downstream
+    with open(pipeline_dir / "prefs.jsonl", "a") as handle:
+        handle.write(json.dumps({"prompt": "a", "chosen": " b .", "rejected": " c"}) + "\n")
+    changed = run_cli("pipeline", recipe, "--set", "stages.ppo.set={training.learning_rate: 0.002}")
+    assert changed.exit_code == 0, changed.output
+    assert statuses(changed.output) == {"pretrain": "skipped", "sft": "skipped", "reward": "ran", "ppo": "ran",
+                                        "eval": "ran"}
+    assert "input changed" in changed.output
+
+    only = run_cli("pipeline", recipe, "--only", "eval", "--set", "stages.ppo.set={training.learning_rate: 0.002}")
+    assert only.exit_code == 0, only.output
+    assert statuses(only.output) == {"pretrain": "skipped", "sft": "skipped", "reward": "skipped",
+                                     "ppo": "skipped", "eval": "ran"}
+
+
+def test_pipeline_from_and_force_flags(pipeline_dir):
+    recipe = pipeline_dir / "recipes" / "pipeline.yaml"
+    refused = run_cli("pipeline", recipe, "--only", "sft")  # the pretrain output it needs does not exist yet
+    assert refused.exit_code == 2 and "the pretrain output" in refused.output
+    assert not (pipeline_dir / "runs").exists()  # checked before anything ran
+    first = run_cli("pipeline", recipe, "--set", "stages={pretrain: {recipe: pretrain.yaml}, "
+                                                 "sft: {recipe: sft.yaml}}")
+    assert first.exit_code == 0, first.output
+    assert statuses(first.output) == {"pretrain": "ran", "sft": "ran"}
+    again = run_cli("pipeline", recipe, "--from", "sft", "--set",
+                    "stages={pretrain: {recipe: pretrain.yaml}, sft: {recipe: sft.yaml}}")
+    assert again.exit_code == 0, again.output
+    assert statuses(again.output) == {"pretrain": "skipped", "sft": "ran"}
+    forced = run_cli("pipeline", recipe, "--force", "--set",
+                     "stages={pretrain: {recipe: pretrain.yaml}, sft: {recipe: sft.yaml}}")
+    assert statuses(forced.output) == {"pretrain": "ran", "sft": "ran"}
+    assert run_cli("pipeline", recipe, "--from", "ppo", "--set",
+                   "stages={pretrain: {recipe: pretrain.yaml}}").exit_code == 2  # not a stage of this pipeline
+
+
+def test_reward_gate_stops_before_ppo(pipeline_dir):
+    recipe = pipeline_dir / "recipes" / "pipeline.yaml"
+    result = run_cli("pipeline", recipe, "--set", "gate.min_reward_accuracy=0.999")
+    assert result.exit_code == 3, result.output
+    assert "quality gate: the reward model's held-out accuracy is 0." in result.output
+    assert "below gate.min_reward_accuracy = 0.999" in result.output and "PPO was not run" in result.output
+    runs = pipeline_dir / "runs"
+    assert (runs / "reward" / "metrics.json").is_file() and not (runs / "ppo").exists()
+
+
+def test_pipeline_refuses_what_it_did_not_make(pipeline_dir, tiny_model_dir):
+    recipe = pipeline_dir / "recipes" / "pipeline.yaml"
+    foreign = pipeline_dir / "runs" / "pretrain"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    result = run_cli("pipeline", recipe)
+    assert result.exit_code == 2 and "not an rlhf run directory" in result.output
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("stages, message", [
+    ({"sft": {"recipe": "sft.yaml"}, "pretrain": {"recipe": "pretrain.yaml"}}, "in the order"),
+    ({"sft": {"recipe": "missing.yaml"}}, "stages.sft.recipe"),
+    ({"reward": {"recipe": "reward.yaml", "init_from": "sft"}}, "stages.reward.init_from"),
+    ({"sft": {"recipe": "sft.yaml", "set": {"training.learning_rat": 1}}}, "did you mean 'learning_rate'"),
+    ({"sfx": {"recipe": "sft.yaml"}}, "did you mean 'sft'"),
+])
+def test_bad_pipelines(pipeline_dir, stages, message):
+    path = write_recipe(pipeline_dir / "recipes" / "bad.yaml", {"stage": "pipeline", "output_dir": "x",
+                                                                 "stages": stages})
+    for args in (("pipeline", path), ("recipe", "validate", path)):
+        result = run_cli(*args)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    assert not (pipeline_dir / "recipes" / "x").exists()
+
+
+def test_pipeline_pushes_its_models_with_lineage(pipeline_dir, hub):
+    """hub.push: sft, reward and ppo go to the (stand-in) Hub upstream first; each card links where it came from."""
+    recipe = pipeline_dir / "recipes" / "pipeline.yaml"
+    result = run_cli("pipeline", recipe, "--set", "stages.eval=null", "--set", "hub.repo_prefix=rlhf-test/tiny",
+                     "--set", "hub.push=true")
+    assert result.exit_code == 0, result.output
+    assert set(hub.repos) == {"rlhf-test/tiny-sft", "rlhf-test/tiny-reward", "rlhf-test/tiny-ppo"}
+    ppo_files = hub.repos["rlhf-test/tiny-ppo"].files()
+    assert {"model.safetensors", "config.json", "metrics.json", "recipe.resolved.yaml", "README.md"} <= set(ppo_files)
+    card = ppo_files["README.md"].decode()
+    assert f"{hub.url}/rlhf-test/tiny-sft" in card and f"{hub.url}/rlhf-test/tiny-reward" in card
+    from conftest import TOKEN
+
+    assert all(TOKEN.encode() not in content for repo in hub.repos.values() for content in repo.files().values())
+    assert "push ppo" in result.output and (pipeline_dir / "runs" / "ppo" / "hub.json").is_file()
