@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rlhf_pipeline import runs
 from rlhf_pipeline.errors import Problem, RecipeError, UserError
@@ -44,7 +45,8 @@ def run_stage(stage: str, recipe_path: Path, overrides: Sequence[str], overwrite
 
 def run_pipeline(recipe_path: Path, overrides: Sequence[str], from_stage: str | None, only: str | None,
                  force: bool, dry_run: bool) -> str:
-    from rlhf_pipeline.pipeline import Options, plan_stages, run_pipeline as run
+    from rlhf_pipeline.pipeline import Options, plan_stages
+    from rlhf_pipeline.pipeline import run_pipeline as run
 
     if from_stage is not None and only is not None:
         raise UserError("--from and --only do not go together")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from rlhf_pipeline.errors import did_you_mean
 from rlhf_pipeline.recipe.load import LoadedRecipe
@@ -34,7 +35,7 @@ def check_data_files(loaded: LoadedRecipe, key: str = "data") -> None:
                 )
 
 
-def load_splits(loaded: LoadedRecipe, key: str = "data") -> tuple["Dataset", "Dataset | None"]:
+def load_splits(loaded: LoadedRecipe, key: str = "data") -> tuple[Dataset, Dataset | None]:
     """The training split and the held-out split (given, carved off with the seed, or None)."""
     data = getattr(loaded.recipe, key)
     check_data_files(loaded, key)
@@ -55,7 +56,7 @@ def load_splits(loaded: LoadedRecipe, key: str = "data") -> tuple["Dataset", "Da
     return train, held_out
 
 
-def _load_split(loaded: LoadedRecipe, split: str, key: str, field: str) -> "Dataset":
+def _load_split(loaded: LoadedRecipe, split: str, key: str, field: str) -> Dataset:
     import datasets
 
     data = getattr(loaded.recipe, key)
@@ -83,8 +84,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def select_columns(loaded: LoadedRecipe, dataset: "Dataset", split: str, required: Sequence[str],
-                   optional: Sequence[str] = (), key: str = "data") -> "Dataset":
+def select_columns(loaded: LoadedRecipe, dataset: Dataset, split: str, required: Sequence[str],
+                   optional: Sequence[str] = (), key: str = "data") -> Dataset:
     """Keep the columns of the given roles, renamed to the role names (`data.columns` maps role -> column)."""
     mapped = getattr(loaded.recipe, key).columns
     available = dataset.column_names
@@ -112,7 +113,7 @@ def select_columns(loaded: LoadedRecipe, dataset: "Dataset", split: str, require
     return dataset.rename_columns(renames) if renames else dataset
 
 
-def roles_present(loaded: LoadedRecipe, dataset: "Dataset", roles: Sequence[str], key: str = "data") -> set[str]:
+def roles_present(loaded: LoadedRecipe, dataset: Dataset, roles: Sequence[str], key: str = "data") -> set[str]:
     """Which roles the data provides, mapped or under their own name."""
     mapped = getattr(loaded.recipe, key).columns
     return {r for r in roles if getattr(mapped, r, None) is not None or r in dataset.column_names}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 EXIT_USER_ERROR = 2
 EXIT_GATE_FAILED = 3

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.recipe.schema import BpeTraining, GPT2Architecture, LoraSection, ModelSection, TokenizerSection
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def load_tokenizer(loaded: LoadedRecipe, section: TokenizerSection, model: ModelSection,
-                   key: str = "tokenizer") -> "PreTrainedTokenizerBase":
+                   key: str = "tokenizer") -> PreTrainedTokenizerBase:
     """The tokenizer named in `section` (default: the model's), with a pad token and the recipe's chat template."""
     from transformers import AutoTokenizer
 
@@ -42,7 +43,7 @@ def read_chat_template(loaded: LoadedRecipe, value: str, key: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def train_bpe_tokenizer(texts: Iterable[str], config: BpeTraining) -> "PreTrainedTokenizerBase":
+def train_bpe_tokenizer(texts: Iterable[str], config: BpeTraining) -> PreTrainedTokenizerBase:
     """A byte-level BPE tokenizer (GPT-2 style) trained on `texts`, with EOS (= BOS = UNK) and a distinct pad."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -55,7 +56,7 @@ def train_bpe_tokenizer(texts: Iterable[str], config: BpeTraining) -> "PreTraine
                                    pad_token=config.pad_token)
 
 
-def init_gpt2(architecture: GPT2Architecture, tokenizer: "PreTrainedTokenizerBase") -> "PreTrainedModel":
+def init_gpt2(architecture: GPT2Architecture, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A randomly initialised GPT-2 sized by `architecture`, its vocabulary and special ids from `tokenizer`."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -81,7 +82,7 @@ def init_gpt2(architecture: GPT2Architecture, tokenizer: "PreTrainedTokenizerBas
 
 
 def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "causal-lm", key: str = "model",
-                    **extra: Any) -> "PreTrainedModel":
+                    **extra: Any) -> PreTrainedModel:
     """`from_pretrained` on a Hub id or a path: a causal LM, or a one-score sequence classifier (`kind="reward"`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.trainer.utils import create_model_from_path
@@ -105,7 +106,7 @@ def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "caus
                                                   f"{_short(exc)}") from None
 
 
-def _load_base_plus_adapter(adapter_dir: str, auto_class: Any, kwargs: dict[str, Any]) -> "PreTrainedModel":
+def _load_base_plus_adapter(adapter_dir: str, auto_class: Any, kwargs: dict[str, Any]) -> PreTrainedModel:
     """A LoRA adapter directory: its base model (named in adapter_config.json) with the adapter merged in, so that
     the result trains like any model."""
     from peft import PeftConfig, PeftModel
@@ -120,7 +121,7 @@ def _load_base_plus_adapter(adapter_dir: str, auto_class: Any, kwargs: dict[str,
     return merged.requires_grad_(True)  # peft froze the base weights for inference
 
 
-def align_special_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> None:
+def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Make the model's config and generation config agree with the tokenizer on pad / EOS / BOS ids."""
     for config in (model.config, getattr(model, "generation_config", None)):
         if config is None:
@@ -131,7 +132,7 @@ def align_special_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokeniz
             config.bos_token_id = tokenizer.bos_token_id
 
 
-def lora_config(section: LoraSection, task_type: str, model: "PreTrainedModel"):
+def lora_config(section: LoraSection, task_type: str, model: PreTrainedModel):
     """A peft LoraConfig from the recipe's `peft:` section."""
     from peft import LoraConfig
 
@@ -146,7 +147,7 @@ def lora_config(section: LoraSection, task_type: str, model: "PreTrainedModel"):
     )
 
 
-def save_model(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", output_dir: str | Path,
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path,
                lora: LoraSection | None) -> str:
     """Save weights (safetensors) and tokenizer. A LoRA model is merged first unless `lora.save == 'adapter'`.
     Returns what was saved: 'full', 'merged' or 'adapter'."""
@@ -164,7 +165,7 @@ def save_model(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", o
     return saved
 
 
-def count_parameters(model: "PreTrainedModel") -> dict[str, int]:
+def count_parameters(model: PreTrainedModel) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"num_parameters": total, "num_trainable_parameters": trainable}

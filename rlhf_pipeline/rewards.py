@@ -11,8 +11,8 @@ import importlib.util
 import inspect
 import math
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from rlhf_pipeline.errors import UserError
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
 
-def score_sequences(model: "PreTrainedModel", sequences: Sequence[Sequence[int]], pad_token_id: int,
-                    batch_size: int = 64, desc: str | None = None) -> "torch.Tensor":
+def score_sequences(model: PreTrainedModel, sequences: Sequence[Sequence[int]], pad_token_id: int,
+                    batch_size: int = 64, desc: str | None = None) -> torch.Tensor:
     """The reward model's scalar score of each token sequence (right-padded batches, sorted by length)."""
     import torch
     from tqdm.auto import tqdm
@@ -36,7 +37,7 @@ def score_sequences(model: "PreTrainedModel", sequences: Sequence[Sequence[int]]
     return scores
 
 
-def preference_metrics(chosen: "torch.Tensor", rejected: "torch.Tensor") -> dict[str, float]:
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
     """Pairwise accuracy (a tie counts as wrong), mean margin and score statistics."""
     import torch
 

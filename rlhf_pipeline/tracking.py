@@ -50,7 +50,7 @@ class Tracker:
                                 "(pip install 'rlhf-pipeline[tracking]')") from None
 
     @classmethod
-    def for_recipe(cls, loaded, is_main_process: bool) -> "Tracker":
+    def for_recipe(cls, loaded, is_main_process: bool) -> Tracker:
         recipe = loaded.recipe
         backends = backends_from(getattr(recipe.training, "report_to", "none")) if is_main_process else []
         config = recipe.model_dump(mode="json", exclude={"provenance", "extends"})

@@ -7,13 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
-import yaml
-
 # datasets and transformers attach their log handlers to the stderr that exists when they are first imported: import
 # them here, not inside a CliRunner call that swaps stderr (later log lines would print "--- Logging error ---").
 import datasets  # noqa: F401, E402
+import pytest
 import transformers  # noqa: F401, E402
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

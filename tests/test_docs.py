@@ -22,7 +22,7 @@ def test_training_fields_snapshot_matches_installed_libraries():
 
 
 def test_training_fields_snapshot_is_sane():
-    for stage, cls in training_fields.CONFIG_CLASSES.items():
+    for stage in training_fields.CONFIG_CLASSES:
         fields = training_fields.fields_for(stage)
         assert fields["learning_rate"]["types"] == ["float"], stage
         assert "cosine" in fields["lr_scheduler_type"]["choices"], stage

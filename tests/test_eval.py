@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import FAST_TRAINING, run_cli, stage_recipe, write_recipe
+
 from rlhf_pipeline.stages.evaluation import distinct_n, win_rate
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -65,8 +65,9 @@ def test_reward_model_accuracy_matches_the_reward_stage(tmp_path, tiny_model_dir
     """Scoring held-out pairs in `rlhf eval` gives the accuracy and margin the reward stage reported."""
     reward_out = tmp_path / "reward"
     recipe = stage_recipe("reward", reward_out, tiny_model_dir,
-                          {"files": {"train": str(data_dir / "prefs.jsonl"), "test": str(data_dir / "prefs-test.jsonl")},
-                           "eval_split": "test"}, training=dict(FAST_TRAINING))
+                          {"files": {"train": str(data_dir / "prefs.jsonl"),
+                                     "test": str(data_dir / "prefs-test.jsonl")}, "eval_split": "test"},
+                          training=dict(FAST_TRAINING))
     assert run_cli("reward", write_recipe(tmp_path / "reward.yaml", recipe)).exit_code == 0
     trained = json.loads((reward_out / "metrics.json").read_text())
     only_reward = eval_recipe(tmp_path / "eval", tiny_model_dir, tiny_model_dir, reward_out, data_dir)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import FAST_TRAINING, ppo_recipe, run_cli, write_recipe
 
 TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
@@ -16,7 +15,7 @@ TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
 
 @pytest.fixture
 def pipeline_dir(tmp_path, data_dir) -> Path:
-    """Stage recipes and a pipeline recipe over the tiny fixtures, in one folder (recipes name each other relatively)."""
+    """Stage recipes and a pipeline recipe over the tiny fixtures, in one folder (they name each other relatively)."""
     folder = tmp_path / "recipes"
     data = {name: str(shutil.copy(data_dir / name, tmp_path / name)) for name in
             ("text.jsonl", "sft.jsonl", "prefs.jsonl", "prefs-test.jsonl", "prompts.jsonl", "prompts-test.jsonl")}

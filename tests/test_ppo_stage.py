@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, ppo_recipe, run_cli, write_recipe
+from safetensors.torch import load_file
 
 LOGGED_EVERY_UPDATE = {
     "objective/score", "objective/score_used", "objective/kl", "objective/kl_k3", "objective/non_score_reward",
@@ -208,3 +207,21 @@ def test_ppo_two_processes_gloo(tmp_path, tiny_model_dir, tiny_reward_dir, data_
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 8 and metrics["episodes"] == 16
     assert len(log_rows(out)) == 2
+
+
+def test_ppo_reports_to_tensorboard(tmp_path, tiny_model_dir, data_dir):
+    """training.report_to passes the per-update metrics to a tracker (TensorBoard here: it runs offline)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "ppo"
+    recipe = ppo_recipe(out, tiny_model_dir, {"function": "rlhf_pipeline.tiny.annotator:gold_score"}, data_dir,
+                        report_to="tensorboard")
+    recipe["value"] = {"mode": "shared"}
+    result = run_ppo(tmp_path, recipe)
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    scores = events.Scalars("objective/score")
+    assert [s.step for s in scores] == [1, 2]
+    assert scores[0].value == pytest.approx(log_rows(out)[0]["objective/score"], rel=1e-5)

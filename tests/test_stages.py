@@ -405,3 +405,14 @@ def test_reward_on_anthropic_hh_rlhf(tmp_path):
     held_out = 16 - metrics["eval_pairs_too_long"]
     assert held_out >= 8
     check_reward_model(out, metrics, held_out=held_out)
+
+
+def test_sft_reports_to_tensorboard(tmp_path, tiny_model_dir, data_dir):
+    """training.report_to goes through to transformers' trackers for the TRL-backed stages."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "sft"
+    recipe = stage_recipe("sft", out, tiny_model_dir, {"files": str(data_dir / "sft.jsonl")},
+                          training={**FAST_TRAINING, "report_to": "tensorboard"})
+    result = run_cli("sft", write_recipe(tmp_path / "sft.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    assert list(out.rglob("events.out.tfevents.*"))

@@ -7,9 +7,9 @@ logits tensor over the whole prompt would cost batch x length x vocabulary float
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ class Rollout:
     def response_start(self) -> int:
         return self.query.shape[1]
 
-    def select(self, index: torch.Tensor) -> "Rollout":
+    def select(self, index: torch.Tensor) -> Rollout:
         rows = index.tolist()
         return Rollout(self.query[index], self.query_mask[index], self.response[index], self.response_mask[index],
                        self.finished[index], [self.prompts[i] for i in rows],

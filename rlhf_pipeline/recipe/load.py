@@ -154,7 +154,8 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[
     if isinstance(parents, str):
         parents = [parents]
     if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
-        raise RecipeError([Problem("expected a path or a list of paths", "extends", str(path), lines.get(("extends",)))])
+        line = lines.get(("extends",))
+        raise RecipeError([Problem("expected a path or a list of paths", "extends", str(path), line)])
 
     merged: dict = {}
     merged_origins: dict[KeyPath, Origin] = {}

@@ -80,7 +80,8 @@ class PretrainModelSection(ModelSection):
     @model_validator(mode="after")
     def _one_source(self):
         if self.name_or_path and self.init:
-            raise ValueError("set either `name_or_path` (continue pre-training) or `init` (start from scratch), not both")
+            raise ValueError("set either `name_or_path` (continue pre-training) or `init` (start from scratch), "
+                             "not both")
         return self
 
 
@@ -315,7 +316,8 @@ class PretrainRecipe(StageRecipe):
         if self.tokenizer.train and self.tokenizer.name_or_path:
             raise ValueError("set either `tokenizer.train` or `tokenizer.name_or_path`, not both")
         if self.tokenizer.train and self.model.name_or_path:
-            raise ValueError("a trained tokenizer needs a new model (`model.init`): a checkpoint has its own vocabulary")
+            raise ValueError("a trained tokenizer needs a new model (`model.init`): a checkpoint has its own "
+                             "vocabulary")
         return self
 
 
@@ -342,7 +344,8 @@ class RewardRecipe(StageRecipe):
     training: dict[str, Any] = Field(
         default_factory=dict, description="trl.RewardConfig fields (`rlhf recipe keys reward`)."
     )
-    peft: LoraSection | None = Field(None, description="Train LoRA adapters (plus the score head) instead of all weights.")
+    peft: LoraSection | None = Field(
+        None, description="Train LoRA adapters (plus the score head) instead of all weights.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,7 +444,8 @@ class PpoTraining(Section):
     adam_eps: float = Field(1e-5, gt=0, description="AdamW epsilon (1e-5 as in the N+ details).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null disables.")
-    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value if adaptive).")
+    kl_coef: float = Field(
+        0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value if adaptive).")
     kl_estimator: Literal["k1", "k3"] = Field(
         "k1", description="Per-token KL estimate in the reward: k1 = log-ratio; k3 = (r - 1) - log r, never negative.")
     adaptive_kl: AdaptiveKL | None = Field(
@@ -465,7 +469,8 @@ class PpoTraining(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     log_every: int = Field(1, ge=1, description="Log metrics every this many updates.")
-    sample_every: int = Field(10, ge=1, description="Log sample (prompt, response, score) rows every this many updates.")
+    sample_every: int = Field(
+        10, ge=1, description="Log sample (prompt, response, score) rows every this many updates.")
     num_samples: int = Field(4, ge=0, description="Sample rows logged each time.")
     save_every: int | None = Field(
         None, ge=1, description="Save a resumable checkpoint every this many updates; null: only at the end.")

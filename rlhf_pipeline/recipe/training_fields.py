@@ -12,7 +12,7 @@ A test fails when the snapshot and the installed libraries disagree.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ OWNED_ELSEWHERE = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def snapshot() -> dict[str, Any]:
     return json.loads(SNAPSHOT.read_text())
 

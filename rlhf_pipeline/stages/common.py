@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline import runs
 from rlhf_pipeline.errors import UserError
@@ -113,7 +114,7 @@ def training_config(loaded: LoadedRecipe, config_class: type, **stage_defaults: 
         raise loaded.error("training", f"{config_class.__name__} rejected these settings: {exc}") from None
 
 
-def train_and_evaluate(trainer: "Trainer", has_eval: bool, perplexity: bool = False) -> dict[str, Any]:
+def train_and_evaluate(trainer: Trainer, has_eval: bool, perplexity: bool = False) -> dict[str, Any]:
     """Train, then evaluate on the held-out split; return the metrics every stage reports."""
     result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
@@ -133,7 +134,7 @@ def train_and_evaluate(trainer: "Trainer", has_eval: bool, perplexity: bool = Fa
     return metrics
 
 
-def save_trained(trainer: "Trainer", loaded: LoadedRecipe, lora=None) -> str:
+def save_trained(trainer: Trainer, loaded: LoadedRecipe, lora=None) -> str:
     """Save the trained model and tokenizer to the output dir: 'full', 'merged' (LoRA folded in) or 'adapter'."""
     from peft import PeftModel
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from rlhf_pipeline import data as data_io
 from rlhf_pipeline import models, runs
-from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.stages.common import RunOptions, begin, context_length, finish_outputs, say, start_outputs
 
 EVAL_FILE = "eval.json"

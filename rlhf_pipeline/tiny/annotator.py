@@ -14,7 +14,7 @@ gold = sentiment - penalties, clipped to [0, 1], where
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 POSITIVE = tuple(
     """superb brilliant wonderful delightful moving gripping stunning charming clever fresh beautiful excellent
