@@ -95,8 +95,7 @@ class PPOTrainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.reference = reference.to(accelerator.device) if reference is not None else None
         self.device = accelerator.device
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
 
     # -----------------------------------------------------------------------------------------------------------
     # the loop
@@ -207,13 +206,12 @@ class PPOTrainer:
         return [self.prompts.texts[i] for i in indices], [self.prompts.ids[i] for i in indices]
 
     def _permutation(self, epoch: int) -> list[int]:
-        cache = getattr(self, "_permutations", {})
-        if epoch not in cache:
+        """The prompt order of one pass over the prompts (only the current one is kept)."""
+        if self._epoch_order[0] != epoch:
             order = list(range(len(self.prompts)))
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            cache = {epoch: order}  # only the current epoch is needed
-            self._permutations = cache
-        return cache[epoch]
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     # -----------------------------------------------------------------------------------------------------------
     # 2. sampling
