@@ -75,7 +75,9 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
     be those of the sampling distribution [N+ detail: "dividing logits by the sampling temperature"].
     """
     logits = logits.float() / temperature
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    # the chosen logit minus the log-partition: no second vocabulary-sized tensor as log_softmax would make
+    chosen = torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

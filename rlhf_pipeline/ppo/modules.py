@@ -105,16 +105,21 @@ def sample_rollout(policy: nn.Module, tokenizer, texts: list[str], ids: list[lis
 
 
 def sequence_logprobs(model: nn.Module, rollout: Rollout, temperature: float, autocast: Callable = nullcontext,
-                      adapter_disabled: bool = False) -> torch.Tensor:
-    """Summed log-probability of each response under `model` (a causal LM; its LoRA adapter off if asked)."""
+                      adapter_disabled: bool = False, chunk: int = 16) -> torch.Tensor:
+    """Summed log-probability of each response under `model` (a causal LM; its LoRA adapter off if asked), `chunk`
+    rows at a time: logits cost rows x length x vocabulary floats, which a 50k vocabulary makes large."""
     from rlhf_pipeline.ppo.core import logprobs_of, masked_sum
 
     device = next(model.parameters()).device
     input_ids, attention_mask = rollout.input_ids.to(device), rollout.attention_mask.to(device)
+    response, mask = rollout.response.to(device), rollout.response_mask.to(device)
+    sums = []
     with torch.no_grad(), autocast(), (model.disable_adapter() if adapter_disabled else nullcontext()):
-        logits = lm_head_of(model)(response_hidden(model, input_ids, attention_mask, rollout.response_start))
-    logprobs = logprobs_of(logits, rollout.response.to(device), temperature)
-    return masked_sum(logprobs, rollout.response_mask.to(device), dim=1)
+        for rows in torch.arange(input_ids.shape[0], device=device).split(chunk):
+            hidden = response_hidden(model, input_ids[rows], attention_mask[rows], rollout.response_start)
+            logprobs = logprobs_of(lm_head_of(model)(hidden), response[rows], temperature)
+            sums.append(masked_sum(logprobs, mask[rows], dim=1))
+    return torch.cat(sums)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from rlhf_pipeline.ppo.modules import (
     Rollout,
     reference_logits,
     sample_rollout,
+    sequence_logprobs,
 )
 from rlhf_pipeline.ppo.plan import BatchPlan
 from rlhf_pipeline.recipe.schema import GenerationSection, PpoTraining
@@ -415,14 +416,14 @@ class PPOTrainer:
                               disable=not self.accelerator.is_main_process, leave=False):
                 rows = shard[begin:begin + size]
                 rollout = self.sample([prompts.texts[i] for i in rows], [prompts.ids[i] for i in rows])
-                ids, attention, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
-                with self.accelerator.autocast():
-                    logits, _ = model(ids, attention, start)
-                    ref_logits = reference_logits(self.reference, model.policy, ids, attention, start)
-                t = self.generation.temperature
+                t, autocast = self.generation.temperature, self.accelerator.autocast
+                logprobs = sequence_logprobs(model.policy, rollout, t, autocast)
+                if self.reference is not None:
+                    ref_logprobs = sequence_logprobs(self.reference, rollout, t, autocast)
+                else:
+                    ref_logprobs = sequence_logprobs(model.policy, rollout, t, autocast, adapter_disabled=True)
+                kls.append(logprobs - ref_logprobs)
                 mask = rollout.response_mask.to(self.device)
-                kl = core.logprobs_of(logits, rollout.response, t) - core.logprobs_of(ref_logits, rollout.response, t)
-                kls.append(core.masked_sum(kl, mask, dim=1))
                 scores.append(self.scorer(rollout).to(self.device))
                 if self.gold is not None:
                     golds.append(self.gold(rollout).to(self.device))

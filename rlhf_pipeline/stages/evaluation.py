@@ -140,10 +140,12 @@ def evaluate_policy(loaded: LoadedRecipe, tokenizer, prompts, policy, baseline, 
             out["score"].extend(scorer(rollout).tolist())
             if gold is not None:
                 out["gold"].extend(gold(rollout).tolist())
-            kl = sequence_logprobs(model, rollout, generation.temperature) - (
-                sequence_logprobs(reference, rollout, generation.temperature) if reference is not model
-                else sequence_logprobs(model, rollout, generation.temperature))
-            out["kl"].extend(kl.tolist())
+            if reference is model:  # the baseline is its own reference
+                out["kl"].extend([0.0] * len(texts))
+            else:
+                kl = (sequence_logprobs(model, rollout, generation.temperature)
+                      - sequence_logprobs(reference, rollout, generation.temperature))
+                out["kl"].extend(kl.tolist())
             out["length"].extend(rollout.response_mask.sum(1).tolist())
             out["eos"].extend(rollout.finished.float().tolist())
             out["texts"].extend(rollout.responses)
