@@ -97,21 +97,31 @@ def finish_outputs(loaded: LoadedRecipe, metrics: dict[str, Any]) -> dict[str, A
     return metrics
 
 
-def training_config(loaded: LoadedRecipe, config_class: type, **stage_defaults: Any):
-    """The TRL / transformers config built from `training:` over the defaults; its own errors name the section."""
+def training_config(loaded: LoadedRecipe, config_class: type, model=None):
+    """The TRL / transformers config built from `training:` over the defaults; its own errors name the section.
+
+    Given the model, a config with `max_length` (SFT, reward) defaults it to the model's context and refuses a longer
+    one, which would crash mid-training."""
+    import dataclasses
+
     import torch
 
     recipe = loaded.recipe
     gpu = torch.cuda.is_available()
-    runtime_defaults: dict[str, Any] = {"dataloader_pin_memory": gpu}  # pinning without a GPU only warns
+    defaults: dict[str, Any] = {**TRAINER_DEFAULTS, "dataloader_pin_memory": gpu}  # pinning without a GPU warns
     if not gpu:
-        runtime_defaults["bf16"] = False  # TRL defaults to bf16, which a CPU run rejects or slows down
-    kwargs = {**TRAINER_DEFAULTS, **runtime_defaults, **stage_defaults, **recipe.training}
-    kwargs.update(output_dir=recipe.output_dir, seed=recipe.seed)
+        defaults["bf16"] = False  # TRL defaults to bf16, which a CPU run rejects or slows down
+    has_max_length = "max_length" in {f.name for f in dataclasses.fields(config_class)}
+    if model is not None and has_max_length:
+        defaults["max_length"] = context_length(model)
+    kwargs = {**defaults, **recipe.training, "output_dir": recipe.output_dir, "seed": recipe.seed}
     try:
-        return config_class(**kwargs)
+        args = config_class(**kwargs)
     except (ValueError, TypeError) as exc:
         raise loaded.error("training", f"{config_class.__name__} rejected these settings: {exc}") from None
+    if model is not None and has_max_length:
+        check_context(loaded, "training.max_length", args.max_length, model)
+    return args
 
 
 def train_and_evaluate(trainer: Trainer, has_eval: bool, perplexity: bool = False) -> dict[str, Any]:

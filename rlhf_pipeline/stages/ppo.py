@@ -58,7 +58,8 @@ def _train(loaded: LoadedRecipe, accelerator, checkpoint: Path | None) -> dict[s
     # 1. data: tokenized prompts that leave room for a response in the policy's context
     tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.policy)
     policy = models.load_pretrained(loaded, recipe.policy, key="policy")
-    train_prompts, eval_prompts = load_prompts(loaded, tokenizer, context_length(policy), eval_limit=cfg.eval_prompts)
+    train_prompts, eval_prompts = load_prompts(loaded, tokenizer, context_length(policy, cap=None),
+                                               eval_limit=cfg.eval_prompts)
 
     # 2. models
     models.align_special_tokens(policy, tokenizer)

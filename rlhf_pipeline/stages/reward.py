@@ -17,8 +17,6 @@ from rlhf_pipeline.scoring import preference_metrics, score_sequences
 from rlhf_pipeline.stages.common import (
     RunOptions,
     begin,
-    check_context,
-    context_length,
     finish_outputs,
     is_main_process,
     save_trained,
@@ -54,8 +52,7 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
                   f"{'LoRA r=' + str(recipe.peft.r) if recipe.peft else 'full fine-tuning'}")
 
     # 3. trainer
-    args = training_config(loaded, RewardConfig, max_length=context_length(model))
-    check_context(loaded, "training.max_length", args.max_length, model)
+    args = training_config(loaded, RewardConfig, model)
     with setting_up(loaded):
         trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                                 processing_class=tokenizer, peft_config=peft_config)
