@@ -47,13 +47,18 @@ def say(stage: str, message: str) -> None:
         print(f"[rlhf {stage}] {message}", file=sys.stderr, flush=True)
 
 
+def quiet_library_warnings() -> None:
+    """TRL's and peft's own code uses transformers' deprecated `gradient_checkpointing` names: nothing a user can
+    act on, so those two warnings are not shown."""
+    for message in (r"`gradient_checkpointing` is deprecated", r"`is_gradient_checkpointing` is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def begin(loaded: LoadedRecipe, options: RunOptions) -> None:
     """Refuse a finished output dir (unless --overwrite) before any work, and seed everything."""
     from transformers import set_seed
 
-    # TRL's own defaults set transformers' deprecated `gradient_checkpointing` name: nothing a user can act on
-    for message in (r"`gradient_checkpointing` is deprecated", r"`is_gradient_checkpointing` is deprecated"):
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    quiet_library_warnings()
     runs.check_output_dir(loaded.recipe.output_dir, options.overwrite)
     set_seed(loaded.recipe.seed)
 

@@ -15,7 +15,7 @@ from rlhf_pipeline import models, runs
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.recipe.schema import ModelSection, RewardSource
-from rlhf_pipeline.stages.common import RunOptions, context_length, finish_outputs, say
+from rlhf_pipeline.stages.common import RunOptions, context_length, finish_outputs, quiet_library_warnings, say
 
 EVAL_BEFORE_FILE = "eval_before.json"
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
@@ -29,6 +29,7 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
     recipe = loaded.recipe
     if not (recipe.data.eval_split or recipe.data.eval_size):
         raise loaded.error("data", "PPO reports scores on held-out prompts: set `eval_split` or `eval_size`")
+    quiet_library_warnings()
     checkpoint = check_ppo_output_dir(loaded, options)
     # cpu=True on machines without an accelerator, so that several processes (torchrun) meet over gloo
     accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision,
