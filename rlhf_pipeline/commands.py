@@ -155,8 +155,7 @@ def _ppo_rows(recipe: Any) -> list[tuple[str, str]]:
     from rlhf_pipeline.ppo.plan import BatchPlan
 
     cfg, gen = recipe.training, recipe.generation
-    plan = BatchPlan(cfg.total_episodes, cfg.rollout_batch_size, cfg.num_mini_batches, cfg.ppo_epochs,
-                     cfg.gradient_accumulation_steps)
+    plan = BatchPlan.of(cfg)
     reference = recipe.reference.name_or_path or (
         "the policy with its LoRA adapter disabled" if recipe.peft else f"frozen copy of {recipe.policy.name_or_path}")
     value = ("a head on the policy's trunk (shared)" if recipe.value.mode == "shared" else

@@ -22,6 +22,12 @@ class BatchPlan:
     gradient_accumulation_steps: int
     num_processes: int = 1
 
+    @classmethod
+    def of(cls, training, num_processes: int = 1) -> BatchPlan:
+        """The plan of a recipe's `training:` section (anything with the five fields), on `num_processes`."""
+        return cls(training.total_episodes, training.rollout_batch_size, training.num_mini_batches,
+                   training.ppo_epochs, training.gradient_accumulation_steps, num_processes)
+
     def __post_init__(self):
         problems = []
         if self.total_episodes % self.rollout_batch_size:

@@ -81,8 +81,7 @@ class PPOTrainer:
         self.seed = seed
         self.accelerator = accelerator
         self.on_log = on_log
-        self.plan = BatchPlan(config.total_episodes, config.rollout_batch_size, config.num_mini_batches,
-                              config.ppo_epochs, config.gradient_accumulation_steps, accelerator.num_processes)
+        self.plan = BatchPlan.of(config, accelerator.num_processes)
         self.state = TrainerState()
         self.kl_controller = core.KLController(
             config.kl_coef,

@@ -484,8 +484,7 @@ class PpoTraining(Section):
     def _batches(self):
         from rlhf_pipeline.ppo.plan import BatchPlan
 
-        BatchPlan(self.total_episodes, self.rollout_batch_size, self.num_mini_batches, self.ppo_epochs,
-                  self.gradient_accumulation_steps)  # raises ValueError with the arithmetic
+        BatchPlan.of(self)  # raises ValueError with the arithmetic
         return self
 
 

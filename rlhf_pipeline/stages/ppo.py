@@ -13,6 +13,7 @@ from typing import Any
 from rlhf_pipeline import data as data_io
 from rlhf_pipeline import models, runs
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.ppo.plan import BatchPlan
 from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.recipe.schema import ModelSection, RewardSource
 from rlhf_pipeline.stages.common import RunOptions, context_length, finish_outputs, quiet_library_warnings, say
@@ -35,7 +36,7 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
     accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision,
                               cpu=not torch.accelerator.is_available())
     try:
-        plan_check(loaded, accelerator.num_processes)
+        BatchPlan.of(recipe.training, accelerator.num_processes)  # does it divide across these processes?
     except ValueError as exc:
         raise loaded.error("training", str(exc)) from None
     metrics = _train(loaded, accelerator, checkpoint)
@@ -179,14 +180,6 @@ def _truncate_logs(output_dir: Path, updates_done: int) -> None:
             rows = [line for line in path.read_text().splitlines() if line.strip()]
             kept = [line for line in rows if json.loads(line).get(key, 0) <= updates_done]
             runs.atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def plan_check(loaded: LoadedRecipe, num_processes: int):
-    from rlhf_pipeline.ppo.plan import BatchPlan
-
-    cfg = loaded.recipe.training
-    return BatchPlan(cfg.total_episodes, cfg.rollout_batch_size, cfg.num_mini_batches, cfg.ppo_epochs,
-                     cfg.gradient_accumulation_steps, num_processes)
 
 
 # -------------------------------------------------------------------------------------------------------------
