@@ -129,10 +129,6 @@ def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def show_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> str:
-    return load_recipe(path, overrides).resolved_yaml()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # extends + merge
 # ---------------------------------------------------------------------------------------------------------------
