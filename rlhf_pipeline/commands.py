@@ -158,8 +158,6 @@ def _ppo_rows(recipe: Any) -> list[tuple[str, str]]:
     plan = BatchPlan.of(cfg)
     reference = recipe.reference.name_or_path or (
         "the policy with its LoRA adapter disabled" if recipe.peft else f"frozen copy of {recipe.policy.name_or_path}")
-    value = ("a head on the policy's trunk (shared)" if recipe.value.mode == "shared" else
-             f"separate, from {recipe.value.name_or_path or recipe.reward.model or recipe.policy.name_or_path}")
     kl = f"beta={cfg.kl_coef:g} ({cfg.kl_estimator})" + (
         f", adaptive to {cfg.adaptive_kl.target:g} nats over {cfg.adaptive_kl.horizon:g} episodes"
         if cfg.adaptive_kl else ", fixed")
@@ -167,7 +165,7 @@ def _ppo_rows(recipe: Any) -> list[tuple[str, str]]:
         ("policy", f"{recipe.policy.name_or_path} ({recipe.policy.dtype})"),
         ("reference", reference),
         ("reward", recipe.reward.model or f"function {recipe.reward.function}"),
-        ("value", value),
+        ("value", _value_row(recipe)),
     ]
     if recipe.gold:
         rows.append(("gold", recipe.gold.model or f"function {recipe.gold.function}"))
@@ -178,6 +176,28 @@ def _ppo_rows(recipe: Any) -> list[tuple[str, str]]:
         ("kl", kl),
     ]
     return rows
+
+
+def _value_row(recipe: Any) -> str:
+    """Where PPO's value function starts (the rule of stages.ppo.value_start, told from the files on disk)."""
+    from rlhf_pipeline.models import vocabulary_on_disk
+
+    if recipe.value.mode == "shared":
+        return "a head on the policy's trunk (shared)"
+    if recipe.value.name_or_path:
+        return f"separate, from {recipe.value.name_or_path}"
+    policy = recipe.policy.name_or_path
+    if not recipe.reward.model:
+        return f"separate, from the policy {policy}"
+    reward_vocab = vocabulary_on_disk(recipe.reward.model)
+    policy_vocab = vocabulary_on_disk(recipe.tokenizer.name_or_path or policy)
+    if reward_vocab is None or policy_vocab is None:
+        return (f"separate, from the reward model {recipe.reward.model} if its vocabulary is the policy's "
+                f"(checked when they load), else from the policy {policy}")
+    if reward_vocab == policy_vocab:
+        return f"separate, from the reward model {recipe.reward.model} (same vocabulary as the policy)"
+    return (f"separate, from the policy {policy}: the reward model's vocabulary differs from the policy's "
+            "(value.name_or_path chooses another start)")
 
 
 def _eval_rows(recipe: Any) -> list[tuple[str, str]]:

@@ -13,13 +13,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def load_tokenizer(loaded: LoadedRecipe, section: TokenizerSection, model: ModelSection,
-                   key: str = "tokenizer") -> PreTrainedTokenizerBase:
-    """The tokenizer named in `section` (default: the model's), with a pad token and the recipe's chat template."""
+def load_tokenizer(loaded: LoadedRecipe, section: TokenizerSection, model: ModelSection, key: str = "tokenizer",
+                   model_key: str = "model.name_or_path") -> PreTrainedTokenizerBase:
+    """The tokenizer named in `section` (default: the model's, which the recipe names at `model_key`), with a pad
+    token and the recipe's chat template."""
     from transformers import AutoTokenizer
 
     source = section.name_or_path or model.name_or_path
-    source_key = f"{key}.name_or_path" if section.name_or_path else "model.name_or_path"
+    source_key = f"{key}.name_or_path" if section.name_or_path else model_key
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=section.revision or model.revision, trust_remote_code=model.trust_remote_code
@@ -33,6 +34,23 @@ def load_tokenizer(loaded: LoadedRecipe, section: TokenizerSection, model: Model
     return tokenizer
 
 
+def vocabulary_on_disk(path: str | None) -> dict[str, int] | None:
+    """The token -> id map of a local tokenizer directory's `tokenizer.json` (base vocabulary and added tokens),
+    read without transformers; None when there is no such file (a Hub id, or another tokenizer format)."""
+    import json
+
+    file = Path(path) / "tokenizer.json" if path else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        vocab = dict(data["model"]["vocab"])
+        vocab.update({token["content"]: token["id"] for token in data.get("added_tokens", [])})
+    except (ValueError, KeyError, TypeError):
+        return None
+    return vocab
+
+
 def read_chat_template(loaded: LoadedRecipe, value: str, key: str) -> str:
     """A chat template from a `.jinja` file path or given inline."""
     if "{{" in value or "{%" in value:
@@ -44,16 +62,18 @@ def read_chat_template(loaded: LoadedRecipe, value: str, key: str) -> str:
 
 
 def train_bpe_tokenizer(texts: Iterable[str], config: BpeTraining) -> PreTrainedTokenizerBase:
-    """A byte-level BPE tokenizer (GPT-2 style) trained on `texts`, with EOS (= BOS = UNK) and a distinct pad."""
+    """A byte-level BPE tokenizer trained on `texts`, with GPT-2's conventions: one special token, `<|endoftext|>`,
+    serving as EOS, BOS, UNK and pad (unless `config.pad_token` asks for a pad of its own), no BOS added."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
+    special = [config.eos_token] + ([config.pad_token] if config.pad_token else [])
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=config.vocab_size, min_frequency=config.min_frequency,
-                            special_tokens=[config.eos_token, config.pad_token], show_progress=True)
+                            special_tokens=special, show_progress=True)
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=config.eos_token,
                                    bos_token=config.eos_token, unk_token=config.eos_token,
-                                   pad_token=config.pad_token)
+                                   pad_token=config.pad_token or config.eos_token)
 
 
 def init_gpt2(architecture: GPT2Architecture, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -81,9 +101,10 @@ def init_gpt2(architecture: GPT2Architecture, tokenizer: PreTrainedTokenizerBase
     return AutoModelForCausalLM.from_config(config)
 
 
-def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "causal-lm", key: str = "model",
-                    **extra: Any) -> PreTrainedModel:
-    """`from_pretrained` on a Hub id or a path: a causal LM, or a one-score sequence classifier (`kind="reward"`)."""
+def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "causal-lm",
+                    key: str = "model.name_or_path", **extra: Any) -> PreTrainedModel:
+    """`from_pretrained` on a Hub id or a path: a causal LM, or a one-score sequence classifier (`kind="reward"`).
+    `key`: where the recipe names the model, for error messages."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.trainer.utils import create_model_from_path
 
@@ -102,8 +123,7 @@ def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "caus
             return _load_base_plus_adapter(source, auto_class, kwargs)
         return create_model_from_path(source, auto_class, **kwargs)
     except (OSError, ValueError) as exc:
-        raise loaded.error(f"{key}.name_or_path", f"cannot load a model from {model.name_or_path!r}: "
-                                                  f"{_short(exc)}") from None
+        raise loaded.error(key, f"cannot load a model from {model.name_or_path!r}: {_short(exc)}") from None
 
 
 def _load_base_plus_adapter(adapter_dir: str, auto_class: Any, kwargs: dict[str, Any]) -> PreTrainedModel:

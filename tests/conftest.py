@@ -7,17 +7,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-# datasets and transformers attach their log handlers to the stderr that exists when they are first imported: import
-# them here, not inside a CliRunner call that swaps stderr (later log lines would print "--- Logging error ---").
-import datasets  # noqa: F401, E402
-import pytest
-import transformers  # noqa: F401, E402
-import yaml
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Offline before anything imports huggingface_hub, datasets or transformers: they read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+# datasets and transformers attach their log handlers to the stderr that exists when they are first imported: import
+# them here, not inside a CliRunner call that swaps stderr (later log lines would print "--- Logging error ---").
+import datasets  # noqa: E402, F401
+import pytest  # noqa: E402
+import transformers  # noqa: E402, F401
+import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -94,13 +96,17 @@ def data_dir(tmp_path_factory, tiny_world) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_world) -> Path:
-    """A 2-layer, 32-wide GPT-2 with a 400-token BPE vocabulary, saved like a pre-training output."""
+    """A 2-layer, 32-wide GPT-2 with a 400-token BPE vocabulary (GPT-2's conventions: `<|endoftext|>` is EOS, BOS
+    and pad), saved like a pre-training output."""
+    import torch
+
     from rlhf_pipeline.models import init_gpt2, train_bpe_tokenizer
     from rlhf_pipeline.recipe.schema import BpeTraining, GPT2Architecture
 
     root = tmp_path_factory.mktemp("tiny-model")
     texts = [r["text"] for r in tiny_world["corpus"]]
     tokenizer = train_bpe_tokenizer([texts], BpeTraining(vocab_size=400))
+    torch.manual_seed(0)  # the same weights whichever test builds the fixture first
     model = init_gpt2(GPT2Architecture(n_layer=2, n_head=2, n_embd=32, n_positions=64), tokenizer)
     model.save_pretrained(root)
     tokenizer.save_pretrained(root)
@@ -117,10 +123,12 @@ def stage_recipe(stage: str, output_dir: Path, model: Path | str, data: dict, **
 @pytest.fixture(scope="session")
 def tiny_reward_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A one-output sequence classifier on the tiny model (random score head), saved like a reward-stage output."""
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     root = tmp_path_factory.mktemp("tiny-reward")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)  # the score head's random start
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(root)

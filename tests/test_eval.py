@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import FAST_TRAINING, run_cli, stage_recipe, write_recipe
 
 from rlhf_pipeline.stages.evaluation import distinct_n, win_rate
@@ -48,8 +49,7 @@ def test_policy_against_itself(tmp_path, tiny_model_dir, tiny_reward_dir, data_d
     assert metrics["num_prompts"] == 12
     assert metrics["win_rate"] == 0.5 and metrics["gold_win_rate"] == 0.5
     assert metrics["policy_score"] == pytest.approx(metrics["baseline_score"])
-    assert metrics["policy_kl"] == pytest.approx(0.0, abs=1e-5) and metrics["baseline_kl"] == pytest.approx(0.0,
-                                                                                                           abs=1e-5)
+    assert metrics["policy_kl"] == pytest.approx(0.0, abs=1e-5)  # computed: the policy is not the reference object
     assert 0 < metrics["policy_response_length"] <= 8 and 0 <= metrics["policy_distinct_2"] <= 1
     assert 0 <= metrics["reward_accuracy"] <= 1
     assert metrics["reward_num_pairs"] + metrics["reward_pairs_too_long"] == 16 and metrics["reward_num_pairs"] > 0
@@ -59,6 +59,30 @@ def test_policy_against_itself(tmp_path, tiny_model_dir, tiny_reward_dir, data_d
         assert f"]({name})" in (out / "eval.md").read_text()
     markdown = (out / "eval.md").read_text()
     assert "| reward-model score (mean) |" in markdown and "## Side by side" in markdown
+
+
+def test_kl_to_an_explicit_reference(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
+    """With `reference` set, the baseline's KL is computed too: the policy and the baseline are the same model,
+    sampled with the same seeds, so both KLs are the same, and not 0 (the reference is another model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = tmp_path / "other"
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    out = tmp_path / "eval"
+    recipe = eval_recipe(out, tiny_model_dir, tiny_model_dir, tiny_reward_dir, data_dir,
+                         reference={"name_or_path": str(other)})
+    del recipe["preferences"]
+    result = run_cli("eval", write_recipe(tmp_path / "eval.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["baseline_kl"] == pytest.approx(metrics["policy_kl"], abs=1e-5)
+    assert metrics["baseline_kl"] > 0.5
 
 
 def test_reward_model_accuracy_matches_the_reward_stage(tmp_path, tiny_model_dir, data_dir):

@@ -48,7 +48,9 @@ def test_kl_estimators():
     assert close(core.kl_per_token(logp, ref, "k1"), [[1.0, 0.0]])
     # k3 = (r - 1) - log r with r = pi_ref / pi = e^-1 on the first token
     assert close(core.kl_per_token(logp, ref, "k3"), [[math.exp(-1) - 1 + 1, 0.0]])
-    assert (core.kl_per_token(torch.randn(50), torch.randn(50), "k3") >= 0).all()
+    generator = torch.Generator().manual_seed(0)
+    assert (core.kl_per_token(torch.randn(50, generator=generator), torch.randn(50, generator=generator), "k3")
+            >= 0).all()
     with pytest.raises(ValueError):
         core.kl_per_token(logp, ref, "k2")
 
@@ -118,6 +120,17 @@ def test_explained_variance():
     returns, mask = T([[1.0, 2.0, 3.0]]), torch.ones(1, 3)
     assert close(core.explained_variance(returns, returns, mask), 1.0)
     assert close(core.explained_variance(torch.full((1, 3), 2.0), returns, mask), 0.0)
+    # values off by [0, 1, 0] on returns [1, 2, 3]: Var(error) = 2/9, Var(returns) = 2/3 -> 1 - 1/3
+    assert close(core.explained_variance(T([[1.0, 1.0, 3.0]]), returns, mask), 2 / 3)
+    assert close(core.explained_variance_from(T(2 / 9), T(2 / 3)), 2 / 3)
+    assert math.isnan(core.explained_variance_from(T(1.0), T(0.0)))
+
+
+def test_missing_eos_rule_replaces_or_subtracts():
+    scores, finished = T([2.0, 2.0, -0.5]), T([True, False, False])
+    assert close(core.missing_eos_rule(scores, finished), [2.0, 2.0, -0.5])
+    assert close(core.missing_eos_rule(scores, finished, penalty=1.0), [2.0, 1.0, -1.5])  # TRL: subtract
+    assert close(core.missing_eos_rule(scores, finished, replacement=-1.0), [2.0, -1.0, -1.0])  # Z19 / N+: replace
 
 
 def test_adaptive_kl_controller():

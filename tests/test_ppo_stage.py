@@ -57,8 +57,7 @@ def test_ppo_trains_and_reports(tmp_path, tiny_model_dir, tiny_reward_dir, data_
     assert rows[-1]["train/optimizer_steps"] == 8 and rows[-1]["train/episodes"] == 16
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference
     assert 0 < rows[0]["rollout/response_length"] <= 8 and 0 <= rows[0]["rollout/eos_rate"] <= 1
-    # averaged metrics are means, not sums halved or doubled by accumulation
-    assert 0.5 < rows[0]["policy/ratio"] < 2.0 and 0 <= rows[0]["policy/clipfrac"] <= 1
+    assert 0 <= rows[0]["policy/clipfrac"] <= 1  # the ratio's exact value is checked where it is known: see below
 
     for name in ("model.safetensors", "config.json", "tokenizer.json", "recipe.resolved.yaml", "samples.jsonl",
                  "eval_samples.jsonl", "ppo_curves.png"):
@@ -84,36 +83,111 @@ def test_ppo_shared_value_reward_function_k3_adaptive_kl(tmp_path, tiny_model_di
     out = tmp_path / "ppo"
     recipe = ppo_recipe(out, tiny_model_dir, {"function": "rlhf_pipeline.tiny.annotator:gold_score"}, data_dir,
                         kl_estimator="k3", adaptive_kl={"target": 0.01, "horizon": 100}, kl_coef=0.1,
-                        score_normalization="initial", total_episodes=24)
+                        score_normalization="initial", total_episodes=24, save_every=1)
     recipe["value"] = {"mode": "shared"}
     result = run_ppo(tmp_path, recipe)
     assert result.exit_code == 0, result.output
     rows = log_rows(out)
-    coefs = [r["objective/kl_coef"] for r in rows]
-    assert coefs[0] == pytest.approx(0.1) and coefs[1] != coefs[0]  # the controller moved beta
+
+    # adaptive KL: beta_{u+1} = beta_u * (1 + clip((KL_u - 0.01) / 0.01, +-0.2) * 8 episodes / 100)
+    beta = 0.1
+    for row in rows:
+        assert row["objective/kl_coef"] == pytest.approx(beta, rel=1e-9)
+        beta *= 1 + min(max((row["objective/kl"] - 0.01) / 0.01, -0.2), 0.2) * 8 / 100
+    assert rows[1]["objective/kl_coef"] != 0.1
+
+    # k3 in the reward: the summed penalty is -beta * the k3 estimate, not the k1 one (they differ once the policy
+    # has moved)
+    for row in rows[1:]:
+        assert row["objective/non_score_reward"] == pytest.approx(-row["objective/kl_coef"] * row["objective/kl_k3"],
+                                                                  rel=1e-4)
+        assert row["objective/kl_k3"] != pytest.approx(row["objective/kl"], rel=1e-3)
+
+    # initial normalisation: score_used = (score - 1.0 * [no EOS] - shift) / scale, with the map fitted before update 1
+    # (saved in every checkpoint's trainer state)
+    state = json.loads((out / "checkpoints" / "update-000001" / "trainer_state.json").read_text())
+    shift, scale = state["score_shift"], state["score_scale"]
+    assert scale != 1.0 and shift != 0.0
+    for row in rows:
+        penalised = row["objective/score"] - 1.0 * (1 - row["rollout/eos_rate"])
+        assert row["objective/score_used"] == pytest.approx((penalised - shift) / scale, abs=1e-5)
+
+    # shared value: a head on the policy's trunk, trained with it; no second network
+    checkpoint = load_file(str(out / "checkpoints" / "update-000002" / "model.safetensors"))
+    assert {"value_head.weight", "value_head.bias"} <= set(checkpoint)
+    assert not [k for k in checkpoint if k.startswith("value_model.")]
+    first = load_file(str(out / "checkpoints" / "update-000001" / "model.safetensors"))
+    assert not torch.equal(first["value_head.weight"], checkpoint["value_head.weight"])
+    assert "value a head on the policy's trunk (shared)" in result.output
+
     metrics = json.loads((out / "metrics.json").read_text())
     # the reward function is the gold scorer here, so both report the same thing
     assert metrics["eval_score_before"] == pytest.approx(metrics["eval_gold_before"], abs=1e-6)
 
 
+def test_ppo_first_mini_batch_sees_ratio_one_with_lora_dropout(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
+    """The default peft section (lora_dropout 0.05) on the policy and on a separate value model, two micro-batches
+    per mini-batch, one mini-batch per update: each update's step sees exactly the rollout policy (ratio 1, approx KL
+    0), also in updates 2 and 3 when the adapters are no longer zero. Dropout left on would give the rollout and the
+    training pass different masks; micro-batch statistics summed instead of token-weighted would read 2."""
+    out = tmp_path / "ppo"
+    recipe = ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)}, data_dir, total_episodes=24,
+                        ppo_epochs=1, num_mini_batches=1, gradient_accumulation_steps=2)
+    recipe["peft"] = {}
+    result = run_ppo(tmp_path, recipe)
+    assert result.exit_code == 0, result.output
+    rows = log_rows(out)
+    assert len(rows) == 3 and rows[-1]["train/optimizer_steps"] == 3
+    for row in rows:
+        assert row["policy/ratio"] == pytest.approx(1.0, abs=1e-5), row
+        assert row["policy/approx_kl"] == pytest.approx(0.0, abs=1e-10) and row["policy/clipfrac"] == 0.0
+    assert rows[-1]["objective/kl"] != 0.0  # the adapters did move the policy
+
+
 @pytest.mark.parametrize("save", ["merged", "adapter"])
-def test_ppo_lora_reference_is_the_adapter_disabled(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir, save):
+def test_ppo_lora_reference_is_the_adapter_disabled(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir, save,
+                                                    monkeypatch):
+    """LoRA: the reference is the policy with its adapter off (the held-out KL starts at 0); what is saved, merged or
+    as an adapter, reloads to the trained policy itself, not to the base."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_pipeline import models
+
+    probe = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    trained_logits = []
+    original_save = models.save_model
+
+    def save_and_remember(model, *args, **kwargs):
+        with torch.no_grad():
+            trained_logits.append(model(probe).logits.clone())  # the in-memory policy, before merging or saving
+        return original_save(model, *args, **kwargs)
+
+    monkeypatch.setattr(models, "save_model", save_and_remember)
     out = tmp_path / "ppo"
     recipe = ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)}, data_dir)
-    recipe["peft"] = {"r": 4, "alpha": 8, "dropout": 0.0, "save": save}
+    recipe["peft"] = {"r": 4, "alpha": 8, "save": save}
     recipe["value"] = {"mode": "shared"}
     result = run_ppo(tmp_path, recipe)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_kl_before"] == pytest.approx(0.0, abs=1e-5) and metrics["saved"] == save
-    from transformers import AutoModelForCausalLM
+    assert metrics["eval_kl"] != 0.0
 
     if save == "adapter":
         assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+        adapter = load_file(str(out / "adapter_model.safetensors"))
+        assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items())
     else:
         assert not (out / "adapter_config.json").exists()
-    model = AutoModelForCausalLM.from_pretrained(out)  # merged, or base + adapter through peft
-    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] > 0
+        base, merged = weights(tiny_model_dir), weights(out)
+        assert any(not torch.equal(base[k], merged[k]) for k in base)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)  # merged, or base + adapter through peft
+    with torch.no_grad():
+        reloaded_logits = reloaded(probe).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(probe).logits
+    assert len(trained_logits) == 1
+    assert torch.allclose(reloaded_logits, trained_logits[0], atol=1e-5)
+    assert not torch.allclose(reloaded_logits, base_logits, atol=1e-4)
 
 
 def test_ppo_early_stop_on_target_kl(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
@@ -225,3 +299,72 @@ def test_ppo_reports_to_tensorboard(tmp_path, tiny_model_dir, data_dir):
     scores = events.Scalars("objective/score")
     assert [s.step for s in scores] == [1, 2]
     assert scores[0].value == pytest.approx(log_rows(out)[0]["objective/score"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def perturbed_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model with seeded noise on every weight: a reference that is not the policy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("perturbed")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(root)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root)
+    return root
+
+
+def test_ppo_explicit_reference_model(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir, perturbed_model_dir):
+    """`reference.name_or_path` loads its own frozen reference, with LoRA too (instead of the adapter switched off):
+    the KL of the untrained policy to it is then not 0, before training and in the first update."""
+    out = tmp_path / "ppo"
+    recipe = ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)}, data_dir, total_episodes=8)
+    recipe["reference"] = {"name_or_path": str(perturbed_model_dir)}
+    recipe["peft"] = {"r": 4}
+    result = run_ppo(tmp_path, recipe)
+    assert result.exit_code == 0, result.output
+    assert "reference frozen copy" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_kl_before"] > 0.5 and log_rows(out)[0]["objective/kl"] > 0.5
+
+
+def test_ppo_entropy_bonus_and_batch_score_normalisation(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
+    """`entropy_coef`: loss/entropy is the bonus term as it enters the loss, so the logged losses add up;
+    `score_normalization: batch` whitens each rollout batch's scores (after the missing-EOS penalty): mean 0."""
+    out = tmp_path / "ppo"
+    recipe = ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)}, data_dir, entropy_coef=0.01,
+                        score_normalization="batch")
+    result = run_ppo(tmp_path, recipe)
+    assert result.exit_code == 0, result.output
+    for row in log_rows(out):
+        assert row["loss/entropy"] < 0 and -row["loss/entropy"] / 0.01 == pytest.approx(row["policy/entropy"],
+                                                                                        rel=0.5)
+        total = row["loss/policy"] + 0.1 * row["loss/value"] + row["loss/entropy"]
+        assert row["loss/total"] == pytest.approx(total, abs=1e-6)
+        assert row["objective/score_used"] == pytest.approx(0.0, abs=1e-5)
+        assert row["objective/score"] != pytest.approx(0.0, abs=1e-3)
+
+
+def test_ppo_learns_a_bandit(tmp_path, tiny_model_dir, data_dir):
+    """Learning, checked fast: one-token responses rewarded 1 when the token's text holds an "e". The untrained model
+    (nearly uniform over 400 tokens) picks such tokens a fifth of the time; ten updates of PPO must raise that clearly,
+    in training and on the held-out prompts (seeds 0, 1, 2 all end near 1.0)."""
+    reward_file = tmp_path / "bandit.py"
+    reward_file.write_text('def reward(prompts, responses):\n    return [float("e" in r) for r in responses]\n')
+    out = tmp_path / "ppo"
+    recipe = ppo_recipe(out, tiny_model_dir, {"function": f"{reward_file}:reward"}, data_dir, total_episodes=320,
+                        rollout_batch_size=32, num_mini_batches=2, ppo_epochs=4, gradient_accumulation_steps=1,
+                        learning_rate=1e-2, kl_coef=0.0, missing_eos_penalty=None, eval_prompts=16,
+                        eval_batch_size=16, lr_schedule="constant")
+    recipe["generation"] = {"response_length": 1, "temperature": 1.0}
+    recipe["value"] = {"mode": "shared"}
+    del recipe["gold"]
+    result = run_ppo(tmp_path, recipe)
+    assert result.exit_code == 0, result.output
+    scores = [r["objective/score"] for r in log_rows(out)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.3, scores
+    assert metrics["eval_score_after"] > metrics["eval_score_before"] + 0.3, metrics

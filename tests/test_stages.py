@@ -125,10 +125,12 @@ def wide_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # pretrain
 # ---------------------------------------------------------------------------------------------------------------
-def test_pretrain_from_scratch(tmp_path, data_dir, tiny_world):
+@pytest.mark.parametrize("pad", [None, "<pad>"], ids=["gpt2-convention", "distinct-pad"])
+def test_pretrain_from_scratch(tmp_path, data_dir, tiny_world, pad):
+    train = {"vocab_size": 350, **({"pad_token": pad} if pad else {})}
     recipe = stage_recipe("pretrain", tmp_path / "out", "unused", {"files": str(data_dir / "text.jsonl"),
                                                                     "eval_size": 40, "block_size": 32},
-                          tokenizer={"train": {"vocab_size": 350}})
+                          tokenizer={"train": train})
     recipe["model"] = {"init": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}}
     out = tmp_path / "out"
     result = run_cli("pretrain", write_recipe(tmp_path / "pretrain.yaml", recipe))
@@ -142,10 +144,18 @@ def test_pretrain_from_scratch(tmp_path, data_dir, tiny_world):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert len(tokenizer) == metrics["vocab_size"] == model.config.vocab_size
     assert 300 <= len(tokenizer) <= 350
-    assert tokenizer.pad_token == "<pad>" and tokenizer.eos_token == "<|endoftext|>"
-    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    endoftext = "<|endoftext|>"
+    if pad is None:  # GPT-2's convention: one special token, serving as EOS, BOS, UNK and pad
+        assert tokenizer.all_special_tokens == [endoftext]
+        assert tokenizer.eos_token == tokenizer.bos_token == tokenizer.unk_token == tokenizer.pad_token == endoftext
+        assert tokenizer.pad_token_id == tokenizer.eos_token_id == model.config.bos_token_id
+    else:
+        assert tokenizer.pad_token == "<pad>" and tokenizer.eos_token == endoftext
+        assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert type(model).__name__ == "GPT2LMHeadModel"
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert model.config.eos_token_id == tokenizer.eos_token_id
+    assert endoftext not in tokenizer.decode(tokenizer("a film")["input_ids"])  # no BOS/EOS added, as GPT-2
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd, model.config.n_positions) == (2, 2, 32, 64)
     text = tiny_world["corpus"][0]["text"]
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level BPE round-trips

@@ -45,7 +45,7 @@ def test_regenerated_files_match_the_committed_ones_byte_for_byte(regenerated):
 
 def test_sizes_and_columns(committed):
     expected = {
-        "corpus": (20000, {"text"}),
+        "corpus": (25000, {"text"}),
         "sft": (4000, {"prompt", "completion"}),
         "preferences-train": (6000, {"prompt", "chosen", "rejected"}),
         "preferences-test": (500, {"prompt", "chosen", "rejected"}),
@@ -56,6 +56,15 @@ def test_sizes_and_columns(committed):
     for name, (size, columns) in expected.items():
         assert len(committed[name]) == size, name
         assert all(set(row) == columns for row in committed[name]), name
+
+
+def test_corpus_holds_text_of_varied_quality(committed):
+    """A fifth of the pre-training text is reviews of varied quality (cut off, repetitive, rambling), as web text is:
+    the reward model's base has seen what it must learn to judge."""
+    texts = [row["text"] for row in committed["corpus"]]
+    cut = sum(not t.endswith(" .") for t in texts)
+    repetitive = sum(any(a == b for a, b in zip(t.split(), t.split()[1:])) for t in texts)
+    assert 0.02 < cut / len(texts) < 0.1 and 0.005 < repetitive / len(texts) < 0.1  # the older corpus: 0 and 0
 
 
 def test_corpus_vocabulary_is_in_the_hundreds(committed):

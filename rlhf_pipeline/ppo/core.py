@@ -107,8 +107,25 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Per-token rewards: the KL penalty on every token, the score on the last one
+# 4. Per-token rewards: the missing-EOS rule, the KL penalty on every token, the score on the last one
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def missing_eos_rule(scores: torch.Tensor, finished: torch.Tensor, penalty: float | None = None,
+                     replacement: float | None = None) -> torch.Tensor:
+    """The score of a response that ran out of tokens without EOS.
+
+    `replacement`: the score is *replaced* by this fixed value, e.g. -1, whatever the reward model thought of the
+    response ([Z19]: `penalty_reward_value` in OpenAI's lm-human-preferences; [N+]: the "EOS trick").
+    `penalty`: the score is kept and this is *subtracted* (TRL's `missing_eos_penalty`): an unfinished response still
+    ranks by its content. At most one is set.
+    """
+    if replacement is not None:
+        return torch.where(finished, scores, torch.full_like(scores, replacement))
+    if penalty is not None:
+        return scores - penalty * (~finished).to(scores.dtype)
+    return scores
+
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -215,10 +232,15 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, 0 no better than a constant."""
-    var_returns = masked_var(returns, mask, unbiased=False)
+    return explained_variance_from(masked_var(returns - values, mask, unbiased=False),
+                                   masked_var(returns, mask, unbiased=False))
+
+
+def explained_variance_from(var_error: torch.Tensor, var_returns: torch.Tensor) -> torch.Tensor:
+    """The same from the two variances (e.g. reduced over processes); NaN when the returns do not vary."""
     if var_returns == 0:
         return torch.tensor(float("nan"))
-    return 1.0 - masked_var(returns - values, mask, unbiased=False) / var_returns
+    return 1.0 - var_error / var_returns
 
 
 # ---------------------------------------------------------------------------------------------------------------

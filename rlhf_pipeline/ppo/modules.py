@@ -8,19 +8,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.ppo.core import last_token_index
 from rlhf_pipeline.rewards import call_function
+from rlhf_pipeline.scoring import RewardModel
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rollouts
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompts:
+    """Tokenized prompts: their texts (a conversational prompt through the chat template, ready for the assistant's
+    turn), token ids, and for conversational data the messages themselves (the reward model reads those)."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    messages: list[list[dict]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def select(self, rows: list[int]) -> Prompts:
+        return Prompts([self.texts[i] for i in rows], [self.ids[i] for i in rows],
+                       [self.messages[i] for i in rows] if self.messages is not None else None)
 
 
 @dataclass
@@ -32,7 +49,7 @@ class Rollout:
     response: torch.Tensor  # [B, R] token ids, pad after the first EOS
     response_mask: torch.Tensor  # [B, R] float, 1 up to and including the first EOS
     finished: torch.Tensor  # [B] bool: the response contains EOS
-    prompts: list[str]  # prompt texts
+    prompts: Prompts  # the prompts, row for row
     responses: list[str] = field(default_factory=list)  # response texts (special tokens removed)
 
     @property
@@ -50,8 +67,17 @@ class Rollout:
     def select(self, index: torch.Tensor) -> Rollout:
         rows = index.tolist()
         return Rollout(self.query[index], self.query_mask[index], self.response[index], self.response_mask[index],
-                       self.finished[index], [self.prompts[i] for i in rows],
+                       self.finished[index], self.prompts.select(rows),
                        [self.responses[i] for i in rows] if self.responses else [])
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device):
+    """Run a block under its own seed without disturbing the caller's random streams: the CPU generator and the
+    accelerator's are forked (restored afterwards), so that every process gets exactly the noise it asks for."""
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        torch.manual_seed(seed)
+        yield
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +106,7 @@ def truncate_after_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: 
 
 
 @torch.no_grad()
-def sample_rollout(policy: nn.Module, tokenizer, texts: list[str], ids: list[list[int]], generation, device,
+def sample_rollout(policy: nn.Module, tokenizer, prompts: Prompts, generation, device,
                    autocast: Callable = nullcontext) -> Rollout:
     """Sample one response per prompt (HF generate with its KV cache), truncated after the first EOS.
 
@@ -91,7 +117,7 @@ def sample_rollout(policy: nn.Module, tokenizer, texts: list[str], ids: list[lis
                               temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                               use_cache=True)
-    query, query_mask = left_pad(ids, tokenizer.pad_token_id)
+    query, query_mask = left_pad(prompts.ids, tokenizer.pad_token_id)
     query, query_mask = query.to(device), query_mask.to(device)
     was_training = policy.training
     policy.eval()
@@ -101,7 +127,7 @@ def sample_rollout(policy: nn.Module, tokenizer, texts: list[str], ids: list[lis
     response, response_mask, finished = truncate_after_eos(output[:, query.shape[1]:], tokenizer.eos_token_id,
                                                            tokenizer.pad_token_id)
     responses = tokenizer.batch_decode(response, skip_special_tokens=True)
-    return Rollout(query, query_mask, response, response_mask, finished.cpu(), list(texts), responses)
+    return Rollout(query, query_mask, response, response_mask, finished.cpu(), prompts, responses)
 
 
 def sequence_logprobs(model: nn.Module, rollout: Rollout, temperature: float, autocast: Callable = nullcontext,
@@ -162,7 +188,9 @@ def response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 class PolicyAndValue(nn.Module):
     """Everything the optimizer trains, in one module so that Accelerate / DDP wraps it once.
 
-    value `shared`: a linear value head on the policy's last hidden state (one trunk pass for both).
+    value `shared`: a linear value head on the policy's last hidden state (one trunk pass for both). The head's
+    weights are float32 whatever the policy's dtype, and it reads the hidden state cast to float32: a bf16 or fp16
+    policy's values keep full precision (under mixed precision, autocast still runs the head in half precision).
     value `separate`: a value network of its own (a sequence-classification model read at every position).
     """
 
@@ -183,7 +211,7 @@ class PolicyAndValue(nn.Module):
         hidden = response_hidden(self.policy, input_ids, attention_mask, response_start)
         logits = lm_head_of(self.policy)(hidden)
         if self.value_head is not None:
-            values = self.value_head(hidden).squeeze(-1)
+            values = self.value_head(hidden.float()).squeeze(-1)
         else:
             value_hidden = response_hidden(self.value_model, input_ids, attention_mask, response_start)
             values = score_head_of(self.value_model)(value_hidden).squeeze(-1)
@@ -212,33 +240,21 @@ def reference_logits(reference: nn.Module | None, policy: nn.Module, input_ids: 
 
 
 class ModelScorer:
-    """A sequence-classification reward model read at the last real token of each response (the EOS if any)."""
+    """A reward model scoring each (prompt, response) on the sequence RewardTrainer builds from it, through the
+    model's own forward pass (`rlhf_pipeline.scoring`): the texts are re-tokenized with the reward model's tokenizer,
+    whatever the policy's vocabulary."""
 
-    def __init__(self, model: nn.Module, tokenizer, policy_tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-        # The same vocabulary lets the rollout's token ids go straight in; otherwise the texts are re-tokenized.
-        self.same_vocab = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
-        self.head = score_head_of(model)
+    def __init__(self, reward_model: RewardModel):
+        self.reward_model = reward_model
+        self.tokenizer = reward_model.tokenizer
 
-    @torch.no_grad()
     def __call__(self, rollout: Rollout) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        if self.same_vocab:
-            input_ids, attention_mask = rollout.input_ids.to(device), rollout.attention_mask.to(device)
-            last = rollout.response_start + last_token_index(rollout.response_mask).to(device)
+        if rollout.prompts.messages is not None:
+            prompts: list = rollout.prompts.messages
+            responses: list = [[{"role": "assistant", "content": r}] for r in rollout.responses]
         else:
-            eos = self.tokenizer.eos_token or ""
-            texts = [p + r + (eos if f else "") for p, r, f in
-                     zip(rollout.prompts, rollout.responses, rollout.finished.tolist())]
-            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                                     padding_side="right")
-            input_ids, attention_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-            last = attention_mask.sum(1) - 1
-        hidden = trunk_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=device)
-        return self.head(hidden[rows, last]).squeeze(-1).float().cpu()
+            prompts, responses = rollout.prompts.texts, rollout.responses
+        return self.reward_model.score(prompts, responses)
 
 
 class FunctionScorer:
@@ -248,5 +264,5 @@ class FunctionScorer:
         self.function = function
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:
-        scores = call_function(self.function, rollout.prompts, rollout.responses, rollout.finished.tolist())
+        scores = call_function(self.function, rollout.prompts.texts, rollout.responses, rollout.finished.tolist())
         return torch.tensor(scores, dtype=torch.float32)

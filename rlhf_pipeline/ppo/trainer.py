@@ -3,7 +3,7 @@
     1. take the next rollout batch of prompts (a seeded order, the same after --resume)
     2. sample responses with the policy (KV cache), truncate after the first EOS
     3. one no-grad pass: old log-probs and values (policy), reference log-probs
-    4. score: reward model or function, minus the missing-EOS penalty, optionally normalised and clipped
+    4. score: reward model or function, the missing-EOS rule, optionally normalised and clipped
     5. per-token rewards: -beta * KL on every token, the score on the last real token
     6. GAE advantages and returns; whiten the advantages
     7. PPO epochs over shuffled mini-batches (micro-batches accumulate): clipped policy loss, clipped value loss,
@@ -29,9 +29,11 @@ import torch
 from rlhf_pipeline.ppo import core
 from rlhf_pipeline.ppo.modules import (
     PolicyAndValue,
+    Prompts,
     Rollout,
     reference_logits,
     sample_rollout,
+    seeded,
     sequence_logprobs,
 )
 from rlhf_pipeline.ppo.plan import BatchPlan
@@ -40,17 +42,6 @@ from rlhf_pipeline.recipe.schema import GenerationSection, PpoTraining
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "log.jsonl"
 SAMPLES_FILE = "samples.jsonl"
-
-
-@dataclass
-class Prompts:
-    """Tokenized prompts with their texts."""
-
-    texts: list[str]
-    ids: list[list[int]]
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 @dataclass
@@ -114,10 +105,10 @@ class PPOTrainer:
             self._anneal_learning_rate(update)
 
             # 1. the next prompts for this process
-            batch_texts, batch_ids = self._prompt_batch(update)
+            prompts = self._prompt_batch(update)
 
             # 2. sample responses, truncate after the first EOS
-            rollout = self.sample(batch_texts, batch_ids)
+            rollout = self.sample(prompts)
             t_generated = time.perf_counter()
 
             # 3. old log-probs and values, reference log-probs (no grad)
@@ -162,8 +153,8 @@ class PPOTrainer:
                 "objective/non_score_reward": self._mean(non_score.sum(1)),
                 "objective/rlhf_reward": self._mean(scores + non_score.sum(1)),
                 "objective/kl_coef": kl_coef,
-                "policy/entropy": self._mean(core.masked_mean(entropy, mask, dim=1)),
-                "value/explained_variance": float(core.explained_variance(old_values, returns, mask)),
+                "policy/entropy": self._token_mean(entropy, mask),
+                "value/explained_variance": self._explained_variance(old_values, returns, mask),
                 "rollout/response_length": self._mean(mask.sum(1)),
                 "rollout/eos_rate": self._mean(rollout.finished.float().to(self.device)),
                 **stats,
@@ -194,7 +185,7 @@ class PPOTrainer:
     # -----------------------------------------------------------------------------------------------------------
     # 1. prompts
     # -----------------------------------------------------------------------------------------------------------
-    def _prompt_batch(self, update: int) -> tuple[list[str], list[list[int]]]:
+    def _prompt_batch(self, update: int) -> Prompts:
         """The global batch of update `update` is episodes [u*B, (u+1)*B) of a stream that walks a fresh seeded
         permutation of the prompts each epoch; each process takes its slice."""
         plan, n = self.plan, len(self.prompts)
@@ -203,7 +194,7 @@ class PPOTrainer:
         for episode in range(start, start + plan.local_rollout_batch_size):
             epoch, position = divmod(episode, n)
             indices.append(self._permutation(epoch)[position])
-        return [self.prompts.texts[i] for i in indices], [self.prompts.ids[i] for i in indices]
+        return self.prompts.select(indices)
 
     def _permutation(self, epoch: int) -> list[int]:
         """The prompt order of one pass over the prompts (only the current one is kept)."""
@@ -216,10 +207,10 @@ class PPOTrainer:
     # -----------------------------------------------------------------------------------------------------------
     # 2. sampling
     # -----------------------------------------------------------------------------------------------------------
-    def sample(self, texts: list[str], ids: list[list[int]]) -> Rollout:
+    def sample(self, prompts: Prompts) -> Rollout:
         """Generate one response per prompt with the current policy (KV cache), truncated after the first EOS."""
         policy = self.accelerator.unwrap_model(self.model).policy
-        return sample_rollout(policy, self.tokenizer, texts, ids, self.generation, self.device,
+        return sample_rollout(policy, self.tokenizer, prompts, self.generation, self.device,
                               self.accelerator.autocast)
 
     # -----------------------------------------------------------------------------------------------------------
@@ -251,8 +242,7 @@ class PPOTrainer:
     # -----------------------------------------------------------------------------------------------------------
     def _shape_scores(self, scores: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~finished).float()
+        scores = core.missing_eos_rule(scores, finished, cfg.missing_eos_penalty, cfg.missing_eos_score)
         if cfg.score_normalization == "batch":
             ones = torch.ones_like(scores)
             mean, var = self._global_moments(scores, ones)
@@ -265,13 +255,11 @@ class PPOTrainer:
 
     def _fit_initial_score_normalisation(self) -> None:
         """Ziegler et al. 2019: map the initial policy's scores to mean 0, std 1 (a fixed affine map)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + 17)
-            texts, ids = self._prompt_batch(0)
-            rollout = self.sample(texts, ids)
-        scores = self.scorer(rollout).to(self.device)
-        if self.config.missing_eos_penalty is not None:
-            scores = scores - self.config.missing_eos_penalty * (~rollout.finished.to(self.device)).float()
+        cfg = self.config
+        with seeded(self.seed + 17 + 1000 * self.accelerator.process_index, self.device):
+            rollout = self.sample(self._prompt_batch(0))
+        scores = core.missing_eos_rule(self.scorer(rollout).to(self.device), rollout.finished.to(self.device),
+                                       cfg.missing_eos_penalty, cfg.missing_eos_score)
         mean, var = self._global_moments(scores, torch.ones_like(scores))
         self.state.score_shift, self.state.score_scale = float(mean), float(var.clamp(min=1e-8).sqrt())
 
@@ -351,7 +339,7 @@ class PPOTrainer:
             "value/clipfrac": float(vf.clipfrac) * share,
         }
         if entropy is not None:
-            stats["loss/entropy"] = entropy.item()
+            stats["loss/entropy"] = -cfg.entropy_coef * entropy.item()  # the bonus term as it enters loss/total
         return stats
 
     # -----------------------------------------------------------------------------------------------------------
@@ -368,13 +356,27 @@ class PPOTrainer:
         total = self.accelerator.reduce(torch.stack([values.sum(), values.new_tensor(values.numel())]), "sum")
         return float(total[0] / total[1].clamp(min=1))
 
-    def _global_moments(self, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked mean and (unbiased) variance over all processes."""
+    def _token_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        """Mean over every real token of all processes' rollouts (long responses weigh by their length)."""
+        sums = self.accelerator.reduce(torch.stack([core.masked_sum(values, mask), mask.sum()]).float(), "sum")
+        return float(sums[0] / sums[1].clamp(min=1))
+
+    def _explained_variance(self, values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+        """core.explained_variance over all processes' real tokens (population variances)."""
+        _, var_returns = self._global_moments(returns, mask, unbiased=False)
+        _, var_error = self._global_moments(returns - values, mask, unbiased=False)
+        return float(core.explained_variance_from(var_error, var_returns))
+
+    def _global_moments(self, values: torch.Tensor, mask: torch.Tensor,
+                        unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked mean and variance (Bessel-corrected unless `unbiased=False`) over all processes."""
         sums = torch.stack([core.masked_sum(values, mask), core.masked_sum(values**2, mask), mask.sum()]).float()
         sums = self.accelerator.reduce(sums, "sum")
         count = sums[2].clamp(min=1)
         mean = sums[0] / count
-        var = (sums[1] / count - mean**2).clamp(min=0) * count / (count - 1).clamp(min=1)
+        var = (sums[1] / count - mean**2).clamp(min=0)
+        if unbiased:
+            var = var * count / (count - 1).clamp(min=1)
         return mean, var
 
     def _log(self, row: dict[str, float]) -> None:
@@ -388,8 +390,9 @@ class PPOTrainer:
         if not self.accelerator.is_main_process:
             return
         with open(self.output_dir / SAMPLES_FILE, "a", encoding="utf-8") as handle:
-            for i in range(min(self.config.num_samples, len(rollout.prompts))):
-                row = {"update": self.state.update, "prompt": rollout.prompts[i], "response": rollout.responses[i],
+            for i in range(min(self.config.num_samples, len(rollout.responses))):
+                row = {"update": self.state.update, "prompt": rollout.prompts.texts[i],
+                       "response": rollout.responses[i],
                        "score": float(scores[i]), "finished": bool(rollout.finished[i])}
                 if gold is not None:
                     row["gold"] = float(gold[i])
@@ -409,12 +412,11 @@ class PPOTrainer:
         size = self.config.eval_batch_size
         scores, golds, kls, lengths, finished, samples = [], [], [], [], [], []
         model = self.accelerator.unwrap_model(self.model)
-        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
-            torch.manual_seed(seed + rank)
+        with seeded(seed + rank, self.device):
             for begin in tqdm(range(0, len(shard), size), desc="Evaluating held-out prompts",
                               disable=not self.accelerator.is_main_process, leave=False):
                 rows = shard[begin:begin + size]
-                rollout = self.sample([prompts.texts[i] for i in rows], [prompts.ids[i] for i in rows])
+                rollout = self.sample(prompts.select(rows))
                 t, autocast = self.generation.temperature, self.accelerator.autocast
                 logprobs = sequence_logprobs(model.policy, rollout, t, autocast)
                 if self.reference is not None:
@@ -430,7 +432,7 @@ class PPOTrainer:
                 finished.append(rollout.finished.float().to(self.device))
                 for i in range(len(rows)):
                     if len(samples) < 8:
-                        samples.append({"prompt": rollout.prompts[i], "response": rollout.responses[i],
+                        samples.append({"prompt": rollout.prompts.texts[i], "response": rollout.responses[i],
                                         "score": float(scores[-1][i])})
         result = {
             "score": self._mean(torch.cat(scores)),

@@ -100,8 +100,10 @@ class BpeTraining(Section):
 
     vocab_size: int = Field(8000, ge=300, description="Vocabulary size, special tokens included.")
     min_frequency: int = Field(2, ge=1, description="Pairs seen fewer times than this are not merged.")
-    eos_token: str = Field("<|endoftext|>", description="End-of-text token (also BOS and UNK, as in GPT-2).")
-    pad_token: str = Field("<pad>", description="Padding token, kept distinct from EOS.")
+    eos_token: str = Field(
+        "<|endoftext|>", description="The one special token: end of text, and also BOS, UNK and pad, as in GPT-2.")
+    pad_token: str | None = Field(
+        None, description="A padding token of its own; default none: pad = EOS, GPT-2's convention.")
 
 
 class PretrainTokenizerSection(TokenizerSection):
@@ -363,6 +365,10 @@ class PromptData(DataSection):
     columns: PromptColumns = Field(default_factory=PromptColumns, description="Column mapping: role -> column name.")
     max_prompt_length: int = Field(
         256, ge=1, description="Prompts longer than this many tokens are left out (the count is reported).")
+    implicit_prompt_end: str | None = Field(
+        None, description="For preference data without a prompt column (plain text): cut each pair's shared prefix "
+        "just after the last occurrence of this marker, e.g. `\\n\\nAssistant:` for Anthropic HH-RLHF. Default: "
+        "the whole shared prefix (TRL's extract_prompt), which runs into the response when both begin alike.")
 
 
 class RewardSource(Section):
@@ -451,7 +457,11 @@ class PpoTraining(Section):
     adaptive_kl: AdaptiveKL | None = Field(
         None, description="Adapt beta towards a target KL (Ziegler et al. 2019); null keeps kl_coef fixed.")
     missing_eos_penalty: float | None = Field(
-        1.0, description="Subtracted from the score of a response that ends without EOS; null disables.")
+        1.0, description="Subtracted from the score of a response that ends without EOS (TRL's rule: the reward "
+        "model's opinion is kept); null disables.")
+    missing_eos_score: float | None = Field(
+        None, description="Replaces the score of a response that ends without EOS by this value, e.g. -1 (the rule "
+        "of Ziegler et al. 2019 and Huang et al. 2024). Setting it switches missing_eos_penalty off.")
     score_normalization: Literal["none", "batch", "initial"] = Field(
         "none", description="`batch`: whiten scores within each rollout batch; `initial`: fix an affine map so that "
         "the initial policy's scores have mean 0 and std 1 (Ziegler et al. 2019); `none`: raw scores.")
@@ -483,6 +493,12 @@ class PpoTraining(Section):
     @model_validator(mode="after")
     def _batches(self):
         from rlhf_pipeline.ppo.plan import BatchPlan
+
+        if self.missing_eos_score is not None and self.missing_eos_penalty is not None:
+            if "missing_eos_penalty" in self.model_fields_set:
+                raise ValueError("set `missing_eos_score` (replace the score) or `missing_eos_penalty` (subtract from "
+                                 "it), not both")
+            self.missing_eos_penalty = None
 
         BatchPlan.of(self)  # raises ValueError with the arithmetic
         return self

@@ -80,10 +80,10 @@ def _policy_setup(loaded: LoadedRecipe, device):
     from rlhf_pipeline.stages.ppo import build_scorer, load_prompts
 
     recipe = loaded.recipe
-    tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.policy)
+    tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.policy, model_key="policy.name_or_path")
 
     def causal_lm(section, key):
-        model = models.load_pretrained(loaded, section, key=key).to(device).eval()
+        model = models.load_pretrained(loaded, section, key=f"{key}.name_or_path").to(device).eval()
         models.align_special_tokens(model, tokenizer)
         return model
 
@@ -96,33 +96,28 @@ def _policy_setup(loaded: LoadedRecipe, device):
                               "reference")
     else:
         reference = baseline
-    scorer = build_scorer(loaded, recipe.reward, "reward", tokenizer, device)
-    gold = build_scorer(loaded, recipe.gold, "gold", tokenizer, device) if recipe.gold else None
+    scorer = build_scorer(loaded, recipe.reward, "reward", device)
+    gold = build_scorer(loaded, recipe.gold, "gold", device) if recipe.gold else None
     return tokenizer, prompts, policy, baseline, reference, scorer, gold, device
 
 
 def _reward_setup(loaded: LoadedRecipe, device):
-    from rlhf_pipeline.recipe.schema import ModelSection, TokenizerSection
+    from rlhf_pipeline.stages.ppo import load_reward_model
 
     recipe = loaded.recipe
-    section = ModelSection(name_or_path=recipe.reward.model, revision=recipe.reward.revision,
-                           trust_remote_code=recipe.reward.trust_remote_code, dtype=recipe.reward.dtype)
-    tokenizer = models.load_tokenizer(loaded, TokenizerSection(), section, key="reward")
-    model = models.load_pretrained(loaded, section, kind="reward", key="reward").to(device).eval()
-    model.config.pad_token_id = tokenizer.pad_token_id
+    reward_model = load_reward_model(loaded, recipe.reward, "reward", device, recipe.batch_size)
     _, pairs = data_io.load_splits(loaded, "preferences")
     pairs = data_io.select_columns(loaded, pairs, "held-out", ["chosen", "rejected"], ["prompt"], key="preferences")
-    return model, tokenizer, pairs, recipe.batch_size
+    return reward_model, pairs
 
 
 # -------------------------------------------------------------------------------------------------------------
 # the policy against the baseline
 # -------------------------------------------------------------------------------------------------------------
 def evaluate_policy(loaded: LoadedRecipe, tokenizer, prompts, policy, baseline, reference, scorer, gold, device):
-    import torch
     from tqdm.auto import tqdm
 
-    from rlhf_pipeline.ppo.modules import sample_rollout, sequence_logprobs
+    from rlhf_pipeline.ppo.modules import sample_rollout, seeded, sequence_logprobs
 
     recipe = loaded.recipe
     generation, size = recipe.generation, recipe.batch_size
@@ -130,18 +125,17 @@ def evaluate_policy(loaded: LoadedRecipe, tokenizer, prompts, policy, baseline, 
                                                     "texts": []} for name in ("policy", "baseline")}
     prompt_texts: list[str] = []
     for begin_at in tqdm(range(0, len(prompts), size), desc="Sampling policy and baseline", leave=False):
-        texts, ids = prompts.texts[begin_at:begin_at + size], prompts.ids[begin_at:begin_at + size]
-        prompt_texts.extend(texts)
+        batch = prompts.select(list(range(begin_at, min(begin_at + size, len(prompts)))))
+        prompt_texts.extend(batch.texts)
         for name, model in (("policy", policy), ("baseline", baseline)):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(recipe.seed + begin_at)  # the same sampling noise for both models
-                rollout = sample_rollout(model, tokenizer, texts, ids, generation, device)
+            with seeded(recipe.seed + begin_at, device):  # the same sampling noise for both models
+                rollout = sample_rollout(model, tokenizer, batch, generation, device)
             out = collected[name]
             out["score"].extend(scorer(rollout).tolist())
             if gold is not None:
                 out["gold"].extend(gold(rollout).tolist())
             if reference is model:  # the baseline is its own reference
-                out["kl"].extend([0.0] * len(texts))
+                out["kl"].extend([0.0] * len(batch))
             else:
                 kl = (sequence_logprobs(model, rollout, generation.temperature)
                       - sequence_logprobs(reference, rollout, generation.temperature))
@@ -194,29 +188,20 @@ def distinct_n(texts: list[str], n: int) -> float:
 # -------------------------------------------------------------------------------------------------------------
 # the reward model
 # -------------------------------------------------------------------------------------------------------------
-def evaluate_reward_model(model, tokenizer, pairs, batch_size: int):
-    """Score every held-out pair as the reward stage trained on it (EOS appended to plain text; chat template for
-    conversational pairs)."""
+def evaluate_reward_model(reward_model, pairs):
+    """Score every held-out pair as the reward stage trained on it (the sequences RewardTrainer builds)."""
     from rlhf_pipeline.scoring import preference_metrics, score_sequences
 
-    def token_ids(prompt, response):
-        if isinstance(response, list):  # conversational
-            return tokenizer.apply_chat_template((prompt or []) + response, tokenize=True)
-        text = (prompt or "") + response
-        if not text.endswith(tokenizer.eos_token):
-            text += tokenizer.eos_token
-        return tokenizer(text)["input_ids"]
-
     prompts = pairs["prompt"] if "prompt" in pairs.column_names else [None] * len(pairs)
-    encoded = [(token_ids(p, c), token_ids(p, r)) for p, c, r in zip(prompts, pairs["chosen"], pairs["rejected"])]
-    context = context_length(model, cap=None)
+    encoded = list(zip(reward_model.input_ids(prompts, pairs["chosen"]), reward_model.input_ids(prompts,
+                                                                                                  pairs["rejected"])))
+    context = reward_model.context
     kept = [(c, r) for c, r in encoded if max(len(c), len(r)) <= context]  # longer ones cannot be read whole
     if not kept:
         raise UserError(f"no held-out pair fits in the reward model's context of {context} tokens")
-    chosen_scores = score_sequences(model, [c for c, _ in kept], tokenizer.pad_token_id, batch_size,
-                                    desc="Scoring chosen")
-    rejected_scores = score_sequences(model, [r for _, r in kept], tokenizer.pad_token_id, batch_size,
-                                      desc="Scoring rejected")
+    model, pad, size = reward_model.model, reward_model.tokenizer.pad_token_id, reward_model.batch_size
+    chosen_scores = score_sequences(model, [c for c, _ in kept], pad, size, desc="Scoring chosen")
+    rejected_scores = score_sequences(model, [r for _, r in kept], pad, size, desc="Scoring rejected")
     metrics = {f"reward_{k}": v for k, v in preference_metrics(chosen_scores, rejected_scores).items()}
     metrics["reward_pairs_too_long"] = len(encoded) - len(kept)
     return metrics, {"chosen": chosen_scores.tolist(), "rejected": rejected_scores.tolist()}

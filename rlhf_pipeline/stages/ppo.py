@@ -7,8 +7,9 @@ save. The algorithm is ours (TRL dropped PPOTrainer in 1.13): see rlhf_pipeline/
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline import data as data_io
 from rlhf_pipeline import models, runs
@@ -17,6 +18,9 @@ from rlhf_pipeline.ppo.plan import BatchPlan
 from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.recipe.schema import ModelSection, RewardSource
 from rlhf_pipeline.stages.common import RunOptions, context_length, finish_outputs, quiet_library_warnings, say
+
+if TYPE_CHECKING:
+    from rlhf_pipeline.ppo.modules import Prompts
 
 EVAL_BEFORE_FILE = "eval_before.json"
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
@@ -47,61 +51,106 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
     return metrics
 
 
-def _train(loaded: LoadedRecipe, accelerator, checkpoint: Path | None) -> dict[str, Any]:
-    import torch
-    from transformers import set_seed
+@dataclass
+class PpoSetup:
+    """What the trainer is built from: tokenizer, prompts and every model, as the recipe asks."""
 
+    tokenizer: Any
+    train_prompts: Prompts
+    eval_prompts: Prompts
+    model: Any  # PolicyAndValue: the policy and the value function, what the optimizer trains
+    reference: Any  # a frozen causal LM, or None: the LoRA policy with its adapter disabled
+    scorer: Any
+    gold: Any
+    value_source: str  # where the value function starts, for the log
+
+
+def build(loaded: LoadedRecipe, device) -> PpoSetup:
+    """Steps 1 (data) and 2 (models) of the stage."""
     from rlhf_pipeline.ppo.modules import PolicyAndValue
-    from rlhf_pipeline.ppo.trainer import PPOTrainer
 
     recipe, cfg = loaded.recipe, loaded.recipe.training
-    set_seed(recipe.seed)
 
     # 1. data: tokenized prompts that leave room for a response in the policy's context
-    tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.policy)
-    policy = models.load_pretrained(loaded, recipe.policy, key="policy")
+    tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.policy, model_key="policy.name_or_path")
+    policy = models.load_pretrained(loaded, recipe.policy, key="policy.name_or_path")
     train_prompts, eval_prompts = load_prompts(loaded, tokenizer, context_length(policy, cap=None),
                                                eval_limit=cfg.eval_prompts)
 
     # 2. models
     models.align_special_tokens(policy, tokenizer)
-    _disable_dropout(policy)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.peft:
         from peft import get_peft_model
 
         policy = get_peft_model(policy, models.lora_config(recipe.peft, "CAUSAL_LM", policy))
+    _disable_dropout(policy)  # after LoRA: its adapters bring dropout layers of their own
     reference = None
     if recipe.reference.name_or_path or not recipe.peft:  # with LoRA the default is the adapter switched off
         path = recipe.reference.name_or_path or recipe.policy.name_or_path
         reference = _frozen(models.load_pretrained(loaded, recipe.policy.model_copy(update={"name_or_path": path}),
-                                                   key="reference" if recipe.reference.name_or_path else "policy"))
-    value_model = None
+                                                   key=f"{'reference' if recipe.reference.name_or_path else 'policy'}"
+                                                       ".name_or_path"))
+    scorer = build_scorer(loaded, recipe.reward, "reward", device)
+    gold = build_scorer(loaded, recipe.gold, "gold", device) if recipe.gold else None
+    value_model, value_source = None, "a head on the policy's trunk (shared)"
     if recipe.value.mode == "separate":
-        value_path = recipe.value.name_or_path or recipe.reward.model or recipe.policy.name_or_path
+        value_path, value_key, value_source = value_start(recipe, getattr(scorer, "tokenizer", None), tokenizer)
         value_model = models.load_pretrained(loaded, recipe.policy.model_copy(update={"name_or_path": value_path}),
-                                             kind="reward", key="value" if recipe.value.name_or_path else "reward")
+                                             kind="reward", key=value_key)
         value_model.config.pad_token_id = tokenizer.pad_token_id
-        _disable_dropout(value_model)
         if recipe.peft:
             from peft import get_peft_model
 
             value_model = get_peft_model(value_model, models.lora_config(recipe.peft, "SEQ_CLS", value_model))
-    model = PolicyAndValue(policy, value_model)
-    scorer = build_scorer(loaded, recipe.reward, "reward", tokenizer, accelerator.device)
-    gold = build_scorer(loaded, recipe.gold, "gold", tokenizer, accelerator.device) if recipe.gold else None
+        _disable_dropout(value_model)
+    return PpoSetup(tokenizer, train_prompts, eval_prompts, PolicyAndValue(policy, value_model), reference, scorer,
+                    gold, value_source)
 
-    # 3. trainer
+
+def value_start(recipe, reward_tokenizer, policy_tokenizer) -> tuple[str, str, str]:
+    """(checkpoint, recipe key, description) of the separate value model's starting point: `value.name_or_path`;
+    else the reward model [Z19, N+] when it reads the policy's token ids (same vocabulary); else the policy."""
+    if recipe.value.name_or_path:
+        return recipe.value.name_or_path, "value.name_or_path", f"separate, from {recipe.value.name_or_path}"
+    if recipe.reward.model and reward_tokenizer is not None:
+        if reward_tokenizer.get_vocab() == policy_tokenizer.get_vocab():
+            return recipe.reward.model, "reward.model", f"separate, from the reward model {recipe.reward.model}"
+        return (recipe.policy.name_or_path, "policy.name_or_path",
+                f"separate, from the policy {recipe.policy.name_or_path} (the reward model's vocabulary differs from "
+                "the policy's, so it cannot read the policy's token ids; set value.name_or_path to choose)")
+    return recipe.policy.name_or_path, "policy.name_or_path", f"separate, from the policy {recipe.policy.name_or_path}"
+
+
+def make_trainer(loaded: LoadedRecipe, setup: PpoSetup, accelerator, on_log=None):
+    """Step 3: the trainer over what `build` made."""
+    from rlhf_pipeline.ppo.trainer import PPOTrainer
+
+    recipe = loaded.recipe
+    return PPOTrainer(config=recipe.training, generation=recipe.generation, model=setup.model,
+                      reference=setup.reference, tokenizer=setup.tokenizer, scorer=setup.scorer, gold=setup.gold,
+                      prompts=setup.train_prompts, output_dir=recipe.output_dir, seed=recipe.seed,
+                      accelerator=accelerator, on_log=on_log)
+
+
+def _train(loaded: LoadedRecipe, accelerator, checkpoint: Path | None) -> dict[str, Any]:
+    import torch
+    from transformers import set_seed
+
     from rlhf_pipeline.tracking import Tracker
 
+    recipe = loaded.recipe
+    set_seed(recipe.seed)
+    setup = build(loaded, accelerator.device)
+    tokenizer, eval_prompts = setup.tokenizer, setup.eval_prompts
+
+    # 3. trainer
     tracker = Tracker.for_recipe(loaded, accelerator.is_main_process)
-    trainer = PPOTrainer(config=cfg, generation=recipe.generation, model=model, reference=reference,
-                         tokenizer=tokenizer, scorer=scorer, gold=gold, prompts=train_prompts,
-                         output_dir=recipe.output_dir, seed=recipe.seed, accelerator=accelerator,
-                         on_log=tracker.log)
-    say("ppo", f"{len(train_prompts)} training prompts, {len(eval_prompts)} held-out; value {recipe.value.mode}; "
-               f"reference {'adapter disabled' if reference is None else 'frozen copy'}; {trainer.plan.describe()}")
+    trainer = make_trainer(loaded, setup, accelerator, on_log=tracker.log)
+    say("ppo", f"{len(setup.train_prompts)} training prompts, {len(eval_prompts)} held-out; value "
+               f"{setup.value_source}; reference {'adapter disabled' if setup.reference is None else 'frozen copy'}; "
+               f"{trainer.plan.describe()}")
 
     # 4. evaluate, train, evaluate
     output_dir = Path(recipe.output_dir)
@@ -187,28 +236,28 @@ def _truncate_logs(output_dir: Path, updates_done: int) -> None:
 # -------------------------------------------------------------------------------------------------------------
 def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data", eval_limit: int | None = None):
     """Tokenized training and held-out prompts from the `key` section. Preference data without a prompt column gives
-    its shared prefix as the prompt. Prompts longer than `max_prompt_length` tokens, or than what leaves room for a
-    whole response in the model's `context`, are left out (and counted)."""
-    from rlhf_pipeline.ppo.trainer import Prompts
+    its shared prefix as the prompt (see `implicit_prompts`). Prompts longer than `max_prompt_length` tokens, or than
+    what leaves room in the model's `context` for a whole response and the EOS a reward model reads after it, are
+    left out (and counted)."""
+    from rlhf_pipeline.ppo.modules import Prompts
 
     section = getattr(loaded.recipe, key)
     response_length = loaded.recipe.generation.response_length
-    limit = min(section.max_prompt_length, context - response_length)
+    limit = min(section.max_prompt_length, context - response_length - 1)
     if limit < 1:
-        raise loaded.error("generation.response_length", f"{response_length} tokens leave no room for a prompt in "
-                                                         f"the model's context of {context} tokens")
+        raise loaded.error("generation.response_length", f"{response_length} tokens (and an EOS) leave no room for a "
+                                                         f"prompt in the model's context of {context} tokens")
     train, held_out = data_io.load_splits(loaded, key)
     tokenized = []
     for split, name in ((train, "training"), (held_out, "held-out")):
         present = data_io.roles_present(loaded, split, ["prompt", "chosen", "rejected"], key)
         if "prompt" not in present and {"chosen", "rejected"} <= present:
-            from trl.data_utils import extract_prompt
-
             split = data_io.select_columns(loaded, split, name, ["chosen", "rejected"], key=key)
-            split = split.map(extract_prompt, desc=f"Extracting {name} prompts")
+            prompts = implicit_prompts(loaded, split, name, key)
         else:
             split = data_io.select_columns(loaded, split, name, ["prompt"], key=key)  # names a missing column
-        texts = [_prompt_text(p, tokenizer, loaded) for p in split["prompt"]]
+            prompts = split["prompt"]
+        texts = [_prompt_text(p, tokenizer, loaded) for p in prompts]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         keep = [i for i, seq in enumerate(ids) if 0 < len(seq) <= limit]
         if len(keep) < len(ids):
@@ -216,11 +265,35 @@ def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data
                               "tokens (or empty)")
         if not keep:
             raise loaded.error(f"{key}.max_prompt_length", f"no {name} prompt fits in {limit} tokens")
-        tokenized.append(Prompts([texts[i] for i in keep], [ids[i] for i in keep]))
+        messages = [prompts[i] for i in keep] if isinstance(prompts[0], list) else None
+        tokenized.append(Prompts([texts[i] for i in keep], [ids[i] for i in keep], messages))
     train_prompts, eval_prompts = tokenized
     if eval_limit is not None:
-        eval_prompts = Prompts(eval_prompts.texts[:eval_limit], eval_prompts.ids[:eval_limit])
+        eval_prompts = eval_prompts.select(list(range(min(eval_limit, len(eval_prompts)))))
     return train_prompts, eval_prompts
+
+
+def implicit_prompts(loaded: LoadedRecipe, split, name: str, key: str) -> list:
+    """The prompts of preference pairs whose chosen and rejected hold the whole text: their shared prefix (TRL's
+    `extract_prompt`), cut just after the last `implicit_prompt_end` in it when that is set. Without the cut, a shared
+    prefix runs into the response when both responses begin alike (HH-RLHF: "...Assistant: I"). Rows whose shared
+    prefix lacks the marker have no prompt and are left out (and counted)."""
+    from trl.data_utils import extract_prompt
+
+    end = getattr(loaded.recipe, key).implicit_prompt_end
+    prompts = split.map(extract_prompt, desc=f"Extracting {name} prompts")["prompt"]
+    if end is None or not prompts:
+        return prompts
+    if not isinstance(prompts[0], str):
+        raise loaded.error(f"{key}.implicit_prompt_end", "applies to plain-text data; conversational prompts end "
+                                                         "where chosen and rejected part, message by message")
+    cut = [p[: p.rfind(end) + len(end)] for p in prompts if end in p]
+    if len(cut) < len(prompts):
+        say(loaded.stage, f"left out {len(prompts) - len(cut)} of {len(prompts)} {name} pairs whose shared prefix has "
+                          f"no {end!r}")
+    if not cut:
+        raise loaded.error(f"{key}.implicit_prompt_end", f"no {name} pair's shared prefix contains {end!r}")
+    return cut
 
 
 def _prompt_text(prompt: Any, tokenizer, loaded: LoadedRecipe) -> str:
@@ -236,8 +309,9 @@ def _prompt_text(prompt: Any, tokenizer, loaded: LoadedRecipe) -> str:
 # -------------------------------------------------------------------------------------------------------------
 # models
 # -------------------------------------------------------------------------------------------------------------
-def build_scorer(loaded: LoadedRecipe, source: RewardSource, key: str, policy_tokenizer, device):
-    """A reward model or a reward function, as a callable on rollouts."""
+def build_scorer(loaded: LoadedRecipe, source: RewardSource, key: str, device):
+    """A reward model (scoring pairs as RewardTrainer built them, see `rlhf_pipeline.scoring`) or a reward function,
+    as a callable on rollouts."""
     from rlhf_pipeline.ppo.modules import FunctionScorer, ModelScorer
     from rlhf_pipeline.rewards import load_function
 
@@ -246,17 +320,19 @@ def build_scorer(loaded: LoadedRecipe, source: RewardSource, key: str, policy_to
             return FunctionScorer(load_function(source.function))
         except UserError as exc:
             raise loaded.error(f"{key}.function", str(exc)) from None
+    return ModelScorer(load_reward_model(loaded, source, key, device))
+
+
+def load_reward_model(loaded: LoadedRecipe, source: RewardSource, key: str, device, batch_size: int = 64):
+    """The reward model named by `source.model`, frozen on `device`, with its own tokenizer."""
+    from rlhf_pipeline.recipe.schema import TokenizerSection
+    from rlhf_pipeline.scoring import RewardModel
+
     section = ModelSection(name_or_path=source.model, revision=source.revision,
                            trust_remote_code=source.trust_remote_code, dtype=source.dtype)
-    from rlhf_pipeline.recipe.schema import TokenizerSection
-
-    reward_tokenizer = models.load_tokenizer(loaded, TokenizerSection(), section, key=key)
-    model = _frozen(models.load_pretrained(loaded, section, kind="reward", key=key)).to(device)
-    model.config.pad_token_id = reward_tokenizer.pad_token_id
-    try:
-        return ModelScorer(model, reward_tokenizer, policy_tokenizer)
-    except UserError as exc:
-        raise loaded.error(f"{key}.model", str(exc)) from None
+    tokenizer = models.load_tokenizer(loaded, TokenizerSection(), section, model_key=f"{key}.model")
+    model = _frozen(models.load_pretrained(loaded, section, kind="reward", key=f"{key}.model")).to(device)
+    return RewardModel(model, tokenizer, batch_size)
 
 
 def _frozen(model):

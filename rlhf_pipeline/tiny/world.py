@@ -3,7 +3,8 @@
     python -m rlhf_pipeline.tiny.world --out recipes/tiny/data      # rewrites the committed files, byte for byte
 
 Files (gzipped JSON lines):
-  corpus.jsonl.gz             {"text"}                     pre-training text: reviews and plot notes
+  corpus.jsonl.gz             {"text"}                     pre-training text: reviews, plot notes, and reviews
+                                                           of varied quality (cut off, repetitive, rambling)
   sft.jsonl.gz                {"prompt", "completion"}     demonstrations, mixed sentiment
   preferences-{train,test}    {"prompt", "chosen", "rejected"}  pairs labelled by the simulated annotator
   prompts-{train,test}        {"prompt"}                   review openings for PPO
@@ -98,12 +99,19 @@ class World:
 
 
 def generate(seed: int = 0, n_corpus: int = 20000, n_sft: int = 4000, n_pairs: int = 6000, n_pairs_test: int = 500,
-             n_prompts: int = 2000, n_prompts_test: int = 256, label_noise: float = 0.05) -> dict[str, list[dict]]:
+             n_prompts: int = 2000, n_prompts_test: int = 256, label_noise: float = 0.05,
+             n_corpus_varied: int = 5000) -> dict[str, list[dict]]:
     """All tiny-default data sets, deterministically from `seed`."""
     world = World(seed)
     r = world.rng
     corpus = [{"text": f"{world.prefix()} {world.review()}" if r.random() < 0.8 else world.plot_note()}
               for _ in range(n_corpus)]
+    # web text is not all well written: reviews of varied quality (cut off, repetitive, rambling), drawn from a stream
+    # of their own so that every other data set stays as it was
+    varied = World(seed)
+    varied.rng = random.Random(f"{seed}-varied")
+    corpus += [{"text": f"{varied.prefix()} {varied.candidate()}"} for _ in range(n_corpus_varied)]
+    varied.rng.shuffle(corpus)
     sft = [{"prompt": world.prefix(), "completion": " " + world.review()} for _ in range(n_sft)]
 
     def pairs(n: int) -> list[dict]:
