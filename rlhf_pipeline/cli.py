@@ -11,7 +11,16 @@ from typing import Annotated, Optional
 import typer
 
 from rlhf_pipeline import __version__, commands
-from rlhf_pipeline.errors import EXIT_GATE_FAILED, EXIT_USER_ERROR, GateFailed, UserError
+from rlhf_pipeline.errors import (
+    EXIT_ENVIRONMENT,
+    EXIT_GATE_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    DiskFull,
+    GateFailed,
+    Interrupted,
+    UserError,
+)
 
 app = typer.Typer(
     help="The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo. Recipes are YAML files.",
@@ -33,7 +42,12 @@ SetOpt = Annotated[
 OutputDirOpt = Annotated[
     Optional[Path], typer.Option("--output-dir", help="Write here instead of the recipe's output_dir.")
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in the output dir.")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace the finished (or resumable) run in the output dir: the new run is built beside it "
+                        "and takes its place only once finished.")]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue the unfinished run in the output dir from its last complete checkpoint (with "
+                     "--overwrite: the interrupted run that was to replace a finished one).")]
 DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Resolve and validate the recipe, print the plan, write nothing.")
 ]
@@ -44,15 +58,22 @@ def user_errors() -> Iterator[None]:
     """Bad input becomes a message on stderr and exit code 2, never a traceback."""
     try:
         yield
+    except DiskFull as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ENVIRONMENT) from None
     except UserError as exc:
         typer.echo(commands.format_errors(exc), err=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except GateFailed as exc:
         typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(EXIT_GATE_FAILED) from None
+    except Interrupted as exc:
+        typer.echo(str(exc) + (f"\nresume with: {exc.resume_command}" if exc.resume_command else ""), err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted: the output dir has no metrics.json, so the run counts as unfinished", err=True)
-        raise typer.Exit(130) from None
+        typer.echo("interrupted: the run did not finish (no metrics.json); work since its last checkpoint, if any, "
+                   "is lost. Resume from a checkpoint with --resume.", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _stage(stage: str, recipe: Path, set_: list[str] | None, output_dir: Path | None, overwrite: bool,
@@ -66,29 +87,28 @@ def _stage(stage: str, recipe: Path, set_: list[str] | None, output_dir: Path | 
 
 @app.command()
 def pretrain(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
-             dry_run: DryRunOpt = False) -> None:
+             resume: ResumeOpt = False, dry_run: DryRunOpt = False) -> None:
     """Pre-train a causal LM on plain text (optionally training a new tokenizer and initialising a new model)."""
-    _stage("pretrain", recipe, set_, output_dir, overwrite, dry_run)
+    _stage("pretrain", recipe, set_, output_dir, overwrite, dry_run, resume)
 
 
 @app.command()
 def sft(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
-        dry_run: DryRunOpt = False) -> None:
+        resume: ResumeOpt = False, dry_run: DryRunOpt = False) -> None:
     """Supervised fine-tuning (TRL SFTTrainer) on text, prompt/completion or conversational data."""
-    _stage("sft", recipe, set_, output_dir, overwrite, dry_run)
+    _stage("sft", recipe, set_, output_dir, overwrite, dry_run, resume)
 
 
 @app.command()
 def reward(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
-           dry_run: DryRunOpt = False) -> None:
+           resume: ResumeOpt = False, dry_run: DryRunOpt = False) -> None:
     """Train a reward model on preference pairs (TRL RewardTrainer); reports held-out accuracy and margin."""
-    _stage("reward", recipe, set_, output_dir, overwrite, dry_run)
+    _stage("reward", recipe, set_, output_dir, overwrite, dry_run, resume)
 
 
 @app.command()
 def ppo(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its last checkpoint.")]
-        = False, dry_run: DryRunOpt = False) -> None:
+        resume: ResumeOpt = False, dry_run: DryRunOpt = False) -> None:
     """PPO against a reward model or function, with a KL penalty to a frozen reference (our own trainer)."""
     _stage("ppo", recipe, set_, output_dir, overwrite, dry_run, resume)
 
@@ -110,12 +130,15 @@ def pipeline(
     only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE",
                                                 help="Run this stage only (earlier outputs must exist).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run every stage, up to date or not.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Resume the interrupted stage from its last checkpoint (done anyway when its recipe and "
+                         "inputs are unchanged; with --resume, having nothing to resume is an error).")] = False,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Run the stages of a pipeline recipe in order, wiring each output into the next stage and skipping the
     stages that are up to date; stops before PPO when the reward model fails the quality gate (exit code 3)."""
     with user_errors():
-        typer.echo(commands.run_pipeline(recipe, set_ or [], from_stage, only, force, dry_run))
+        typer.echo(commands.run_pipeline(recipe, set_ or [], from_stage, only, force, dry_run, resume))
 
 
 @app.command()

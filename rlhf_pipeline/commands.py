@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,28 +35,91 @@ def run_stage(stage: str, recipe_path: Path, overrides: Sequence[str], overwrite
     """Load and validate the recipe; print the plan (dry run) or run the stage. Returns the plan text on dry runs."""
     loaded = load_recipe(recipe_path, overrides, expected_stage=stage)
     if dry_run:
-        return describe_plan(loaded, overwrite)
-    if not resume:
-        runs.check_output_dir(loaded.recipe.output_dir, overwrite)
-    from rlhf_pipeline.stages.common import RunOptions
-
-    module = importlib.import_module(STAGE_MODULES[stage])
-    module.run(loaded, RunOptions(overwrite=overwrite, resume=resume))
+        return describe_plan(loaded, overwrite, resume)
+    execute_stage(loaded, overwrite=overwrite, resume=resume)
     return None
 
 
+def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run a stage so that no run is lost: hold the output dir's lock (process 0), complete or undo a swap a crash
+    interrupted, plan where the run writes (a staging sibling when it replaces a finished or resumable run), check
+    a resumed run's recipe, and on bad input remove what this run wrote. Ctrl-C saves a checkpoint (exit 130)."""
+    output_dir = loaded.recipe.output_dir
+    named = recipe_checkpoint(loaded)
+    with runs.lock(output_dir) if runs.is_main_process() else contextlib.nullcontext():
+        if runs.is_main_process():
+            runs.recover(output_dir)
+        plan = runs.plan_run(output_dir, overwrite, resume or named is not None)
+        if named is not None:
+            plan = dataclasses.replace(plan, checkpoint=named)
+        if plan.mode == "resume":
+            check_same_recipe(loaded, plan.work / runs.RECIPE_FILE)
+        elif runs.is_main_process():
+            runs.prepare_run(plan)
+        from rlhf_pipeline.stages.common import RunOptions, graceful_interrupt, say
+
+        if plan.staged:
+            say(loaded.stage, f"building the new run in {plan.work}; {output_dir} stays as it is until it finishes")
+        if plan.mode == "resume":
+            say(loaded.stage, f"resuming {plan.work} from {plan.checkpoint.name}")
+        module = importlib.import_module(STAGE_MODULES[loaded.stage])
+        try:
+            with graceful_interrupt(loaded.stage):
+                return module.run(loaded.working_in(plan.work), RunOptions(plan))
+        except UserError:
+            if runs.is_main_process():
+                runs.abandon(plan)
+            raise
+        except (OSError, RuntimeError) as exc:
+            full = runs.disk_full(exc, plan.work)
+            if full is None:
+                raise
+            raise full from None
+
+
+def recipe_checkpoint(loaded: LoadedRecipe) -> Path | None:
+    """A checkpoint inside the output dir named by `training.resume_from_checkpoint` (TRL stages): the run resumes
+    from it (the output dir is kept). A checkpoint elsewhere is the Trainer's business: a new run from its state."""
+    training = getattr(loaded.recipe, "training", None)
+    value = training.get("resume_from_checkpoint") if isinstance(training, dict) else None
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value)
+    if Path(loaded.recipe.output_dir).resolve() not in path.resolve().parents:
+        return None
+    if not (path / runs.CHECKPOINT_COMPLETE).is_file():
+        raise loaded.error("training.resume_from_checkpoint", f"{value} is not a complete checkpoint of this run "
+                                                              f"(last complete: {runs.latest_checkpoint(path.parent)})")
+    return path
+
+
+def check_same_recipe(loaded: LoadedRecipe, saved_path: Path) -> None:
+    """A run resumes only with the recipe it started with (apart from where it is published, and which checkpoint
+    `training.resume_from_checkpoint` names)."""
+    from rlhf_pipeline.recipe.load import diff_keys, resolved_data
+
+    differences = [key for key in diff_keys(resolved_data(saved_path.read_text()),
+                                            resolved_data(loaded.resolved_yaml()))
+                   if key != "training.resume_from_checkpoint"]
+    if differences:
+        raise UserError(f"--resume: the recipe differs from the one the run started with ({saved_path}) at: "
+                        f"{', '.join(differences)}. Resume with the same recipe, or start over with --overwrite.")
+
+
 def run_pipeline(recipe_path: Path, overrides: Sequence[str], from_stage: str | None, only: str | None,
-                 force: bool, dry_run: bool) -> str:
+                 force: bool, dry_run: bool, resume: bool = False) -> str:
     from rlhf_pipeline.pipeline import Options, plan_stages
     from rlhf_pipeline.pipeline import run_pipeline as run
 
     if from_stage is not None and only is not None:
         raise UserError("--from and --only do not go together")
+    if resume and (force or from_stage):
+        raise UserError("--resume continues an interrupted stage; it does not go with --force or --from")
     loaded = load_recipe(recipe_path, overrides, expected_stage="pipeline")
     if dry_run:
         for plan in plan_stages(loaded):
             check_local_files(plan.loaded)
-    return run(loaded, Options(force=force, from_stage=from_stage, only=only, dry_run=dry_run))
+    return run(loaded, Options(force=force, from_stage=from_stage, only=only, dry_run=dry_run, resume=resume))
 
 
 def validate_paths(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[RecipeError]]:
@@ -93,16 +158,17 @@ def check_local_files(loaded: LoadedRecipe) -> None:
             check_data_files(loaded, key)
 
 
-def describe_plan(loaded: LoadedRecipe, overwrite: bool) -> str:
+def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -> str:
     """What a run of this recipe would do, without doing any of it."""
     recipe = loaded.recipe
     check_local_files(loaded)
-    status = runs.check_output_dir(recipe.output_dir, overwrite)
+    plan = runs.plan_run(recipe.output_dir, overwrite, resume or recipe_checkpoint(loaded) is not None)
     status_text = {
         "new": "new",
-        "finished": "holds a finished run: it will be replaced (--overwrite)",
-        "unfinished": "holds an unfinished run: it will be cleared",
-    }[status]
+        "restart": "holds an unfinished run with nothing to resume: it will be cleared",
+        "replace": f"holds a run: the new one is built in {plan.work} and replaces it once finished",
+        "resume": f"resumes from {plan.checkpoint}",
+    }[plan.mode]
     rows: list[tuple[str, str]] = [
         ("stage", recipe.stage),
         ("recipe", str(loaded.path)),

@@ -62,10 +62,17 @@ def _load_split(loaded: LoadedRecipe, split: str, key: str, field: str) -> Datas
     data = getattr(loaded.recipe, key)
     if data.files:
         builder = data_format(data.files[split][0])
+        for path in data.files[split]:
+            problem = check_text_file(path, builder)
+            if problem:
+                raise loaded.error(f"{key}.files", f"split {split!r}: {problem}")
         try:
-            return datasets.load_dataset(builder, data_files={split: data.files[split]}, split=split)
+            dataset = datasets.load_dataset(builder, data_files={split: data.files[split]}, split=split)
         except Exception as exc:  # malformed JSON / CSV / parquet: the user's file, so a user error
             raise loaded.error(f"{key}.files", f"cannot read the {split!r} files: {_first_line(exc)}") from None
+        if len(dataset) == 0:
+            raise loaded.error(f"{key}.files", f"the {split!r} files hold no rows ({', '.join(data.files[split])})")
+        return dataset
     try:
         return datasets.load_dataset(data.dataset, name=data.subset, data_dir=data.data_dir, revision=data.revision,
                                      split=split)
@@ -77,6 +84,61 @@ def _load_split(loaded: LoadedRecipe, split: str, key: str, field: str) -> Datas
     except Exception as exc:  # not found, offline, gated: say which dataset and why
         raise loaded.error(f"{key}.dataset", f"cannot load Hub dataset {data.dataset!r}: {_first_line(exc)}") \
             from None
+
+
+def check_text_file(path: str, builder: str) -> str | None:
+    """What is wrong with a local JSON-lines, JSON or CSV file (optionally gzipped), naming the line: not UTF-8, a
+    line that is not JSON, no rows at all. None when it reads. (The `datasets` readers fail on these with messages
+    that name neither the file nor the line.)"""
+    import gzip
+    import json
+    import zlib
+
+    if builder not in ("json", "csv"):
+        return None
+    opener = gzip.open if path.endswith(".gz") else open
+    whole_json = builder == "json" and ".jsonl" not in path
+    rows, chunks = 0, []
+    try:
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return (f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1});"
+                            " save the file as UTF-8")
+                if whole_json:
+                    chunks.append(line)
+                if not line.strip():
+                    continue
+                rows += 1
+                if builder == "json" and not whole_json:
+                    problem = _json_line_problem(line, path, number)
+                    if problem:
+                        return problem
+    except (OSError, EOFError, zlib.error) as exc:  # a corrupt or truncated gzip file
+        return f"{path}: cannot be read: {_first_line(exc)}"
+    if rows == 0:
+        return f"{path} is empty: no rows"
+    if whole_json:
+        try:
+            json.loads("".join(chunks))
+        except ValueError:  # not one JSON document: then JSON lines, as `datasets` also accepts in a .json file
+            for number, line in enumerate(chunks, 1):
+                problem = _json_line_problem(line, path, number) if line.strip() else None
+                if problem:
+                    return problem
+    return None
+
+
+def _json_line_problem(line: str, path: str, number: int) -> str | None:
+    import json
+
+    try:
+        json.loads(line.rstrip("\r\n"))
+    except ValueError as exc:
+        return f"{path}:{number}: not JSON: {getattr(exc, 'msg', exc)} (column {getattr(exc, 'colno', '?')})"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

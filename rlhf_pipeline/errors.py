@@ -6,16 +6,30 @@ import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+EXIT_ENVIRONMENT = 1
 EXIT_USER_ERROR = 2
 EXIT_GATE_FAILED = 3
+EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
     """Bad input (a recipe, a path, a flag): shown as a message, never as a traceback."""
 
 
+class DiskFull(UserError):
+    """The disk filled up while writing: a message naming where, exit code 1 (not the user's input)."""
+
+
 class GateFailed(Exception):
     """A pipeline quality gate stopped the run (e.g. reward accuracy under the threshold): exit code 3."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a run after saving what it could: exit code 130, with the command that resumes it."""
+
+    def __init__(self, message: str, resume_command: str | None = None):
+        super().__init__(message)
+        self.resume_command = resume_command
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,14 @@ def load_tokenizer(loaded: LoadedRecipe, section: TokenizerSection, model: Model
     token and the recipe's chat template."""
     from transformers import AutoTokenizer
 
-    source = section.name_or_path or model.name_or_path
-    source_key = f"{key}.name_or_path" if section.name_or_path else model_key
+    own = section.name_or_path is not None  # another repository: its own revision and remote-code permission
+    source = section.name_or_path if own else model.name_or_path
+    source_key = f"{key}.name_or_path" if own else model_key
+    check_local_source(loaded, source, source_key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=section.revision or model.revision, trust_remote_code=model.trust_remote_code
+            source, revision=section.revision if own else model.revision,
+            trust_remote_code=section.trust_remote_code if own else model.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
         raise loaded.error(source_key, f"cannot load a tokenizer from {source!r}: {_short(exc)}") from None
@@ -32,6 +35,32 @@ def load_tokenizer(loaded: LoadedRecipe, section: TokenizerSection, model: Model
     if section.chat_template:
         tokenizer.chat_template = read_chat_template(loaded, section.chat_template, f"{key}.chat_template")
     return tokenizer
+
+
+def section_for(base: ModelSection, name_or_path: str, own: Any = None) -> ModelSection:
+    """A model section for `name_or_path` with `base`'s dtype and attention kernel, and the revision and remote-code
+    permission of the recipe section that names it (`own`: e.g. `reference:`, `value:`, `reward:`); without `own`
+    it is `base`'s own repository and keeps `base`'s."""
+    update: dict[str, Any] = {"name_or_path": name_or_path}
+    if own is not None:
+        update.update(revision=own.revision, trust_remote_code=own.trust_remote_code)
+    return base.model_copy(update=update)
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A local path rather than a Hub id: it exists, starts like a path (`/`, `./`, `../`, `~`), has more parts
+    than `org/name`, or its first part is a directory here."""
+    if Path(name).exists() or name.startswith(("/", "./", "../", "~")):
+        return True
+    parts = name.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def check_local_source(loaded: LoadedRecipe, name: str, key: str) -> None:
+    """A mistyped local path is said to be missing at once (not tried as a Hub id, which retries for a minute)."""
+    if looks_like_a_path(name) and not Path(name).expanduser().exists():
+        raise loaded.error(key, f"no such directory: {name} (relative paths start at the current directory, "
+                                f"{Path.cwd()})")
 
 
 def vocabulary_on_disk(path: str | None) -> dict[str, int] | None:
@@ -115,6 +144,7 @@ def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "caus
         kwargs["num_labels"] = 1
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
+    check_local_source(loaded, model.name_or_path, key)
     # a local directory by its absolute path: a LoRA adapter saved later records it as its base model, and a
     # relative path would only resolve from this working directory
     source = str(Path(model.name_or_path).resolve()) if Path(model.name_or_path).is_dir() else model.name_or_path

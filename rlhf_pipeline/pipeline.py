@@ -205,10 +205,18 @@ class Options:
     from_stage: str | None = None
     only: str | None = None
     dry_run: bool = False
+    resume: bool = False  # insist that an interrupted stage is resumed (it is anyway when nothing changed)
 
 
 def run_pipeline(pipeline: LoadedRecipe, options: Options) -> str:
-    """Run (or, dry, describe) the pipeline; returns the summary table."""
+    """Run (or, dry, describe) the pipeline, holding its output dir's lock; returns the summary table."""
+    if options.dry_run:
+        return _run_pipeline(pipeline, options)
+    with runs.lock(pipeline.recipe.output_dir):
+        return _run_pipeline(pipeline, options)
+
+
+def _run_pipeline(pipeline: LoadedRecipe, options: Options) -> str:
     plans = plan_stages(pipeline)
     names = [p.name for p in plans]
     for flag, stage in (("--from", options.from_stage), ("--only", options.only)):
@@ -225,23 +233,30 @@ def run_pipeline(pipeline: LoadedRecipe, options: Options) -> str:
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
     rows: list[tuple[str, str, str, str]] = []
     upstream_will_change = False
-    for plan in plans:
+    decisions = []
+    for plan in plans:  # every decision first: a refusal stops the pipeline before anything runs
         decision, reason = _decide(plan, state, options, names, upstream_will_change)
+        decisions.append((plan, decision, reason))
+        upstream_will_change |= decision in ("run", "resume")
+    if options.resume and not any(d == "resume" for _, d, _ in decisions):
+        raise UserError("--resume: no stage of this pipeline holds an interrupted run to resume (one with a "
+                        "checkpoint, its recipe and inputs unchanged)")
+    for plan, decision, reason in decisions:
         if options.dry_run:
             rows.append((plan.name, decision, reason, str(plan.output_dir)))
-            upstream_will_change |= decision == "run"
             continue
         _say(f"{plan.name}: {decision} ({reason})")
         started = time.perf_counter()
-        if decision == "run":
+        if decision in ("run", "resume"):
             inputs = {path: fingerprint(path) for path in local_inputs(plan.loaded)}
-            _run_stage(plan)
+            _record(state, state_path, plan, inputs, finished=False)
+            _run_stage(plan, resume=decision == "resume")
             _record(state, state_path, plan, inputs)
         elif decision == "adopt":
             _record(state, state_path, plan, {path: fingerprint(path) for path in local_inputs(plan.loaded)})
-        elapsed = time.perf_counter() - started if decision == "run" else None
-        rows.append((plan.name, "ran" if decision == "run" else "skipped",
-                     f"{elapsed:.0f} s" if elapsed is not None else "-", _result(plan)))
+        elapsed = time.perf_counter() - started if decision in ("run", "resume") else None
+        status = {"run": "ran", "resume": "resumed"}.get(decision, "skipped")
+        rows.append((plan.name, status, f"{elapsed:.0f} s" if elapsed is not None else "-", _result(plan)))
         if plan.name == "reward" and "ppo" in names[names.index("reward"):]:
             _gate(pipeline, plan)
     hub = pipeline.recipe.hub
@@ -271,10 +286,20 @@ def _decide(plan: StagePlan, state: dict, options: Options, names: list[str],
         return "run", f"--from {options.from_stage}"
     if not finished:
         status = runs.output_dir_status(plan.output_dir)
-        if status == "foreign":
-            raise UserError(f"{plan.output_dir} exists and is not an rlhf run directory; the pipeline will not write "
-                            "into it. Empty it or choose another output_dir.")
-        return "run", "no finished output yet" if status == "new" else "the last run did not finish"
+        if status in ("foreign", "link"):
+            raise UserError(f"{plan.output_dir} exists and is not an rlhf run directory (or is a link); the pipeline "
+                            "will not write into it. Empty it or choose another output_dir.")
+        if status == "new":
+            return "run", "no finished output yet"
+        checkpoint = runs.latest_checkpoint(plan.output_dir)
+        if checkpoint is None:
+            return "run", "the last run did not finish and left no checkpoint"
+        changed = _changes_since_started(plan, state, upstream_will_change)
+        if not changed:
+            return "resume", f"the last run stopped; resuming from {checkpoint.name}"
+        raise UserError(f"{plan.output_dir} holds an interrupted run (checkpoint {checkpoint.name}) but {changed}: "
+                        f"pass --force to start the {name} stage over (the interrupted run stays until the new one "
+                        "finishes), or undo the change to resume it")
     if upstream_will_change:
         return "run", "an earlier stage will change"
     recorded = state["stages"].get(name)
@@ -295,21 +320,36 @@ def _decide(plan: StagePlan, state: dict, options: Options, names: list[str],
     return "skip", "up to date"
 
 
-def _record(state: dict, state_path: Path, plan: StagePlan, inputs: dict[str, str]) -> None:
-    """Remember what this stage's output was made from (pipeline.json, next to the stage dirs)."""
+def _changes_since_started(plan: StagePlan, state: dict, upstream_will_change: bool) -> str:
+    """Why an interrupted stage cannot be resumed as it is ('' when it can): its recipe or inputs changed since the
+    run started, or an earlier stage will change."""
+    if upstream_will_change:
+        return "an earlier stage will change"
+    differences = diff_keys(saved_recipe_data(plan.output_dir), recipe_data(plan.loaded))
+    if differences:
+        return f"its recipe changed at {', '.join(differences[:5])}"
+    recorded = state["stages"].get(plan.name)
+    if recorded is None:
+        return "this pipeline did not start it"
+    changed = [path for path in local_inputs(plan.loaded) if recorded["inputs"].get(path) != fingerprint(path)]
+    return f"input changed: {', '.join(changed)}" if changed else ""
+
+
+def _record(state: dict, state_path: Path, plan: StagePlan, inputs: dict[str, str], finished: bool = True) -> None:
+    """Remember what this stage's output is made from (pipeline.json, next to the stage dirs), when it starts and
+    when it finishes."""
     state["stages"][plan.name] = {"recipe": recipe_data(plan.loaded), "inputs": inputs,
-                                  "output_dir": str(plan.output_dir)}
+                                  "output_dir": str(plan.output_dir), "finished": finished}
     state_path.parent.mkdir(parents=True, exist_ok=True)
     runs.atomic_write_text(state_path, json.dumps(state, indent=1))
 
 
-def _run_stage(plan: StagePlan) -> None:
-    import importlib
+def _run_stage(plan: StagePlan, resume: bool) -> None:
+    """The stage through `commands.execute_stage`: a finished or resumable output it replaces is built aside and
+    swapped in only once the new run has finished."""
+    from rlhf_pipeline.commands import execute_stage
 
-    from rlhf_pipeline.commands import STAGE_MODULES
-    from rlhf_pipeline.stages.common import RunOptions
-
-    importlib.import_module(STAGE_MODULES[plan.name]).run(plan.loaded, RunOptions(overwrite=True))
+    execute_stage(plan.loaded, overwrite=not resume, resume=resume)
 
 
 def _push_stages(hub, plans: list[StagePlan], only: str | None) -> list[tuple[str, str, str, str]]:

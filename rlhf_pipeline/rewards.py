@@ -38,6 +38,9 @@ def load_function(spec: str) -> RewardFunction:
             module = importlib.import_module(target)
     except UserError:
         raise
+    except SystemExit as exc:  # a script-style module that exits when imported
+        raise UserError(f"{spec!r}: importing {target} called sys.exit({exc.code!r}); a reward module must define "
+                        "its function without running anything at import") from None
     except Exception as exc:  # the user's module failed to import: say which and why
         raise UserError(f"{spec!r}: cannot import {target}: {type(exc).__name__}: {exc}") from None
     function = getattr(module, name, None)
@@ -55,17 +58,29 @@ def accepts_finished(function: RewardFunction) -> bool:
     return any(p.name == "finished" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def call_function(function: RewardFunction, prompts: list[str], responses: list[str],
-                  finished: list[bool]) -> list[float]:
-    """Call a reward function and check that it returned one finite float per response."""
-    if accepts_finished(function):
-        scores = function(prompts, responses, finished=finished)
-    else:
-        scores = function(prompts, responses)
-    scores = [float(s) for s in scores]
+def call_function(function: RewardFunction, prompts: list[str], responses: list[str], finished: list[bool],
+                  name: str | None = None) -> list[float]:
+    """Call a reward function and check that it returned one finite float per response; anything else (it raised,
+    exited, returned the wrong count or a NaN) is a UserError naming the function (`name`: as the recipe spells it)
+    and what was wrong."""
+    name = name or f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', function)}"
+    try:
+        if accepts_finished(function):
+            returned = function(prompts, responses, finished=finished)
+        else:
+            returned = function(prompts, responses)
+    except (Exception, SystemExit) as exc:
+        raise UserError(f"reward function {name} raised {type(exc).__name__}: {exc}") from None
+    try:
+        scores = [float(s) for s in returned]
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"reward function {name} returned {type(returned).__name__}, not one number per response "
+                        f"({exc})") from None
     if len(scores) != len(responses):
-        raise UserError(f"reward function {getattr(function, '__name__', function)} returned {len(scores)} scores "
-                        f"for {len(responses)} responses")
-    if not all(math.isfinite(s) for s in scores):
-        raise UserError(f"reward function {getattr(function, '__name__', function)} returned a non-finite score")
+        raise UserError(f"reward function {name} returned {len(scores)} scores for {len(responses)} responses")
+    bad = [(i, s) for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        index, value = bad[0]
+        raise UserError(f"reward function {name} returned {len(bad)} non-finite score(s), e.g. {value} for response "
+                        f"{index} ({responses[index][:60]!r})")
     return scores

@@ -54,7 +54,8 @@ class Tracker:
         recipe = loaded.recipe
         backends = backends_from(getattr(recipe.training, "report_to", "none")) if is_main_process else []
         config = recipe.model_dump(mode="json", exclude={"provenance", "extends"})
-        return cls(backends, Path(recipe.output_dir), Path(recipe.output_dir).name, config)
+        run_name = Path(loaded.published_output_dir or recipe.output_dir).name  # not a staging dir's name
+        return cls(backends, Path(recipe.output_dir), run_name, config)
 
     def log(self, row: dict[str, float]) -> None:
         self._step = int(row.get("train/update", self._step + 1))

@@ -56,6 +56,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def hold_lock(path: Path):
+    """Another process holding a run dir's lock, as a running stage does (a subprocess.Popen: kill it when done)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom rlhf_pipeline import runs\nwith runs.lock(sys.argv[1]):\n"
+            "    print('locked', flush=True)\n    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def run_cli(*args: str):
     """Invoke the Typer app in-process (CliRunner); returns the click Result."""
     from typer.testing import CliRunner

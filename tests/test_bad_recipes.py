@@ -301,7 +301,7 @@ def test_malformed_jsonl(tmp_path, tiny_model_dir, data_dir):
     bad.write_text((data_dir / "sft.jsonl").read_text().splitlines()[0] + "\n{\"prompt\": \"unterminated\n")
     recipe, out = _data_case(tmp_path, tiny_model_dir, "sft", {"files": str(bad)})
     result = run_cli("sft", recipe)
-    assert_user_error(result, [f"{recipe}:", "data.files: cannot read the 'train' files"], out)
+    assert_user_error(result, [f"{recipe}:", f"data.files: split 'train': {bad}:2: not JSON"], out)
 
 
 def test_eval_split_absent_from_files_at_run_time(tmp_path, tiny_model_dir, data_dir):
@@ -339,7 +339,7 @@ def test_longer_than_the_model_context(tmp_path, tiny_model_dir, data_dir, stage
 
 def test_model_path_missing(tmp_path, data_dir):
     recipe, out = _data_case(tmp_path, tmp_path / "no-model", "sft", {"files": str(data_dir / "sft.jsonl")})
-    assert_user_error(run_cli("sft", recipe), ["model.name_or_path: cannot load"], out)
+    assert_user_error(run_cli("sft", recipe), [f"model.name_or_path: no such directory: {tmp_path / 'no-model'}"], out)
 
 
 def test_training_config_rejects_settings(tmp_path, tiny_model_dir, data_dir):
@@ -354,6 +354,7 @@ def test_training_config_rejects_settings(tmp_path, tiny_model_dir, data_dir):
 # ---------------------------------------------------------------------------------------------------------------
 def _finished_run(out: Path) -> bytes:
     out.mkdir(parents=True)
+    (out / ".rlhf-run.json").write_text('{"run_id": "earlier", "stage": "sft"}')
     (out / "recipe.resolved.yaml").write_text("stage: sft\n")
     metrics = json.dumps({"train_loss": 1.0}).encode()
     (out / "metrics.json").write_bytes(metrics)
@@ -372,7 +373,7 @@ def test_finished_run_is_refused(tmp_path, tiny_model_dir, data_dir):
         assert f"{out} holds a finished run" in result.output and "--overwrite" in result.output
         assert (out / "metrics.json").read_bytes() == metrics
         assert os.stat(out / "metrics.json").st_mtime_ns == before
-        assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "recipe.resolved.yaml"]
+        assert sorted(p.name for p in out.iterdir()) == [".rlhf-run.json", "metrics.json", "recipe.resolved.yaml"]
 
 
 def test_foreign_dir_is_refused(tmp_path, tiny_model_dir, data_dir):
@@ -404,7 +405,7 @@ def test_overwrite_replaces_finished_run(tmp_path, tiny_model_dir, data_dir):
     recipe, _ = _data_case(tmp_path, tiny_model_dir, "sft", {"files": str(data_dir / "sft.jsonl")})
     dry = run_cli("sft", recipe, "--overwrite", "--dry-run")
     assert dry.exit_code == 0, dry.output
-    assert "holds a finished run: it will be replaced" in dry.stdout
+    assert f"holds a run: the new one is built in {tmp_path / '.out.next'} and replaces it once finished" in dry.stdout
     assert (out / "stale.txt").exists()
     result = run_cli("sft", recipe, "--overwrite")
     assert result.exit_code == 0, result.output
@@ -415,13 +416,15 @@ def test_overwrite_replaces_finished_run(tmp_path, tiny_model_dir, data_dir):
 
 
 def test_unfinished_run_is_cleared_without_overwrite(tmp_path, tiny_model_dir, data_dir):
+    """A crashed run of ours with no checkpoint has nothing to resume: the next run clears it."""
     out = tmp_path / "out"
     out.mkdir()
+    (out / ".rlhf-run.json").write_text('{"run_id": "crashed", "stage": "sft"}')
     (out / "recipe.resolved.yaml").write_text("stage: sft\n")
     (out / "model.safetensors").write_text("half-written")
     recipe, _ = _data_case(tmp_path, tiny_model_dir, "sft", {"files": str(data_dir / "sft.jsonl")})
     dry = run_cli("sft", recipe, "--dry-run")
-    assert dry.exit_code == 0 and "holds an unfinished run: it will be cleared" in dry.stdout
+    assert dry.exit_code == 0 and "holds an unfinished run with nothing to resume: it will be cleared" in dry.stdout
     result = run_cli("sft", recipe)
     assert result.exit_code == 0, result.output
     assert (out / "metrics.json").is_file()

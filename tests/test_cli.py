@@ -87,7 +87,8 @@ def test_recipe_show_applies_overrides_and_fills_defaults(tmp_path):
     assert shown["model"]["dtype"] == "float32" and shown["model"]["trust_remote_code"] is False
     assert shown["data"]["train_split"] == "train"
     assert shown["data"]["files"] == {"train": ["d.jsonl"]}  # normalised
-    assert shown["tokenizer"] == {"name_or_path": None, "revision": None, "chat_template": None}
+    assert shown["tokenizer"] == {"name_or_path": None, "revision": None, "trust_remote_code": False,
+                                  "chat_template": None}
     assert "extends" not in shown and "provenance" not in shown
     assert list(shown)[:3] == ["stage", "seed", "output_dir"]  # recipe order, not alphabetical
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST_TRAINING, ppo_recipe, run_cli, write_recipe
+from conftest import FAST_TRAINING, hold_lock, ppo_recipe, run_cli, write_recipe
 
 TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
 
@@ -179,3 +179,90 @@ def test_pipeline_pushes_its_models_with_lineage(pipeline_dir, hub):
 
     assert all(TOKEN.encode() not in content for repo in hub.repos.values() for content in repo.files().values())
     assert "push ppo" in result.output and (pipeline_dir / "runs" / "ppo" / "hub.json").is_file()
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def interrupt_ppo_in_update_2(pipeline_dir, monkeypatch) -> Path:
+    """Run the pipeline with PPO checkpointing every update and stopped (Ctrl-C) in its second update."""
+    from rlhf_pipeline.ppo.trainer import PPOTrainer
+
+    ppo = yaml.safe_load((pipeline_dir / "recipes" / "ppo.yaml").read_text())
+    ppo["training"].update(total_episodes=16, save_every=1)
+    write_recipe(pipeline_dir / "recipes" / "ppo.yaml", ppo)
+    original = PPOTrainer._optimise
+
+    def stop_in_update_2(self, *args, **kwargs):
+        if self.state.update == 1:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PPOTrainer, "_optimise", stop_in_update_2)
+    result = run_cli("pipeline", pipeline_dir / "recipes" / "pipeline.yaml")
+    assert result.exit_code == 130, result.output
+    monkeypatch.setattr(PPOTrainer, "_optimise", original)
+    out = pipeline_dir / "runs" / "ppo"
+    assert (out / "checkpoints" / "update-000001").is_dir() and not (out / "metrics.json").exists()
+    return out
+
+
+def test_pipeline_resumes_an_interrupted_stage(pipeline_dir, monkeypatch):
+    """A rerun with nothing changed resumes the interrupted PPO stage from its checkpoint (it used to start over,
+    deleting the checkpoints), and says so."""
+    out = interrupt_ppo_in_update_2(pipeline_dir, monkeypatch)
+    pipeline = pipeline_dir / "recipes" / "pipeline.yaml"
+    dry = run_cli("pipeline", pipeline, "--dry-run")
+    assert any(line.split()[:2] == ["ppo", "resume"] for line in dry.output.splitlines()), dry.output
+    result = run_cli("pipeline", pipeline, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "ppo: resume (the last run stopped; resuming from update-000001)" in result.output
+    assert statuses(result.output) == {"pretrain": "skipped", "sft": "skipped", "reward": "skipped",
+                                       "ppo": "resumed", "eval": "ran"}
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["train/update"] for r in rows] == [1, 2]
+    again = run_cli("pipeline", pipeline, "--resume")
+    assert again.exit_code == 2 and "no stage of this pipeline holds an interrupted run" in again.output
+
+
+def test_pipeline_refuses_to_restart_an_interrupted_stage_whose_recipe_changed(pipeline_dir, monkeypatch):
+    out = interrupt_ppo_in_update_2(pipeline_dir, monkeypatch)
+    before = snapshot(out)
+    pipeline = pipeline_dir / "recipes" / "pipeline.yaml"
+    result = run_cli("pipeline", pipeline, "--set", "stages.ppo.set.training.learning_rate=0.002")
+    assert result.exit_code == 2, result.output
+    assert "holds an interrupted run (checkpoint update-000001) but its recipe changed at training.learning_rate" \
+        in result.output and "--force" in result.output
+    assert snapshot(out) == before
+    result = run_cli("pipeline", pipeline, "--set", "stages.ppo.set.training.learning_rate=0.002", "--force")
+    assert result.exit_code == 0, result.output
+    assert (out / "metrics.json").is_file() and "learning_rate: 0.002" in (out / "recipe.resolved.yaml").read_text()
+
+
+def test_a_failed_rerun_after_an_edit_keeps_the_finished_stage(pipeline_dir, monkeypatch):
+    pipeline = pipeline_dir / "recipes" / "pipeline.yaml"
+    assert run_cli("pipeline", pipeline).exit_code == 0
+    sft = pipeline_dir / "runs" / "sft"
+    before = snapshot(sft)
+    from transformers import Trainer
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(Trainer, "train", crash)
+    result = run_cli("pipeline", pipeline, "--set", "stages.sft.set.training.learning_rate=0.002")
+    assert result.exit_code != 0
+    assert snapshot(sft) == before, "the finished SFT run must survive a failed rerun"
+
+
+def test_pipeline_holds_one_lock(pipeline_dir):
+    root = pipeline_dir / "runs"
+    holder = hold_lock(root)
+    try:
+        result = run_cli("pipeline", pipeline_dir / "recipes" / "pipeline.yaml")
+        assert result.exit_code == 2 and f"{root} is in use by another rlhf run (pid {holder.pid}" in result.output
+        assert not root.exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -205,11 +205,14 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     """PyYAML's YAML 1.1 rules read `1e-4` as a string; recipes read it as a float, as YAML 1.2 does."""
     recipe = _write(tmp_path / "r.yaml", "stage: sft\noutput_dir: o\nmodel: {name_or_path: m}\ndata: {dataset: d}\n"
                                          "training:\n  learning_rate: 1e-4\n  weight_decay: 5E-2\n"
-                                         "  adam_epsilon: -1e+3\n")
+                                         "  adam_epsilon: 1e-8\n")
     assert yaml.safe_load(recipe.read_text())["training"]["learning_rate"] == "1e-4"  # what plain PyYAML does
     training = load_recipe(recipe).recipe.training
-    assert training == {"learning_rate": 1e-4, "weight_decay": 0.05, "adam_epsilon": -1000.0}
+    assert training == {"learning_rate": 1e-4, "weight_decay": 0.05, "adam_epsilon": 1e-8}
     assert all(type(v) is float for v in training.values())
+    from rlhf_pipeline.recipe.yaml_io import parse_scalar
+
+    assert parse_scalar("-1e+3") == -1000.0 and parse_scalar("+2E-1") == 0.2
 
 
 def test_yaml_strings_stay_strings(tmp_path):

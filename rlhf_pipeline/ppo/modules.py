@@ -258,11 +258,13 @@ class ModelScorer:
 
 
 class FunctionScorer:
-    """A Python reward function over prompt and response texts."""
+    """A Python reward function over prompt and response texts; `name` (`module:function`) names it in errors."""
 
-    def __init__(self, function: Callable):
+    def __init__(self, function: Callable, name: str | None = None):
         self.function = function
+        self.name = name
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:
-        scores = call_function(self.function, rollout.prompts.texts, rollout.responses, rollout.finished.tolist())
+        scores = call_function(self.function, rollout.prompts.texts, rollout.responses, rollout.finished.tolist(),
+                               self.name)
         return torch.tensor(scores, dtype=torch.float32)

@@ -16,7 +16,9 @@ The math lives in `core.py`; this module only orchestrates. Metric names are def
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -91,7 +93,9 @@ class PPOTrainer:
     # -----------------------------------------------------------------------------------------------------------
     # the loop
     # -----------------------------------------------------------------------------------------------------------
-    def train(self) -> TrainerState:
+    def train(self, should_stop: Callable[[], bool] = lambda: False) -> TrainerState:
+        """Run the updates left. `should_stop` is asked after each update (Ctrl-C): if it says so, a checkpoint is
+        saved and the state returned early."""
         from tqdm.auto import tqdm
 
         cfg, plan = self.config, self.plan
@@ -115,9 +119,10 @@ class PPOTrainer:
             old_logprobs, old_values, ref_logprobs, entropy = self._score_tokens(rollout)
 
             # 4. sequence scores
-            raw_scores = self.scorer(rollout).to(self.device)
+            where = f"update {update + 1} of {plan.num_updates}"
+            raw_scores = score(self.scorer, rollout, where).to(self.device)
             scores = self._shape_scores(raw_scores, rollout.finished.to(self.device))
-            gold_scores = self.gold(rollout).to(self.device) if self.gold is not None else None
+            gold_scores = score(self.gold, rollout, where).to(self.device) if self.gold is not None else None
             t_scored = time.perf_counter()
 
             # 5. per-token rewards
@@ -174,11 +179,15 @@ class PPOTrainer:
                 self._log(row)
             if cfg.num_samples and (self.state.update % cfg.sample_every == 0 or self.state.update == 1):
                 self._log_samples(rollout, raw_scores, gold_scores)
-            if cfg.save_every and self.state.update % cfg.save_every == 0 and self.state.update < plan.num_updates:
+            stop = should_stop() and self.state.update < plan.num_updates
+            if stop or (cfg.save_every and self.state.update % cfg.save_every == 0
+                        and self.state.update < plan.num_updates):
                 self.save_checkpoint()
             bar.update(1)
             bar.set_postfix(score=f"{row['objective/score']:.3f}", kl=f"{mean_kl:.2f}",
                             **({"gold": f"{row['objective/gold']:.3f}"} if gold_scores is not None else {}))
+            if stop:
+                break
         bar.close()
         return self.state
 
@@ -258,7 +267,8 @@ class PPOTrainer:
         cfg = self.config
         with seeded(self.seed + 17 + 1000 * self.accelerator.process_index, self.device):
             rollout = self.sample(self._prompt_batch(0))
-        scores = core.missing_eos_rule(self.scorer(rollout).to(self.device), rollout.finished.to(self.device),
+        scores = core.missing_eos_rule(score(self.scorer, rollout, "fitting the initial score normalisation")
+                                       .to(self.device), rollout.finished.to(self.device),
                                        cfg.missing_eos_penalty, cfg.missing_eos_score)
         mean, var = self._global_moments(scores, torch.ones_like(scores))
         self.state.score_shift, self.state.score_scale = float(mean), float(var.clamp(min=1e-8).sqrt())
@@ -425,9 +435,10 @@ class PPOTrainer:
                     ref_logprobs = sequence_logprobs(model.policy, rollout, t, autocast, adapter_disabled=True)
                 kls.append(logprobs - ref_logprobs)
                 mask = rollout.response_mask.to(self.device)
-                scores.append(self.scorer(rollout).to(self.device))
+                where = f"held-out evaluation, prompts {rows[0]}-{rows[-1]}"
+                scores.append(score(self.scorer, rollout, where).to(self.device))
                 if self.gold is not None:
-                    golds.append(self.gold(rollout).to(self.device))
+                    golds.append(score(self.gold, rollout, where).to(self.device))
                 lengths.append(mask.sum(1))
                 finished.append(rollout.finished.float().to(self.device))
                 for i in range(len(rows)):
@@ -449,25 +460,41 @@ class PPOTrainer:
     # checkpoints
     # -----------------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Weights (safetensors), optimizer, RNG states and trainer state, under checkpoints/update-NNNNNN."""
+        """Weights (safetensors), optimizer, every process's RNG states and the trainer state, written whole: into
+        `checkpoints/update-NNNNNN.tmp`, fsync'd, then renamed to `update-NNNNNN` (a kill mid-save leaves only a .tmp
+        that nothing resumes from). Older checkpoints beyond `save_total_limit` are then deleted."""
         from safetensors.torch import save_model
 
-        path = self.output_dir / CHECKPOINTS / f"update-{self.state.update:06d}"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            path.mkdir(parents=True, exist_ok=True)
-            save_model(self.accelerator.unwrap_model(self.model), str(path / "model.safetensors"))
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-            state = {**self.state.__dict__, "kl_coef": self.kl_controller.state_dict()}
-            (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        self.accelerator.wait_for_everyone()
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, path / f"rng-{self.accelerator.process_index}.pt")
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            (path / "COMPLETE").write_text("")  # a checkpoint without it was interrupted while saving
+        from rlhf_pipeline import runs
+
+        root = self.output_dir / CHECKPOINTS
+        path = root / f"update-{self.state.update:06d}"
+        partial = path.with_name(path.name + ".tmp")
+        try:
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                if partial.exists():
+                    shutil.rmtree(partial)
+                partial.mkdir(parents=True)
+                save_model(self.accelerator.unwrap_model(self.model), str(partial / "model.safetensors"))
+                torch.save(self.optimizer.state_dict(), partial / "optimizer.pt")
+                state = {**self.state.__dict__, "kl_coef": self.kl_controller.state_dict()}
+                (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            self.accelerator.wait_for_everyone()
+            rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            torch.save(rng, partial / f"rng-{self.accelerator.process_index}.pt")
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                runs.fsync_tree(partial)
+                os.replace(partial, path)
+                runs.fsync_tree(root)
+                complete = sorted(p for p in root.glob("update-*") if not p.name.endswith(".tmp"))
+                runs.prune_checkpoints(complete, self.config.save_total_limit)
+            self.accelerator.wait_for_everyone()
+        except (OSError, RuntimeError) as exc:
+            raise runs.disk_full(exc, partial) or exc from None
         return path
 
     def load_checkpoint(self, path: Path) -> None:
@@ -480,21 +507,42 @@ class PPOTrainer:
         self.state = TrainerState(**{k: v for k, v in state.items() if k in TrainerState.__dataclass_fields__})
         rng_file = path / f"rng-{self.accelerator.process_index}.pt"
         if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)  # our own file: python's RNG state is a tuple
+            try:  # tensors and python's state (a tuple of ints): weights_only loads them, and refuses code
+                rng = torch.load(rng_file, weights_only=True)
+            except Exception as exc:
+                from rlhf_pipeline.errors import UserError
+
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise UserError(f"{rng_file} is not a plain tensor file; refusing to load it (it could run code): "
+                                f"{first}") from None
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    root = Path(output_dir) / CHECKPOINTS
-    complete = sorted(p for p in root.glob("update-*") if (p / "COMPLETE").exists()) if root.is_dir() else []
-    return complete[-1] if complete else None
+def score(scorer: Callable[[Rollout], torch.Tensor], rollout: Rollout, where: str) -> torch.Tensor:
+    """The scorer's scores of a rollout; its errors say where in the run they happened."""
+    from rlhf_pipeline.errors import UserError
+
+    try:
+        return scorer(rollout)
+    except UserError as exc:
+        raise UserError(f"{exc} ({where}, a batch of {len(rollout.responses)} responses)") from None
 
 
 def read_log(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / LOG_FILE
+    return read_jsonl(Path(output_dir) / LOG_FILE)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log, without a line torn by a kill mid-write (the last one, unparseable)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows

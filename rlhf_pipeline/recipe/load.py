@@ -26,6 +26,7 @@ class LoadedRecipe:
     recipe: StageRecipe
     data: dict[str, Any]
     origins: dict[KeyPath, Origin] = field(repr=False)
+    published_output_dir: str | None = None  # set while the run is built elsewhere (see working_in)
 
     @property
     def stage(self) -> str:
@@ -39,9 +40,20 @@ class LoadedRecipe:
         """A RecipeError about `key` (dotted), located at the file and line that set it."""
         return RecipeError([self.problem(key, message)])
 
+    def working_in(self, work_dir: str | Path) -> LoadedRecipe:
+        """The same recipe writing to `work_dir` (e.g. a staging dir that replaces the output dir once finished);
+        its resolved recipe still names the real output dir."""
+        if str(work_dir) == self.recipe.output_dir:
+            return self
+        recipe = self.recipe.model_copy(update={"output_dir": str(work_dir)})
+        return LoadedRecipe(self.path, recipe, self.data, self.origins,
+                            published_output_dir=self.published_output_dir or self.recipe.output_dir)
+
     def resolved_yaml(self, provenance: dict[str, Any] | None = None) -> str:
         """The fully resolved recipe (extends merged, overrides applied, defaults filled in) as YAML."""
         data = self.recipe.model_dump(mode="json", exclude={"extends", "provenance"})
+        if self.published_output_dir is not None:
+            data["output_dir"] = self.published_output_dir
         if provenance is not None:
             data["provenance"] = provenance
         return dump_yaml(data)

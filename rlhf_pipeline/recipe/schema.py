@@ -17,7 +17,8 @@ DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # NaN and infinity are refused everywhere: a learning rate of .inf validates under `gt=0` otherwise
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,6 +89,9 @@ class PretrainModelSection(ModelSection):
 class TokenizerSection(Section):
     name_or_path: str | None = Field(None, description="Hub id or directory of the tokenizer; default: the model's.")
     revision: str | None = Field(None, description="Branch, tag or commit of a Hub tokenizer.")
+    trust_remote_code: bool = Field(
+        False, description="Run code shipped inside the tokenizer's repository (when `name_or_path` names one; "
+        "otherwise the model's setting applies).")
     chat_template: str | None = Field(
         None,
         description="Jinja chat template for conversational data: a path to a `.jinja` file or the template text. "
@@ -396,7 +400,16 @@ class RewardSource(Section):
         return self
 
 
-class ValueSection(Section):
+class OtherModel(Section):
+    """A model loaded from a repository of its own: its own revision and remote-code permission."""
+
+    revision: str | None = Field(None, description="Branch, tag or commit of a Hub model named by `name_or_path`.")
+    trust_remote_code: bool = Field(
+        False, description="Run modelling code shipped inside the repository named by `name_or_path` (not inherited "
+        "from the policy's section).")
+
+
+class ValueSection(OtherModel):
     mode: Literal["separate", "shared"] = Field(
         "separate",
         description="`separate`: a value network of its own, initialised from `name_or_path` (the classic setting: "
@@ -404,11 +417,11 @@ class ValueSection(Section):
         "a value head on the policy's own trunk (one forward/backward; value and policy gradients share the trunk).",
     )
     name_or_path: str | None = Field(
-        None, description="Checkpoint the separate value network starts from; default: the reward model (or the "
-        "policy when the reward is a function).")
+        None, description="Checkpoint the separate value network starts from; default: the reward model when it "
+        "shares the policy's vocabulary, otherwise (or when the reward is a function) the policy.")
 
 
-class ReferenceSection(Section):
+class ReferenceSection(OtherModel):
     name_or_path: str | None = Field(
         None, description="The frozen reference policy. Default: a frozen copy of the policy; with LoRA, the policy "
         "with its adapter disabled (no second copy).")
@@ -483,7 +496,10 @@ class PpoTraining(Section):
         10, ge=1, description="Log sample (prompt, response, score) rows every this many updates.")
     num_samples: int = Field(4, ge=0, description="Sample rows logged each time.")
     save_every: int | None = Field(
-        None, ge=1, description="Save a resumable checkpoint every this many updates; null: only at the end.")
+        None, ge=1, description="Save a resumable checkpoint every this many updates (`rlhf ppo --resume` continues "
+        "from the last); null: none (Ctrl-C still saves one).")
+    save_total_limit: int | None = Field(
+        2, ge=1, description="Keep the last this many checkpoints, deleting older ones; null keeps all.")
     eval_prompts: int = Field(
         128, ge=1, description="Held-out prompts scored before and after training (same sampling settings).")
     eval_batch_size: int = Field(64, ge=1, description="Prompts per generation batch during evaluation.")

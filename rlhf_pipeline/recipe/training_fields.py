@@ -12,6 +12,7 @@ A test fails when the snapshot and the installed libraries disagree.
 from __future__ import annotations
 
 import json
+import math
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,29 @@ def fields_for(stage: str) -> dict[str, dict[str, Any]]:
     return snapshot()["classes"][CONFIG_CLASSES[stage]]
 
 
+# Values the config classes accept but training cannot use (they would crash mid-run, or train nothing): checked
+# when the recipe is validated. key -> (what is expected, test).
+VALUE_RULES: dict[str, tuple[str, Any]] = {
+    "learning_rate": ("a finite number >= 0", lambda v: v >= 0),
+    "per_device_train_batch_size": ("at least 1", lambda v: v >= 1),
+    "per_device_eval_batch_size": ("at least 1", lambda v: v >= 1),
+    "gradient_accumulation_steps": ("at least 1", lambda v: v >= 1),
+    "num_train_epochs": ("a finite number >= 0", lambda v: v >= 0),
+    "max_steps": ("-1 (train num_train_epochs) or at least 1", lambda v: v == -1 or v >= 1),
+    "weight_decay": ("a finite number >= 0", lambda v: v >= 0),
+    "max_grad_norm": ("a finite number >= 0", lambda v: v >= 0),
+    "warmup_steps": ("a finite number >= 0 (a fraction of the steps below 1)", lambda v: v >= 0),
+    "adam_beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "adam_beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "adam_epsilon": ("a finite number > 0", lambda v: v > 0),
+    "logging_steps": ("a number > 0", lambda v: v > 0),
+    "save_steps": ("a number > 0", lambda v: v > 0),
+    "eval_steps": ("a number > 0", lambda v: v > 0),
+    "save_total_limit": ("at least 1", lambda v: v >= 1),
+    "max_length": ("at least 1", lambda v: v >= 1),
+}
+
+
 def check_training(stage: str, training: dict[str, Any]) -> list[tuple[str, str]]:
     """Problems with a `training:` mapping as (key, message) pairs; empty when it is fine."""
     fields = fields_for(stage)
@@ -64,10 +88,25 @@ def check_training(stage: str, training: dict[str, Any]) -> list[tuple[str, str]
                 (key, f"unknown key for {CONFIG_CLASSES[stage]}{did_you_mean(key, fields)}")
             )
         else:
-            message = _type_problem(value, fields[key])
+            message = _type_problem(value, fields[key]) or _value_problem(key, value)
             if message:
                 problems.append((key, message))
+    epochs, steps = training.get("num_train_epochs"), training.get("max_steps", -1)
+    if epochs == 0 and isinstance(steps, int) and steps < 1 and not problems:
+        problems.append(("num_train_epochs", "0 epochs and no max_steps: the run would train nothing; set "
+                                             "num_train_epochs > 0 or max_steps >= 1"))
     return problems
+
+
+def _value_problem(key: str, value: Any) -> str | None:
+    """NaN or infinity for any number; the rules above for the keys they name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number (got {value})"
+    rule = VALUE_RULES.get(key)
+    if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    expected, test = rule
+    return None if test(value) else f"expected {expected} (got {value!r})"
 
 
 def _type_problem(value: Any, field: dict[str, Any]) -> str | None:

@@ -35,10 +35,17 @@ def load_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError([Problem("no such recipe file", file=str(path))]) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise RecipeError([Problem(f"cannot read recipe: {exc}", file=str(path))]) from None
-    loader = RecipeYamlLoader(text)
+    except UnicodeDecodeError as exc:
+        raise RecipeError([Problem(f"not a YAML text file: byte 0x{exc.object[exc.start]:02x} at offset {exc.start} "
+                                   "is not UTF-8", file=str(path))]) from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise RecipeError([Problem(f"cannot read recipe: {exc.strerror or exc}", file=str(path))]) from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise RecipeError([Problem("not a YAML text file: it holds NUL bytes", file=str(path), line=line)])
+    loader = None
     try:
+        loader = RecipeYamlLoader(text)  # its reader refuses control characters here
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
@@ -48,7 +55,8 @@ def load_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
             [Problem(f"invalid YAML: {problem}", file=str(path), line=mark.line + 1 if mark else None)]
         ) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     lines: dict[KeyPath, int] = {}
     problems: list[Problem] = []
     if node is not None:

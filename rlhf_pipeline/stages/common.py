@@ -1,9 +1,12 @@
-"""What every stage does the same way: guard the output dir, seed, build the TRL config, train, save, finish."""
+"""What every stage does the same way: seed, build the TRL config, train (resumably, stoppable with Ctrl-C), save,
+finish. Where a run writes, and that no run is ever lost, is `runs.py`'s job; `commands.execute_stage` plans it."""
 
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline import runs
-from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.errors import Interrupted, UserError
 from rlhf_pipeline.recipe.load import LoadedRecipe
 
 if TYPE_CHECKING:
@@ -21,12 +24,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RunOptions:
-    overwrite: bool = False
-    resume: bool = False  # PPO only: continue from the last checkpoint
+    """How a stage runs: where it writes and whether it resumes (`runs.RunPlan`, made by commands.execute_stage)."""
+
+    plan: runs.RunPlan
 
 
 # Defaults applied under the recipe's own `training:` keys (which win).
-TRAINER_DEFAULTS: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "logging_steps": 10}
+TRAINER_DEFAULTS: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "logging_steps": 10,
+                                    "save_total_limit": 2}
 
 
 def is_main_process() -> bool:
@@ -55,51 +60,147 @@ def quiet_library_warnings() -> None:
 
 
 def begin(loaded: LoadedRecipe, options: RunOptions) -> None:
-    """Refuse a finished output dir (unless --overwrite) before any work, and seed everything."""
+    """Seed everything and quiet the warnings nobody can act on (the output dir was checked by the plan)."""
     from transformers import set_seed
 
     quiet_library_warnings()
-    runs.check_output_dir(loaded.recipe.output_dir, options.overwrite)
     set_seed(loaded.recipe.seed)
 
 
 @contextmanager
 def setting_up(loaded: LoadedRecipe) -> Iterator[None]:
-    """Around building the trainer: it creates the output dir, so a set-up that fails removes the empty dir again
-    (nothing is written before `start_outputs`)."""
+    """Around building the trainer: settings it rejects become a message about `training`, and a set-up that fails
+    removes the empty dir it created (nothing is written before `start_outputs`)."""
     path = Path(loaded.recipe.output_dir)
     existed = path.exists()
     try:
         yield
+    except (ValueError, TypeError) as exc:
+        _remove_if_empty(path, existed)
+        raise loaded.error("training", f"the trainer rejected these settings: {type(exc).__name__}: "
+                                       f"{_first_line(exc)}") from None
     except BaseException:
-        if not existed and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+        _remove_if_empty(path, existed)
         raise
 
 
-def start_outputs(loaded: LoadedRecipe) -> None:
-    """Clear an old run and write recipe.resolved.yaml (with provenance). Called once the stage is set up."""
+def _remove_if_empty(path: Path, existed: bool) -> None:
+    if not existed and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def start_outputs(loaded: LoadedRecipe, options: RunOptions) -> None:
+    """Write the run marker and recipe.resolved.yaml (with provenance), clearing what a crashed attempt left; a
+    resumed run keeps what it has. Called once the stage is set up."""
     if is_main_process():
-        runs.start_run(loaded.recipe.output_dir, loaded.resolved_yaml(runs.provenance()))
+        runs.start_run(options.plan, loaded.stage, loaded.resolved_yaml(runs.provenance()))
     wait_for_everyone()
 
 
-def finish_outputs(loaded: LoadedRecipe, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write metrics.json (the stage is finished), then push to the Hub when the recipe's `hub:` section says so."""
+def finish_outputs(loaded: LoadedRecipe, options: RunOptions, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Write metrics.json (the run is finished; a staged run takes the output dir's place), then push to the Hub
+    when the recipe's `hub:` section says so."""
     push_error: UserError | None = None
     if is_main_process():
-        path = runs.finish_run(loaded.recipe.output_dir, metrics)
-        say(loaded.stage, f"finished: {path}")
+        plan = options.plan
+        path = runs.finish_run(plan, metrics)
+        say(loaded.stage, f"finished: {path}" + (" (replacing the run that was there)" if plan.staged else ""))
         from rlhf_pipeline.hub import push_if_configured
 
         try:
-            push_if_configured(loaded.recipe.output_dir, getattr(loaded.recipe, "hub", None))
+            push_if_configured(plan.output_dir, getattr(loaded.recipe, "hub", None))
         except UserError as exc:  # raised once the other processes are released, so that none of them hangs
             push_error = exc
     wait_for_everyone()
     if push_error is not None:
         raise push_error
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C: stop at the next safe point, save, exit 130
+# ---------------------------------------------------------------------------------------------------------------
+class _StopRequest:
+    requested = False
+
+
+STOP = _StopRequest()
+
+
+@contextmanager
+def graceful_interrupt(stage: str) -> Iterator[None]:
+    """The first Ctrl-C asks the stage to stop after the current step (Trainer) or update (PPO), save a checkpoint
+    and exit 130 with the command that resumes it; a second Ctrl-C stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def request_stop(signum, frame):
+        STOP.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\n[rlhf {stage}] Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop "
+              "at once, losing the work since the last checkpoint)", file=sys.stderr, flush=True)
+
+    STOP.requested = False
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        STOP.requested = False
+
+
+def stop_requested() -> bool:
+    """Whether any process was asked to stop (processes must agree, or they would wait on each other forever)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import torch
+
+        flag = torch.tensor([1.0 if STOP.requested else 0.0])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+    return STOP.requested
+
+
+def interrupted(plan: runs.RunPlan, checkpoint: Path | None) -> Interrupted:
+    flags = ("--resume", "--overwrite") if plan.staged else ("--resume",)
+    saved = f"checkpoint saved: {checkpoint}" if checkpoint else "no checkpoint could be saved"
+    return Interrupted(f"interrupted; {saved}", runs.command_line(flags) if checkpoint else None)
+
+
+def trainer_callbacks() -> list:
+    """What every Trainer of ours gets: complete-checkpoint markers and the Ctrl-C stop."""
+    from transformers import TrainerCallback
+
+    class MarkCheckpointComplete(TrainerCallback):
+        """A Trainer writes checkpoint-N in place; once every process has written its part, fsync it and mark it
+        complete (`runs.latest_checkpoint` resumes only from marked ones: a kill during a save never leaves a
+        half-written checkpoint to resume from)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            wait_for_everyone()
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if is_main_process() and checkpoint.is_dir():
+                runs.fsync_tree(checkpoint)
+                runs.atomic_write_text(checkpoint / runs.CHECKPOINT_COMPLETE, "")
+            wait_for_everyone()
+
+    class StopOnCtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop_requested():
+                control.should_save = True
+                control.should_training_stop = True
+
+    return [MarkCheckpointComplete(), StopOnCtrlC()]
 
 
 def training_config(loaded: LoadedRecipe, config_class: type, model=None):
@@ -119,6 +220,8 @@ def training_config(loaded: LoadedRecipe, config_class: type, model=None):
     has_max_length = "max_length" in {f.name for f in dataclasses.fields(config_class)}
     if model is not None and has_max_length:
         defaults["max_length"] = context_length(model)
+    if "save_steps" in recipe.training and "save_strategy" not in recipe.training:
+        defaults["save_strategy"] = "steps"  # asking for checkpoints every N steps means saving by steps
     kwargs = {**defaults, **recipe.training, "output_dir": recipe.output_dir, "seed": recipe.seed}
     try:
         args = config_class(**kwargs)
@@ -129,13 +232,26 @@ def training_config(loaded: LoadedRecipe, config_class: type, model=None):
     return args
 
 
-def train_and_evaluate(trainer: Trainer, has_eval: bool, perplexity: bool = False) -> dict[str, Any]:
-    """Train, then evaluate on the held-out split; return the metrics every stage reports."""
-    result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+def train_and_evaluate(trainer: Trainer, options: RunOptions, has_eval: bool,
+                       perplexity: bool = False) -> dict[str, Any]:
+    """Train (from the plan's checkpoint when resuming), then evaluate on the held-out split; return the metrics every
+    stage reports. Ctrl-C saves a checkpoint and raises Interrupted."""
+    plan = options.plan
+    for callback in trainer_callbacks():
+        trainer.add_callback(callback)
+    checkpoint = plan.checkpoint if plan.mode == "resume" else None
+    try:  # a checkpoint outside the output dir named by training.resume_from_checkpoint is the Trainer's to load
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint
+                               else trainer.args.resume_from_checkpoint)
+    except (OSError, RuntimeError) as exc:
+        raise runs.disk_full(exc, trainer.args.output_dir) or exc from None
+    if STOP.requested:
+        wait_for_everyone()
+        raise interrupted(plan, runs.latest_checkpoint(trainer.args.output_dir))
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     metrics: dict[str, Any] = {
         "train_runtime": result.metrics.get("train_runtime"),
-        "train_loss": result.training_loss,
+        "train_loss": _whole_run_loss(trainer, result.training_loss, checkpoint),
         "final_train_loss": losses[-1] if losses else result.training_loss,
         "train_steps": trainer.state.global_step,
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
@@ -147,6 +263,22 @@ def train_and_evaluate(trainer: Trainer, has_eval: bool, perplexity: bool = Fals
         if perplexity and "eval_loss" in metrics:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     return metrics
+
+
+def _whole_run_loss(trainer: Trainer, session_loss: float, checkpoint: Path | None) -> float:
+    """The mean training loss over the whole run. A Trainer resumed at step k reports the mean of steps k+1... only;
+    the steps before come back from the loss windows logged before the checkpoint (exact when the checkpoint falls on
+    a logging step, as with logging_steps dividing save_steps)."""
+    if checkpoint is None:
+        return session_loss
+    resumed_at = int(checkpoint.name.rsplit("-", 1)[-1])
+    total, previous = 0.0, 0
+    for row in trainer.state.log_history:
+        if "loss" in row and row["step"] <= resumed_at:
+            total += row["loss"] * (row["step"] - previous)
+            previous = row["step"]
+    session_steps = trainer.state.global_step - resumed_at
+    return (total + session_loss * session_steps) / max(previous + session_steps, 1)
 
 
 def save_trained(trainer: Trainer, loaded: LoadedRecipe, lora=None) -> str:

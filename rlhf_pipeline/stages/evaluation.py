@@ -29,7 +29,7 @@ CURVES_PNG = "eval_ppo_curves.png"
 REWARD_PNG = "eval_reward_scores.png"
 
 
-def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, Any]:
+def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     import torch
 
     recipe = loaded.recipe
@@ -43,7 +43,7 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
     # 1. data and models, checked before anything is written
     policy_setup = _policy_setup(loaded, device) if recipe.policy is not None else None
     reward_setup = _reward_setup(loaded, device) if recipe.preferences is not None else None
-    start_outputs(loaded)
+    start_outputs(loaded, options)
     output_dir = Path(recipe.output_dir)
 
     # 2. the policy against the baseline
@@ -70,7 +70,7 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
     runs.atomic_write_text(output_dir / EVAL_FILE, json.dumps(report, indent=1))
     runs.atomic_write_text(output_dir / REPORT_FILE, markdown_report(loaded, results, samples, plots))
     say("eval", summary_line(results))
-    return finish_outputs(loaded, results)
+    return finish_outputs(loaded, options, results)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def _policy_setup(loaded: LoadedRecipe, device):
     context = min(context_length(policy, cap=None), context_length(baseline, cap=None))
     _, prompts = load_prompts(loaded, tokenizer, context, eval_limit=recipe.num_prompts)
     if recipe.reference.name_or_path:
-        reference = causal_lm(recipe.policy.model_copy(update={"name_or_path": recipe.reference.name_or_path}),
+        reference = causal_lm(models.section_for(recipe.policy, recipe.reference.name_or_path, recipe.reference),
                               "reference")
     else:
         reference = baseline
@@ -118,6 +118,7 @@ def evaluate_policy(loaded: LoadedRecipe, tokenizer, prompts, policy, baseline, 
     from tqdm.auto import tqdm
 
     from rlhf_pipeline.ppo.modules import sample_rollout, seeded, sequence_logprobs
+    from rlhf_pipeline.ppo.trainer import score
 
     recipe = loaded.recipe
     generation, size = recipe.generation, recipe.batch_size
@@ -131,9 +132,10 @@ def evaluate_policy(loaded: LoadedRecipe, tokenizer, prompts, policy, baseline, 
             with seeded(recipe.seed + begin_at, device):  # the same sampling noise for both models
                 rollout = sample_rollout(model, tokenizer, batch, generation, device)
             out = collected[name]
-            out["score"].extend(scorer(rollout).tolist())
+            where = f"{name} responses to held-out prompts {begin_at}-{begin_at + len(batch) - 1}"
+            out["score"].extend(score(scorer, rollout, where).tolist())
             if gold is not None:
-                out["gold"].extend(gold(rollout).tolist())
+                out["gold"].extend(score(gold, rollout, where).tolist())
             if reference is model:  # the baseline is its own reference
                 out["kl"].extend([0.0] * len(batch))
             else:

@@ -17,7 +17,16 @@ from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.ppo.plan import BatchPlan
 from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.recipe.schema import ModelSection, RewardSource
-from rlhf_pipeline.stages.common import RunOptions, context_length, finish_outputs, quiet_library_warnings, say
+from rlhf_pipeline.stages.common import (
+    RunOptions,
+    context_length,
+    finish_outputs,
+    interrupted,
+    quiet_library_warnings,
+    say,
+    start_outputs,
+    stop_requested,
+)
 
 if TYPE_CHECKING:
     from rlhf_pipeline.ppo.modules import Prompts
@@ -27,7 +36,7 @@ EVAL_SAMPLES_FILE = "eval_samples.jsonl"
 CURVES_FILE = "ppo_curves.png"
 
 
-def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, Any]:
+def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
 
@@ -35,7 +44,6 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
     if not (recipe.data.eval_split or recipe.data.eval_size):
         raise loaded.error("data", "PPO reports scores on held-out prompts: set `eval_split` or `eval_size`")
     quiet_library_warnings()
-    checkpoint = check_ppo_output_dir(loaded, options)
     # cpu=True on machines without an accelerator, so that several processes (torchrun) meet over gloo
     accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision,
                               cpu=not torch.accelerator.is_available())
@@ -43,8 +51,8 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
         BatchPlan.of(recipe.training, accelerator.num_processes)  # does it divide across these processes?
     except ValueError as exc:
         raise loaded.error("training", str(exc)) from None
-    metrics = _train(loaded, accelerator, checkpoint)
-    finish_outputs(loaded, metrics)  # every process waits here; the main one writes
+    metrics = _train(loaded, options, accelerator)
+    finish_outputs(loaded, options, metrics)  # every process waits here; the main one writes
     # DDP's reducer must be freed before its process group is destroyed, or the process hangs on exit
     accelerator.free_memory()
     accelerator.end_training()
@@ -87,17 +95,18 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
         policy = get_peft_model(policy, models.lora_config(recipe.peft, "CAUSAL_LM", policy))
     _disable_dropout(policy)  # after LoRA: its adapters bring dropout layers of their own
     reference = None
-    if recipe.reference.name_or_path or not recipe.peft:  # with LoRA the default is the adapter switched off
-        path = recipe.reference.name_or_path or recipe.policy.name_or_path
-        reference = _frozen(models.load_pretrained(loaded, recipe.policy.model_copy(update={"name_or_path": path}),
-                                                   key=f"{'reference' if recipe.reference.name_or_path else 'policy'}"
-                                                       ".name_or_path"))
+    if recipe.reference.name_or_path:
+        reference = _frozen(models.load_pretrained(
+            loaded, models.section_for(recipe.policy, recipe.reference.name_or_path, recipe.reference),
+            key="reference.name_or_path"))
+    elif not recipe.peft:  # a frozen copy of the policy; with LoRA the default is the adapter switched off
+        reference = _frozen(models.load_pretrained(loaded, recipe.policy, key="policy.name_or_path"))
     scorer = build_scorer(loaded, recipe.reward, "reward", device)
     gold = build_scorer(loaded, recipe.gold, "gold", device) if recipe.gold else None
     value_model, value_source = None, "a head on the policy's trunk (shared)"
     if recipe.value.mode == "separate":
-        value_path, value_key, value_source = value_start(recipe, getattr(scorer, "tokenizer", None), tokenizer)
-        value_model = models.load_pretrained(loaded, recipe.policy.model_copy(update={"name_or_path": value_path}),
+        value_path, value_key, value_source, own = value_start(recipe, getattr(scorer, "tokenizer", None), tokenizer)
+        value_model = models.load_pretrained(loaded, models.section_for(recipe.policy, value_path, own),
                                              kind="reward", key=value_key)
         value_model.config.pad_token_id = tokenizer.pad_token_id
         if recipe.peft:
@@ -109,18 +118,22 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
                     gold, value_source)
 
 
-def value_start(recipe, reward_tokenizer, policy_tokenizer) -> tuple[str, str, str]:
-    """(checkpoint, recipe key, description) of the separate value model's starting point: `value.name_or_path`;
-    else the reward model [Z19, N+] when it reads the policy's token ids (same vocabulary); else the policy."""
+def value_start(recipe, reward_tokenizer, policy_tokenizer) -> tuple[str, str, str, Any]:
+    """(checkpoint, recipe key, description, the section that names it) of the separate value model's starting
+    point: `value.name_or_path`; else the reward model [Z19, N+] when it reads the policy's token ids (same
+    vocabulary); else the policy."""
     if recipe.value.name_or_path:
-        return recipe.value.name_or_path, "value.name_or_path", f"separate, from {recipe.value.name_or_path}"
+        return (recipe.value.name_or_path, "value.name_or_path", f"separate, from {recipe.value.name_or_path}",
+                recipe.value)
+    policy = recipe.policy.name_or_path
     if recipe.reward.model and reward_tokenizer is not None:
         if reward_tokenizer.get_vocab() == policy_tokenizer.get_vocab():
-            return recipe.reward.model, "reward.model", f"separate, from the reward model {recipe.reward.model}"
-        return (recipe.policy.name_or_path, "policy.name_or_path",
-                f"separate, from the policy {recipe.policy.name_or_path} (the reward model's vocabulary differs from "
-                "the policy's, so it cannot read the policy's token ids; set value.name_or_path to choose)")
-    return recipe.policy.name_or_path, "policy.name_or_path", f"separate, from the policy {recipe.policy.name_or_path}"
+            return (recipe.reward.model, "reward.model", f"separate, from the reward model {recipe.reward.model}",
+                    recipe.reward)
+        return (policy, "policy.name_or_path", f"separate, from the policy {policy} (the reward model's vocabulary "
+                "differs from the policy's, so it cannot read the policy's token ids; set value.name_or_path to "
+                "choose)", None)
+    return policy, "policy.name_or_path", f"separate, from the policy {policy}", None
 
 
 def make_trainer(loaded: LoadedRecipe, setup: PpoSetup, accelerator, on_log=None):
@@ -134,7 +147,7 @@ def make_trainer(loaded: LoadedRecipe, setup: PpoSetup, accelerator, on_log=None
                       accelerator=accelerator, on_log=on_log)
 
 
-def _train(loaded: LoadedRecipe, accelerator, checkpoint: Path | None) -> dict[str, Any]:
+def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, Any]:
     import torch
     from transformers import set_seed
 
@@ -146,8 +159,7 @@ def _train(loaded: LoadedRecipe, accelerator, checkpoint: Path | None) -> dict[s
     tokenizer, eval_prompts = setup.tokenizer, setup.eval_prompts
 
     # 3. trainer
-    tracker = Tracker.for_recipe(loaded, accelerator.is_main_process)
-    trainer = make_trainer(loaded, setup, accelerator, on_log=tracker.log)
+    trainer = make_trainer(loaded, setup, accelerator)
     say("ppo", f"{len(setup.train_prompts)} training prompts, {len(eval_prompts)} held-out; value "
                f"{setup.value_source}; reference {'adapter disabled' if setup.reference is None else 'frozen copy'}; "
                f"{trainer.plan.describe()}")
@@ -155,10 +167,11 @@ def _train(loaded: LoadedRecipe, accelerator, checkpoint: Path | None) -> dict[s
     # 4. evaluate, train, evaluate
     output_dir = Path(recipe.output_dir)
     eval_seed = recipe.seed + 100_003
+    checkpoint = options.plan.checkpoint if options.plan.mode == "resume" else None
+    start_outputs(loaded, options)
+    tracker = Tracker.for_recipe(loaded, accelerator.is_main_process)  # after the run marker: its files are the run's
+    trainer.on_log = tracker.log
     if checkpoint is None:
-        if accelerator.is_main_process:
-            runs.start_run(output_dir, loaded.resolved_yaml(runs.provenance()))
-        accelerator.wait_for_everyone()
         before = trainer.evaluate(eval_prompts, eval_seed)
         if accelerator.is_main_process:
             runs.atomic_write_text(output_dir / EVAL_BEFORE_FILE, json.dumps(before, indent=1))
@@ -169,7 +182,9 @@ def _train(loaded: LoadedRecipe, accelerator, checkpoint: Path | None) -> dict[s
             _truncate_logs(output_dir, trainer.state.update)
         before = json.loads((output_dir / EVAL_BEFORE_FILE).read_text())
         say("ppo", f"resuming from {checkpoint.name} ({trainer.state.update} of {trainer.plan.num_updates} updates)")
-    state = trainer.train()
+    state = trainer.train(stop_requested)
+    if state.update < trainer.plan.num_updates:  # Ctrl-C: the trainer saved a checkpoint and stopped
+        raise interrupted(options.plan, runs.latest_checkpoint(output_dir))
     after = trainer.evaluate(eval_prompts, eval_seed)
     tracker.finish()
 
@@ -188,47 +203,17 @@ def _train(loaded: LoadedRecipe, accelerator, checkpoint: Path | None) -> dict[s
 
 
 # -------------------------------------------------------------------------------------------------------------
-# output dir and resuming
+# resuming
 # -------------------------------------------------------------------------------------------------------------
-def check_ppo_output_dir(loaded: LoadedRecipe, options: RunOptions) -> Path | None:
-    """The checkpoint to resume from (with --resume), or None for a fresh run; UserError when neither is allowed."""
-    from rlhf_pipeline.ppo.trainer import latest_checkpoint
-
-    output_dir = loaded.recipe.output_dir
-    status = runs.check_output_dir(output_dir, options.overwrite)
-    checkpoint = latest_checkpoint(output_dir)
-    if options.resume:
-        if status != "unfinished" or checkpoint is None:
-            raise UserError(f"--resume: {output_dir} holds no unfinished PPO run with a checkpoint "
-                            f"({'it is finished' if status == 'finished' else 'none found'}); "
-                            "set training.save_every to write checkpoints")
-        _check_same_recipe(loaded, Path(output_dir) / runs.RECIPE_FILE)
-        return checkpoint
-    if status == "unfinished" and checkpoint is not None and not options.overwrite:
-        raise UserError(f"{output_dir} holds an unfinished PPO run with checkpoint {checkpoint.name}: pass --resume "
-                        "to continue it, or --overwrite to start over")
-    return None
-
-
-def _check_same_recipe(loaded: LoadedRecipe, saved_path: Path) -> None:
-    from rlhf_pipeline.recipe.load import diff_keys, resolved_data
-
-    differences = diff_keys(resolved_data(saved_path.read_text()), resolved_data(loaded.resolved_yaml()))
-    if differences:
-        raise UserError(f"--resume: the recipe differs from the one the run started with ({saved_path}) at: "
-                        f"{', '.join(differences)}. Resume with the same recipe, or start over with --overwrite.")
-
-
 def _truncate_logs(output_dir: Path, updates_done: int) -> None:
-    """Drop log rows written after the checkpoint: they will be written again."""
-    from rlhf_pipeline.ppo.trainer import LOG_FILE, SAMPLES_FILE
+    """Drop log rows written after the checkpoint (they will be written again), and a last line torn by a kill."""
+    from rlhf_pipeline.ppo.trainer import LOG_FILE, SAMPLES_FILE, read_jsonl
 
     for name, key in ((LOG_FILE, "train/update"), (SAMPLES_FILE, "update")):
         path = output_dir / name
         if path.exists():
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line).get(key, 0) <= updates_done]
-            runs.atomic_write_text(path, "".join(line + "\n" for line in kept))
+            kept = [row for row in read_jsonl(path) if row.get(key, 0) <= updates_done]
+            runs.atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -317,7 +302,7 @@ def build_scorer(loaded: LoadedRecipe, source: RewardSource, key: str, device):
 
     if source.function:
         try:
-            return FunctionScorer(load_function(source.function))
+            return FunctionScorer(load_function(source.function), source.function)
         except UserError as exc:
             raise loaded.error(f"{key}.function", str(exc)) from None
     return ModelScorer(load_reward_model(loaded, source, key, device))

@@ -26,7 +26,7 @@ from rlhf_pipeline.stages.common import (
 )
 
 
-def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, Any]:
+def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     recipe = loaded.recipe
@@ -68,14 +68,14 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
                           data_collator=default_data_collator, processing_class=tokenizer)
 
     # 4. train
-    start_outputs(loaded)
-    metrics = train_and_evaluate(trainer, has_eval=eval_blocks is not None, perplexity=True)
+    start_outputs(loaded, options)
+    metrics = train_and_evaluate(trainer, options, has_eval=eval_blocks is not None, perplexity=True)
 
     # 5. save
     save_trained(trainer, loaded)
     metrics.update(models.count_parameters(model), train_blocks=len(train_blocks), block_size=block_size,
                    vocab_size=len(tokenizer))
-    return finish_outputs(loaded, metrics)
+    return finish_outputs(loaded, options, metrics)
 
 
 def to_blocks(dataset, tokenizer, block_size: int, name: str):

@@ -28,7 +28,7 @@ from rlhf_pipeline.stages.common import (
 )
 
 
-def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, Any]:
+def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     from trl import RewardConfig, RewardTrainer
 
     recipe = loaded.recipe
@@ -59,8 +59,8 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
         too_long = check_lengths(loaded, trainer, len(train), len(held_out))
 
     # 4. train, then score every held-out pair
-    start_outputs(loaded)
-    metrics = train_and_evaluate(trainer, has_eval=True)
+    start_outputs(loaded, options)
+    metrics = train_and_evaluate(trainer, options, has_eval=True)
     if is_main_process():
         metrics.update(held_out_pair_metrics(trainer, tokenizer.pad_token_id))
         say("reward", f"held-out accuracy {metrics['eval_accuracy']:.3f}, margin {metrics['eval_margin']:.3f} "
@@ -70,7 +70,7 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
     saved = save_trained(trainer, loaded, recipe.peft)
     metrics.update(models.count_parameters(trainer.model), prompt=prompt_kind, saved=saved,
                    train_pairs=len(trainer.train_dataset), **too_long)
-    return finish_outputs(loaded, metrics)
+    return finish_outputs(loaded, options, metrics)
 
 
 def check_lengths(loaded: LoadedRecipe, trainer, n_train: int, n_held_out: int) -> dict[str, int]:

@@ -26,7 +26,7 @@ from rlhf_pipeline.stages.common import (
 SFT_ROLES = ("text", "prompt", "completion", "messages")
 
 
-def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, Any]:
+def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     recipe = loaded.recipe
@@ -58,13 +58,13 @@ def run(loaded: LoadedRecipe, options: RunOptions = RunOptions()) -> dict[str, A
                              processing_class=tokenizer, peft_config=peft_config)
 
     # 4. train
-    start_outputs(loaded)
-    metrics = train_and_evaluate(trainer, has_eval=held_out is not None, perplexity=True)
+    start_outputs(loaded, options)
+    metrics = train_and_evaluate(trainer, options, has_eval=held_out is not None, perplexity=True)
 
     # 5. save
     saved = save_trained(trainer, loaded, recipe.peft)
     metrics.update(models.count_parameters(trainer.model), data_format=data_format, saved=saved)
-    return finish_outputs(loaded, metrics)
+    return finish_outputs(loaded, options, metrics)
 
 
 def detect_format(loaded: LoadedRecipe, dataset) -> tuple[str, list[str]]:

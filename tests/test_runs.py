@@ -1,0 +1,436 @@
+"""Never lose a run: what counts as ours, where a run writes, a lock per run dir, a replaced run kept until its
+successor finishes, interrupted swaps recovered, and every stage resumable after a kill -9 or a Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST_TRAINING, REPO, hold_lock, ppo_recipe, run_cli, stage_recipe, write_recipe
+from safetensors.torch import load_file
+
+from rlhf_pipeline import runs
+from rlhf_pipeline.errors import DiskFull, UserError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run dirs, by hand
+# ---------------------------------------------------------------------------------------------------------------
+def make_run(path: Path, finished: bool = True, checkpoint: str | None = None, marker: bool = True) -> Path:
+    path.mkdir(parents=True)
+    if marker:
+        (path / runs.MARKER_FILE).write_text(json.dumps({"run_id": "test-run", "stage": "sft"}))
+    (path / runs.RECIPE_FILE).write_text("stage: sft\n")
+    (path / "model.safetensors").write_bytes(b"weights")
+    if checkpoint:
+        (path / checkpoint).mkdir(parents=True)
+        if checkpoint.startswith("checkpoint-"):
+            (path / checkpoint / runs.CHECKPOINT_COMPLETE).write_text("")
+    if finished:
+        (path / runs.METRICS_FILE).write_text('{"train_loss": 1.0}')
+    return path
+
+
+def test_status_of_directories(tmp_path):
+    assert runs.output_dir_status(tmp_path / "missing") == "new"
+    (tmp_path / "empty").mkdir()
+    assert runs.output_dir_status(tmp_path / "empty") == "new"
+    assert runs.output_dir_status(make_run(tmp_path / "done")) == "finished"
+    assert runs.output_dir_status(make_run(tmp_path / "crashed", finished=False)) == "unfinished"
+    # a directory of papers that happens to hold a metrics.json is not a run
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "metrics.json").write_text("{}")
+    (papers / "thesis.tex").write_text("precious")
+    assert runs.output_dir_status(papers) == "foreign" and not runs.is_ours(papers)
+    # an older version's finished run (no marker): finished, to read, but not ours to delete
+    legacy = make_run(tmp_path / "legacy", marker=False)
+    assert runs.output_dir_status(legacy) == "finished" and not runs.is_ours(legacy)
+    (tmp_path / "link").symlink_to(tmp_path / "done")
+    assert runs.output_dir_status(tmp_path / "link") == "link" and not runs.is_ours(tmp_path / "link")
+
+
+def test_plan_run(tmp_path):
+    plan = runs.plan_run(tmp_path / "new", overwrite=False, resume=False)
+    assert (plan.mode, plan.work) == ("new", tmp_path / "new")
+    crashed = make_run(tmp_path / "crashed", finished=False)
+    assert runs.plan_run(crashed, False, False).mode == "restart"  # nothing to resume: cleared in place
+
+    done = make_run(tmp_path / "done")
+    with pytest.raises(UserError, match="holds a finished run.*--overwrite"):
+        runs.plan_run(done, False, False)
+    plan = runs.plan_run(done, True, False)
+    assert plan.mode == "replace" and plan.work == tmp_path / ".done.next" and plan.staged
+
+    resumable = make_run(tmp_path / "resumable", finished=False, checkpoint="checkpoint-4")
+    with pytest.raises(UserError, match="unfinished run with checkpoint checkpoint-4: pass --resume"):
+        runs.plan_run(resumable, False, False)
+    assert runs.plan_run(resumable, True, False).work == tmp_path / ".resumable.next"  # kept until replaced
+    plan = runs.plan_run(resumable, False, True)
+    assert (plan.mode, plan.work, plan.checkpoint) == ("resume", resumable, resumable / "checkpoint-4")
+    with pytest.raises(UserError, match="--resume: .* holds no unfinished run to resume \\(it is finished\\)"):
+        runs.plan_run(done, False, True)
+
+    # an interrupted --overwrite: the finished run stays, the staged one resumes with --resume --overwrite
+    make_run(tmp_path / ".done.next", finished=False, checkpoint="checkpoints/update-000002")
+    with pytest.raises(UserError, match="pass --resume --overwrite"):
+        runs.plan_run(done, False, True)
+    plan = runs.plan_run(done, True, True)
+    assert plan.work == tmp_path / ".done.next" and plan.checkpoint.name == "update-000002"
+
+    legacy = make_run(tmp_path / "legacy", marker=False)
+    with pytest.raises(UserError, match="without the .rlhf-run.json marker"):
+        runs.plan_run(legacy, True, False)
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "metrics.json").write_text("{}")
+    with pytest.raises(UserError, match="not an rlhf run directory"):
+        runs.plan_run(papers, True, False)
+    (tmp_path / "link").symlink_to(done)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        runs.plan_run(tmp_path / "link", True, False)
+
+
+def test_promote_and_recover_an_interrupted_swap(tmp_path):
+    final = make_run(tmp_path / "run")
+    staged = make_run(tmp_path / ".run.next")
+    (staged / "new.txt").write_text("new")
+    runs.promote(staged, final)
+    assert (final / "new.txt").is_file() and not staged.exists() and not (tmp_path / ".run.old").exists()
+
+    # killed between the two renames, the new run finished: recover completes the swap
+    os.replace(final, tmp_path / ".run.old")
+    make_run(tmp_path / ".run.next")
+    (tmp_path / ".run.next" / "newer.txt").write_text("newer")
+    runs.recover(final)
+    assert (final / "newer.txt").is_file() and not (tmp_path / ".run.old").exists()
+
+    # the old run renamed away and the new one unfinished: recover puts the old one back
+    os.replace(final, tmp_path / ".run.old")
+    make_run(tmp_path / ".run.next", finished=False)
+    runs.recover(final)
+    assert (final / "newer.txt").is_file() and runs.is_finished(final)
+
+
+def test_remove_run_deletes_only_our_runs_and_never_through_a_link(tmp_path):
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="refusing to delete"):
+        runs.remove_run(papers)
+    run = make_run(tmp_path / "run")
+    (tmp_path / "link").symlink_to(run)
+    with pytest.raises(UserError, match="refusing to delete"):
+        runs.remove_run(tmp_path / "link")
+    (run / "papers-link").symlink_to(papers)  # a link inside a run: removed, its target untouched
+    runs.remove_run(run)
+    assert not run.exists() and (papers / "thesis.tex").read_text() == "precious"
+
+
+def test_written_files_get_the_ordinary_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        runs.atomic_write_text(tmp_path / "metrics.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_disk_full_is_named():
+    import errno
+
+    error = runs.disk_full(OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"), "/runs/x")
+    assert isinstance(error, DiskFull) and "no space left on device while writing /runs/x/model.safetensors" in \
+        str(error)
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+    assert "while writing /runs/x/checkpoints" in str(runs.disk_full(torch_error, "/runs/x/checkpoints"))
+    assert runs.disk_full(RuntimeError("shapes do not match"), "/x") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the lock
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_second_run_on_a_locked_dir_is_refused(tmp_path, tiny_model_dir, data_dir):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "sft.yaml", stage_recipe("sft", out, tiny_model_dir,
+                                                              {"files": str(data_dir / "sft.jsonl")}))
+    holder = hold_lock(out)
+    try:
+        result = run_cli("sft", recipe)
+        assert result.exit_code == 2, result.output
+        assert f"{out} is in use by another rlhf run (pid {holder.pid}" in result.output
+        assert "Traceback" not in result.output and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_cli("sft", recipe).exit_code == 0  # the OS released the lock with the process
+
+
+def test_two_runs_started_together_leave_one_coherent_run(tmp_path, tiny_model_dir, data_dir):
+    """Two `rlhf sft` on one output dir at once: one runs, the other is refused (in use, or finished by then), and
+    the directory holds one run's recipe, marker and metrics, not a mix."""
+    out = tmp_path / "out"
+    training = {**FAST_TRAINING, "max_steps": 20}
+    recipe = write_recipe(tmp_path / "sft.yaml", stage_recipe("sft", out, tiny_model_dir,
+                                                              {"files": str(data_dir / "sft.jsonl")},
+                                                              training=training))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "rlhf_pipeline", "sft", str(recipe)]
+    processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    codes = sorted(p.returncode for p in processes)
+    assert codes == [0, 2], outputs
+    refused = outputs[[p.returncode for p in processes].index(2)]
+    assert "is in use by another rlhf run" in refused or "holds a finished run" in refused
+    assert "Traceback" not in refused
+    marker = runs.run_marker(out)
+    assert marker is not None and runs.is_finished(out)
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".out.")) == [".out.lock"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# replacing a run keeps the old one until the new one has finished
+# ---------------------------------------------------------------------------------------------------------------
+def sft_recipe(tmp_path, out, model, data_dir, **training):
+    return write_recipe(tmp_path / "sft.yaml", stage_recipe("sft", out, model, {"files": str(data_dir / "sft.jsonl")},
+                                                            training={**FAST_TRAINING, **training}))
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_overwrite_leaves_the_finished_run_as_it_was(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    out = tmp_path / "out"
+    recipe = sft_recipe(tmp_path, out, tiny_model_dir, data_dir)
+    assert run_cli("sft", recipe).exit_code == 0
+    before = snapshot(out)
+
+    from transformers import Trainer
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(Trainer, "train", crash)
+    dry = run_cli("sft", recipe, "--overwrite", "--dry-run")
+    assert f"the new one is built in {tmp_path / '.out.next'}" in dry.output
+    result = run_cli("sft", recipe, "--overwrite", "--set", "training.learning_rate=0.002")
+    assert result.exit_code != 0
+    assert snapshot(out) == before, "a failed rerun must not touch the finished run"
+    assert runs.output_dir_status(tmp_path / ".out.next") == "unfinished"  # the failed attempt, aside
+
+    monkeypatch.undo()
+    result = run_cli("sft", recipe, "--overwrite", "--set", "training.learning_rate=0.002")
+    assert result.exit_code == 0, result.output
+    assert "replacing the run that was there" in result.output
+    assert snapshot(out) != before and runs.is_finished(out)
+    assert "learning_rate: 0.002" in (out / runs.RECIPE_FILE).read_text()
+    assert runs.run_marker(out)["output_dir"] == str(out)
+    assert f"output_dir: {out}\n" in (out / runs.RECIPE_FILE).read_text()  # the real one, not the staging dir
+    assert not (tmp_path / ".out.next").exists() and not (tmp_path / ".out.old").exists()
+
+
+def test_a_killed_overwrite_leaves_the_finished_run_as_it_was(tmp_path, tiny_model_dir, data_dir):
+    out = tmp_path / "out"
+    recipe = sft_recipe(tmp_path, out, tiny_model_dir, data_dir, max_steps=6, save_steps=2, logging_steps=1)
+    assert run_cli("sft", recipe).exit_code == 0
+    before = snapshot(out)
+    killed = interrupt("kill-after-checkpoint", 2, "sft", recipe, "--overwrite")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
+    assert snapshot(out) == before
+    staged = tmp_path / ".out.next"
+    assert runs.resumable_checkpoint(staged) == staged / "checkpoint-2"
+    # the interrupted replacement resumes with --resume --overwrite; plain --resume says how
+    assert "pass --resume --overwrite" in run_cli("sft", recipe, "--resume").output
+    result = run_cli("sft", recipe, "--resume", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert snapshot(out) != before and not staged.exists()
+    assert json.loads((out / runs.METRICS_FILE).read_text())["train_steps"] == 6
+
+
+def test_foreign_and_linked_output_dirs_are_never_written_or_deleted(tmp_path, tiny_model_dir, data_dir):
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "metrics.json").write_text("{}")
+    (papers / "recipe.resolved.yaml").write_text("mine\n")
+    (papers / "thesis.tex").write_text("precious")
+    before = snapshot(papers)
+    link = tmp_path / "link"
+    link.symlink_to(make_run(tmp_path / "real"))
+    real = snapshot(tmp_path / "real")
+    for out, message in ((papers, "without the .rlhf-run.json marker"), (link, "is a symbolic link")):
+        recipe = sft_recipe(tmp_path, out, tiny_model_dir, data_dir)
+        for flags in (("--overwrite",), ("--overwrite", "--dry-run"), ()):
+            result = run_cli("sft", recipe, *flags)
+            assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+            assert message in result.output or "--overwrite" not in flags, result.output
+    assert snapshot(papers) == before and snapshot(tmp_path / "real") == real
+
+
+def test_no_stage_clears_another_stages_resumable_run(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
+    """A PPO run interrupted after a checkpoint; `rlhf sft` pointed at its dir refuses without --overwrite."""
+    out = tmp_path / "ppo"
+    recipe = write_recipe(tmp_path / "ppo.yaml", ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)},
+                                                            data_dir, total_episodes=24, save_every=1))
+    assert interrupt("kill-after-checkpoint", 1, "ppo", recipe).returncode == -signal.SIGKILL
+    before = snapshot(out)
+    result = run_cli("sft", sft_recipe(tmp_path, out, tiny_model_dir, data_dir))
+    assert result.exit_code == 2 and "pass --resume to continue it, or --overwrite" in result.output
+    assert snapshot(out) == before
+
+
+def test_recipe_resume_from_checkpoint_keeps_the_checkpoint(tmp_path, tiny_model_dir, data_dir):
+    """`training.resume_from_checkpoint` naming a checkpoint of the run resumes from it (the stage used to clear the
+    output dir first, deleting the very checkpoint)."""
+    out = tmp_path / "out"
+    recipe = sft_recipe(tmp_path, out, tiny_model_dir, data_dir, max_steps=6, save_steps=2, logging_steps=1)
+    assert interrupt("kill-after-checkpoint", 4, "sft", recipe).returncode == -signal.SIGKILL
+    missing = run_cli("sft", recipe, "--set", f"training.resume_from_checkpoint={out / 'checkpoint-3'}")
+    assert missing.exit_code == 2 and "is not a complete checkpoint of this run" in missing.output
+    result = run_cli("sft", recipe, "--set", f"training.resume_from_checkpoint={out / 'checkpoint-2'}")
+    assert result.exit_code == 0, result.output
+    assert f"resuming {out} from checkpoint-2" in result.output
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kill -9 or Ctrl-C, then --resume: the same run as an uninterrupted one
+# ---------------------------------------------------------------------------------------------------------------
+def interrupt(mode: str, at: int, stage: str, recipe: Path, *flags: str) -> subprocess.CompletedProcess:
+    # the threads of this process: a different count sums in another order, and bit-for-bit comparisons would fail
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.run([sys.executable, str(REPO / "tests" / "interrupt_at.py"), mode, str(at), stage, str(recipe),
+                           *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def trainer_stage_recipe(stage, tmp_path, name, model, data_dir):
+    out = tmp_path / name
+    data = {"pretrain": {"files": str(data_dir / "text.jsonl"), "eval_size": 40, "block_size": 32},
+            "sft": {"files": str(data_dir / "sft.jsonl"), "eval_size": 8},
+            "reward": {"files": str(data_dir / "prefs.jsonl"), "eval_size": 8}}[stage]
+    training = {**FAST_TRAINING, "max_steps": 6, "save_steps": 2, "logging_steps": 1}
+    recipe = stage_recipe(stage, out, model, data, training=training)
+    if stage == "pretrain":
+        recipe["model"] = {"init": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}}
+        recipe["tokenizer"] = {"train": {"vocab_size": 350}}
+    return write_recipe(tmp_path / f"{name}.yaml", recipe), out
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward"])
+@pytest.mark.parametrize("how", ["kill-after-checkpoint", "ctrl-c-at"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model_dir, data_dir, stage, how):
+    """6 steps, a checkpoint every 2. kill -9 once checkpoint-4 is on disk (or Ctrl-C during step 3, which saves
+    checkpoint-3 and exits 130 naming the resume command), then --resume: the same weights, bit for bit, the same
+    held-out loss and the same whole-run train_loss (to rounding) as a run never interrupted."""
+    straight, straight_out = trainer_stage_recipe(stage, tmp_path, "straight", tiny_model_dir, data_dir)
+    assert run_cli(stage, straight).exit_code == 0
+    recipe, out = trainer_stage_recipe(stage, tmp_path, "interrupted", tiny_model_dir, data_dir)
+    at = 4 if how == "kill-after-checkpoint" else 3
+    stopped = interrupt(how, at, stage, recipe)
+    if how == "kill-after-checkpoint":
+        assert stopped.returncode == -signal.SIGKILL, stopped.stderr[-3000:]
+    else:
+        assert stopped.returncode == 130, stopped.stderr[-3000:]
+        assert f"checkpoint saved: {out / 'checkpoint-3'}" in stopped.stderr
+        assert f"resume with: rlhf {stage} {recipe} --resume" in stopped.stderr
+    assert not runs.is_finished(out) and runs.resumable_checkpoint(out) == out / f"checkpoint-{at}"
+
+    result = run_cli(stage, recipe, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"resuming {out} from checkpoint-{at}" in result.output
+    assert same_weights(straight_out, out)
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight_out, out))
+    assert b["eval_loss"] == a["eval_loss"] and b["train_steps"] == a["train_steps"] == 6
+    assert b["final_train_loss"] == a["final_train_loss"]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # save_total_limit 2
+
+
+@pytest.mark.parametrize("how", ["kill-after-checkpoint", "ctrl-c-at"])
+def test_ppo_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir, how):
+    """PPO, 4 updates, a checkpoint every update: killed after checkpoint 2 (a torn line then appended to log.jsonl,
+    as a kill mid-write leaves), or Ctrl-C during update 2; --resume gives the uninterrupted run, bit for bit."""
+    def recipe_for(name):
+        out = tmp_path / name
+        return write_recipe(tmp_path / f"{name}.yaml", ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)},
+                                                                  data_dir, total_episodes=32, save_every=1)), out
+
+    straight, straight_out = recipe_for("straight")
+    assert run_cli("ppo", straight).exit_code == 0
+    recipe, out = recipe_for("interrupted")
+    stopped = interrupt(how, 2, "ppo", recipe)
+    if how == "kill-after-checkpoint":
+        assert stopped.returncode == -signal.SIGKILL, stopped.stderr[-3000:]
+        with open(out / "log.jsonl", "a") as log:
+            log.write('{"train/update": 3, "objective/sc')
+    else:
+        assert stopped.returncode == 130, stopped.stderr[-3000:]
+        assert "resume with: rlhf ppo" in stopped.stderr
+    assert runs.resumable_checkpoint(out).name == "update-000002"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["update-000001", "update-000002"]
+
+    result = run_cli("ppo", recipe, "--resume")
+    assert result.exit_code == 0, result.output
+    assert same_weights(straight_out, out)
+    rows = lambda d: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["train/update"] for r in rows(out)] == [1, 2, 3, 4]
+    assert [r["objective/score"] for r in rows(out)] == [r["objective/score"] for r in rows(straight_out)]
+    # save_total_limit (2): the oldest checkpoints were deleted as new ones were written
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["update-000002", "update-000003"]
+
+
+def test_a_crafted_rng_file_is_not_unpickled(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
+    """rng-N.pt is read with weights_only=True: a checkpoint crafted to run code on --resume is refused, and the
+    code never runs."""
+    out = tmp_path / "ppo"
+    recipe = write_recipe(tmp_path / "ppo.yaml", ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)},
+                                                            data_dir, total_episodes=24, save_every=1))
+    assert interrupt("kill-after-checkpoint", 1, "ppo", recipe).returncode == -signal.SIGKILL
+    proof = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {proof}",))
+
+    torch.save({"torch": torch.get_rng_state(), "python": Payload()},
+               out / "checkpoints" / "update-000001" / "rng-0.pt")
+    result = run_cli("ppo", recipe, "--resume")
+    assert result.exit_code == 2, result.output
+    assert "rng-0.pt" in result.output and "Traceback" not in result.output
+    assert not proof.exists()
+
+
+def test_full_disk_names_where(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir, monkeypatch):
+    """A full disk while writing a PPO checkpoint: 'no space left on device' and the path, exit 1."""
+    out = tmp_path / "ppo"
+    recipe = write_recipe(tmp_path / "ppo.yaml", ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)},
+                                                            data_dir, save_every=1))
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    result = run_cli("ppo", recipe)
+    assert result.exit_code == 1, result.output
+    assert f"no space left on device while writing {out / 'checkpoints' / 'update-000001.tmp'}" in result.output
+    assert "enforce fail" not in result.output and "Traceback" not in result.output
