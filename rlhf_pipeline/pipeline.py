@@ -209,15 +209,16 @@ class Options:
 
 
 def run_pipeline(pipeline: LoadedRecipe, options: Options) -> str:
-    """Run (or, dry, describe) the pipeline, holding its output dir's lock; returns the summary table."""
-    if options.dry_run:
-        return _run_pipeline(pipeline, options)
-    with runs.lock(pipeline.recipe.output_dir):
-        return _run_pipeline(pipeline, options)
-
-
-def _run_pipeline(pipeline: LoadedRecipe, options: Options) -> str:
+    """Run (or, dry, describe) the pipeline, holding its output dir's lock once every stage recipe validated;
+    returns the summary table."""
     plans = plan_stages(pipeline)
+    if options.dry_run:
+        return _run_pipeline(pipeline, plans, options)
+    with runs.lock(pipeline.recipe.output_dir):
+        return _run_pipeline(pipeline, plans, options)
+
+
+def _run_pipeline(pipeline: LoadedRecipe, plans: list[StagePlan], options: Options) -> str:
     names = [p.name for p in plans]
     for flag, stage in (("--from", options.from_stage), ("--only", options.only)):
         if stage is None:

@@ -122,7 +122,8 @@ def _retired_dir(output_dir: str | Path) -> Path:
 # one run at a time
 # ---------------------------------------------------------------------------------------------------------------
 def lock_path(output_dir: str | Path) -> Path:
-    """The lock file: beside the output dir (`.NAME.lock`), so that it stays put when a staged run swaps in."""
+    """The lock file: beside the output dir (`.NAME.lock`, there while a run holds it), so that it stays put when a
+    staged run swaps in."""
     path = Path(output_dir).absolute()
     return path.parent / f".{path.name}.lock"
 
@@ -130,26 +131,39 @@ def lock_path(output_dir: str | Path) -> Path:
 @contextlib.contextmanager
 def lock(output_dir: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on `output_dir` for the block (fcntl.flock: released by the OS if the process dies).
-    Another holder gets a UserError naming the directory and the holder's pid."""
+    Another holder gets a UserError naming the directory and the holder's pid. The lock file is removed on release
+    (while still held; an acquirer checks that the file it locked is still the one at the path, so two processes
+    never both hold a lock)."""
     import fcntl
 
     path = lock_path(output_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the whole block)
-    try:
+    while True:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the whole block)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
+            handle.close()
             raise UserError(f"{output_dir} is in use by another rlhf run (pid {holder}; lock {path}): wait for it "
                             "to finish, or stop it") from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()  # the previous holder removed this file as we locked it: lock the new one
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
         yield
     finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
         handle.close()  # closing releases the lock
 
 

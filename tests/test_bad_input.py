@@ -20,6 +20,7 @@ def assert_clean_error(result, expected: list[str], out=None, code: int = 2) -> 
         assert text in result.output, (text, result.output)
     if out is not None:
         assert not out.exists(), sorted(p.name for p in out.iterdir())
+        assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no lock, no staging
 
 
 # ---------------------------------------------------------------------------------------------------------------

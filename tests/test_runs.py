@@ -173,6 +173,7 @@ def test_a_second_run_on_a_locked_dir_is_refused(tmp_path, tiny_model_dir, data_
         holder.kill()
         holder.wait()
     assert run_cli("sft", recipe).exit_code == 0  # the OS released the lock with the process
+    assert not runs.lock_path(out).exists()  # and the run that took it over removed the file when it ended
 
 
 def test_two_runs_started_together_leave_one_coherent_run(tmp_path, tiny_model_dir, data_dir):
@@ -195,7 +196,7 @@ def test_two_runs_started_together_leave_one_coherent_run(tmp_path, tiny_model_d
     assert "Traceback" not in refused
     marker = runs.run_marker(out)
     assert marker is not None and runs.is_finished(out)
-    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".out.")) == [".out.lock"]
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".out.")) == []  # lock and staging gone
 
 
 # ---------------------------------------------------------------------------------------------------------------
