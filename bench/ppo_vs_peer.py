@@ -694,6 +694,28 @@ def run_setting(setting: str, args, env: dict) -> dict:
         # timings: the fastest run (the least disturbed by other load); every run is kept in the JSON
         results[name] = max(reps, key=lambda r: r["episodes_per_s"])
 
+    # a single run is one trajectory: ours again with other seeds shows how far gains move from seed to seed (the
+    # peer's seed also rebuilds its artifacts, so only ours can be re-seeded on the same models)
+    seed_spread = {}
+    if setting == "tiny" and args.our_seeds:
+        for v in variants:
+            gains = {"seeds": [seed], "gain_train_penalized": [results[v["name"]]["gain_train_penalized"]],
+                     "gain_eval_penalized": [results[v["name"]]["gain_eval_penalized"]]}
+            for extra in range(1, args.our_seeds + 1):
+                name = f"{v['name']}-seed{seed + extra}"
+                recipe, out_dir = bench_dir / f"recipe-{name}.yaml", runs / name
+                write_recipe(recipe, spec, inputs, v, seed + extra, out_dir)
+                say(f"{setting}: {v['name']} with seed {seed + extra} (gains only)")
+                r = run_ours(rlhf_command(recipe, out_dir), out_dir, spec, env, runs / f"{name}.log", name, args.quiet)
+                add_gains(r)
+                gains["seeds"].append(seed + extra)
+                for kind in ("gain_train_penalized", "gain_eval_penalized"):
+                    gains[kind].append(r[kind])
+            for kind in ("gain_train_penalized", "gain_eval_penalized"):
+                gains[f"{kind}_mean"] = statistics.mean(gains[kind])
+                gains[f"{kind}_sd"] = statistics.stdev(gains[kind])
+            seed_spread[v["name"]] = gains
+
     noise = None
     if setting == "tiny" and args.noise_seeds > 1:
         say(f"{setting}: sampling noise of the held-out score ({args.noise_seeds} seeds x {inputs['n_eval']} prompts)")
@@ -730,6 +752,12 @@ def run_setting(setting: str, args, env: dict) -> dict:
             c["gain_eval_penalized_se"] = se_gain
             c["gain_eval_penalized_difference_se"] = se_gain * 2 ** 0.5
             c["gain_eval_penalized_difference_in_se"] = c["gain_eval_penalized_difference"] / (se_gain * 2 ** 0.5)
+        spread = seed_spread.get(v["name"])
+        if spread:
+            # one run of each trainer: the difference of two single runs varies by sqrt(2) x the seed-to-seed SD
+            # (ours' SD, taken for the peer's too)
+            for kind in ("gain_train_penalized", "gain_eval_penalized"):
+                c[f"{kind}_difference_in_seed_sd"] = c[f"{kind}_difference"] / (spread[f"{kind}_sd"] * 2 ** 0.5)
         if ours.get("gain_train_penalized_se") is not None and peer.get("gain_train_penalized_se") is not None:
             c["gain_train_penalized_difference_se"] = (ours["gain_train_penalized_se"] ** 2
                                                        + peer["gain_train_penalized_se"] ** 2) ** 0.5
@@ -777,6 +805,7 @@ def run_setting(setting: str, args, env: dict) -> dict:
         "repeats": repeats,
         "comparisons": comparisons,
         "eval_noise": noise,
+        "seed_spread": seed_spread,
         "notes": NOTES[setting],
     }
 
@@ -848,6 +877,7 @@ def table(res: dict) -> str:
     row("training time (s)", lambda n: fmt(results[n]["train_wall_s"], ".1f"))
     row("process wall time (s)", lambda n: fmt(results[n]["usage"]["wall_s"], ".1f"))
     if setting == "tiny":
+        spread = res.get("seed_spread") or {}
         for kind, label in (("eval_penalized", "held-out gain, penalized"), ("eval_raw", "held-out gain, raw"),
                             ("train_penalized", "training gain, penalized"), ("train_raw", "training gain, raw")):
             b, a = (f"{kind}_before", f"{kind}_after") if kind.startswith("eval") else (f"{kind}_start",
@@ -865,6 +895,14 @@ def table(res: dict) -> str:
                     lambda n: fmt(results[n].get("gain_train_penalized_se"), ".3f"))
                 row("  ours - peer, in SE of the difference",
                     lambda n: "" if n == "peer" else fmt(comps[n].get("gain_train_penalized_difference_in_se"), "+.1f"))
+            if kind in ("eval_penalized", "train_penalized") and spread:
+                key = f"gain_{kind}"
+                row(f"  over {len(next(iter(spread.values()))['seeds'])} seeds of ours: mean (SD)",
+                    lambda n, key=key: "" if n not in spread else
+                    f"{spread[n][key + '_mean']:+.3f} ({spread[n][key + '_sd']:.3f})")
+                row("  ours - peer, in seed-to-seed SD of a difference",
+                    lambda n, key=key: "" if n not in spread else fmt(comps[n].get(f"{key}_difference_in_seed_sd"),
+                                                                       "+.1f"))
         row("held-out EOS rate before -> after",
             lambda n: f"{fmt(results[n]['eval_eos_before'])} -> {fmt(results[n]['eval_eos_after'])}")
         row("KL at the end (last 4 updates)", lambda n: fmt(results[n]["kl_end"]))
@@ -936,6 +974,9 @@ def main() -> int:
     ap.add_argument("--small-vocab", type=int, default=50257,
                     help="gpt2-small: vocabulary size of the random models (50257: GPT-2's, 124M parameters; the "
                          "peer's tokenizer uses the first 3000 ids); 0: the tokenizer's size")
+    ap.add_argument("--our-seeds", type=int, default=0,
+                    help="tiny: also run ours with this many other seeds, to show how far the gains move from seed to "
+                         "seed (one run each, gains only)")
     ap.add_argument("--noise-seeds", type=int, default=16,
                     help="tiny: re-sample the held-out score this many times (initial policy and our final ones) to "
                          "estimate its sampling noise; 0 disables")
