@@ -241,7 +241,7 @@ def recover(output_dir: str | Path) -> None:
         return
     if not final.exists() and not final.is_symlink():
         os.replace(retired if not (is_ours(staged) and is_finished(staged)) else staged, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     if is_ours(retired):
         remove_run(retired)
 
@@ -291,7 +291,7 @@ def promote(staged: Path, final: Path) -> None:
     if final.exists():
         os.replace(final, retired)
     os.replace(staged, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if is_ours(retired):
         remove_run(retired)
 
@@ -340,7 +340,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise disk_full(exc, path) or exc from None
@@ -356,10 +356,11 @@ def fsync_tree(path: Path) -> None:
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
     for directory in [path, *sorted(p for p in path.rglob("*") if p.is_dir())]:
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -489,7 +489,7 @@ class PPOTrainer:
             if self.accelerator.is_main_process:
                 runs.fsync_tree(partial)
                 os.replace(partial, path)
-                runs.fsync_tree(root)
+                runs.fsync_dir(root)  # the rename itself
                 complete = sorted(p for p in root.glob("update-*") if not p.name.endswith(".tmp"))
                 runs.prune_checkpoints(complete, self.config.save_total_limit)
             self.accelerator.wait_for_everyone()

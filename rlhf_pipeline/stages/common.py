@@ -59,7 +59,7 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
-def begin(loaded: LoadedRecipe, options: RunOptions) -> None:
+def begin(loaded: LoadedRecipe) -> None:
     """Seed everything and quiet the warnings nobody can act on (the output dir was checked by the plan)."""
     from transformers import set_seed
 
@@ -95,8 +95,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def start_outputs(loaded: LoadedRecipe, options: RunOptions) -> None:
-    """Write the run marker and recipe.resolved.yaml (with provenance), clearing what a crashed attempt left; a
-    resumed run keeps what it has. Called once the stage is set up."""
+    """Write the run marker and recipe.resolved.yaml (with provenance); a resumed run keeps what it has. Called once
+    the stage is set up (what an earlier attempt left was cleared before: `runs.prepare_run`)."""
     if is_main_process():
         runs.start_run(options.plan, loaded.stage, loaded.resolved_yaml(runs.provenance()))
     wait_for_everyone()

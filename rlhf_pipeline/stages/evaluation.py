@@ -33,7 +33,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     import torch
 
     recipe = loaded.recipe
-    begin(loaded, options)
+    begin(loaded)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, Any] = {}
     plots: dict[str, str] = {}

@@ -30,7 +30,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     recipe = loaded.recipe
-    begin(loaded, options)
+    begin(loaded)
 
     # 1. data
     train_text, eval_text = data_io.load_splits(loaded)

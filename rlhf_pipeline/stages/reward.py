@@ -34,7 +34,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     recipe = loaded.recipe
     if not (recipe.data.eval_split or recipe.data.eval_size):
         raise loaded.error("data", "the reward stage reports held-out accuracy: set `eval_split` or `eval_size`")
-    begin(loaded, options)
+    begin(loaded)
 
     # 1. data
     train, held_out = data_io.load_splits(loaded)

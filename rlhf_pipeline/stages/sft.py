@@ -30,7 +30,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     recipe = loaded.recipe
-    begin(loaded, options)
+    begin(loaded)
 
     # 1. data
     train, held_out = data_io.load_splits(loaded)
