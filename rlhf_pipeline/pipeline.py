@@ -315,7 +315,7 @@ def _decide(plan: StagePlan, state: dict, options: Options, names: list[str],
     differences = diff_keys(recorded["recipe"], current_recipe)
     if differences:
         return "run", f"its recipe changed at {', '.join(differences[:5])}"
-    changed = [path for path in local_inputs(plan.loaded) if recorded["inputs"].get(path) != fingerprint(path)]
+    changed = _changed_inputs(plan, recorded)
     if changed:
         return "run", f"input changed: {', '.join(changed)}"
     return "skip", "up to date"
@@ -332,8 +332,13 @@ def _changes_since_started(plan: StagePlan, state: dict, upstream_will_change: b
     recorded = state["stages"].get(plan.name)
     if recorded is None:
         return "this pipeline did not start it"
-    changed = [path for path in local_inputs(plan.loaded) if recorded["inputs"].get(path) != fingerprint(path)]
+    changed = _changed_inputs(plan, recorded)
     return f"input changed: {', '.join(changed)}" if changed else ""
+
+
+def _changed_inputs(plan: StagePlan, recorded: dict) -> list[str]:
+    """The local inputs whose fingerprint differs from what the stage recorded."""
+    return [path for path in local_inputs(plan.loaded) if recorded["inputs"].get(path) != fingerprint(path)]
 
 
 def _record(state: dict, state_path: Path, plan: StagePlan, inputs: dict[str, str], finished: bool = True) -> None:

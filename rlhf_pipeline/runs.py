@@ -316,7 +316,7 @@ def prune_checkpoints(checkpoints: list[Path], keep: int | None) -> None:
     """Delete all but the last `keep` checkpoints (oldest first in the list)."""
     if keep is None:
         return
-    for old in sorted(checkpoints, key=_checkpoint_step)[:-keep] if keep > 0 else checkpoints:
+    for old in sorted(checkpoints, key=_checkpoint_step)[:-keep]:  # keep >= 1 (the schema says so)
         if not old.is_symlink():
             shutil.rmtree(old)
 

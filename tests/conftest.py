@@ -56,6 +56,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under a directory and its bytes: equal snapshots mean nothing was touched."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def weights(path: Path) -> dict:
+    """The tensors of a saved model's model.safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
 def hold_lock(path: Path):
     """Another process holding a run dir's lock, as a running stage does (a subprocess.Popen: kill it when done)."""
     import subprocess

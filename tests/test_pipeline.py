@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST_TRAINING, hold_lock, ppo_recipe, run_cli, write_recipe
+from conftest import FAST_TRAINING, hold_lock, ppo_recipe, run_cli, snapshot, write_recipe
 
 TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
 
@@ -179,10 +179,6 @@ def test_pipeline_pushes_its_models_with_lineage(pipeline_dir, hub):
 
     assert all(TOKEN.encode() not in content for repo in hub.repos.values() for content in repo.files().values())
     assert "push ppo" in result.output and (pipeline_dir / "runs" / "ppo" / "hub.json").is_file()
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def interrupt_ppo_in_update_2(pipeline_dir, monkeypatch) -> Path:

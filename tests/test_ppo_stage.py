@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, ppo_recipe, run_cli, write_recipe
+from conftest import REPO, ppo_recipe, run_cli, weights, write_recipe
 from safetensors.torch import load_file
 
 LOGGED_EVERY_UPDATE = {
@@ -26,10 +26,6 @@ LOGGED_EVERY_UPDATE = {
 
 def log_rows(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
 
 
 def run_ppo(tmp_path: Path, recipe: dict, *flags: str):

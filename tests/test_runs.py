@@ -13,8 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_TRAINING, REPO, hold_lock, ppo_recipe, run_cli, stage_recipe, write_recipe
-from safetensors.torch import load_file
+from conftest import (
+    FAST_TRAINING,
+    REPO,
+    hold_lock,
+    ppo_recipe,
+    run_cli,
+    snapshot,
+    stage_recipe,
+    weights,
+    write_recipe,
+)
 
 from rlhf_pipeline import runs
 from rlhf_pipeline.errors import DiskFull, UserError
@@ -207,10 +216,6 @@ def sft_recipe(tmp_path, out, model, data_dir, **training):
                                                             training={**FAST_TRAINING, **training}))
 
 
-def snapshot(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 def test_a_failed_overwrite_leaves_the_finished_run_as_it_was(tmp_path, tiny_model_dir, data_dir, monkeypatch):
     out = tmp_path / "out"
     recipe = sft_recipe(tmp_path, out, tiny_model_dir, data_dir)
@@ -325,10 +330,6 @@ def trainer_stage_recipe(stage, tmp_path, name, model, data_dir):
         recipe["model"] = {"init": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}}
         recipe["tokenizer"] = {"train": {"vocab_size": 350}}
     return write_recipe(tmp_path / f"{name}.yaml", recipe), out
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
 
 
 def same_weights(a: Path, b: Path) -> bool:
