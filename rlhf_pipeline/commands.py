@@ -221,13 +221,17 @@ def _ppo_rows(recipe: Any) -> list[tuple[str, str]]:
     from rlhf_pipeline.ppo.plan import BatchPlan
 
     cfg, gen = recipe.training, recipe.generation
-    plan = BatchPlan.of(cfg)
+    plan = BatchPlan.of(cfg, samples_per_prompt=gen.samples_per_prompt)
     reference = recipe.reference.name_or_path or (
         "the policy with its LoRA adapter disabled" if recipe.peft else f"frozen copy of {recipe.policy.name_or_path}")
-    kl = f"beta={cfg.kl_coef:g} ({cfg.kl_estimator})" + (
+    kl = f"beta={cfg.kl_coef:g} " + ("(k3, in the loss)" if cfg.advantage_estimator == "grpo" else
+                                     f"({cfg.kl_estimator}, in the reward)") + (
         f", adaptive to {cfg.adaptive_kl.target:g} nats over {cfg.adaptive_kl.horizon:g} episodes"
         if cfg.adaptive_kl else ", fixed")
+    estimator = {"gae": "gae (PPO with a critic)", "rloo": "rloo (REINFORCE leave-one-out, no critic)",
+                 "grpo": "grpo (group-normalised scores, no critic)"}[cfg.advantage_estimator]
     rows = [
+        ("advantages", f"{estimator}; whitened" if cfg.whiten_advantages else estimator),
         ("policy", f"{recipe.policy.name_or_path} ({recipe.policy.dtype})"),
         ("reference", reference),
         ("reward", recipe.reward.model or f"function {recipe.reward.function}"),
@@ -237,7 +241,7 @@ def _ppo_rows(recipe: Any) -> list[tuple[str, str]]:
         rows.append(("gold", recipe.gold.model or f"function {recipe.gold.function}"))
     rows += [
         ("sampling", f"up to {gen.response_length} tokens, temperature {gen.temperature:g}, top_k {gen.top_k}, "
-                     f"top_p {gen.top_p:g}"),
+                     f"top_p {gen.top_p:g}, {gen.samples_per_prompt} response(s) per prompt"),
         ("batches", plan.describe() + " (with 1 process)"),
         ("kl", kl),
     ]
@@ -248,6 +252,8 @@ def _value_row(recipe: Any) -> str:
     """Where PPO's value function starts (the rule of stages.ppo.value_start, told from the files on disk)."""
     from rlhf_pipeline.models import vocabulary_on_disk
 
+    if recipe.training.advantage_estimator != "gae":
+        return f"none: {recipe.training.advantage_estimator} needs no critic (no value model is loaded)"
     if recipe.value.mode == "shared":
         return "a head on the policy's trunk (shared)"
     if recipe.value.name_or_path:

@@ -101,7 +101,8 @@ def _wire(pipeline: LoadedRecipe, name: str, entry, plans: dict[str, StagePlan])
             wiring.append(("policy.name_or_path", policy, f"{src} from {'sft' if 'sft' in out else 'pretrain'}"))
         if "reward" in out:
             wiring.append(("reward", {"model": out["reward"]}, f"{src} from reward"))
-            wiring.append(("value.name_or_path", out["reward"], f"{src} from reward (used by a separate value)"))
+            if _has_critic(pipeline, entry):
+                wiring.append(("value.name_or_path", out["reward"], f"{src} from reward (used by a separate value)"))
         return wiring
     if name == "eval" and entry.recipe is not None:
         wiring = []
@@ -113,6 +114,20 @@ def _wire(pipeline: LoadedRecipe, name: str, entry, plans: dict[str, StagePlan])
             wiring.append(("reward.model", out["reward"], f"{src} from reward"))
         return wiring
     return []
+
+
+def _has_critic(pipeline: LoadedRecipe, entry) -> bool:
+    """Whether a PPO stage's recipe (with the pipeline's `set:`) uses a value function: rloo and grpo have none, and
+    refuse a `value:` section."""
+    from rlhf_pipeline.recipe.load import merged_recipe_data
+
+    path = pipeline.path.parent / entry.recipe
+    if not path.is_file():
+        return True  # reported as a missing file when the stage recipe loads
+    data = merged_recipe_data(path)
+    estimator = dict(_dotted(entry.set)).get("training.advantage_estimator",
+                                             (data.get("training") or {}).get("advantage_estimator", "gae"))
+    return estimator == "gae"
 
 
 def _generated_eval(pipeline: LoadedRecipe, plans: dict[str, StagePlan]) -> dict[str, Any]:
@@ -128,7 +143,7 @@ def _generated_eval(pipeline: LoadedRecipe, plans: dict[str, StagePlan]) -> dict
             tokenizer=ppo.tokenizer.model_dump(mode="json"),
             reward=ppo.reward.model_dump(mode="json", exclude_none=True),
             data=ppo.data.model_dump(mode="json"),
-            generation=ppo.generation.model_dump(mode="json"),
+            generation=ppo.generation.model_dump(mode="json", exclude={"samples_per_prompt"}),
             num_prompts=ppo.training.eval_prompts,
         )
         if ppo.gold is not None:

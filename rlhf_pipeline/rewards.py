@@ -1,7 +1,14 @@
 """Reward (and gold) functions named in recipes: `package.module:function` or `path/to/file.py:function`.
 
-A function takes the prompts and responses as lists of strings and returns one float per response. If it accepts a
-`finished` keyword (or **kwargs) it also gets, for each response, whether generation stopped at EOS.
+Two conventions, told apart by the function's parameters:
+
+- ours: `f(prompts, responses)` over lists of strings, returning one float per response. If it accepts a `finished`
+  keyword (or **kwargs) it also gets, for each response, whether generation stopped at EOS.
+- TRL's (GRPOTrainer / RLOOTrainer), for any function with a parameter named `completions` or `completion_ids`:
+  `f(prompts=..., completions=..., completion_ids=..., trainer_state=..., log_metric=..., log_extra=..., **columns)`,
+  where `columns` are the prompt dataset's other columns, row for row; for conversational data prompts and
+  completions are message lists. So a function written for TRL (e.g. from `trl.rewards`) plugs in unchanged. A
+  function without **kwargs gets only the keywords it names.
 """
 
 from __future__ import annotations
@@ -58,19 +65,58 @@ def accepts_finished(function: RewardFunction) -> bool:
     return any(p.name == "finished" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def call_function(function: RewardFunction, prompts: list[str], responses: list[str], finished: list[bool],
-                  name: str | None = None) -> list[float]:
-    """Call a reward function and check that it returned one finite float per response; anything else (it raised,
-    exited, returned the wrong count or a NaN) is a UserError naming the function (`name`: as the recipe spells it)
-    and what was wrong."""
-    name = name or f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', function)}"
+def uses_trl_convention(function: RewardFunction) -> bool:
+    """Whether the function is written for TRL's trainers (which pass everything by keyword): it names a
+    `completions` or `completion_ids` parameter."""
     try:
-        if accepts_finished(function):
-            returned = function(prompts, responses, finished=finished)
-        else:
-            returned = function(prompts, responses)
+        return bool({"completions", "completion_ids"} & set(inspect.signature(function).parameters))
+    except (TypeError, ValueError):
+        return False
+
+
+def trl_keywords(function: RewardFunction, name: str, keywords: dict) -> dict:
+    """The keywords a TRL-convention function receives: all of them with **kwargs, else those it names; a parameter
+    it requires that nothing provides is a UserError naming what there is."""
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return keywords
+    missing = [p.name for p in parameters.values() if p.name not in keywords and p.default is inspect.Parameter.empty
+               and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if missing:
+        columns = [k for k in keywords if k not in TRL_KEYWORDS]
+        raise UserError(f"reward function {name} needs {', '.join(repr(m) for m in missing)}, which the prompt data "
+                        f"does not provide (its other columns: {', '.join(columns) or 'none'}; TRL's keywords: "
+                        f"{', '.join(TRL_KEYWORDS)})")
+    return {k: v for k, v in keywords.items() if k in parameters}
+
+
+TRL_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
+
+
+def call_function(function: RewardFunction, prompts: list, responses: list, finished: list[bool],
+                  name: str | None = None, keywords: dict | None = None) -> list[float]:
+    """Call a reward function and check that it returned one finite float per response; anything else (it raised,
+    exited, returned the wrong count, a None or a NaN) is a UserError naming the function (`name`: as the recipe
+    spells it) and what was wrong. `keywords`: for a TRL-convention function, what it gets besides prompts and
+    completions (completion_ids, the dataset's columns, trainer_state, log_metric, log_extra)."""
+    name = name or f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', function)}"
+    if uses_trl_convention(function):
+        offered = {"prompts": prompts, "completions": responses, **(keywords or {})}
+        chosen = trl_keywords(function, name, offered)
+        call = lambda: function(**chosen)  # noqa: E731
+    elif accepts_finished(function):
+        call = lambda: function(prompts, responses, finished=finished)  # noqa: E731
+    else:
+        call = lambda: function(prompts, responses)  # noqa: E731
+    try:
+        returned = call()
     except (Exception, SystemExit) as exc:
         raise UserError(f"reward function {name} raised {type(exc).__name__}: {exc}") from None
+    nones = [i for i, s in enumerate(returned or []) if s is None] if isinstance(returned, (list, tuple)) else []
+    if nones:
+        raise UserError(f"reward function {name} returned None for {len(nones)} response(s), e.g. response "
+                        f"{nones[0]}: TRL sums several functions and skips a None; here the one function must score "
+                        "every response")
     try:
         scores = [float(s) for s in returned]
     except (TypeError, ValueError) as exc:
@@ -82,5 +128,5 @@ def call_function(function: RewardFunction, prompts: list[str], responses: list[
     if bad:
         index, value = bad[0]
         raise UserError(f"reward function {name} returned {len(bad)} non-finite score(s), e.g. {value} for response "
-                        f"{index} ({responses[index][:60]!r})")
+                        f"{index} ({str(responses[index])[:60]!r})")
     return scores

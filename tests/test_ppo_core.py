@@ -179,3 +179,63 @@ def test_truncate_after_first_eos():
 
 def test_position_ids_skip_left_padding():
     assert position_ids(T([[0, 0, 1, 1], [1, 1, 1, 1]])).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# critic-free advantages (RLOO, GRPO) and GRPO's KL loss
+# ---------------------------------------------------------------------------------------------------------------
+def test_rloo_advantages_by_hand():
+    # k = 2: each response against the other one
+    assert close(core.rloo_advantages(T([1.0, 2.0, 3.0, 6.0]), 2), [-1.0, 1.0, -3.0, 3.0])
+    # k = 4: 1 - (2 + 3 + 6) / 3, 2 - (1 + 3 + 6) / 3, 3 - (1 + 2 + 6) / 3, 6 - (1 + 2 + 3) / 3
+    assert close(core.rloo_advantages(T([1.0, 2.0, 3.0, 6.0]), 4), [-8 / 3, -4 / 3, 0.0, 4.0], tol=1e-6)
+    # the same as k / (k - 1) * (R - mean) within each group, and zero-sum within each group
+    rewards = torch.randn(12, generator=torch.Generator().manual_seed(0))
+    advantages = core.rloo_advantages(rewards, 3)
+    grouped = rewards.reshape(4, 3)
+    assert close(advantages, (1.5 * (grouped - grouped.mean(1, keepdim=True))).reshape(-1), tol=1e-6)
+    assert close(advantages.reshape(4, 3).sum(1), torch.zeros(4), tol=1e-6)
+
+
+def test_grpo_advantages_by_hand():
+    # group [1, 3]: mean 2, Bessel std sqrt(2); group [5, 5]: no spread, advantages 0
+    expected = 1 / (math.sqrt(2) + 1e-4)
+    assert close(core.grpo_advantages(T([1.0, 3.0, 5.0, 5.0]), 2), [-expected, expected, 0.0, 0.0], tol=1e-6)
+    # k = 3, [0, 0, 3]: mean 1, std sqrt((1 + 1 + 4) / 2) = sqrt(3)
+    s3 = math.sqrt(3) + 1e-4
+    assert close(core.grpo_advantages(T([0.0, 0.0, 3.0]), 3), [-1 / s3, -1 / s3, 2 / s3], tol=1e-6)
+
+
+def test_groups_need_k_at_least_2_and_whole_groups():
+    with pytest.raises(ValueError, match="groups of k = 3"):
+        core.groups_of(T([1.0, 2.0, 3.0, 4.0]), 3)
+    with pytest.raises(ValueError, match="k = 1"):
+        core.rloo_advantages(T([1.0, 2.0]), 1)
+
+
+def test_sequence_advantages_go_to_every_real_token():
+    mask = T([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    assert close(core.per_token(T([2.0, -1.0]), mask), [[2.0, 2.0, 0.0], [-1.0, -1.0, -1.0]])
+
+
+def test_grpo_kl_loss_by_hand():
+    # pi = 0.5, pi_ref = 0.25 at the first token: k3 = (0.25 / 0.5 - 1) - log(0.25 / 0.5) = -0.5 + log 2;
+    # equal at the second (k3 = 0); the third is padding
+    logprobs = T([[math.log(0.5), math.log(0.3), 5.0]])
+    ref = T([[math.log(0.25), math.log(0.3), -5.0]])
+    mask = T([[1.0, 1.0, 0.0]])
+    assert close(core.kl_loss(logprobs, ref, mask), (-0.5 + math.log(2)) / 2, tol=1e-6)
+    assert close(core.kl_loss(logprobs, ref, mask, normaliser=4), (-0.5 + math.log(2)) / 4, tol=1e-6)
+    # its gradient pushes log pi towards log pi_ref: d/dx [(e^(ref - x) - 1) - (ref - x)] = 1 - e^(ref - x) > 0 here
+    x = logprobs.clone().requires_grad_(True)
+    core.kl_loss(x, ref, mask).backward()
+    assert x.grad[0, 0] == pytest.approx((1 - 0.5) / 2, abs=1e-6) and x.grad[0, 1] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_batch_plan_with_several_samples_per_prompt():
+    plan = BatchPlan(total_episodes=128, rollout_batch_size=64, num_mini_batches=4, ppo_epochs=1,
+                     gradient_accumulation_steps=1, num_processes=2, samples_per_prompt=4)
+    assert (plan.prompts_per_update, plan.local_prompts_per_update, plan.local_rollout_batch_size) == (16, 8, 32)
+    assert "16 prompts x 4 responses" in plan.describe()
+    with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
+        BatchPlan(128, 64, 4, 1, 1, num_processes=2, samples_per_prompt=3)

@@ -213,3 +213,96 @@ def test_shared_value_head_under_a_bfloat16_policy(tmp_path, recipe):
     (tmp_path / "out").mkdir()
     state = trainer.train()
     assert state.update == 1 and state.optimizer_steps == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# critic-free estimators: k responses per prompt, no value model
+# ---------------------------------------------------------------------------------------------------------------
+def critic_free(recipe: dict, estimator: str, k: int = 4) -> dict:
+    recipe["training"]["advantage_estimator"] = estimator
+    recipe["generation"]["samples_per_prompt"] = k
+    return recipe
+
+
+def test_each_prompt_comes_k_times_in_a_row(tmp_path, recipe):
+    """8 episodes per update with k = 4: 2 prompts per update, each 4 times in a row; 10 prompts are walked in
+    order, 2 per update, as with one response per prompt."""
+    recipe["data"]["max_train_samples"] = 10
+    trainer, setup = make(tmp_path, critic_free(recipe, "rloo"))
+    batches = [trainer._prompt_batch(update).texts for update in range(5)]
+    assert all(len(b) == 8 and b[:4] == [b[0]] * 4 and b[4:] == [b[4]] * 4 and b[0] != b[4] for b in batches)
+    assert sorted(t for b in batches for t in b[::4]) == sorted(setup.train_prompts.texts)  # one epoch, no repeats
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_critic_free_estimators_load_no_value_model(tmp_path, recipe, estimator):
+    trainer, setup = make(tmp_path, critic_free(recipe, estimator))
+    model = setup.model
+    assert not model.has_critic and model.value_head is None and model.value_model is None
+    assert len(trainer.optimizer.param_groups) == 1  # the policy's parameters only
+    assert setup.value_source.startswith("none")
+    rollout = trainer.sample(trainer._prompt_batch(0))
+    _, values, _, _ = trainer._score_tokens(rollout)
+    assert values is None
+
+
+def test_rloo_and_grpo_advantages_in_the_trainer(tmp_path, recipe):
+    """With the policy equal to the reference (KL 0) the advantages are the pure functions' on the scores, given to
+    every real token; with KL, rloo subtracts beta * KL (k1 by default) from each response's reward first."""
+    trainer, _ = make(tmp_path, critic_free(recipe, "rloo", k=2))
+    scores = torch.tensor([1.0, 3.0, 0.0, 4.0])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    logprobs = torch.full((4, 3), -1.0)
+    advantages, returns, non_score = trainer._advantages(scores, logprobs, logprobs.clone(), None, mask, 0.1)
+    assert returns is None and torch.equal(non_score, torch.zeros(4, 3))
+    assert torch.allclose(advantages, torch.tensor([-2.0, 2.0, -4.0, 4.0])[:, None] * mask)
+    ref = logprobs - torch.tensor([[0.5], [0.0], [0.0], [0.0]])  # response 0: KL 0.5 per token, 1.0 in all
+    advantages, _, non_score = trainer._advantages(scores, logprobs, ref, None, mask, 0.1)
+    assert torch.allclose(non_score.sum(1), torch.tensor([-0.1, 0.0, 0.0, 0.0]))
+    assert torch.allclose(advantages[:, 0], torch.tensor([-2.1, 2.1, -4.0, 4.0]))
+    trainer.config.advantage_estimator = "grpo"  # the score alone; the KL goes to the loss
+    advantages, _, non_score = trainer._advantages(scores, logprobs, ref, None, mask, 0.1)
+    g1, g2 = 1 / (math.sqrt(2) + 1e-4), 2 / (2 * math.sqrt(2) + 1e-4)  # (1, 3): std sqrt(2); (0, 4): 2 sqrt(2)
+    assert torch.allclose(advantages[:, 0], torch.tensor([-g1, g1, -g2, g2]), atol=1e-6)
+    # reported as -beta * k3, r = pi_ref / pi = e^-0.5 on response 0's two tokens: (r - 1) - log r each
+    assert non_score[0].tolist() == pytest.approx([-0.1 * (math.exp(-0.5) - 1 + 0.5)] * 2 + [0.0], abs=1e-6)
+
+
+def test_trl_reward_functions_get_columns_ids_and_progress(tmp_path, recipe, data_dir):
+    """A function written for TRL's trainers (keywords; the dataset's other columns; completion_ids) plugs in as is,
+    and TRL's own `get_repetition_penalty_reward` (which reads completion_ids only) scores the sampled token ids."""
+    from conftest import write_jsonl
+    from trl.rewards import get_repetition_penalty_reward
+
+    rows = [{"prompt": f"review of film {i} :", "solution": f"answer {i}"} for i in range(12)]
+    write_jsonl(tmp_path / "prompts.jsonl", rows)
+    module = tmp_path / "trl_style.py"
+    module.write_text(
+        "seen = []\n"
+        "def reward(prompts, completions, solution, completion_ids, trainer_state, **kwargs):\n"
+        "    seen.append((list(prompts), list(completions), list(solution), completion_ids, trainer_state.max_steps))\n"
+        "    kwargs['log_metric']('calls', 1.0)\n"
+        "    return [float(len(c)) for c in completions]\n"
+        "from trl.rewards import get_repetition_penalty_reward\n"
+        "repetition = get_repetition_penalty_reward(ngram_size=1)\n")
+    recipe["data"]["files"]["train"] = str(tmp_path / "prompts.jsonl")
+    recipe["reward"] = {"function": f"{module}:reward"}
+    trainer, setup = make(tmp_path, recipe)
+    assert setup.train_prompts.columns["solution"] == [r["solution"] for r in rows]
+    prompts = trainer._prompt_batch(0)
+    rollout = trainer.sample(prompts)
+    scores = trainer.scorer(rollout)
+    seen = trainer.scorer.function.__globals__["seen"][-1]  # what the user's module recorded
+    texts, completions, solutions, ids, max_steps = seen
+    assert texts == prompts.texts and completions == rollout.responses
+    assert solutions == [next(r["solution"] for r in rows if r["prompt"] == t) for t in texts]
+    assert [len(i) for i in ids] == rollout.response_mask.sum(1).int().tolist()
+    assert max_steps == trainer.plan.total_optimizer_steps
+    assert scores.tolist() == [float(len(c)) for c in rollout.responses]
+    assert trainer.scorer.take_metrics("reward_fn") == {"reward_fn/calls": 1.0}
+
+    from rlhf_pipeline.ppo.modules import FunctionScorer
+
+    penalty = FunctionScorer(get_repetition_penalty_reward(ngram_size=1), "repetition")(rollout)
+    ids = [row[m.bool()].tolist() for row, m in zip(rollout.response, rollout.response_mask)]
+    assert penalty.tolist() == pytest.approx(get_repetition_penalty_reward(ngram_size=1)(ids))

@@ -1,7 +1,7 @@
 """The PPO-RLHF math, as pure functions over tensors. Read top to bottom:
 
     masked helpers -> log-probabilities and entropy -> KL estimators -> per-token rewards -> GAE
-    -> policy and value losses -> diagnostics -> the adaptive KL controller
+    -> critic-free advantages (RLOO, GRPO) -> policy, value and KL losses -> diagnostics -> the adaptive KL controller
 
 (The batch-size arithmetic lives in `plan.py`, which imports no torch so that recipes validate fast.)
 
@@ -13,6 +13,9 @@ the first EOS) and 0 on padding after it. Sources, cited by short name in commen
   [IGPT]  Ouyang et al. 2022, "Training language models to follow instructions with human feedback" (InstructGPT).
   [N+]    Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization".
   [K3]    Schulman 2020, "Approximating KL Divergence" (blog note; the k1/k3 estimators).
+  [RLOO]  Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+          Feedback in LLMs" (REINFORCE Leave-One-Out; Kool et al. 2019 for the estimator).
+  [GRPO]  Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models".
 """
 
 from __future__ import annotations
@@ -174,7 +177,49 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 6. Losses [PPO eq. 7 and 9]
+# 6. Critic-free advantages: k responses per prompt, each judged against its siblings
+# ---------------------------------------------------------------------------------------------------------------
+#
+# A rollout batch of B = n * k episodes holds k responses to each of n prompts, prompt-major: rows g*k ... g*k + k - 1
+# are group g. The advantage is one number per response, given to each of its tokens (`per_token`).
+
+
+def groups_of(values: torch.Tensor, k: int) -> torch.Tensor:
+    """[n * k] -> [n, k]: one row per prompt."""
+    if k < 2 or values.shape[0] % k:
+        raise ValueError(f"{values.shape[0]} values do not make groups of k = {k} >= 2")
+    return values.reshape(-1, k)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """A_i = R_i - mean_{j != i} R_j over the k responses to the same prompt [RLOO].
+
+    The baseline leaves the response itself out, so it is independent of that response's action and the estimate
+    stays unbiased; equal to k / (k - 1) * (R_i - mean_j R_j). `rewards` are whole-sequence rewards R = score - beta *
+    KL (the KL penalty in the reward, as in [RLOO] and [Z19]).
+    """
+    grouped = groups_of(rewards, k)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def grpo_advantages(scores: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean(r)) / (std(r) + eps) over the k responses to the same prompt [GRPO sec. 4.1.2, "outcome
+    supervision"]. std is Bessel-corrected; a group whose responses all score alike gets advantages 0 (nothing to
+    learn from it). The KL to the reference is not in r: GRPO puts it in the loss (`kl_loss`)."""
+    grouped = groups_of(scores, k)
+    mean = grouped.mean(1, keepdim=True)
+    std = grouped.std(1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).reshape(-1)
+
+
+def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence-level advantage [B] on every real token of its response: [B, T]."""
+    return advantages[:, None] * mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Losses [PPO eq. 7 and 9]
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -225,8 +270,17 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return ValueLoss(masked_sum(losses, mask) / count, clipfrac)
 
 
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+            normaliser: torch.Tensor | float | None = None) -> torch.Tensor:
+    """GRPO's KL term, mean over real tokens of k3(pi_theta || pi_ref) at the current parameters [GRPO eq. 3, 4]:
+    added to the loss as beta * kl_loss, so its gradient pulls the policy back towards the reference directly
+    (instead of through the reward). k3 is never negative and its gradient is that of the true KL in expectation."""
+    count = mask.sum() if normaliser is None else normaliser
+    return masked_sum(kl_per_token(logprobs, ref_logprobs, "k3"), mask) / count
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# 7. Diagnostics
+# 8. Diagnostics
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -244,7 +298,7 @@ def explained_variance_from(var_error: torch.Tensor, var_returns: torch.Tensor) 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 8. KL coefficient: fixed, or the adaptive controller of Ziegler et al. [Z19 sec. 2.2]
+# 9. KL coefficient: fixed, or the adaptive controller of Ziegler et al. [Z19 sec. 2.2]
 # ---------------------------------------------------------------------------------------------------------------
 
 

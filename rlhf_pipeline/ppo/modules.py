@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.rewards import call_function
+from rlhf_pipeline.rewards import call_function, uses_trl_convention
 from rlhf_pipeline.scoring import RewardModel
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -26,18 +26,25 @@ from rlhf_pipeline.scoring import RewardModel
 @dataclass
 class Prompts:
     """Tokenized prompts: their texts (a conversational prompt through the chat template, ready for the assistant's
-    turn), token ids, and for conversational data the messages themselves (the reward model reads those)."""
+    turn), token ids, for conversational data the messages themselves (the reward model reads those), and the
+    dataset's other columns (reward functions in TRL's convention receive them as keyword arguments)."""
 
     texts: list[str]
     ids: list[list[int]]
     messages: list[list[dict]] | None = None
+    columns: dict[str, list] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def select(self, rows: list[int]) -> Prompts:
         return Prompts([self.texts[i] for i in rows], [self.ids[i] for i in rows],
-                       [self.messages[i] for i in rows] if self.messages is not None else None)
+                       [self.messages[i] for i in rows] if self.messages is not None else None,
+                       {name: [values[i] for i in rows] for name, values in self.columns.items()})
+
+    def repeated(self, k: int) -> Prompts:
+        """Each prompt k times in a row (prompt-major groups, as the critic-free estimators read them)."""
+        return self.select([i for i in range(len(self)) for _ in range(k)])
 
 
 @dataclass
@@ -192,26 +199,33 @@ class PolicyAndValue(nn.Module):
     weights are float32 whatever the policy's dtype, and it reads the hidden state cast to float32: a bf16 or fp16
     policy's values keep full precision (under mixed precision, autocast still runs the head in half precision).
     value `separate`: a value network of its own (a sequence-classification model read at every position).
+    No value at all (`critic=False`): the critic-free estimators (rloo, grpo); forward's values are None.
     """
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None):
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None, critic: bool = True):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
         self.value_head = None
-        if value_model is None:
+        if critic and value_model is None:
             hidden_size = _core(policy).config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden_size, 1)
             nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden_size + 1))
             nn.init.zeros_(self.value_head.bias)
 
+    @property
+    def has_critic(self) -> bool:
+        return self.value_head is not None or self.value_model is not None
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                response_start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, values) at the response positions: [B, R, V] and [B, R]."""
+                response_start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, values) at the response positions: [B, R, V] and [B, R] (None without a critic)."""
         hidden = response_hidden(self.policy, input_ids, attention_mask, response_start)
         logits = lm_head_of(self.policy)(hidden)
         if self.value_head is not None:
             values = self.value_head(hidden.float()).squeeze(-1)
+        elif self.value_model is None:
+            values = None
         else:
             value_hidden = response_hidden(self.value_model, input_ids, attention_mask, response_start)
             values = score_head_of(self.value_model)(value_hidden).squeeze(-1)
@@ -219,7 +233,7 @@ class PolicyAndValue(nn.Module):
 
     def value_parameters(self) -> list[nn.Parameter]:
         source = self.value_head if self.value_head is not None else self.value_model
-        return [p for p in source.parameters() if p.requires_grad]
+        return [p for p in source.parameters() if p.requires_grad] if source is not None else []
 
     def policy_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -258,13 +272,48 @@ class ModelScorer:
 
 
 class FunctionScorer:
-    """A Python reward function over prompt and response texts; `name` (`module:function`) names it in errors."""
+    """A Python reward function; `name` (`module:function`) names it in errors. Two conventions (rewards.py):
+    ours, f(prompts, responses, finished=...) over texts, and TRL's, f(prompts=, completions=, completion_ids=,
+    **columns), which also gets the dataset's other columns, the trainer's progress and `log_metric` / `log_extra`."""
 
     def __init__(self, function: Callable, name: str | None = None):
         self.function = function
         self.name = name
+        self.progress = TrainingProgress()
+        self.metrics: dict[str, list[float]] = {}  # from log_metric, averaged into the next log row
+        self.extra: dict[str, list] = {}  # from log_extra, one value per response of the last batch
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:
-        scores = call_function(self.function, rollout.prompts.texts, rollout.responses, rollout.finished.tolist(),
-                               self.name)
+        if not uses_trl_convention(self.function):
+            scores = call_function(self.function, rollout.prompts.texts, rollout.responses, rollout.finished.tolist(),
+                                   self.name)
+            return torch.tensor(scores, dtype=torch.float32)
+        self.extra = {}
+        if rollout.prompts.messages is not None:  # conversational, as TRL passes them
+            prompts: list = rollout.prompts.messages
+            completions: list = [[{"role": "assistant", "content": r}] for r in rollout.responses]
+        else:
+            prompts, completions = rollout.prompts.texts, rollout.responses
+        completion_ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.response.cpu(),
+                                                                          rollout.response_mask.cpu())]
+        keywords = {**rollout.prompts.columns, "completion_ids": completion_ids, "trainer_state": self.progress,
+                    "log_metric": lambda name, value: self.metrics.setdefault(name, []).append(float(value)),
+                    "log_extra": lambda column, values: self.extra.setdefault(column, []).extend(values)}
+        scores = call_function(self.function, prompts, completions, rollout.finished.tolist(), self.name,
+                               keywords=keywords)
         return torch.tensor(scores, dtype=torch.float32)
+
+    def take_metrics(self, prefix: str) -> dict[str, float]:
+        """The means of what the function logged with log_metric since the last call, as `<prefix>/<name>`."""
+        taken = {f"{prefix}/{name}": sum(values) / len(values) for name, values in self.metrics.items() if values}
+        self.metrics = {}
+        return taken
+
+
+@dataclass
+class TrainingProgress:
+    """What TRL's reward functions may read from `trainer_state`: where training is (updates count as steps)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0

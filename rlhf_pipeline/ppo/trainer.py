@@ -4,10 +4,13 @@
     2. sample responses with the policy (KV cache), truncate after the first EOS
     3. one no-grad pass: old log-probs and values (policy), reference log-probs
     4. score: reward model or function, the missing-EOS rule, optionally normalised and clipped
-    5. per-token rewards: -beta * KL on every token, the score on the last real token
-    6. GAE advantages and returns; whiten the advantages
-    7. PPO epochs over shuffled mini-batches (micro-batches accumulate): clipped policy loss, clipped value loss,
-       entropy bonus; one optimizer step per mini-batch; optional early stop on approximate KL
+    5. rewards: -beta * KL on every token, the score on the last real token (gae); per response, score - beta * KL
+       (rloo); the score alone (grpo, whose KL is in the loss)
+    6. advantages, by `advantage_estimator`: GAE over the critic's values (gae), or per response against the other
+       responses to the same prompt (rloo: leave-one-out mean; grpo: group mean and std); optionally whitened
+    7. PPO epochs over shuffled mini-batches (micro-batches accumulate): clipped policy loss, clipped value loss
+       (gae), beta * k3 KL (grpo), entropy bonus; one optimizer step per mini-batch; optional early stop on
+       approximate KL
     8. adapt beta, anneal the learning rate, log, save a checkpoint
 
 The math lives in `core.py`; this module only orchestrates. Metric names are defined in docs/ppo.md.
@@ -74,7 +77,8 @@ class PPOTrainer:
         self.seed = seed
         self.accelerator = accelerator
         self.on_log = on_log
-        self.plan = BatchPlan.of(config, accelerator.num_processes)
+        self.samples_per_prompt = getattr(generation, "samples_per_prompt", 1)
+        self.plan = BatchPlan.of(config, accelerator.num_processes, self.samples_per_prompt)
         self.state = TrainerState()
         self.kl_controller = core.KLController(
             config.kl_coef,
@@ -82,13 +86,17 @@ class PPOTrainer:
             config.adaptive_kl.horizon if config.adaptive_kl else None,
         )
         value_lr = config.value_learning_rate or config.learning_rate
-        groups = [{"params": model.policy_parameters(), "lr": config.learning_rate, "initial_lr": config.learning_rate},
-                  {"params": model.value_parameters(), "lr": value_lr, "initial_lr": value_lr}]
+        groups = [{"params": model.policy_parameters(), "lr": config.learning_rate, "initial_lr": config.learning_rate}]
+        if model.has_critic:
+            groups.append({"params": model.value_parameters(), "lr": value_lr, "initial_lr": value_lr})
         optimizer = torch.optim.AdamW(groups, eps=config.adam_eps, weight_decay=config.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.reference = reference.to(accelerator.device) if reference is not None else None
         self.device = accelerator.device
         self._epoch_order: tuple[int, list[int]] = (-1, [])
+        for scorer in (scorer, gold):  # TRL-convention reward functions may read trainer_state
+            if hasattr(scorer, "progress"):
+                scorer.progress.max_steps = self.plan.total_optimizer_steps
 
     # -----------------------------------------------------------------------------------------------------------
     # the loop
@@ -110,6 +118,10 @@ class PPOTrainer:
 
             # 1. the next prompts for this process
             prompts = self._prompt_batch(update)
+            for scorer in (self.scorer, self.gold):
+                if hasattr(scorer, "progress"):
+                    scorer.progress.global_step = self.state.optimizer_steps
+                    scorer.progress.epoch = update * plan.prompts_per_update / len(self.prompts)
 
             # 2. sample responses, truncate after the first EOS
             rollout = self.sample(prompts)
@@ -125,20 +137,18 @@ class PPOTrainer:
             gold_scores = score(self.gold, rollout, where).to(self.device) if self.gold is not None else None
             t_scored = time.perf_counter()
 
-            # 5. per-token rewards
+            # 5. rewards and 6. advantages (and, for gae, returns)
             mask = rollout.response_mask.to(self.device)
             kl_coef = self.kl_controller.value
-            kl = core.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator)
-            rewards, non_score = core.per_token_rewards(scores, kl, mask, kl_coef)
-
-            # 6. advantages and returns
-            advantages, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            advantages, returns, non_score = self._advantages(scores, old_logprobs, ref_logprobs, old_values, mask,
+                                                              kl_coef)
             if cfg.whiten_advantages:
                 mean, var = self._global_moments(advantages, mask)
                 advantages = core.masked_whiten(advantages, mask, mean=mean, var=var)
 
             # 7. PPO epochs
-            stats = self._optimise(rollout, old_logprobs, old_values, advantages, returns, mask)
+            stats = self._optimise(rollout, old_logprobs, old_values, ref_logprobs, advantages, returns, mask,
+                                   kl_coef)
             t_trained = time.perf_counter()
 
             # 8. bookkeeping
@@ -159,7 +169,6 @@ class PPOTrainer:
                 "objective/rlhf_reward": self._mean(scores + non_score.sum(1)),
                 "objective/kl_coef": kl_coef,
                 "policy/entropy": self._token_mean(entropy, mask),
-                "value/explained_variance": self._explained_variance(old_values, returns, mask),
                 "rollout/response_length": self._mean(mask.sum(1)),
                 "rollout/eos_rate": self._mean(rollout.finished.float().to(self.device)),
                 **stats,
@@ -173,8 +182,16 @@ class PPOTrainer:
                 "time/update": t_trained - t_start,
                 "time/episodes_per_second": plan.rollout_batch_size / (t_trained - t_start),
             }
+            if old_values is not None:
+                row["value/explained_variance"] = self._explained_variance(old_values, returns, mask)
+            if self.samples_per_prompt > 1:
+                row["objective/frac_zero_std_groups"] = self._mean(
+                    (core.groups_of(scores, self.samples_per_prompt).std(1) < 1e-6).float())
             if gold_scores is not None:
                 row["objective/gold"] = self._mean(gold_scores)
+            for scorer, prefix in ((self.scorer, "reward_fn"), (self.gold, "gold_fn")):
+                if hasattr(scorer, "take_metrics"):
+                    row.update(scorer.take_metrics(prefix))
             if self.state.update % cfg.log_every == 0 or self.state.update == plan.num_updates:
                 self._log(row)
             if cfg.num_samples and (self.state.update % cfg.sample_every == 0 or self.state.update == 1):
@@ -195,15 +212,16 @@ class PPOTrainer:
     # 1. prompts
     # -----------------------------------------------------------------------------------------------------------
     def _prompt_batch(self, update: int) -> Prompts:
-        """The global batch of update `update` is episodes [u*B, (u+1)*B) of a stream that walks a fresh seeded
-        permutation of the prompts each epoch; each process takes its slice."""
+        """The global batch of update `update` holds prompts [u*P, (u+1)*P) of a stream that walks a fresh seeded
+        permutation of the prompts each epoch (P = prompts per update); each process takes its slice, and each
+        prompt comes `samples_per_prompt` times in a row."""
         plan, n = self.plan, len(self.prompts)
-        start = update * plan.rollout_batch_size + self.accelerator.process_index * plan.local_rollout_batch_size
+        start = update * plan.prompts_per_update + self.accelerator.process_index * plan.local_prompts_per_update
         indices = []
-        for episode in range(start, start + plan.local_rollout_batch_size):
-            epoch, position = divmod(episode, n)
+        for position in range(start, start + plan.local_prompts_per_update):
+            epoch, position = divmod(position, n)
             indices.append(self._permutation(epoch)[position])
-        return self.prompts.select(indices)
+        return self.prompts.select(indices).repeated(self.samples_per_prompt)
 
     def _permutation(self, epoch: int) -> list[int]:
         """The prompt order of one pass over the prompts (only the current one is kept)."""
@@ -241,9 +259,10 @@ class PPOTrainer:
                 ref_logits = reference_logits(self.reference, model.policy, ids, mask, start)
             parts["logprobs"].append(core.logprobs_of(logits, tokens, temperature))
             parts["entropy"].append(core.entropy_of(logits, temperature))
-            parts["values"].append(values.float())
+            if values is not None:
+                parts["values"].append(values.float())
             parts["ref"].append(core.logprobs_of(ref_logits, tokens, temperature))
-        joined = {k: torch.cat(v) for k, v in parts.items()}
+        joined = {k: torch.cat(v) if v else None for k, v in parts.items()}
         return joined["logprobs"], joined["values"], joined["ref"], joined["entropy"]
 
     # -----------------------------------------------------------------------------------------------------------
@@ -274,9 +293,31 @@ class PPOTrainer:
         self.state.score_shift, self.state.score_scale = float(mean), float(var.clamp(min=1e-8).sqrt())
 
     # -----------------------------------------------------------------------------------------------------------
+    # 5-6. rewards and advantages
+    # -----------------------------------------------------------------------------------------------------------
+    def _advantages(self, scores, old_logprobs, ref_logprobs, old_values, mask, kl_coef):
+        """(advantages [B, T], returns [B, T] or None, non-score rewards [B, T]) by the configured estimator.
+
+        The non-score reward is -beta * KL per token: in the reward for gae and rloo; for grpo the KL is in the loss,
+        and the same quantity (k3) is reported so that objective/rlhf_reward means score - beta * KL for every
+        estimator."""
+        cfg, k = self.config, self.samples_per_prompt
+        if cfg.advantage_estimator == "gae":
+            kl = core.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator)
+            rewards, non_score = core.per_token_rewards(scores, kl, mask, kl_coef)
+            return (*core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam), non_score)
+        if cfg.advantage_estimator == "rloo":
+            non_score = -kl_coef * core.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+            sequence_rewards = scores + non_score.sum(1)
+            return core.per_token(core.rloo_advantages(sequence_rewards, k), mask), None, non_score
+        non_score = -kl_coef * core.kl_per_token(old_logprobs, ref_logprobs, "k3") * mask
+        return core.per_token(core.grpo_advantages(scores, k), mask), None, non_score
+
+    # -----------------------------------------------------------------------------------------------------------
     # 7. optimisation
     # -----------------------------------------------------------------------------------------------------------
-    def _optimise(self, rollout, old_logprobs, old_values, advantages, returns, mask) -> dict[str, float]:
+    def _optimise(self, rollout, old_logprobs, old_values, ref_logprobs, advantages, returns, mask,
+                  kl_coef) -> dict[str, float]:
         cfg, plan = self.config, self.plan
         temperature = self.generation.temperature
         totals: dict[str, float] = {}
@@ -296,8 +337,8 @@ class PPOTrainer:
                     last_micro = micro == plan.gradient_accumulation_steps - 1
                     sync = nullcontext() if last_micro else self.accelerator.no_sync(self.model)
                     with sync:
-                        part = self._micro_step(rollout, index, old_logprobs, old_values, advantages, returns, mask,
-                                                tokens, temperature)
+                        part = self._micro_step(rollout, index, old_logprobs, old_values, ref_logprobs, advantages,
+                                                returns, mask, tokens, temperature, kl_coef)
                     for key, value in part.items():
                         step_stats[key] = step_stats.get(key, 0.0) + value
                 if cfg.max_grad_norm is not None:
@@ -320,34 +361,39 @@ class PPOTrainer:
         stats["optimizer_steps"] = steps
         return stats
 
-    def _micro_step(self, rollout, index, old_logprobs, old_values, advantages, returns, mask, tokens,
-                    temperature) -> dict[str, float]:
+    def _micro_step(self, rollout, index, old_logprobs, old_values, ref_logprobs, advantages, returns, mask, tokens,
+                    temperature, kl_coef) -> dict[str, float]:
         cfg = self.config
         ids = rollout.input_ids[index]
         attention = rollout.attention_mask[index]
         with self.accelerator.autocast():
             logits, values = self.model(ids, attention, rollout.response_start)
         m = mask[index]
+        share = float(m.sum() / tokens)  # this micro-batch's share of the mini-batch's tokens
         logprobs = core.logprobs_of(logits, rollout.response[index], temperature)
         pg = core.policy_loss(logprobs, old_logprobs[index], advantages[index], m, cfg.cliprange, normaliser=tokens)
-        vf = core.value_loss(values.float(), old_values[index], returns[index], m, cfg.cliprange_value,
-                             normaliser=tokens)
-        loss = pg.loss + cfg.vf_coef * vf.loss
+        loss = pg.loss
+        stats: dict[str, float] = {"loss/policy": pg.loss.item()}
+        if values is not None:  # gae: the critic's clipped value loss
+            vf = core.value_loss(values.float(), old_values[index], returns[index], m, cfg.cliprange_value,
+                                 normaliser=tokens)
+            loss = loss + cfg.vf_coef * vf.loss
+            stats.update({"loss/value": vf.loss.item(), "value/clipfrac": float(vf.clipfrac) * share})
+        if cfg.advantage_estimator == "grpo" and kl_coef > 0:  # GRPO's KL to the reference, in the loss
+            kl_term = kl_coef * core.kl_loss(logprobs, ref_logprobs[index], m, normaliser=tokens)
+            loss = loss + kl_term
+            stats["loss/kl"] = kl_term.item()
         entropy = None
         if cfg.entropy_coef > 0:
             entropy = core.masked_sum(core.entropy_of(logits, temperature), m) / tokens
             loss = loss - cfg.entropy_coef * entropy
         self.accelerator.backward(loss)
-        share = float(m.sum() / tokens)  # this micro-batch's share of the mini-batch's tokens
-        stats = {
-            "loss/policy": pg.loss.item(),
-            "loss/value": vf.loss.item(),
+        stats.update({
             "loss/total": loss.item(),
             "policy/approx_kl": float(pg.approx_kl) * share,
             "policy/clipfrac": float(pg.clipfrac) * share,
             "policy/ratio": float(pg.ratio_mean) * share,
-            "value/clipfrac": float(vf.clipfrac) * share,
-        }
+        })
         if entropy is not None:
             stats["loss/entropy"] = -cfg.entropy_coef * entropy.item()  # the bonus term as it enters loss/total
         return stats
@@ -406,7 +452,10 @@ class PPOTrainer:
                        "score": float(scores[i]), "finished": bool(rollout.finished[i])}
                 if gold is not None:
                     row["gold"] = float(gold[i])
-                handle.write(json.dumps(row) + "\n")
+                for column, values in getattr(self.scorer, "extra", {}).items():  # a TRL function's log_extra
+                    if len(values) == len(rollout.responses):
+                        row[column] = values[i]
+                handle.write(json.dumps(row, default=str) + "\n")
 
     # -----------------------------------------------------------------------------------------------------------
     # evaluation

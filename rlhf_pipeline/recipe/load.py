@@ -76,6 +76,11 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), expected
     return _validate(path, data, origins, assignments, expected_stage)
 
 
+def merged_recipe_data(path: str | Path) -> dict[str, Any]:
+    """A recipe file's data with its `extends` merged, not yet validated."""
+    return _read_with_extends(Path(path), chain=())[0]
+
+
 def recipe_from_data(data: dict[str, Any], label: str, assignments: typing.Sequence[Assignment] = (),
                      expected_stage: str | None = None) -> LoadedRecipe:
     """Validate a recipe built in code (e.g. the pipeline's generated eval recipe); errors name `label`."""

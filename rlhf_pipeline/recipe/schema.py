@@ -434,6 +434,12 @@ class GenerationSection(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1.0 keeps all (recommended for PPO).")
 
 
+class PpoGenerationSection(GenerationSection):
+    samples_per_prompt: int = Field(
+        1, ge=1, description="Responses sampled per prompt in each rollout batch (k). The `rloo` and `grpo` advantage "
+        "estimators need k >= 2: each response is judged against the other responses to the same prompt.")
+
+
 class AdaptiveKL(Section):
     target: float = Field(6.0, gt=0, description="KL (nats per response) the controller steers towards.")
     horizon: float = Field(10000, gt=0, description="Episodes over which the coefficient may change by a factor e^0.2.")
@@ -442,11 +448,18 @@ class AdaptiveKL(Section):
 class PpoTraining(Section):
     """PPO hyper-parameters. Defaults follow Huang et al. 2024 where the tiny default does not need otherwise."""
 
+    advantage_estimator: Literal["gae", "rloo", "grpo"] = Field(
+        "gae", description="`gae`: PPO with a learned value function (critic) and GAE, the KL penalty in the per-token "
+        "reward. `rloo`: REINFORCE Leave-One-Out (Ahmadian et al. 2024), no critic: a response's advantage is its "
+        "reward (score - beta * KL) minus the mean reward of the other responses to its prompt. `grpo`: Group "
+        "Relative Policy Optimization (Shao et al. 2024), no critic: scores normalised within each prompt's group, "
+        "beta * k3 KL to the reference in the loss. `rloo` and `grpo` need generation.samples_per_prompt >= 2 and "
+        "load no value model.")
     total_episodes: int = Field(
         10240, ge=1, description="Episodes (prompt -> response) sampled in the whole run; a multiple of "
         "rollout_batch_size.")
     rollout_batch_size: int = Field(
-        64, ge=1, description="Episodes sampled per update, all processes together.")
+        64, ge=1, description="Episodes sampled per update, all processes together (prompts x samples_per_prompt).")
     num_mini_batches: int = Field(
         1, ge=1, description="Mini-batches per PPO epoch: each is one optimizer step.")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
@@ -466,7 +479,8 @@ class PpoTraining(Section):
     kl_coef: float = Field(
         0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value if adaptive).")
     kl_estimator: Literal["k1", "k3"] = Field(
-        "k1", description="Per-token KL estimate in the reward: k1 = log-ratio; k3 = (r - 1) - log r, never negative.")
+        "k1", description="Per-token KL estimate in the reward (gae, rloo): k1 = log-ratio; k3 = (r - 1) - log r, never "
+        "negative. grpo always puts k3 in the loss.")
     adaptive_kl: AdaptiveKL | None = Field(
         None, description="Adapt beta towards a target KL (Ziegler et al. 2019); null keeps kl_coef fixed.")
     missing_eos_penalty: float | None = Field(
@@ -481,7 +495,9 @@ class PpoTraining(Section):
     score_clip: float | None = Field(None, gt=0, description="Clip (normalised) scores to [-x, x]; null disables.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    whiten_advantages: bool = Field(True, description="Whiten advantages over each rollout batch.")
+    whiten_advantages: bool = Field(
+        True, description="Whiten advantages over each rollout batch. Default: true for gae, false for rloo and grpo "
+        "(their advantages are already centred within each prompt's group).")
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip range around the rollout's values.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
@@ -515,6 +531,11 @@ class PpoTraining(Section):
                 raise ValueError("set `missing_eos_score` (replace the score) or `missing_eos_penalty` (subtract from "
                                  "it), not both")
             self.missing_eos_penalty = None
+        if self.advantage_estimator != "gae" and "whiten_advantages" not in self.model_fields_set:
+            self.whiten_advantages = False
+        if self.advantage_estimator == "grpo" and "kl_estimator" in self.model_fields_set:
+            raise ValueError("`kl_estimator` chooses the KL estimate in the reward; grpo puts the KL in the loss, "
+                             "always as k3: leave kl_estimator out")
 
         BatchPlan.of(self)  # raises ValueError with the arithmetic
         return self
@@ -533,9 +554,27 @@ class PpoRecipe(StageRecipe):
         None, description="A gold scorer reported beside the reward (e.g. the tiny default's simulated annotator): "
         "shows whether PPO improves true preference or only games the learned reward.")
     data: PromptData = Field(description="Prompts; the held-out split (or a carved-off part) is used for evaluation.")
-    generation: GenerationSection = Field(default_factory=GenerationSection, description="Sampling settings.")
+    generation: PpoGenerationSection = Field(default_factory=PpoGenerationSection, description="Sampling settings.")
     training: PpoTraining = Field(default_factory=PpoTraining, description="PPO hyper-parameters.")
     peft: LoraSection | None = Field(None, description="Train LoRA adapters on the policy instead of all weights.")
+
+    @model_validator(mode="after")
+    def _groups(self):
+        from rlhf_pipeline.ppo.plan import BatchPlan
+
+        estimator, k = self.training.advantage_estimator, self.generation.samples_per_prompt
+        if estimator != "gae" and k < 2:
+            raise ValueError(f"training.advantage_estimator `{estimator}` compares the responses to each prompt: set "
+                             "generation.samples_per_prompt to 2 or more (4 is common)")
+        explicit = self.value.model_fields_set  # `mode: shared` alone is harmless (a base recipe's setting)
+        if estimator != "gae" and (explicit - {"mode"} or ("mode" in explicit and self.value.mode == "separate")):
+            raise ValueError(f"`value` configures the critic, and {estimator} has none: leave `value` out (or use "
+                             "training.advantage_estimator: gae)")
+        try:
+            BatchPlan.of(self.training, samples_per_prompt=k)
+        except ValueError as exc:
+            raise ValueError(f"generation.samples_per_prompt: {exc}") from None
+        return self
 
 
 class EvalRecipe(StageRecipe):

@@ -48,7 +48,8 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision,
                               cpu=not torch.accelerator.is_available())
     try:
-        BatchPlan.of(recipe.training, accelerator.num_processes)  # does it divide across these processes?
+        # does it divide across these processes?
+        BatchPlan.of(recipe.training, accelerator.num_processes, recipe.generation.samples_per_prompt)
     except ValueError as exc:
         raise loaded.error("training", str(exc)) from None
     metrics = _train(loaded, options, accelerator)
@@ -104,7 +105,10 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
     scorer = build_scorer(loaded, recipe.reward, "reward", device)
     gold = build_scorer(loaded, recipe.gold, "gold", device) if recipe.gold else None
     value_model, value_source = None, "a head on the policy's trunk (shared)"
-    if recipe.value.mode == "separate":
+    critic = cfg.advantage_estimator == "gae"
+    if not critic:
+        value_source = f"none ({cfg.advantage_estimator} needs no critic)"
+    elif recipe.value.mode == "separate":
         value_path, value_key, value_source, own = value_start(recipe, getattr(scorer, "tokenizer", None), tokenizer)
         value_model = models.load_pretrained(loaded, models.section_for(recipe.policy, value_path, own),
                                              kind="reward", key=value_key)
@@ -114,8 +118,8 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
 
             value_model = get_peft_model(value_model, models.lora_config(recipe.peft, "SEQ_CLS", value_model))
         _disable_dropout(value_model)
-    return PpoSetup(tokenizer, train_prompts, eval_prompts, PolicyAndValue(policy, value_model), reference, scorer,
-                    gold, value_source)
+    return PpoSetup(tokenizer, train_prompts, eval_prompts, PolicyAndValue(policy, value_model, critic), reference,
+                    scorer, gold, value_source)
 
 
 def value_start(recipe, reward_tokenizer, policy_tokenizer) -> tuple[str, str, str, Any]:
@@ -236,10 +240,14 @@ def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data
     tokenized = []
     for split, name in ((train, "training"), (held_out, "held-out")):
         present = data_io.roles_present(loaded, split, ["prompt", "chosen", "rejected"], key)
+        columns: dict[str, list] = {}
         if "prompt" not in present and {"chosen", "rejected"} <= present:
             split = data_io.select_columns(loaded, split, name, ["chosen", "rejected"], key=key)
             prompts = implicit_prompts(loaded, split, name, key)
         else:
+            prompt_column = section.columns.prompt or "prompt"
+            # the other columns go to reward functions written for TRL (e.g. a reference answer, `solution`)
+            columns = {c: split[c] for c in split.column_names if c != prompt_column}
             split = data_io.select_columns(loaded, split, name, ["prompt"], key=key)  # names a missing column
             prompts = split["prompt"]
         texts = [_prompt_text(p, tokenizer, loaded) for p in prompts]
@@ -251,7 +259,8 @@ def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data
         if not keep:
             raise loaded.error(f"{key}.max_prompt_length", f"no {name} prompt fits in {limit} tokens")
         messages = [prompts[i] for i in keep] if isinstance(prompts[0], list) else None
-        tokenized.append(Prompts([texts[i] for i in keep], [ids[i] for i in keep], messages))
+        tokenized.append(Prompts([texts[i] for i in keep], [ids[i] for i in keep], messages,
+                                 {c: [values[i] for i in keep] for c, values in columns.items()}))
     train_prompts, eval_prompts = tokenized
     if eval_limit is not None:
         eval_prompts = eval_prompts.select(list(range(min(eval_limit, len(eval_prompts)))))
