@@ -582,6 +582,10 @@ class EvalRecipe(StageRecipe):
 
     stage: Literal["eval"]
     policy: ModelSection | None = Field(None, description="The policy to evaluate (e.g. a PPO output).")
+    policies: dict[str, ModelSection] | None = Field(
+        None, description="Several policies compared side by side with the baseline, by name (e.g. `{ppo: {name_or_path: "
+        "runs/x/ppo}, dpo: {...}}`), instead of `policy`. A policy that is a run of this tool also contributes its "
+        "training time, throughput and (PPO family) per-update trajectory to the report.")
     baseline: ModelSection | None = Field(
         None, description="What the policy is compared with (e.g. the SFT model); also the KL reference unless "
         "`reference` is set.")
@@ -606,7 +610,13 @@ class EvalRecipe(StageRecipe):
 
     @model_validator(mode="after")
     def _something_to_evaluate(self):
-        policy_parts = [self.policy, self.baseline, self.data, self.reward]
+        if self.policy is not None and self.policies:
+            raise ValueError("give `policy` (one) or `policies` (several, by name), not both")
+        for name in self.policies or {}:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name == "baseline":
+                raise ValueError(f"policies: {name!r} is not a usable name (letters, digits, `_`, `-`, `.`; not "
+                                 "`baseline`)")
+        policy_parts = [self.policy or self.policies or None, self.baseline, self.data, self.reward]
         reward_parts = [self.reward is not None and self.reward.model, self.preferences]
         if any(policy_parts[:3]) and not all(policy_parts):
             missing = [n for n, v in zip(("policy", "baseline", "data", "reward"), policy_parts) if not v]

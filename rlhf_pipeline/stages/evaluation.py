@@ -41,23 +41,26 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     reward_scores = None
 
     # 1. data and models, checked before anything is written
-    policy_setup = _policy_setup(loaded, device) if recipe.policy is not None else None
+    policy_setup = _policy_setup(loaded, device) if (recipe.policy or recipe.policies) else None
     reward_setup = _reward_setup(loaded, device) if recipe.preferences is not None else None
     start_outputs(loaded, options)
     output_dir = Path(recipe.output_dir)
 
-    # 2. the policy against the baseline
+    # 2. the policies against the baseline
     if policy_setup is not None:
-        policy_results, samples, policy_scores = evaluate_policy(loaded, *policy_setup)
+        policy_results, samples, policy_scores = evaluate_policies(loaded, *policy_setup)
         results.update(policy_results)
-        plots[SCORES_PNG] = _plot_score_distributions(policy_scores, output_dir / SCORES_PNG)
+        names = list(policy_setup[2])
+        results.update(training_figures(runs_of(recipe, names), results, names))
+        plots[SCORES_PNG] = _plot_score_distributions(policy_scores, names, output_dir / SCORES_PNG)
         log_path = _ppo_log(recipe)
-        if log_path is not None:
+        if recipe.policy is not None and log_path is not None:
             from rlhf_pipeline.plots import plot_ppo_curves
 
             if plot_ppo_curves(log_path, output_dir / CURVES_PNG):
                 plots[CURVES_PNG] = "PPO: score, gold and KL per update"
-        plots[OVEROPTIMISATION_PNG] = _plot_overoptimisation(log_path, results, output_dir / OVEROPTIMISATION_PNG)
+        plots[OVEROPTIMISATION_PNG] = plot_overoptimisation(runs_of(recipe, names), results, names,
+                                                            output_dir / OVEROPTIMISATION_PNG)
 
     # 3. the reward model on held-out pairs
     if reward_setup is not None:
@@ -76,29 +79,38 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------------------
 # set-up
 # -------------------------------------------------------------------------------------------------------------
+def policy_sections(recipe) -> dict[str, Any]:
+    """The policies to evaluate, by name: `policy` is the one named "policy"."""
+    return {"policy": recipe.policy} if recipe.policy is not None else dict(recipe.policies or {})
+
+
 def _policy_setup(loaded: LoadedRecipe, device):
     from rlhf_pipeline.stages.ppo import build_scorer, load_prompts
 
     recipe = loaded.recipe
-    tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.policy, model_key="policy.name_or_path")
+    sections = policy_sections(recipe)
+    first_key = "policy" if recipe.policy is not None else f"policies.{next(iter(sections))}"
+    tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, next(iter(sections.values())),
+                                      model_key=f"{first_key}.name_or_path")
 
     def causal_lm(section, key):
         model = models.load_pretrained(loaded, section, key=f"{key}.name_or_path").to(device).eval()
         models.align_special_tokens(model, tokenizer)
         return model
 
-    policy = causal_lm(recipe.policy, "policy")
+    candidates = {name: causal_lm(section, "policy" if recipe.policy is not None else f"policies.{name}")
+                  for name, section in sections.items()}
     baseline = causal_lm(recipe.baseline, "baseline")
-    context = min(context_length(policy, cap=None), context_length(baseline, cap=None))
+    context = min(context_length(m, cap=None) for m in [baseline, *candidates.values()])
     _, prompts = load_prompts(loaded, tokenizer, context, eval_limit=recipe.num_prompts)
     if recipe.reference.name_or_path:
-        reference = causal_lm(models.section_for(recipe.policy, recipe.reference.name_or_path, recipe.reference),
+        reference = causal_lm(models.section_for(recipe.baseline, recipe.reference.name_or_path, recipe.reference),
                               "reference")
     else:
         reference = baseline
     scorer = build_scorer(loaded, recipe.reward, "reward", device)
     gold = build_scorer(loaded, recipe.gold, "gold", device) if recipe.gold else None
-    return tokenizer, prompts, policy, baseline, reference, scorer, gold, device
+    return tokenizer, prompts, candidates, baseline, reference, scorer, gold, device
 
 
 def _reward_setup(loaded: LoadedRecipe, device):
@@ -112,9 +124,13 @@ def _reward_setup(loaded: LoadedRecipe, device):
 
 
 # -------------------------------------------------------------------------------------------------------------
-# the policy against the baseline
+# the policies against the baseline
 # -------------------------------------------------------------------------------------------------------------
-def evaluate_policy(loaded: LoadedRecipe, tokenizer, prompts, policy, baseline, reference, scorer, gold, device):
+def evaluate_policies(loaded: LoadedRecipe, tokenizer, prompts, candidates, baseline, reference, scorer, gold,
+                      device):
+    """Every model (the baseline, then each policy) answers every held-out prompt once, batch by batch under the
+    same seed, so that the models differ only by their weights; scored by the reward model (and gold), with the KL
+    of each response to the reference. Returns (metrics, side-by-side samples, score lists for the plots)."""
     from tqdm.auto import tqdm
 
     from rlhf_pipeline.ppo.modules import sample_rollout, seeded, sequence_logprobs
@@ -122,14 +138,15 @@ def evaluate_policy(loaded: LoadedRecipe, tokenizer, prompts, policy, baseline, 
 
     recipe = loaded.recipe
     generation, size = recipe.generation, recipe.batch_size
+    models_by_name = {"baseline": baseline, **candidates}
     collected: dict[str, dict[str, list]] = {name: {"score": [], "gold": [], "kl": [], "length": [], "eos": [],
-                                                    "texts": []} for name in ("policy", "baseline")}
+                                                    "texts": []} for name in models_by_name}
     prompt_texts: list[str] = []
-    for begin_at in tqdm(range(0, len(prompts), size), desc="Sampling policy and baseline", leave=False):
+    for begin_at in tqdm(range(0, len(prompts), size), desc=f"Sampling {len(models_by_name)} models", leave=False):
         batch = prompts.select(list(range(begin_at, min(begin_at + size, len(prompts)))))
         prompt_texts.extend(batch.texts)
-        for name, model in (("policy", policy), ("baseline", baseline)):
-            with seeded(recipe.seed + begin_at, device):  # the same sampling noise for both models
+        for name, model in models_by_name.items():
+            with seeded(recipe.seed + begin_at, device):  # the same sampling noise for every model
                 rollout = sample_rollout(model, tokenizer, batch, generation, device)
             out = collected[name]
             where = f"{name} responses to held-out prompts {begin_at}-{begin_at + len(batch) - 1}"
@@ -157,22 +174,81 @@ def evaluate_policy(loaded: LoadedRecipe, tokenizer, prompts, policy, baseline, 
         results[f"{name}_distinct_2"] = distinct_n(out["texts"], 2)
         if gold is not None:
             results[f"{name}_gold"] = _mean(out["gold"])
-    results["win_rate"] = win_rate(collected["policy"]["score"], collected["baseline"]["score"])
-    if gold is not None:
-        results["gold_win_rate"] = win_rate(collected["policy"]["gold"], collected["baseline"]["gold"])
+            results[f"{name}_gold_std"] = _std(out["gold"])
+        if name != "baseline":
+            results[f"{name}_win_rate"] = win_rate(out["score"], collected["baseline"]["score"])
+            if gold is not None:
+                results[f"{name}_gold_win_rate"] = win_rate(out["gold"], collected["baseline"]["gold"])
+    if recipe.policy is not None:  # one policy: its win rates under their plain names too
+        results["win_rate"] = results["policy_win_rate"]
+        if gold is not None:
+            results["gold_win_rate"] = results["policy_gold_win_rate"]
 
     samples = []
     for i in range(min(recipe.num_samples, len(prompt_texts))):
-        row = {"prompt": prompt_texts[i], "baseline": collected["baseline"]["texts"][i],
-               "policy": collected["policy"]["texts"][i], "baseline_score": collected["baseline"]["score"][i],
-               "policy_score": collected["policy"]["score"][i]}
-        if gold is not None:
-            row.update(baseline_gold=collected["baseline"]["gold"][i], policy_gold=collected["policy"]["gold"][i])
+        row: dict[str, Any] = {"prompt": prompt_texts[i]}
+        for name, out in collected.items():
+            row[name] = out["texts"][i]
+            row[f"{name}_score"] = out["score"][i]
+            if gold is not None:
+                row[f"{name}_gold"] = out["gold"][i]
         samples.append(row)
     scores = {name: out["score"] for name, out in collected.items()}
     if gold is not None:
         scores.update({f"{name}_gold": out["gold"] for name, out in collected.items()})
     return results, samples, scores
+
+
+def runs_of(recipe, names: list[str]) -> dict[str, Path]:
+    """The run directories of the policies that are runs of this tool (their log.jsonl and metrics.json)."""
+    if recipe.policy is not None:
+        log = _ppo_log(recipe)
+        directory = log.parent if log is not None else Path(recipe.policy.name_or_path or "")
+        return {"policy": directory} if (directory / runs.METRICS_FILE).is_file() or log is not None else {}
+    found = {}
+    for name in names:
+        directory = Path(recipe.policies[name].name_or_path or "")
+        if (directory / runs.METRICS_FILE).is_file():
+            found[name] = directory
+    return found
+
+
+def training_figures(run_dirs: dict[str, Path], results: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """From each policy's own run: training seconds, throughput (episodes or pairs per second), the method, and the
+    gold gain over the baseline per training minute (when there is a gold score)."""
+    figures: dict[str, Any] = {}
+    for name in names:
+        if name not in run_dirs:
+            continue
+        metrics = runs.read_metrics(run_dirs[name])
+        seconds = metrics.get("train_runtime")
+        if isinstance(seconds, (int, float)):
+            figures[f"{name}_train_seconds"] = float(seconds)
+            if f"{name}_gold" in results and seconds > 0:
+                gain = results[f"{name}_gold"] - results["baseline_gold"]
+                figures[f"{name}_gold_gain_per_minute"] = gain / (seconds / 60)
+        for key in ("episodes_per_second", "pairs_per_second"):
+            if isinstance(metrics.get(key), (int, float)):
+                figures[f"{name}_{key}"] = float(metrics[key])
+        method = _method_of(run_dirs[name])
+        if method:
+            figures[f"{name}_method"] = method
+    return figures
+
+
+def _method_of(run_dir: Path) -> str | None:
+    """`ppo (gae)`, `ppo (rloo)`, `ppo (grpo)`, `dpo`...: what the run was, from its resolved recipe."""
+    from rlhf_pipeline.recipe.load import resolved_data
+
+    path = run_dir / runs.RECIPE_FILE
+    if not path.is_file():
+        return None
+    data = resolved_data(path.read_text())
+    stage = data.get("stage")
+    if stage == "ppo":
+        return {"gae": "PPO", "rloo": "RLOO", "grpo": "GRPO"}.get(
+            (data.get("training") or {}).get("advantage_estimator", "gae"), "PPO")
+    return str(stage).upper() if stage else None
 
 
 def win_rate(candidate: list[float], baseline: list[float]) -> float:
@@ -223,63 +299,61 @@ def _ppo_log(recipe) -> Path | None:
     return None
 
 
-def _plot_score_distributions(scores: dict[str, list[float]], path: Path) -> str:
+def _plot_score_distributions(scores: dict[str, list[float]], names: list[str], path: Path) -> str:
     from rlhf_pipeline.plots import pyplot
 
     plt = pyplot()
-    panels = [("score", "reward-model score")] + ([("gold", "gold score")] if "policy_gold" in scores else [])
+    panels = [("", "reward-model score")] + ([("_gold", "gold score")] if "baseline_gold" in scores else [])
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
-    for axis, (kind, label) in zip(axes[0], panels):
-        suffix = "" if kind == "score" else "_gold"
-        values = scores[f"baseline{suffix}"] + scores[f"policy{suffix}"]
-        bins = _bins(values)
-        axis.hist(scores[f"baseline{suffix}"], bins=bins, alpha=0.6, label="baseline")
-        axis.hist(scores[f"policy{suffix}"], bins=bins, alpha=0.6, label="policy")
+    for axis, (suffix, label) in zip(axes[0], panels):
+        shown = ["baseline", *names]
+        bins = _bins([v for name in shown for v in scores[f"{name}{suffix}"]])
+        for name in shown:
+            axis.hist(scores[f"{name}{suffix}"], bins=bins, alpha=0.5 if len(shown) <= 2 else 0.35, label=name)
         axis.set_xlabel(label)
         axis.set_ylabel("responses")
-        axis.legend()
-        axis.set_title(f"{label}: baseline vs policy")
+        axis.legend(fontsize=8)
+        axis.set_title(f"{label}: {' vs '.join(shown)}" if len(shown) <= 3 else f"{label} per model")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    return "score distributions of baseline vs policy"
+    return "score distributions of the baseline and " + ("the policy" if names == ["policy"] else "each policy")
 
 
-def _plot_overoptimisation(log_path: Path | None, results: dict[str, Any], path: Path) -> str:
-    """Gold (and proxy reward) score against sqrt(KL): the over-optimisation view of Gao et al. 2022."""
+def plot_overoptimisation(run_dirs: dict[str, Path], results: dict[str, Any], names: list[str], path: Path) -> str:
+    """Gold score and reward-model score against sqrt(KL to the reference), the view of Gao et al. 2022: each
+    policy's training trajectory (PPO-family runs log gold and KL every update) and its held-out point, beside the
+    baseline. When the reward model is over-optimised, its score keeps rising with KL while gold turns down."""
     from rlhf_pipeline.plots import pyplot
+    from rlhf_pipeline.ppo.trainer import read_log
 
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    gold_key = "objective/gold"
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path else []
-    has_gold = "policy_gold" in results
-    proxy_axis = axis.twinx() if has_gold else axis
-    if rows:
-        root_kl = [math.sqrt(max(r["objective/kl"], 0.0)) for r in rows]
-        if has_gold and gold_key in rows[0]:
-            axis.plot(root_kl, [r[gold_key] for r in rows], "o-", ms=3, color="tab:orange", label="gold (training)")
-        proxy_axis.plot(root_kl, [r["objective/score"] for r in rows], "s-", ms=3, color="tab:blue", alpha=0.6,
-                        label="reward model (training)")
-    points = [("baseline", "o"), ("policy", "*")]
-    for name, marker in points:
-        x = math.sqrt(max(results[f"{name}_kl"], 0.0))
-        if has_gold:
-            axis.plot([x], [results[f"{name}_gold"]], marker, ms=12, color="tab:red", label=f"gold ({name}, eval)")
-        proxy_axis.plot([x], [results[f"{name}_score"]], marker, ms=12, color="tab:green",
-                        label=f"reward model ({name}, eval)")
-    axis.set_xlabel("sqrt(KL to the reference)  (nats^0.5)")
-    axis.set_ylabel("gold score" if has_gold else "reward-model score")
-    if has_gold:
-        proxy_axis.set_ylabel("reward-model score")
-    handles = axis.get_lines() + (proxy_axis.get_lines() if proxy_axis is not axis else [])
-    axis.legend(handles=handles, fontsize=7, loc="lower right")
-    axis.set_title("Over-optimisation view (Gao et al. 2022)")
-    axis.grid(alpha=0.3)
+    has_gold = "baseline_gold" in results
+    panels = ([("gold", "objective/gold", "gold score")] if has_gold else []) + [
+        ("score", "objective/score", "reward-model score")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, (key, logged, label) in zip(axes[0], panels):
+        for index, name in enumerate(names):
+            colour = colours[index % len(colours)]
+            rows = [r for r in read_log(run_dirs[name]) if logged in r] if name in run_dirs else []
+            if rows:
+                axis.plot([math.sqrt(max(r["objective/kl"], 0.0)) for r in rows], [r[logged] for r in rows], "-",
+                          color=colour, alpha=0.55, lw=1.2)
+            axis.plot([math.sqrt(max(results[f"{name}_kl"], 0.0))], [results[f"{name}_{key}"]], "*", ms=14,
+                      color=colour, label=f"{name} (held-out)" + (", line: training" if rows else ""))
+        axis.plot([math.sqrt(max(results["baseline_kl"], 0.0))], [results[f"baseline_{key}"]], "o", ms=9,
+                  color="black", label="baseline (held-out)")
+        axis.set_xlabel("sqrt(KL to the reference)  (nats^0.5 per response)")
+        axis.set_ylabel(label)
+        axis.set_title(f"{label} against sqrt(KL)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="best")
+    figure.suptitle("Over-optimisation view (Gao et al. 2022)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    return "gold and reward-model score against sqrt(KL)"
+    return "gold and reward-model score against sqrt(KL): training trajectories and held-out points"
 
 
 def _plot_reward_scores(scores: dict[str, list[float]], path: Path) -> str:
@@ -313,21 +387,23 @@ def _bins(values: list[float], count: int = 30) -> list[float]:
 def markdown_report(loaded: LoadedRecipe, results: dict[str, Any], samples: list[dict], plots: dict[str, str]) -> str:
     recipe = loaded.recipe
     lines = ["# Evaluation report", ""]
-    if "policy_score" in results:
-        lines += [f"Policy `{recipe.policy.name_or_path}` against baseline `{recipe.baseline.name_or_path}` on "
-                  f"{results['num_prompts']} held-out prompts (one sample each, temperature "
-                  f"{recipe.generation.temperature:g}, the same seeds for both).", "",
-                  "| | baseline | policy |", "|---|---|---|"]
-        rows = [("reward-model score (mean)", "score"), ("gold score (mean)", "gold"), ("KL to the reference", "kl"),
-                ("response length (tokens)", "response_length"), ("EOS rate", "eos_rate"),
-                ("distinct-1", "distinct_1"), ("distinct-2", "distinct_2")]
-        for label, key in rows:
-            if f"policy_{key}" in results:
-                lines.append(f"| {label} | {_fmt(results[f'baseline_{key}'])} | {_fmt(results[f'policy_{key}'])} |")
-        lines += ["", f"Win rate of the policy over the baseline, judged by the reward model: "
-                      f"**{results['win_rate']:.3f}** (a tie counts half)."]
-        if "gold_win_rate" in results:
-            lines.append(f"Judged by the gold scorer: **{results['gold_win_rate']:.3f}**.")
+    names = list(policy_sections(recipe))
+    if "baseline_score" in results:
+        described = (f"Policy `{recipe.policy.name_or_path}`" if recipe.policy is not None else
+                     "Policies " + ", ".join(f"{n} (`{recipe.policies[n].name_or_path}`)" for n in names))
+        lines += [f"{described} against baseline `{recipe.baseline.name_or_path}` on {results['num_prompts']} held-out "
+                  f"prompts (one sample each, temperature {recipe.generation.temperature:g}, the same seeds for every "
+                  "model).", ""]
+        lines += comparison_table(results, names)
+        if recipe.policy is not None:
+            lines += ["", f"Win rate of the policy over the baseline, judged by the reward model: "
+                          f"**{results['win_rate']:.3f}** (a tie counts half)."]
+            if "gold_win_rate" in results:
+                lines.append(f"Judged by the gold scorer: **{results['gold_win_rate']:.3f}**.")
+        else:
+            lines += ["", "Win rates are over the baseline (a tie counts half). Gold ± is the standard error of the "
+                          "mean over prompts. Training time and throughput come from each policy's own run "
+                          "(`metrics.json`); gold gain per minute = (gold - baseline gold) / training minutes."]
         lines.append("")
     if "reward_accuracy" in results:
         lines += [f"Reward model `{recipe.reward.model}` on {results['reward_num_pairs']} held-out pairs: accuracy "
@@ -337,25 +413,66 @@ def markdown_report(loaded: LoadedRecipe, results: dict[str, Any], samples: list
     for name, caption in plots.items():
         lines += [f"![{caption}]({name})", ""]
     if samples:
-        gold = "policy_gold" in samples[0]
-        lines += ["## Side by side", "", "| prompt | baseline | policy |", "|---|---|---|"]
+        shown = ["baseline", *names]
+        gold = "baseline_gold" in samples[0]
+        lines += ["## Side by side", "", "| prompt | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
         for row in samples:
-            base = f"{_cell(row['baseline'])} ({row['baseline_score']:.2f}" + (
-                f", gold {row['baseline_gold']:.2f})" if gold else ")")
-            pol = f"{_cell(row['policy'])} ({row['policy_score']:.2f}" + (
-                f", gold {row['policy_gold']:.2f})" if gold else ")")
-            lines.append(f"| {_cell(row['prompt'])} | {base} | {pol} |")
+            cells = [f"{_cell(row[n])} ({row[f'{n}_score']:.2f}" + (f", gold {row[f'{n}_gold']:.2f})" if gold else ")")
+                     for n in shown]
+            lines.append(f"| {_cell(row['prompt'])} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
+def comparison_table(results: dict[str, Any], names: list[str]) -> list[str]:
+    """Markdown rows: one column per model (the baseline first), one row per measure."""
+    shown = ["baseline", *names]
+    n = results.get("num_prompts") or 1
+
+    def gold_cell(name: str) -> str:
+        return f"{results[f'{name}_gold']:.3f} ± {results[f'{name}_gold_std'] / math.sqrt(n):.3f}"
+
+    rows: list[tuple[str, Any]] = [
+        ("method", lambda m: results.get(f"{m}_method", "")),
+        ("reward-model score (mean)", "score"),
+        ("gold score (mean ± SE)", gold_cell if "baseline_gold" in results else None),
+        ("win rate (reward model)", "win_rate"),
+        ("win rate (gold)", "gold_win_rate"),
+        ("KL to the reference (nats)", "kl"),
+        ("sqrt(KL)", lambda m: f"{math.sqrt(max(results[f'{m}_kl'], 0.0)):.2f}"),
+        ("response length (tokens)", "response_length"),
+        ("EOS rate", "eos_rate"),
+        ("distinct-1", "distinct_1"),
+        ("distinct-2", "distinct_2"),
+        ("training time (s)", "train_seconds"),
+        ("episodes / s (training)", "episodes_per_second"),
+        ("pairs / s (training)", "pairs_per_second"),
+        ("gold gain per training minute", "gold_gain_per_minute"),
+    ]
+    lines = ["| | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for label, how in rows:
+        if how is None:
+            continue
+        if callable(how):
+            cells = [str(how(m)) if f"{m}_kl" in results else "" for m in shown]
+        else:
+            cells = [_fmt(results[f"{m}_{how}"]) if f"{m}_{how}" in results else "" for m in shown]
+        if any(cells[1:]) or (how in ("score", "kl") and any(cells)):
+            lines.append(f"| {label} | " + " | ".join(c or "-" for c in cells) + " |")
+    return lines
+
+
 def summary_line(results: dict[str, Any]) -> str:
     parts = []
-    if "policy_score" in results:
-        parts.append(f"score {results['baseline_score']:.3f} -> {results['policy_score']:.3f}, win rate "
-                     f"{results['win_rate']:.3f}, KL {results['policy_kl']:.2f}")
-        if "policy_gold" in results:
-            parts.append(f"gold {results['baseline_gold']:.3f} -> {results['policy_gold']:.3f}")
+    names = [k[: -len("_win_rate")] for k in results if k.endswith("_win_rate") and not k.endswith("gold_win_rate")
+             and k != "win_rate"]
+    for name in names:
+        label = "" if names == ["policy"] else f"{name}: "
+        text = (f"{label}score {results['baseline_score']:.3f} -> {results[f'{name}_score']:.3f}, win rate "
+                f"{results[f'{name}_win_rate']:.3f}, KL {results[f'{name}_kl']:.2f}")
+        if f"{name}_gold" in results:
+            text += f", gold {results['baseline_gold']:.3f} -> {results[f'{name}_gold']:.3f}"
+        parts.append(text)
     if "reward_accuracy" in results:
         parts.append(f"reward accuracy {results['reward_accuracy']:.3f}")
     return "; ".join(parts)
