@@ -538,6 +538,75 @@ class PpoRecipe(StageRecipe):
     peft: LoraSection | None = Field(None, description="Train LoRA adapters on the policy instead of all weights.")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# DPO (TRL's DPOTrainer; the held-out generation evaluation is shared with PPO)
+# ---------------------------------------------------------------------------------------------------------------
+class DpoColumns(Section):
+    prompt: str | None = Field(
+        None, description="Prompt column; leave unset when chosen and rejected hold the whole text (implicit prompt: "
+        "their shared prefix is the prompt).")
+    chosen: str | None = Field(None, description="Column of the preferred response (or whole text).")
+    rejected: str | None = Field(None, description="Column of the dispreferred response (or whole text).")
+
+
+class DpoData(DataSection):
+    columns: DpoColumns = Field(default_factory=DpoColumns, description="Column mapping: role -> column name.")
+    implicit_prompt_end: str | None = Field(
+        None, description="For pairs without a prompt column (plain text): the prompt is the shared prefix of chosen "
+        "and rejected, cut just after the last occurrence of this marker, e.g. `\\n\\nAssistant:` for Anthropic "
+        "HH-RLHF; what follows it becomes part of both responses. Pairs whose shared prefix lacks it are left out "
+        "(and counted). Default: the whole shared prefix (TRL's extract_prompt), which runs into the response when "
+        "both begin alike.")
+
+    @model_validator(mode="after")
+    def _needs_held_out(self):
+        if not (self.eval_split or self.eval_size):
+            raise ValueError("set `eval_split` or `eval_size`: DPO reports its preference accuracy and its "
+                             "before/after generation scores on held-out pairs")
+        return self
+
+
+class DpoEvaluation(Section):
+    """The held-out generation evaluation, run before and after training with the same seed and sampling settings."""
+
+    prompts: int = Field(
+        128, ge=0, description="Held-out prompts (those of the held-out pairs, in order) sampled once each before and "
+        "after training; 0 skips the generation evaluation (the held-out pair metrics remain).")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    max_prompt_length: int = Field(
+        256, ge=1, description="Held-out prompts longer than this many tokens (or than what leaves room for "
+        "`generation.response_length` in the model's context) are not sampled (the count is reported).")
+
+
+class DpoRecipe(StageRecipe):
+    """Direct preference optimisation of a policy on preference pairs with TRL's DPOTrainer, evaluated before and after
+    on held-out prompts."""
+
+    stage: Literal["dpo"]
+    model: ModelSection = Field(description="The policy to optimise, normally the SFT output.")
+    reference: ReferenceSection = Field(
+        default_factory=ReferenceSection, description="The frozen reference policy of the DPO loss and of `eval_kl`.")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer overrides.")
+    data: DpoData = Field(
+        description="Preference pairs, explicit or implicit prompt; the held-out split (`eval_split`, or `eval_size` "
+        "carved off) gives the held-out pair metrics and the evaluation prompts.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="trl.DPOConfig fields, beta and loss_type included (`rlhf recipe keys dpo "
+        "training`).")
+    peft: LoraSection | None = Field(
+        None, description="Train LoRA adapters instead of all weights; the default reference is then the policy with "
+        "its adapter disabled (no second copy).")
+    generation: GenerationSection = Field(
+        default_factory=GenerationSection, description="Sampling settings of the before/after evaluation.")
+    reward: RewardSource | None = Field(
+        None, description="Scores the evaluation samples (`eval_score_before/after`); not used in training.")
+    gold: RewardSource | None = Field(
+        None, description="A gold scorer of the evaluation samples (`eval_gold_before/after`), e.g. the tiny "
+        "default's simulated annotator.")
+    evaluation: DpoEvaluation = Field(
+        default_factory=DpoEvaluation, description="The held-out generation evaluation.")
+
+
 class EvalRecipe(StageRecipe):
     """Evaluate a reward model on held-out pairs, and a policy against a baseline on held-out prompts."""
 
@@ -668,6 +737,7 @@ STAGE_RECIPES: dict[str, type[StageRecipe]] = {
     "sft": SftRecipe,
     "reward": RewardRecipe,
     "ppo": PpoRecipe,
+    "dpo": DpoRecipe,
     "eval": EvalRecipe,
     "pipeline": PipelineRecipe,
 }
