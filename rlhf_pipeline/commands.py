@@ -257,7 +257,7 @@ def _dpo_rows(recipe: Any) -> list[tuple[str, str]]:
         "the policy with its LoRA adapter disabled" if recipe.peft else f"frozen copy of {recipe.model.name_or_path}")
     batch, accumulation = setting("per_device_train_batch_size"), setting("gradient_accumulation_steps")
     length = (f"{setting('max_steps')} optimizer steps" if setting("max_steps") > 0
-              else f"{setting('num_train_epochs'):g} epochs")
+              else f"{setting('num_train_epochs'):g} epoch{'' if setting('num_train_epochs') == 1 else 's'}")
     loss_type = recipe.training.get("loss_type", ["sigmoid"])
     rows = _model_rows(recipe)
     rows[0] = ("policy", rows[0][1])
