@@ -74,6 +74,33 @@ def test_dpo_trains_evaluates_and_keeps_a_finished_run(tmp_path, tiny_model_dir,
     assert snapshot(out) == kept
 
 
+def test_dpo_ctrl_c_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, data_dir):
+    """Ctrl-C during step 3 of 4 saves checkpoint-3 and exits 130; --resume keeps the evaluation made before training
+    and ends with the weights and metrics of a run never interrupted."""
+    from test_runs import interrupt, same_weights
+
+    def recipe_for(name):
+        out = tmp_path / name
+        recipe = dpo_recipe(out, tiny_model_dir, data_dir)
+        recipe["training"].update(max_steps=4, save_steps=2)
+        return write_recipe(tmp_path / f"{name}.yaml", recipe), out
+
+    straight, straight_out = recipe_for("straight")
+    assert run_cli("dpo", straight).exit_code == 0
+    recipe, out = recipe_for("interrupted")
+    stopped = interrupt("ctrl-c-at", 3, "dpo", recipe)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert f"resume with: rlhf dpo {recipe} --resume" in stopped.stderr
+    before = (out / "eval_before.json").read_text()
+    result = run_cli("dpo", recipe, "--resume")
+    assert result.exit_code == 0, result.output
+    assert (out / "eval_before.json").read_text() == before
+    assert same_weights(straight_out, out)
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight_out, out))
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_gold_before", "eval_gold_after", "eval_kl"):
+        assert b[key] == a[key], key
+
+
 def test_dpo_lora_reference_is_the_adapter_disabled(tmp_path, tiny_model_dir, data_dir):
     out = tmp_path / "dpo"
     recipe = dpo_recipe(out, tiny_model_dir, data_dir, peft={"r": 4, "alpha": 8, "save": "adapter"})
