@@ -23,7 +23,7 @@ from rlhf_pipeline.errors import (
 )
 
 app = typer.Typer(
-    help="The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo. Recipes are YAML files.",
+    help="The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo (or dpo). Recipes are YAML files.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -111,6 +111,14 @@ def ppo(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None,
         resume: ResumeOpt = False, dry_run: DryRunOpt = False) -> None:
     """PPO against a reward model or function, with a KL penalty to a frozen reference (our own trainer)."""
     _stage("ppo", recipe, set_, output_dir, overwrite, dry_run, resume)
+
+
+@app.command()
+def dpo(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
+        resume: ResumeOpt = False, dry_run: DryRunOpt = False) -> None:
+    """Direct preference optimisation (TRL DPOTrainer) of a policy on preference pairs; reports held-out reward
+    accuracy and before/after scores of sampled responses."""
+    _stage("dpo", recipe, set_, output_dir, overwrite, dry_run, resume)
 
 
 @app.command("eval")
@@ -213,7 +221,7 @@ def _main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo. Recipes are YAML files."""
+    """The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo (or dpo). Recipes are YAML files."""
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ STAGE_MODULES = {
     "sft": "rlhf_pipeline.stages.sft",
     "reward": "rlhf_pipeline.stages.reward",
     "ppo": "rlhf_pipeline.stages.ppo",
+    "dpo": "rlhf_pipeline.stages.dpo",
     "eval": "rlhf_pipeline.stages.evaluation",
 }
 
@@ -175,7 +176,7 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -
         ("seed", str(recipe.seed)),
         ("output_dir", f"{recipe.output_dir} ({status_text})"),
     ]
-    model_rows = {"ppo": _ppo_rows, "eval": _eval_rows}.get(recipe.stage, _model_rows)
+    model_rows = {"ppo": _ppo_rows, "dpo": _dpo_rows, "eval": _eval_rows}.get(recipe.stage, _model_rows)
     rows.extend(model_rows(recipe))
     for key in ("data", "preferences"):
         if getattr(recipe, key, None) is not None:
@@ -191,8 +192,9 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -
     if hub is not None and getattr(hub, "push", False) and recipe.stage != "pipeline":
         rows.append(("hub", f"push to {hub.repo_id} ({'private' if hub.private else 'public'}"
                             f"{', branch ' + hub.revision if hub.revision else ''}) when finished"))
-    writes = ("eval.json, eval.md, PNG plots" if recipe.stage == "eval"
-              else "model + tokenizer (safetensors)") + ", recipe.resolved.yaml, metrics.json (last)"
+    writes = {"eval": "eval.json, eval.md, PNG plots",
+              "dpo": "model + tokenizer (safetensors), eval_before.json, eval_samples.jsonl, dpo_curves.png",
+              }.get(recipe.stage, "model + tokenizer (safetensors)") + ", recipe.resolved.yaml, metrics.json (last)"
     rows.append(("writes", writes))
     width = max(len(k) for k, _ in rows)
     return "dry run: nothing was written\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
@@ -245,6 +247,40 @@ def _ppo_rows(recipe: Any) -> list[tuple[str, str]]:
         ("batches", plan.describe() + " (with 1 process)"),
         ("kl", kl),
     ]
+    return rows
+
+
+def _dpo_rows(recipe: Any) -> list[tuple[str, str]]:
+    from rlhf_pipeline.recipe.training_fields import fields_for
+
+    def setting(key: str) -> Any:  # the recipe's value, else DPOConfig's default (from the snapshot: no torch)
+        return recipe.training.get(key, fields_for("dpo")[key]["default"])
+
+    gen, evaluation = recipe.generation, recipe.evaluation
+    reference = recipe.reference.name_or_path or (
+        "the policy with its LoRA adapter disabled" if recipe.peft else f"frozen copy of {recipe.model.name_or_path}")
+    batch, accumulation = setting("per_device_train_batch_size"), setting("gradient_accumulation_steps")
+    length = (f"{setting('max_steps')} optimizer steps" if setting("max_steps") > 0
+              else f"{setting('num_train_epochs'):g} epoch{'' if setting('num_train_epochs') == 1 else 's'}")
+    loss_type = recipe.training.get("loss_type", ["sigmoid"])
+    rows = _model_rows(recipe)
+    rows[0] = ("policy", rows[0][1])
+    rows += [
+        ("reference", reference),
+        ("dpo", f"beta={setting('beta'):g}, loss {'+'.join(loss_type) if isinstance(loss_type, list) else loss_type}"
+                f", max_length {recipe.training.get('max_length', 'the model context (at most 1024)')}"),
+        ("batches", f"{batch} pairs per device x {accumulation} accumulation = {batch * accumulation} pairs per "
+                    f"optimizer step (with 1 process); {length}"),
+    ]
+    if evaluation.prompts:
+        rows.append(("evaluation", f"{evaluation.prompts} held-out prompts at most, sampled before and after: up to "
+                                   f"{gen.response_length} tokens, temperature {gen.temperature:g}"))
+        for key in ("reward", "gold"):
+            scorer = getattr(recipe, key)
+            if scorer is not None:
+                rows.append((key, (scorer.model or f"function {scorer.function}") + " (evaluation only)"))
+    else:
+        rows.append(("evaluation", "held-out pairs only (evaluation.prompts is 0)"))
     return rows
 
 

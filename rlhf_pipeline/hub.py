@@ -47,7 +47,7 @@ TRACKER_DIRS = ("runs", "wandb", "trackio", "tensorboard", "mlruns", "__pycache_
 TEMP_PATTERNS = ("*.tmp", "*.temp", "*.lock", "*.swp", "*~", "tmp*")
 
 PIPELINE_TAGS = {"pretrain": "text-generation", "sft": "text-generation", "ppo": "text-generation",
-                 "reward": "text-classification"}
+                 "dpo": "text-generation", "reward": "text-classification"}
 STAGE_TEXT = {
     "pretrain": "a causal language model pre-trained on plain text (next-token prediction)",
     "sft": "a causal language model fine-tuned on demonstrations (supervised fine-tuning, SFT)",
@@ -55,6 +55,9 @@ STAGE_TEXT = {
               "rejected) so that it scores a prompt plus response, higher for preferred responses",
     "ppo": "a policy optimised with PPO (reinforcement learning from human feedback) to maximise a reward, with a "
            "KL penalty that keeps it close to a frozen reference policy",
+    "dpo": "a policy fine-tuned with DPO (direct preference optimisation) on preference pairs: it raises the "
+           "likelihood of chosen over rejected responses relative to a frozen reference policy, with no reward model "
+           "in training",
 }
 NOT_PUSHED = "local run, not pushed"
 
@@ -330,14 +333,17 @@ def input_sources(recipe: dict[str, Any], endpoint: str) -> list[Source]:
         if isinstance(section, dict) and section.get(key):
             sources.append(_source(role, str(section[key]), section.get("revision"), endpoint))
 
-    if stage == "ppo":
-        add("policy", recipe.get("policy"))
+    def add_scorers() -> None:
         for role, key in (("reward", "reward"), ("gold", "gold")):
             section = recipe.get(key)
             if isinstance(section, dict) and section.get("function"):
                 sources.append(Source(role, str(section["function"]), "function"))
             else:
                 add(f"{role} model", section, "model")
+
+    if stage == "ppo":
+        add("policy", recipe.get("policy"))
+        add_scorers()
         add("reference", recipe.get("reference"))
         value = recipe.get("value") or {}
         if value.get("mode") == "separate":
@@ -351,6 +357,9 @@ def input_sources(recipe: dict[str, Any], endpoint: str) -> list[Source]:
                                            f"{init.get('n_positions')})", "new"))
         else:
             add("model", model)
+        if stage == "dpo":  # the scorers only scored the before/after evaluation
+            add_scorers()
+            add("reference", recipe.get("reference"))
     tokenizer = recipe.get("tokenizer") or {}
     if tokenizer.get("train"):
         sources.append(Source("tokenizer", f"byte-level BPE trained on the training text (vocabulary "
@@ -423,7 +432,8 @@ def _summary(path: Path, recipe: dict[str, Any], stage: str, sources: list[Sourc
         facts.append(f"- **Started from:** {main[0].describe()}")
     for source in sources:
         if source.role in ("reward", "reward model"):
-            facts.append(f"- **Reward:** {source.describe()}")
+            label = "Reward (scored the evaluation only; DPO trains on the pairs)" if stage == "dpo" else "Reward"
+            facts.append(f"- **{label}:** {source.describe()}")
         elif source.role in ("gold", "gold model"):
             facts.append(f"- **Gold scorer (reported, not optimised):** {source.describe()}")
     facts.append(f"- **Data:** {_data_text(recipe)}")
@@ -536,7 +546,9 @@ def _usage(stage: str, load_id: str, adapter: dict | None, recipe: dict[str, Any
                 sampling += f", top_p={generation['top_p']}"
         new_tokens = generation.get("response_length") or 64
         prompt = _first_prompt(path) or "Once upon a time"
-        text = "Load it with transformers and sample" + (" as during PPO training:" if generation else ":")
+        text = "Load it with transformers and sample" + (
+            (" as in its held-out evaluation:" if stage == "dpo" else " as during PPO training:") if generation
+            else ":")
         use = [f"inputs = tokenizer({json.dumps(prompt)}, return_tensors=\"pt\")",
                f"output = model.generate(**inputs, max_new_tokens={new_tokens}, {sampling})",
                "print(tokenizer.decode(output[0][inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]

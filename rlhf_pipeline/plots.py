@@ -47,3 +47,30 @@ def plot_ppo_curves(log_path: Path, png_path: Path) -> Path | None:
     figure.savefig(png_path, dpi=110)
     plt.close(figure)
     return png_path
+
+
+def plot_dpo_curves(log_history: list[dict], png_path: Path) -> Path | None:
+    """DPO loss, and the implicit reward's accuracy and margin on the training pairs, per step (a Trainer's
+    log_history); held-out evaluations, when there were any during or after training, as points."""
+    train = [r for r in log_history if "loss" in r and "rewards/accuracies" in r]
+    held_out = [r for r in log_history if "eval_loss" in r and "eval_rewards/accuracies" in r]
+    if not train and not held_out:
+        return None
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for axis, key, title in ((axes[0], "loss", "DPO loss"),
+                             (axes[1], "rewards/accuracies", "reward accuracy (chosen > rejected)"),
+                             (axes[2], "rewards/margins", "reward margin (chosen - rejected)")):
+        axis.plot([r["step"] for r in train], [r[key] for r in train], label="train")
+        if held_out:
+            axis.plot([r["step"] for r in held_out], [r[f"eval_{key}"] for r in held_out], "o", color="tab:orange",
+                      label="held-out")
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(loc="best")
+    axes[1].set_ylim(-0.05, 1.05)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=110)
+    plt.close(figure)
+    return png_path

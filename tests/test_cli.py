@@ -15,7 +15,7 @@ from conftest import REPO, run_cli, stage_recipe, write_recipe
 import rlhf_pipeline
 from rlhf_pipeline.recipe.schema import STAGE_RECIPES
 
-STAGES = ("pretrain", "sft", "reward")
+STAGES = ("pretrain", "sft", "reward", "dpo")
 
 
 def test_help_lists_every_command():
@@ -234,6 +234,9 @@ def test_fast_commands_import_no_torch(tmp_path):
         ["recipe", "show", "recipes/tiny/sft.yaml"],
         ["recipe", "keys", "sft", "training"],
         ["sft", "recipes/tiny/sft.yaml", "--dry-run", "--output-dir", str(tmp_path / "out")],
+        ["dpo", "--help"],
+        ["recipe", "keys", "dpo", "training"],
+        ["dpo", "recipes/tiny/dpo.yaml", "--dry-run", "--output-dir", str(tmp_path / "out-dpo")],
         ["sft", str(bad)],
     ]
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)], cwd=REPO, capture_output=True,

@@ -45,7 +45,8 @@ class BatchPlan:
         if not problems and local % self.samples_per_prompt:
             problems.append(f"each process's share of rollout_batch_size ({self.rollout_batch_size} / "
                             f"{self.num_processes} process(es) = {local}) must be a multiple of samples_per_prompt "
-                            f"({self.samples_per_prompt}): a prompt's responses are sampled and compared in one process")
+                            f"({self.samples_per_prompt}): a prompt's responses are sampled and compared in one "
+                            "process")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -90,8 +91,8 @@ class BatchPlan:
 
     def describe(self) -> str:
         episodes = (f"{self.rollout_batch_size} episodes" if self.samples_per_prompt == 1 else
-                    f"{self.rollout_batch_size} episodes ({self.prompts_per_update} prompts x {self.samples_per_prompt} "
-                    "responses)")
+                    f"{self.rollout_batch_size} episodes ({self.prompts_per_update} prompts x "
+                    f"{self.samples_per_prompt} responses)")
         return (f"{self.num_updates} updates x {episodes}; each update: {self.ppo_epochs} "
                 f"epochs x {self.num_mini_batches} mini-batches of {self.mini_batch_size} = "
                 f"{self.optimizer_steps_per_update} optimizer steps (micro-batch {self.micro_batch_size} per process, "

@@ -39,7 +39,6 @@ from rlhf_pipeline.ppo.modules import (
     reference_logits,
     sample_rollout,
     seeded,
-    sequence_logprobs,
 )
 from rlhf_pipeline.ppo.plan import BatchPlan
 from rlhf_pipeline.recipe.schema import GenerationSection, PpoTraining
@@ -94,9 +93,9 @@ class PPOTrainer:
         self.reference = reference.to(accelerator.device) if reference is not None else None
         self.device = accelerator.device
         self._epoch_order: tuple[int, list[int]] = (-1, [])
-        for scorer in (scorer, gold):  # TRL-convention reward functions may read trainer_state
-            if hasattr(scorer, "progress"):
-                scorer.progress.max_steps = self.plan.total_optimizer_steps
+        for function in (scorer, gold):  # TRL-convention reward functions may read trainer_state
+            if hasattr(function, "progress"):
+                function.progress.max_steps = self.plan.total_optimizer_steps
 
     # -----------------------------------------------------------------------------------------------------------
     # the loop
@@ -460,50 +459,16 @@ class PPOTrainer:
     # -----------------------------------------------------------------------------------------------------------
     # evaluation
     # -----------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, prompts: Prompts, seed: int) -> dict[str, Any]:
         """Sample once per held-out prompt with the training settings (a fixed seed), score, compare to the
-        reference. Every process takes a shard; the means cover all prompts."""
-        from tqdm.auto import tqdm
+        reference. Every process takes a shard; the means cover all prompts (`rlhf_pipeline.held_out`, shared with
+        DPO)."""
+        from rlhf_pipeline.held_out import evaluate_generation
 
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        shard = list(range(rank, len(prompts), world))
-        size = self.config.eval_batch_size
-        scores, golds, kls, lengths, finished, samples = [], [], [], [], [], []
         model = self.accelerator.unwrap_model(self.model)
-        with seeded(seed + rank, self.device):
-            for begin in tqdm(range(0, len(shard), size), desc="Evaluating held-out prompts",
-                              disable=not self.accelerator.is_main_process, leave=False):
-                rows = shard[begin:begin + size]
-                rollout = self.sample(prompts.select(rows))
-                t, autocast = self.generation.temperature, self.accelerator.autocast
-                logprobs = sequence_logprobs(model.policy, rollout, t, autocast)
-                if self.reference is not None:
-                    ref_logprobs = sequence_logprobs(self.reference, rollout, t, autocast)
-                else:
-                    ref_logprobs = sequence_logprobs(model.policy, rollout, t, autocast, adapter_disabled=True)
-                kls.append(logprobs - ref_logprobs)
-                mask = rollout.response_mask.to(self.device)
-                where = f"held-out evaluation, prompts {rows[0]}-{rows[-1]}"
-                scores.append(score(self.scorer, rollout, where).to(self.device))
-                if self.gold is not None:
-                    golds.append(score(self.gold, rollout, where).to(self.device))
-                lengths.append(mask.sum(1))
-                finished.append(rollout.finished.float().to(self.device))
-                for i in range(len(rows)):
-                    if len(samples) < 8:
-                        samples.append({"prompt": rollout.prompts.texts[i], "response": rollout.responses[i],
-                                        "score": float(scores[-1][i])})
-        result = {
-            "score": self._mean(torch.cat(scores)),
-            "kl": self._mean(torch.cat(kls)),
-            "response_length": self._mean(torch.cat(lengths)),
-            "eos_rate": self._mean(torch.cat(finished)),
-            "samples": samples,
-        }
-        if golds:
-            result["gold"] = self._mean(torch.cat(golds))
-        return result
+        return evaluate_generation(model.policy, self.reference, self.tokenizer, prompts, self.generation,
+                                   self.accelerator, seed=seed, batch_size=self.config.eval_batch_size,
+                                   scorer=self.scorer, gold=self.gold)
 
     # -----------------------------------------------------------------------------------------------------------
     # checkpoints

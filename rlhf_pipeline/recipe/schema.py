@@ -479,8 +479,8 @@ class PpoTraining(Section):
     kl_coef: float = Field(
         0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value if adaptive).")
     kl_estimator: Literal["k1", "k3"] = Field(
-        "k1", description="Per-token KL estimate in the reward (gae, rloo): k1 = log-ratio; k3 = (r - 1) - log r, never "
-        "negative. grpo always puts k3 in the loss.")
+        "k1", description="Per-token KL estimate in the reward (gae, rloo): k1 = log-ratio; k3 = (r - 1) - log r, "
+        "never negative. grpo always puts k3 in the loss.")
     adaptive_kl: AdaptiveKL | None = Field(
         None, description="Adapt beta towards a target KL (Ziegler et al. 2019); null keeps kl_coef fixed.")
     missing_eos_penalty: float | None = Field(
@@ -577,14 +577,83 @@ class PpoRecipe(StageRecipe):
         return self
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# DPO (TRL's DPOTrainer; the held-out generation evaluation is shared with PPO)
+# ---------------------------------------------------------------------------------------------------------------
+class DpoColumns(Section):
+    prompt: str | None = Field(
+        None, description="Prompt column; leave unset when chosen and rejected hold the whole text (implicit prompt: "
+        "their shared prefix is the prompt).")
+    chosen: str | None = Field(None, description="Column of the preferred response (or whole text).")
+    rejected: str | None = Field(None, description="Column of the dispreferred response (or whole text).")
+
+
+class DpoData(DataSection):
+    columns: DpoColumns = Field(default_factory=DpoColumns, description="Column mapping: role -> column name.")
+    implicit_prompt_end: str | None = Field(
+        None, description="For pairs without a prompt column (plain text): the prompt is the shared prefix of chosen "
+        "and rejected, cut just after the last occurrence of this marker, e.g. `\\n\\nAssistant:` for Anthropic "
+        "HH-RLHF; what follows it becomes part of both responses. Pairs whose shared prefix lacks it are left out "
+        "(and counted). Default: the whole shared prefix (TRL's extract_prompt), which runs into the response when "
+        "both begin alike.")
+
+    @model_validator(mode="after")
+    def _needs_held_out(self):
+        if not (self.eval_split or self.eval_size):
+            raise ValueError("set `eval_split` or `eval_size`: DPO reports its preference accuracy and its "
+                             "before/after generation scores on held-out pairs")
+        return self
+
+
+class DpoEvaluation(Section):
+    """The held-out generation evaluation, run before and after training with the same seed and sampling settings."""
+
+    prompts: int = Field(
+        128, ge=0, description="Held-out prompts (those of the held-out pairs, in order) sampled once each before and "
+        "after training; 0 skips the generation evaluation (the held-out pair metrics remain).")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    max_prompt_length: int = Field(
+        256, ge=1, description="Held-out prompts longer than this many tokens (or than what leaves room for "
+        "`generation.response_length` in the model's context) are not sampled (the count is reported).")
+
+
+class DpoRecipe(StageRecipe):
+    """Direct preference optimisation of a policy on preference pairs with TRL's DPOTrainer, evaluated before and after
+    on held-out prompts."""
+
+    stage: Literal["dpo"]
+    model: ModelSection = Field(description="The policy to optimise, normally the SFT output.")
+    reference: ReferenceSection = Field(
+        default_factory=ReferenceSection, description="The frozen reference policy of the DPO loss and of `eval_kl`.")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer overrides.")
+    data: DpoData = Field(
+        description="Preference pairs, explicit or implicit prompt; the held-out split (`eval_split`, or `eval_size` "
+        "carved off) gives the held-out pair metrics and the evaluation prompts.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="trl.DPOConfig fields, beta and loss_type included (`rlhf recipe keys dpo "
+        "training`).")
+    peft: LoraSection | None = Field(
+        None, description="Train LoRA adapters instead of all weights; the default reference is then the policy with "
+        "its adapter disabled (no second copy).")
+    generation: GenerationSection = Field(
+        default_factory=GenerationSection, description="Sampling settings of the before/after evaluation.")
+    reward: RewardSource | None = Field(
+        None, description="Scores the evaluation samples (`eval_score_before/after`); not used in training.")
+    gold: RewardSource | None = Field(
+        None, description="A gold scorer of the evaluation samples (`eval_gold_before/after`), e.g. the tiny "
+        "default's simulated annotator.")
+    evaluation: DpoEvaluation = Field(
+        default_factory=DpoEvaluation, description="The held-out generation evaluation.")
+
+
 class EvalRecipe(StageRecipe):
     """Evaluate a reward model on held-out pairs, and a policy against a baseline on held-out prompts."""
 
     stage: Literal["eval"]
     policy: ModelSection | None = Field(None, description="The policy to evaluate (e.g. a PPO output).")
     policies: dict[str, ModelSection] | None = Field(
-        None, description="Several policies compared side by side with the baseline, by name (e.g. `{ppo: {name_or_path: "
-        "runs/x/ppo}, dpo: {...}}`), instead of `policy`. A policy that is a run of this tool also contributes its "
+        None, description="Several policies compared side by side with the baseline, by name (e.g. `{ppo: "
+        "{name_or_path: runs/x/ppo}, dpo: {...}}`), instead of `policy`. A policy that is a run of this tool also contributes its "
         "training time, throughput and (PPO family) per-update trajectory to the report.")
     baseline: ModelSection | None = Field(
         None, description="What the policy is compared with (e.g. the SFT model); also the KL reference unless "
@@ -717,6 +786,7 @@ STAGE_RECIPES: dict[str, type[StageRecipe]] = {
     "sft": SftRecipe,
     "reward": RewardRecipe,
     "ppo": PpoRecipe,
+    "dpo": DpoRecipe,
     "eval": EvalRecipe,
     "pipeline": PipelineRecipe,
 }

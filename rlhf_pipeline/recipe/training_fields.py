@@ -1,8 +1,9 @@
 """The `training:` keys each TRL-backed stage accepts, checked without importing transformers.
 
-`training:` is passed to `transformers.TrainingArguments` (pretrain), `trl.SFTConfig` (sft) or `trl.RewardConfig`
-(reward). So that `rlhf recipe validate` stays fast, the field names, their types and help texts are read from a
-snapshot (`training_fields.json`) taken from the installed libraries. Regenerate it after upgrading them:
+`training:` is passed to `transformers.TrainingArguments` (pretrain), `trl.SFTConfig` (sft), `trl.RewardConfig`
+(reward) or `trl.DPOConfig` (dpo). So that `rlhf recipe validate` stays fast, the field names, their types and help
+texts are read from a snapshot (`training_fields.json`) taken from the installed libraries. Regenerate it after
+upgrading them:
 
     python -m rlhf_pipeline.recipe.training_fields
 
@@ -26,6 +27,7 @@ CONFIG_CLASSES = {
     "pretrain": "transformers.TrainingArguments",
     "sft": "trl.SFTConfig",
     "reward": "trl.RewardConfig",
+    "dpo": "trl.DPOConfig",
 }
 
 # Keys that belong elsewhere in a recipe: setting them under `training:` is an error that says where they go.

@@ -228,7 +228,6 @@ def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data
     its shared prefix as the prompt (see `implicit_prompts`). Prompts longer than `max_prompt_length` tokens, or than
     what leaves room in the model's `context` for a whole response and the EOS a reward model reads after it, are
     left out (and counted)."""
-    from rlhf_pipeline.ppo.modules import Prompts
 
     section = getattr(loaded.recipe, key)
     response_length = loaded.recipe.generation.response_length
@@ -250,44 +249,67 @@ def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data
             columns = {c: split[c] for c in split.column_names if c != prompt_column}
             split = data_io.select_columns(loaded, split, name, ["prompt"], key=key)  # names a missing column
             prompts = split["prompt"]
-        texts = [_prompt_text(p, tokenizer, loaded) for p in prompts]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        keep = [i for i, seq in enumerate(ids) if 0 < len(seq) <= limit]
-        if len(keep) < len(ids):
-            say(loaded.stage, f"left out {len(ids) - len(keep)} of {len(ids)} {name} prompts longer than {limit} "
-                              "tokens (or empty)")
-        if not keep:
-            raise loaded.error(f"{key}.max_prompt_length", f"no {name} prompt fits in {limit} tokens")
-        messages = [prompts[i] for i in keep] if isinstance(prompts[0], list) else None
-        tokenized.append(Prompts([texts[i] for i in keep], [ids[i] for i in keep], messages,
-                                 {c: [values[i] for i in keep] for c, values in columns.items()}))
+        tokenized.append(tokenize_prompts(loaded, prompts, tokenizer, limit, name, f"{key}.max_prompt_length",
+                                          columns))
     train_prompts, eval_prompts = tokenized
     if eval_limit is not None:
         eval_prompts = eval_prompts.select(list(range(min(eval_limit, len(eval_prompts)))))
     return train_prompts, eval_prompts
 
 
+def tokenize_prompts(loaded: LoadedRecipe, prompts: list, tokenizer, limit: int, name: str, limit_key: str,
+                     columns: dict[str, list] | None = None):
+    """`Prompts` from prompt texts (or conversations, through the chat template), leaving out (and counting) those
+    longer than `limit` tokens or empty. `columns`: the data's other columns, row for row, kept with their prompts."""
+    from rlhf_pipeline.ppo.modules import Prompts
+
+    texts = [_prompt_text(p, tokenizer, loaded) for p in prompts]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    keep = [i for i, seq in enumerate(ids) if 0 < len(seq) <= limit]
+    if len(keep) < len(ids):
+        say(loaded.stage, f"left out {len(ids) - len(keep)} of {len(ids)} {name} prompts longer than {limit} "
+                          "tokens (or empty)")
+    if not keep:
+        raise loaded.error(limit_key, f"no {name} prompt fits in {limit} tokens")
+    messages = [prompts[i] for i in keep] if isinstance(prompts[0], list) else None
+    return Prompts([texts[i] for i in keep], [ids[i] for i in keep], messages,
+                   {c: [values[i] for i in keep] for c, values in (columns or {}).items()})
+
+
 def implicit_prompts(loaded: LoadedRecipe, split, name: str, key: str) -> list:
-    """The prompts of preference pairs whose chosen and rejected hold the whole text: their shared prefix (TRL's
-    `extract_prompt`), cut just after the last `implicit_prompt_end` in it when that is set. Without the cut, a shared
-    prefix runs into the response when both responses begin alike (HH-RLHF: "...Assistant: I"). Rows whose shared
-    prefix lacks the marker have no prompt and are left out (and counted)."""
+    """The prompts of preference pairs whose chosen and rejected hold the whole text (see `explicit_pairs`)."""
+    return explicit_pairs(loaded, split, name, key)["prompt"]
+
+
+def explicit_pairs(loaded: LoadedRecipe, split, name: str, key: str):
+    """Preference pairs whose chosen and rejected hold the whole text, as (prompt, chosen, rejected) rows: the prompt
+    is their shared prefix (TRL's `extract_prompt`), cut just after the last `implicit_prompt_end` in it when that is
+    set (what follows the cut goes back to the start of both responses). Without the cut, a shared prefix runs into
+    the response when both responses begin alike (HH-RLHF: "...Assistant: I"). Rows whose shared prefix lacks the
+    marker have no prompt and are left out (and counted)."""
     from trl.data_utils import extract_prompt
 
     end = getattr(loaded.recipe, key).implicit_prompt_end
-    prompts = split.map(extract_prompt, desc=f"Extracting {name} prompts")["prompt"]
-    if end is None or not prompts:
-        return prompts
+    pairs = split.map(extract_prompt, desc=f"Extracting {name} prompts")
+    if end is None or len(pairs) == 0:
+        return pairs
+    prompts = pairs["prompt"]
     if not isinstance(prompts[0], str):
         raise loaded.error(f"{key}.implicit_prompt_end", "applies to plain-text data; conversational prompts end "
                                                          "where chosen and rejected part, message by message")
-    cut = [p[: p.rfind(end) + len(end)] for p in prompts if end in p]
-    if len(cut) < len(prompts):
-        say(loaded.stage, f"left out {len(prompts) - len(cut)} of {len(prompts)} {name} pairs whose shared prefix has "
+    keep = [i for i, p in enumerate(prompts) if end in p]
+    if len(keep) < len(prompts):
+        say(loaded.stage, f"left out {len(prompts) - len(keep)} of {len(prompts)} {name} pairs whose shared prefix has "
                           f"no {end!r}")
-    if not cut:
+    if not keep:
         raise loaded.error(f"{key}.implicit_prompt_end", f"no {name} pair's shared prefix contains {end!r}")
-    return cut
+
+    def cut(row):
+        at = row["prompt"].rfind(end) + len(end)
+        rest = row["prompt"][at:]
+        return {"prompt": row["prompt"][:at], "chosen": rest + row["chosen"], "rejected": rest + row["rejected"]}
+
+    return pairs.select(keep).map(cut, desc=f"Cutting {name} prompts after {end!r}")
 
 
 def _prompt_text(prompt: Any, tokenizer, loaded: LoadedRecipe) -> str:
