@@ -653,8 +653,8 @@ class EvalRecipe(StageRecipe):
     policy: ModelSection | None = Field(None, description="The policy to evaluate (e.g. a PPO output).")
     policies: dict[str, ModelSection] | None = Field(
         None, description="Several policies compared side by side with the baseline, by name (e.g. `{ppo: "
-        "{name_or_path: runs/x/ppo}, dpo: {...}}`), instead of `policy`. A policy that is a run of this tool also contributes its "
-        "training time, throughput and (PPO family) per-update trajectory to the report.")
+        "{name_or_path: runs/x/ppo}, dpo: {...}}`), instead of `policy`. A policy that is a run of this tool also "
+        "contributes its training time, throughput and (PPO family) per-update trajectory to the report.")
     baseline: ModelSection | None = Field(
         None, description="What the policy is compared with (e.g. the SFT model); also the KL reference unless "
         "`reference` is set.")
