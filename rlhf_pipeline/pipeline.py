@@ -22,23 +22,34 @@ from rlhf_pipeline.recipe.load import (
     LoadedRecipe,
     diff_keys,
     load_recipe,
+    merged_recipe_data,
     recipe_from_data,
     resolved_data,
 )
-from rlhf_pipeline.recipe.schema import PIPELINE_ORDER
+from rlhf_pipeline.recipe.schema import PIPELINE_ORDER, POLICY_STAGES
 
 STATE_FILE = "pipeline.json"
 
 
 @dataclass
 class StagePlan:
-    name: str
+    name: str  # the stage's name in the pipeline: a fixed stage, or a policy stage's own name
     loaded: LoadedRecipe
     wiring: list[str] = field(default_factory=list)  # human-readable "key <- value" lines
 
     @property
     def output_dir(self) -> Path:
         return Path(self.loaded.recipe.output_dir)
+
+    @property
+    def kind(self) -> str:
+        """What runs: pretrain, sft, reward, ppo, dpo or eval."""
+        return self.loaded.stage
+
+    @property
+    def is_policy(self) -> bool:
+        """A policy-optimisation stage (`ppo`, or an entry of `policies`)."""
+        return self.kind in POLICY_STAGES
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -53,23 +64,40 @@ def plan_stages(pipeline: LoadedRecipe) -> list[StagePlan]:
                                        f"(got {', '.join(listed)})")
     root = Path(recipe.output_dir)
     plans: dict[str, StagePlan] = {}
-    for name in canonical:
-        entry = getattr(recipe.stages, name)
+    entries = [(name, f"stages.{name}", getattr(recipe.stages, name), name) for name in canonical if name != "policies"]
+    if recipe.stages.policies:
+        at = next((i for i, (name, *_rest) in enumerate(entries) if name == "eval"), len(entries))
+        entries[at:at] = [(name, f"stages.policies.{name}", entry, None)
+                          for name, entry in recipe.stages.policies.items()]
+    for name, key, entry, expected in entries:
         wiring: list[Assignment] = [("output_dir", str(root / name), f"{pipeline.path}: <output_dir>/{name}")]
         if recipe.seed is not None:
             wiring.append(("seed", recipe.seed, f"{pipeline.path}: seed"))
-        wiring += _wire(pipeline, name, entry, plans)
-        user_set = [(key, value, f"{pipeline.path}: stages.{name}.set.{key}") for key, value in _dotted(entry.set)]
+        kind = expected or _policy_kind(pipeline, key, entry)
+        wiring += _wire(pipeline, kind, entry, plans)
+        user_set = [(k, value, f"{pipeline.path}: {key}.set.{k}") for k, value in _dotted(entry.set)]
         if name == "eval" and entry.recipe is None:
             loaded = recipe_from_data(_generated_eval(pipeline, plans), f"{pipeline.path} (stages.eval, generated)",
                                       wiring + user_set, expected_stage="eval")
         else:
             path = pipeline.path.parent / entry.recipe
             if not path.is_file():
-                raise pipeline.error(f"stages.{name}.recipe", f"no such file: {path}")
-            loaded = load_recipe(path, expected_stage=name, assignments=wiring + user_set)
+                raise pipeline.error(f"{key}.recipe", f"no such file: {path}")
+            loaded = load_recipe(path, expected_stage=kind, assignments=wiring + user_set)
         plans[name] = StagePlan(name, loaded, [f"{k} <- {v}" for k, v, _ in wiring[1:] if k != "seed"])
     return list(plans.values())
+
+
+def _policy_kind(pipeline: LoadedRecipe, key: str, entry) -> str:
+    """The stage a `policies` entry's recipe is for: ppo or dpo."""
+    path = pipeline.path.parent / entry.recipe
+    if not path.is_file():
+        raise pipeline.error(f"{key}.recipe", f"no such file: {path}")
+    stage = merged_recipe_data(path).get("stage")
+    if stage not in POLICY_STAGES:
+        raise pipeline.error(f"{key}.recipe", f"{path} is a `{stage}` recipe; a policy stage runs a "
+                                              f"{' or '.join(POLICY_STAGES)} recipe")
+    return stage
 
 
 def _dotted(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -94,33 +122,43 @@ def _wire(pipeline: LoadedRecipe, name: str, entry, plans: dict[str, StagePlan])
             raise pipeline.error("stages.reward.init_from", f"`{entry.init_from}` is not a stage of this pipeline; "
                                                             "use `recipe` to keep the reward recipe's model")
         return [("model.name_or_path", out[entry.init_from], f"{src} from {entry.init_from}")]
-    if name == "ppo":
+    if name in POLICY_STAGES:
         wiring = []
         policy = out.get("sft") or out.get("pretrain")
+        key = "policy.name_or_path" if name == "ppo" else "model.name_or_path"
         if policy:
-            wiring.append(("policy.name_or_path", policy, f"{src} from {'sft' if 'sft' in out else 'pretrain'}"))
+            wiring.append((key, policy, f"{src} from {'sft' if 'sft' in out else 'pretrain'}"))
         if "reward" in out:
+            # dpo: the reward model scores its before/after evaluation only
             wiring.append(("reward", {"model": out["reward"]}, f"{src} from reward"))
-            if _has_critic(pipeline, entry):
+            if name == "ppo" and _has_critic(pipeline, entry):
                 wiring.append(("value.name_or_path", out["reward"], f"{src} from reward (used by a separate value)"))
         return wiring
     if name == "eval" and entry.recipe is not None:
         wiring = []
-        if "ppo" in out:
-            ppo = plans["ppo"].loaded.recipe
-            wiring += [("policy.name_or_path", out["ppo"], f"{src} from ppo"),
-                       ("baseline.name_or_path", ppo.policy.name_or_path, f"{src} from ppo's policy")]
+        policies = [p for p in plans.values() if p.is_policy]
+        if len(policies) == 1:
+            wiring.append(("policy.name_or_path", str(policies[0].output_dir), f"{src} from {policies[0].name}"))
+        elif policies:
+            wiring.append(("policies", {p.name: {"name_or_path": str(p.output_dir)} for p in policies},
+                           f"{src} from {', '.join(p.name for p in policies)}"))
+        if policies:
+            wiring.append(("baseline.name_or_path", _start_of(policies[0]), f"{src} from {policies[0].name}'s start"))
         if "reward" in out:
             wiring.append(("reward.model", out["reward"], f"{src} from reward"))
         return wiring
     return []
 
 
+def _start_of(plan: StagePlan) -> str:
+    """The model a policy stage starts from (the SFT output in a full pipeline)."""
+    recipe = plan.loaded.recipe
+    return recipe.policy.name_or_path if plan.kind == "ppo" else recipe.model.name_or_path
+
+
 def _has_critic(pipeline: LoadedRecipe, entry) -> bool:
     """Whether a PPO stage's recipe (with the pipeline's `set:`) uses a value function: rloo and grpo have none, and
     refuse a `value:` section."""
-    from rlhf_pipeline.recipe.load import merged_recipe_data
-
     path = pipeline.path.parent / entry.recipe
     if not path.is_file():
         return True  # reported as a missing file when the stage recipe loads
@@ -131,29 +169,40 @@ def _has_critic(pipeline: LoadedRecipe, entry) -> bool:
 
 
 def _generated_eval(pipeline: LoadedRecipe, plans: dict[str, StagePlan]) -> dict[str, Any]:
-    """An eval recipe built from the PPO and reward recipes of this pipeline."""
+    """An eval recipe built from this pipeline's other stages: every policy (ppo, and each of `policies`) against the
+    model they start from (the SFT output), on the held-out prompts, reward and gold scorer and sampling settings of
+    the first PPO-family stage (else of the DPO stage); the reward model on the reward stage's held-out pairs."""
     recipe = pipeline.recipe
     data: dict[str, Any] = {"stage": "eval", "output_dir": str(Path(recipe.output_dir) / "eval")}
-    if "ppo" in plans:
-        ppo = plans["ppo"].loaded.recipe
-        data.update(
-            seed=ppo.seed,
-            policy={"name_or_path": str(plans["ppo"].output_dir)},
-            baseline={"name_or_path": ppo.policy.name_or_path},
-            tokenizer=ppo.tokenizer.model_dump(mode="json"),
-            reward=ppo.reward.model_dump(mode="json", exclude_none=True),
-            data=ppo.data.model_dump(mode="json"),
-            generation=ppo.generation.model_dump(mode="json", exclude={"samples_per_prompt"}),
-            num_prompts=ppo.training.eval_prompts,
-        )
-        if ppo.gold is not None:
-            data["gold"] = ppo.gold.model_dump(mode="json", exclude_none=True)
+    policies = [p for p in plans.values() if p.is_policy]
+    if policies:
+        source = next((p for p in policies if p.kind == "ppo"), policies[0])
+        first = source.loaded.recipe
+        data.update(seed=first.seed, baseline={"name_or_path": _start_of(source)},
+                    tokenizer=first.tokenizer.model_dump(mode="json"),
+                    generation=first.generation.model_dump(mode="json", exclude={"samples_per_prompt"}))
+        if len(policies) == 1:
+            data["policy"] = {"name_or_path": str(policies[0].output_dir)}
+        else:
+            data["policies"] = {p.name: {"name_or_path": str(p.output_dir)} for p in policies}
+        if first.reward is not None:
+            data["reward"] = first.reward.model_dump(mode="json", exclude_none=True)
+        if first.gold is not None:
+            data["gold"] = first.gold.model_dump(mode="json", exclude_none=True)
+        if source.kind == "ppo":
+            data.update(data=first.data.model_dump(mode="json"), num_prompts=first.training.eval_prompts)
+        else:  # the held-out pairs' prompts, as `rlhf dpo` evaluates them
+            from rlhf_pipeline.recipe.schema import PromptData
+
+            pairs = first.data.model_dump(mode="json")
+            data.update(data={k: v for k, v in pairs.items() if k in PromptData.model_fields and k != "columns"},
+                        num_prompts=first.evaluation.prompts or 128)
     if "reward" in plans:
         data["preferences"] = plans["reward"].loaded.recipe.data.model_dump(mode="json")
         data.setdefault("reward", {"model": str(plans["reward"].output_dir)})
         data.setdefault("seed", plans["reward"].loaded.recipe.seed)
-    if "ppo" not in plans and "reward" not in plans:
-        raise pipeline.error("stages.eval", "nothing to evaluate without a ppo or reward stage: give "
+    if not policies and "reward" not in plans:
+        raise pipeline.error("stages.eval", "nothing to evaluate without a policy or reward stage: give "
                                             "`stages.eval.recipe`")
     return data
 
@@ -273,7 +322,7 @@ def _run_pipeline(pipeline: LoadedRecipe, plans: list[StagePlan], options: Optio
         elapsed = time.perf_counter() - started if decision in ("run", "resume") else None
         status = {"run": "ran", "resume": "resumed"}.get(decision, "skipped")
         rows.append((plan.name, status, f"{elapsed:.0f} s" if elapsed is not None else "-", _result(plan)))
-        if plan.name == "reward" and "ppo" in names[names.index("reward"):]:
+        if plan.name == "reward" and any(p.kind == "ppo" for p in plans[plans.index(plan):]):
             _gate(pipeline, plan)
     hub = pipeline.recipe.hub
     if hub.push and not options.dry_run:
@@ -407,14 +456,16 @@ def _result(plan: StagePlan) -> str:
         value = metrics.get(key)
         return format(value, fmt) if isinstance(value, (int, float)) else "?"
 
-    if plan.name in ("pretrain", "sft"):
+    if plan.kind in ("pretrain", "sft"):
         return f"held-out loss {get('eval_loss')} (perplexity {get('eval_perplexity', '.2f')})"
-    if plan.name == "reward":
+    if plan.kind == "reward":
         return f"held-out accuracy {get('eval_accuracy')}, margin {get('eval_margin')}"
-    if plan.name == "ppo":
+    if plan.kind in POLICY_STAGES:
         text = f"score {get('eval_score_before')} -> {get('eval_score_after')}, KL {get('eval_kl', '.2f')}"
         if "eval_gold_before" in metrics:
             text += f", gold {get('eval_gold_before')} -> {get('eval_gold_after')}"
+        if plan.kind == "dpo":
+            return text + f", {get('pairs_per_second', '.1f')} pairs/s"
         return text + f", {get('episodes_per_second', '.1f')} episodes/s"
     if plan.name == "eval":
         parts = []
@@ -422,6 +473,9 @@ def _result(plan: StagePlan) -> str:
             parts.append(f"win rate {get('win_rate')}")
             if "policy_gold" in metrics:
                 parts.append(f"gold {get('baseline_gold')} -> {get('policy_gold')}")
+        elif "baseline_gold" in metrics:  # several policies
+            golds = [f"{k[:-5]} {get(k)}" for k in metrics if k.endswith("_gold") and k != "baseline_gold"]
+            parts.append(f"gold: baseline {get('baseline_gold')}, " + ", ".join(golds))
         if "reward_accuracy" in metrics:
             parts.append(f"reward accuracy {get('reward_accuracy')}")
         return ", ".join(parts) + f" (report: {plan.output_dir}/eval.md)"

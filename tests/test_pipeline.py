@@ -262,3 +262,72 @@ def test_pipeline_holds_one_lock(pipeline_dir):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_pipeline_compares_several_policies(pipeline_dir):
+    """`stages.policies`: PPO-family recipes (rloo, grpo) and a DPO recipe run side by side from the same SFT model,
+    each into its own directory; the generated eval compares all of them with the SFT model in one report."""
+    folder = pipeline_dir / "recipes"
+    ppo = yaml.safe_load((folder / "ppo.yaml").read_text())
+    write_recipe(folder / "dpo.yaml", {
+        "stage": "dpo", "output_dir": "unused", "model": {"name_or_path": "unused"},
+        "data": {"files": {"train": str(pipeline_dir / "prefs.jsonl"), "test": str(pipeline_dir / "prefs-test.jsonl")},
+                 "eval_split": "test", "max_train_samples": 8},
+        "gold": ppo["gold"], "generation": {"response_length": 8}, "evaluation": {"prompts": 6, "batch_size": 4},
+        "training": {**FAST_TRAINING, "max_steps": 2, "beta": 0.5}})
+    grpo = {"training.advantage_estimator": "grpo", "generation.samples_per_prompt": 2}
+    write_recipe(folder / "compare.yaml", {
+        "stage": "pipeline", "output_dir": str(pipeline_dir / "runs"),
+        "stages": {"pretrain": {"recipe": "pretrain.yaml"}, "sft": {"recipe": "sft.yaml"},
+                   "reward": {"recipe": "reward.yaml"},
+                   "policies": {"rloo": {"recipe": "ppo.yaml", "set": {"training.advantage_estimator": "rloo",
+                                                                       "generation.samples_per_prompt": 4}},
+                                "grpo": {"recipe": "ppo.yaml", "set": grpo},
+                                "dpo": {"recipe": "dpo.yaml"}},
+                   "eval": {"set": {"num_prompts": 6}}},
+        "gate": {"min_reward_accuracy": 0.0}})
+    result = run_cli("pipeline", folder / "compare.yaml")
+    assert result.exit_code == 0, result.output
+    runs = pipeline_dir / "runs"
+    assert statuses(result.output) == dict.fromkeys(["pretrain", "sft", "reward", "rloo", "grpo", "dpo", "eval"],
+                                                    "ran")
+    for name in ("rloo", "grpo"):
+        recipe = resolved(runs / name)
+        assert recipe["policy"]["name_or_path"] == str(runs / "sft")
+        assert recipe["reward"]["model"] == str(runs / "reward")
+        assert recipe["value"]["name_or_path"] is None  # no critic: the reward output is not wired into `value`
+    assert resolved(runs / "grpo")["training"]["advantage_estimator"] == "grpo"
+    dpo = resolved(runs / "dpo")
+    assert dpo["model"]["name_or_path"] == str(runs / "sft") and dpo["reward"]["model"] == str(runs / "reward")
+
+    evaluation = resolved(runs / "eval")
+    assert evaluation["policies"] == {n: {**evaluation["policies"][n], "name_or_path": str(runs / n)}
+                                      for n in ("rloo", "grpo", "dpo")}
+    assert evaluation["baseline"]["name_or_path"] == str(runs / "sft")
+    metrics = json.loads((runs / "eval" / "metrics.json").read_text())
+    assert metrics["num_prompts"] == 6
+    for name, method in (("rloo", "RLOO"), ("grpo", "GRPO"), ("dpo", "DPO")):
+        assert metrics[f"{name}_method"] == method
+        for key in ("score", "gold", "kl", "win_rate", "gold_win_rate", "train_seconds", "gold_gain_per_minute"):
+            assert isinstance(metrics[f"{name}_{key}"], float), (name, key)
+    assert "dpo_pairs_per_second" in metrics and "rloo_episodes_per_second" in metrics
+    report = (runs / "eval" / "eval.md").read_text()
+    assert "| | baseline | rloo | grpo | dpo |" in report and "| method | - | RLOO | GRPO | DPO |" in report
+    assert (runs / "eval" / "eval_gold_vs_sqrt_kl.png").read_bytes()[:4] == b"\x89PNG"
+
+    again = run_cli("pipeline", folder / "compare.yaml")  # everything up to date
+    assert again.exit_code == 0 and set(statuses(again.output).values()) == {"skipped"}, again.output
+
+
+@pytest.mark.parametrize("policies, message", [
+    ({"sft": {"recipe": "ppo.yaml"}}, "cannot name a policy stage"),
+    ({"x": {"recipe": "sft.yaml"}}, "is a `sft` recipe"),
+    ({"x": {"recipe": "missing.yaml"}}, "no such file"),
+])
+def test_bad_policy_stages(pipeline_dir, policies, message):
+    recipe = pipeline_dir / "recipes" / "pipeline.yaml"
+    data = yaml.safe_load(recipe.read_text())
+    data["stages"] = {"sft": data["stages"]["sft"], "policies": policies}
+    write_recipe(recipe, data)
+    result = run_cli("pipeline", recipe, "--dry-run")
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output

@@ -702,7 +702,8 @@ class EvalRecipe(StageRecipe):
 # ---------------------------------------------------------------------------------------------------------------
 # pipeline
 # ---------------------------------------------------------------------------------------------------------------
-PIPELINE_ORDER = ("pretrain", "sft", "reward", "ppo", "eval")
+PIPELINE_ORDER = ("pretrain", "sft", "reward", "ppo", "policies", "eval")
+POLICY_STAGES = ("ppo", "dpo")  # the stages a `policies:` entry may run
 
 
 class PipelineStage(Section):
@@ -732,7 +733,21 @@ class PipelineStages(Section):
     ppo: PipelineStage | None = Field(
         None, description="PPO; its policy is the SFT output, its reward model (and value initialisation) the reward "
         "output.")
+    policies: dict[str, PipelineStage] | None = Field(
+        None, description="More policy-optimisation stages, side by side, by name: each a `ppo` recipe (any "
+        "advantage_estimator) or a `dpo` recipe, run from the same SFT model (and reward model), written to "
+        "<output_dir>/<name>. The generated eval then compares every policy with the SFT model in one report.")
     eval: EvalPipelineStage | None = Field(None, description="Evaluation of what the other stages produced.")
+
+    @field_validator("policies")
+    @classmethod
+    def _policy_names(cls, value: dict[str, PipelineStage] | None) -> dict[str, PipelineStage] | None:
+        for name in value or {}:
+            taken = {*PIPELINE_ORDER, "baseline"} - {"ppo"}
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in taken:
+                raise ValueError(f"{name!r} cannot name a policy stage (letters, digits, `_`, `-`, `.`; not the name "
+                                 "of another stage)")
+        return value
 
 
 class GateSection(Section):
@@ -777,7 +792,9 @@ class PipelineRecipe(StageRecipe):
     @model_validator(mode="after")
     def _some_stage(self):
         if not any(getattr(self.stages, name) for name in PIPELINE_ORDER):
-            raise ValueError("`stages` lists no stage (pretrain, sft, reward, ppo, eval)")
+            raise ValueError("`stages` lists no stage (pretrain, sft, reward, ppo, policies, eval)")
+        if self.stages.ppo is not None and "ppo" in (self.stages.policies or {}):
+            raise ValueError("`stages.policies.ppo` would write where `stages.ppo` writes: rename one")
         return self
 
 
