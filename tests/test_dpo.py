@@ -238,3 +238,12 @@ def test_held_out_evaluation_is_seeded_and_reference_kinds_agree(tiny_model_dir,
 
     other = evaluate_generation(policy, copy, tokenizer, prompts, generation, _OneProcess(), **{**kwargs, "seed": 8})
     assert [s["response"] for s in other["samples"]] != [s["response"] for s in first["samples"]]
+
+
+def test_loss_type_takes_one_name_or_a_list():
+    """DPOConfig turns `loss_type: ipo` into ["ipo"]; the recipe check accepts both forms, and still rejects a number."""
+    from rlhf_pipeline.recipe.training_fields import check_training
+
+    assert check_training("dpo", {"loss_type": "ipo"}) == []
+    assert check_training("dpo", {"loss_type": ["sigmoid", "sft"]}) == []
+    assert [key for key, _ in check_training("dpo", {"loss_type": 3})] == ["loss_type"]

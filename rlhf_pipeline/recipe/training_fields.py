@@ -78,6 +78,10 @@ VALUE_RULES: dict[str, tuple[str, Any]] = {
 }
 
 
+# List fields whose config class also takes one string (its __post_init__ wraps it in a list).
+STRING_AS_LIST = {"trl.DPOConfig": {"loss_type"}}
+
+
 def check_training(stage: str, training: dict[str, Any]) -> list[tuple[str, str]]:
     """Problems with a `training:` mapping as (key, message) pairs; empty when it is fine."""
     fields = fields_for(stage)
@@ -89,6 +93,8 @@ def check_training(stage: str, training: dict[str, Any]) -> list[tuple[str, str]
             problems.append(
                 (key, f"unknown key for {CONFIG_CLASSES[stage]}{did_you_mean(key, fields)}")
             )
+        elif isinstance(value, str) and key in STRING_AS_LIST.get(CONFIG_CLASSES[stage], ()):
+            continue  # `loss_type: ipo` means [ipo]
         else:
             message = _type_problem(value, fields[key]) or _value_problem(key, value)
             if message:
