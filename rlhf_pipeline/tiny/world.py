@@ -1,6 +1,7 @@
 """The tiny default's data: a small "movie review" world, generated deterministically from a seed.
 
     python -m rlhf_pipeline.tiny.world --out recipes/tiny/data      # rewrites the committed files, byte for byte
+    python -m rlhf_pipeline.tiny.world --variant graded --out recipes/tiny/compare/data   # the comparison world
 
 Files (gzipped JSON lines):
   corpus.jsonl.gz             {"text"}                     pre-training text: reviews, plot notes, and reviews
@@ -12,6 +13,13 @@ Files (gzipped JSON lines):
 A review opens with a neutral prefix naming a film ("review of Kalo Mar , a drama by Fin Tor :") and continues with
 one to three clauses ("the acting was superb but the plot felt dull ."). The prefix carries no sentiment: a policy
 can only please the annotator through what it writes after it.
+
+The `graded` variant (`recipes/tiny/compare/`, for comparing methods) keeps the prompts' format, so the default's
+pre-trained and SFT models serve it too, but writes only preferences and prompts: pairs labelled by the graded
+annotator (`graded.py`: sentiment strength, two clauses best, repetition penalised), few and noisy, drawn from
+candidates of one or two clauses (rarely three) that never repeat a word. A reward model learns there that more and
+stronger praise is better, and it has never seen the long or repetitive praise where the graded annotator disagrees:
+the over-optimisation a comparison of methods should be able to show.
 """
 
 from __future__ import annotations
@@ -136,11 +144,58 @@ def generate(seed: int = 0, n_corpus: int = 20000, n_sft: int = 4000, n_pairs: i
     }
 
 
-def write(out_dir: Path, seed: int = 0) -> list[Path]:
-    """Write every data set as `<name>.jsonl.gz`, byte-identical for a given seed."""
+def graded_candidate(world: World, p_positive: float = 0.6, p_three: float = 0.05) -> str:
+    """A candidate response of the graded world: one or two well-formed clauses (three with probability `p_three`),
+    or one cut off; never a repeated word, never more than three clauses."""
+    r = world.rng
+    if r.random() < 0.2:  # cut off before the end
+        words = world.review(n_clauses=2).split()
+        return " ".join(words[: r.randint(2, len(words) - 2)])
+    n = 3 if r.random() < p_three else r.choice([1, 2, 2])
+    return world.review(n_clauses=n, positive=[r.random() < p_positive for _ in range(n)])
+
+
+def generate_graded(seed: int = 0, n_pairs: int = 1000, n_pairs_test: int = 500, n_prompts: int = 2000,
+                    n_prompts_test: int = 256, label_noise: float = 0.25, test_label_noise: float = 0.0,
+                    p_three: float = 0.05) -> dict[str, list[dict]]:
+    """The graded comparison world's data sets, deterministically from `seed`: preference pairs labelled by the graded
+    annotator (`label_noise` of the training labels flipped; the test pairs' labels are gold unless
+    `test_label_noise`), and prompts in the default world's format."""
+    from rlhf_pipeline.tiny.graded import graded_score_text
+
+    world = World(seed)  # the default world's films and people
+    world.rng = random.Random(f"{seed}-graded")
+    r = world.rng
+
+    def pairs(n: int, noise: float) -> list[dict]:
+        rows = []
+        while len(rows) < n:
+            prompt = world.prefix()
+            a, b = graded_candidate(world, p_three=p_three), graded_candidate(world, p_three=p_three)
+            score_a, score_b = graded_score_text(a), graded_score_text(b)
+            if abs(score_a - score_b) < 0.1:  # annotators are asked to compare clearly different answers
+                continue
+            if (score_a < score_b) != (r.random() < noise):
+                a, b = b, a
+            rows.append({"prompt": prompt, "chosen": " " + a, "rejected": " " + b})
+        return rows
+
+    return {
+        "preferences-train": pairs(n_pairs, label_noise),
+        "preferences-test": pairs(n_pairs_test, test_label_noise),
+        "prompts-train": [{"prompt": world.prefix()} for _ in range(n_prompts)],
+        "prompts-test": [{"prompt": world.prefix()} for _ in range(n_prompts_test)],
+    }
+
+
+VARIANTS = {"default": generate, "graded": generate_graded}
+
+
+def write(out_dir: Path, seed: int = 0, variant: str = "default") -> list[Path]:
+    """Write every data set of `variant` as `<name>.jsonl.gz`, byte-identical for a given seed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, rows in generate(seed).items():
+    for name, rows in VARIANTS[variant](seed).items():
         path = out_dir / f"{name}.jsonl.gz"
         payload = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
         with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
@@ -153,8 +208,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("recipes/tiny/data"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="default",
+                        help="default: the tiny default's data; graded: the comparison world's (recipes/tiny/compare)")
     args = parser.parse_args()
-    for path in write(args.out, args.seed):
+    for path in write(args.out, args.seed, args.variant):
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
