@@ -121,3 +121,21 @@ def test_bad_eval_recipes(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir, d
     result = run_cli("eval", write_recipe(tmp_path / "eval.yaml", recipe))
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "eval").exists()
+
+
+def test_gold_peak_of_a_training_trajectory_by_hand(tmp_path):
+    """Moving means over 5 updates, the peak of gold, the KL there, and gold at the end."""
+    from rlhf_pipeline.stages.evaluation import gold_peak, smoothed
+
+    gold = [0.1, 0.2, 0.3, 0.6, 0.8, 0.5, 0.2, 0.0, 0.0, 0.0]
+    kl = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+    rows = [{"objective/gold": g, "objective/kl": k, "train/update": i + 1} for i, (g, k) in enumerate(zip(gold, kl))]
+    assert smoothed(rows, "objective/kl")[:3] == [0.0, 0.5, 1.0]  # the first means cover fewer updates
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    peak = gold_peak(tmp_path)
+    # means ending at update 5: (.1+.2+.3+.6+.8)/5 = .40; at 6: (.2+.3+.6+.8+.5)/5 = .48, the peak (at 7 also .48:
+    # the first is kept); the KL there: (1+2+3+4+5)/5 = 3; at the end, updates 6-10: (.5+.2+0+0+0)/5 = .14
+    assert peak["train_gold_peak"] == pytest.approx(0.48)
+    assert peak["train_gold_peak_kl"] == pytest.approx(3.0)
+    assert peak["train_gold_end"] == pytest.approx(0.14)
+    assert gold_peak(tmp_path / "missing") == {}

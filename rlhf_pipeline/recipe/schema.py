@@ -480,7 +480,7 @@ class PpoTraining(Section):
         0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value if adaptive).")
     kl_estimator: Literal["k1", "k3"] = Field(
         "k1", description="Per-token KL estimate in the reward (gae, rloo): k1 = log-ratio; k3 = (r - 1) - log r, "
-        "never negative. grpo always puts k3 in the loss.")
+        "never negative. Not used by grpo, which always puts k3 in the loss.")
     adaptive_kl: AdaptiveKL | None = Field(
         None, description="Adapt beta towards a target KL (Ziegler et al. 2019); null keeps kl_coef fixed.")
     missing_eos_penalty: float | None = Field(
@@ -533,9 +533,6 @@ class PpoTraining(Section):
             self.missing_eos_penalty = None
         if self.advantage_estimator != "gae" and "whiten_advantages" not in self.model_fields_set:
             self.whiten_advantages = False
-        if self.advantage_estimator == "grpo" and "kl_estimator" in self.model_fields_set:
-            raise ValueError("`kl_estimator` chooses the KL estimate in the reward; grpo puts the KL in the loss, "
-                             "always as k3: leave kl_estimator out")
 
         BatchPlan.of(self)  # raises ValueError with the arithmetic
         return self
@@ -566,9 +563,8 @@ class PpoRecipe(StageRecipe):
         if estimator != "gae" and k < 2:
             raise ValueError(f"training.advantage_estimator `{estimator}` compares the responses to each prompt: set "
                              "generation.samples_per_prompt to 2 or more (4 is common)")
-        explicit = self.value.model_fields_set  # `mode: shared` alone is harmless (a base recipe's setting)
-        if estimator != "gae" and (explicit - {"mode"} or ("mode" in explicit and self.value.mode == "separate")):
-            raise ValueError(f"`value` configures the critic, and {estimator} has none: leave `value` out (or use "
+        if estimator != "gae" and self.value.name_or_path is not None:  # (`mode` is ignored: a base recipe's)
+            raise ValueError(f"value.name_or_path names a critic, and {estimator} has none: leave it out (or use "
                              "training.advantage_estimator: gae)")
         try:
             BatchPlan.of(self.training, samples_per_prompt=k)

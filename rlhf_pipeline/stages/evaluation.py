@@ -233,7 +233,31 @@ def training_figures(run_dirs: dict[str, Path], results: dict[str, Any], names: 
         method = _method_of(run_dirs[name])
         if method:
             figures[f"{name}_method"] = method
+        figures.update({f"{name}_{k}": v for k, v in gold_peak(run_dirs[name]).items()})
     return figures
+
+
+SMOOTHING = 5  # updates in the moving mean of a training trajectory (one update's 64 rollouts are noisy)
+
+
+def smoothed(rows: list[dict], key: str, window: int = SMOOTHING) -> list[float]:
+    """Trailing moving mean of `key` over the last `window` logged updates."""
+    values = [r[key] for r in rows]
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+            for i in range(len(values))]
+
+
+def gold_peak(run_dir: Path) -> dict[str, float]:
+    """Where gold peaked on a PPO-family run's training trajectory (moving means over SMOOTHING updates): the peak,
+    the KL (nats) there, and gold at the end. Over-optimisation shows as an end well below the peak."""
+    from rlhf_pipeline.ppo.trainer import read_log
+
+    rows = [r for r in read_log(run_dir) if "objective/gold" in r and "objective/kl" in r]
+    if not rows:
+        return {}
+    gold, kl = smoothed(rows, "objective/gold"), smoothed(rows, "objective/kl")
+    best = max(range(len(gold)), key=gold.__getitem__)
+    return {"train_gold_peak": gold[best], "train_gold_peak_kl": kl[best], "train_gold_end": gold[-1]}
 
 
 def _method_of(run_dir: Path) -> str | None:
@@ -322,8 +346,9 @@ def _plot_score_distributions(scores: dict[str, list[float]], names: list[str], 
 
 def plot_overoptimisation(run_dirs: dict[str, Path], results: dict[str, Any], names: list[str], path: Path) -> str:
     """Gold score and reward-model score against sqrt(KL to the reference), the view of Gao et al. 2022: each
-    policy's training trajectory (PPO-family runs log gold and KL every update) and its held-out point, beside the
-    baseline. When the reward model is over-optimised, its score keeps rising with KL while gold turns down."""
+    policy's training trajectory (PPO-family runs log gold and KL every update; drawn as moving means over SMOOTHING
+    updates) and its held-out point, beside the baseline. When the reward model is over-optimised, its score keeps
+    rising with KL while gold turns down."""
     from rlhf_pipeline.plots import pyplot
     from rlhf_pipeline.ppo.trainer import read_log
 
@@ -337,9 +362,9 @@ def plot_overoptimisation(run_dirs: dict[str, Path], results: dict[str, Any], na
         for index, name in enumerate(names):
             colour = colours[index % len(colours)]
             rows = [r for r in read_log(run_dirs[name]) if logged in r] if name in run_dirs else []
-            if rows:
-                axis.plot([math.sqrt(max(r["objective/kl"], 0.0)) for r in rows], [r[logged] for r in rows], "-",
-                          color=colour, alpha=0.55, lw=1.2)
+            if rows:  # the training trajectory, as moving means (one update's batch is noisy)
+                axis.plot([math.sqrt(max(k, 0.0)) for k in smoothed(rows, "objective/kl")], smoothed(rows, logged),
+                          "-", color=colour, alpha=0.6, lw=1.4)
             axis.plot([math.sqrt(max(results[f"{name}_kl"], 0.0))], [results[f"{name}_{key}"]], "*", ms=14,
                       color=colour, label=f"{name} (held-out)" + (", line: training" if rows else ""))
         axis.plot([math.sqrt(max(results["baseline_kl"], 0.0))], [results[f"baseline_{key}"]], "o", ms=9,
@@ -403,7 +428,10 @@ def markdown_report(loaded: LoadedRecipe, results: dict[str, Any], samples: list
         else:
             lines += ["", "Win rates are over the baseline (a tie counts half). Gold ± is the standard error of the "
                           "mean over prompts. Training time and throughput come from each policy's own run "
-                          "(`metrics.json`); gold gain per minute = (gold - baseline gold) / training minutes."]
+                          "(`metrics.json`); gold gain per minute = (gold - baseline gold) / training minutes. "
+                          f"The training rows read a PPO-family run's log (rollout batches, {SMOOTHING}-update moving "
+                          "means): a gold score at the end well below its peak is over-optimisation of the reward "
+                          "model."]
         lines.append("")
     if "reward_accuracy" in results:
         lines += [f"Reward model `{recipe.reward.model}` on {results['reward_num_pairs']} held-out pairs: accuracy "
@@ -448,6 +476,9 @@ def comparison_table(results: dict[str, Any], names: list[str]) -> list[str]:
         ("episodes / s (training)", "episodes_per_second"),
         ("pairs / s (training)", "pairs_per_second"),
         ("gold gain per training minute", "gold_gain_per_minute"),
+        (f"training: gold peak ({SMOOTHING}-update mean)", "train_gold_peak"),
+        ("training: KL at the gold peak (nats)", "train_gold_peak_kl"),
+        ("training: gold at the end", "train_gold_end"),
     ]
     lines = ["| | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for label, how in rows:
