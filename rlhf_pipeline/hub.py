@@ -55,6 +55,12 @@ STAGE_TEXT = {
               "rejected) so that it scores a prompt plus response, higher for preferred responses",
     "ppo": "a policy optimised with PPO (reinforcement learning from human feedback) to maximise a reward, with a "
            "KL penalty that keeps it close to a frozen reference policy",
+    "ppo/rloo": "a policy optimised with RLOO (REINFORCE Leave-One-Out, reinforcement learning from human feedback "
+                "without a critic: each of k responses to a prompt is judged against the others) to maximise a reward, "
+                "with a KL penalty that keeps it close to a frozen reference policy",
+    "ppo/grpo": "a policy optimised with GRPO (Group Relative Policy Optimization: rewards normalised within each "
+                "prompt's group of k responses, no critic) to maximise a reward, with a KL term in the loss that keeps "
+                "it close to a frozen reference policy",
     "dpo": "a policy fine-tuned with DPO (direct preference optimisation) on preference pairs: it raises the "
            "likelihood of chosen over rejected responses relative to a frozen reference policy, with no reward model "
            "in training",
@@ -424,7 +430,8 @@ def _front_matter(stage: str, sources: list[Source], datasets: list[str], adapte
 
 def _summary(path: Path, recipe: dict[str, Any], stage: str, sources: list[Source], adapter: dict | None,
              metrics: dict[str, Any]) -> str:
-    what = STAGE_TEXT.get(stage, f"the output of the `{stage}` stage")
+    estimator = (recipe.get("training") or {}).get("advantage_estimator", "gae") if stage == "ppo" else "gae"
+    what = STAGE_TEXT.get(f"{stage}/{estimator}") or STAGE_TEXT.get(stage, f"the output of the `{stage}` stage")
     lines = [f"This is {what}, trained with rlhf-pipeline (the `{stage}` stage: `rlhf {stage}`).", ""]
     facts = []
     main = [s for s in sources if s.role in ("model", "policy")]

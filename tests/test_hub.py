@@ -403,6 +403,16 @@ def test_card_of_a_pretraining_run_from_scratch(tmp_path):
     assert f'AutoModelForCausalLM.from_pretrained("{run}")' in card
 
 
+@pytest.mark.parametrize("estimator, says", [("gae", "optimised with PPO"), ("rloo", "optimised with RLOO"),
+                                             ("grpo", "optimised with GRPO")])
+def test_card_names_the_policy_optimisation_method(tmp_path, estimator, says):
+    recipe = {"stage": "ppo", "output_dir": "x", "policy": {"name_or_path": "runs/sft"},
+              "reward": {"model": "runs/reward"}, "training": {"advantage_estimator": estimator}}
+    card = model_card(_finished_run(tmp_path / estimator, recipe, {"eval_score_after": 1.0}),
+                      endpoint="https://hub.example")
+    assert f"This is a policy {says}" in card
+
+
 def test_importing_the_module_stays_light():
     code = ("import sys, rlhf_pipeline.hub; heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') "
             "if m in sys.modules]; print(heavy)")
