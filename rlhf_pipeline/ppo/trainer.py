@@ -217,8 +217,8 @@ class PPOTrainer:
         plan, n = self.plan, len(self.prompts)
         start = update * plan.prompts_per_update + self.accelerator.process_index * plan.local_prompts_per_update
         indices = []
-        for position in range(start, start + plan.local_prompts_per_update):
-            epoch, position = divmod(position, n)
+        for in_stream in range(start, start + plan.local_prompts_per_update):
+            epoch, position = divmod(in_stream, n)
             indices.append(self._permutation(epoch)[position])
         return self.prompts.select(indices).repeated(self.samples_per_prompt)
 
