@@ -10,6 +10,7 @@ from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.recipe.schema import BpeTraining, GPT2Architecture, LoraSection, ModelSection, TokenizerSection
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -180,6 +181,24 @@ def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         config.eos_token_id = tokenizer.eos_token_id
         if tokenizer.bos_token_id is not None:
             config.bos_token_id = tokenizer.bos_token_id
+
+
+def fuse_gelu(model: torch.nn.Module) -> int:
+    """Run GPT-2's `gelu_new` activation (transformers' `NewGELUActivation`, six tensor ops written in Python) as
+    PyTorch's fused `GELU(approximate="tanh")`: the same function, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))),
+    in one kernel (transformers calls it `gelu_pytorch_tanh`; results differ in rounding only, about 1e-7). A forward
+    and backward pass of the tiny default's GPT-2 takes a fifth less time. In memory only: the config still says
+    `gelu_new`, and what is saved is the same weights. Returns how many activations were replaced."""
+    from torch import nn
+    from transformers.activations import NewGELUActivation
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, nn.GELU(approximate="tanh"))
+                replaced += 1
+    return replaced
 
 
 def lora_config(section: LoraSection, task_type: str, model: PreTrainedModel):

@@ -306,3 +306,23 @@ def test_trl_reward_functions_get_columns_ids_and_progress(tmp_path, recipe, dat
     penalty = FunctionScorer(get_repetition_penalty_reward(ngram_size=1), "repetition")(rollout)
     ids = [row[m.bool()].tolist() for row, m in zip(rollout.response, rollout.response_mask)]
     assert penalty.tolist() == pytest.approx(get_repetition_penalty_reward(ngram_size=1)(ids))
+
+
+def test_gelu_runs_fused_with_the_same_function(tmp_path, recipe, tiny_model_dir):
+    """PPO's models run GPT-2's gelu_new as PyTorch's fused tanh GELU: the same outputs up to rounding, the config
+    and saved weights untouched."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    from rlhf_pipeline.models import fuse_gelu
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    fused = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert fuse_gelu(fused) == original.config.n_layer and fuse_gelu(fused) == 0
+    ids = torch.randint(0, original.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(original(ids).logits, fused(ids).logits, atol=1e-5)
+    assert fused.config.activation_function == original.config.activation_function
+    _, setup = make(tmp_path, recipe)
+    assert setup.reference is not None  # a frozen copy here: fused too
+    assert not any(isinstance(m, NewGELUActivation) for m in [*setup.model.modules(), *setup.reference.modules()])

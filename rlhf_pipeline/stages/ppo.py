@@ -95,6 +95,7 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
 
         policy = get_peft_model(policy, models.lora_config(recipe.peft, "CAUSAL_LM", policy))
     _disable_dropout(policy)  # after LoRA: its adapters bring dropout layers of their own
+    models.fuse_gelu(policy)
     reference = None
     if recipe.reference.name_or_path:
         reference = _frozen(models.load_pretrained(
@@ -102,6 +103,8 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
             key="reference.name_or_path"))
     elif not recipe.peft:  # a frozen copy of the policy; with LoRA the default is the adapter switched off
         reference = _frozen(models.load_pretrained(loaded, recipe.policy, key="policy.name_or_path"))
+    if reference is not None:
+        models.fuse_gelu(reference)
     scorer = build_scorer(loaded, recipe.reward, "reward", device)
     gold = build_scorer(loaded, recipe.gold, "gold", device) if recipe.gold else None
     value_model, value_source = None, "a head on the policy's trunk (shared)"
@@ -118,6 +121,7 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
 
             value_model = get_peft_model(value_model, models.lora_config(recipe.peft, "SEQ_CLS", value_model))
         _disable_dropout(value_model)
+        models.fuse_gelu(value_model)
     return PpoSetup(tokenizer, train_prompts, eval_prompts, PolicyAndValue(policy, value_model, critic), reference,
                     scorer, gold, value_source)
 
