@@ -284,6 +284,36 @@ def write_recipe(path: Path, models: Path, estimator: str, seed: int, out_dir: P
     path.write_text(header + yaml.safe_dump(recipe, sort_keys=False))
 
 
+DPO_PAIRS = 2048  # recipes/tiny/dpo.yaml's max_train_samples: one epoch, 64 optimizer steps of 32 pairs
+
+
+def write_dpo_recipe(path: Path, models: Path, seed: int, out_dir: Path) -> None:
+    """recipes/tiny/dpo.yaml from the same SFT model: the annotator-labelled pairs the reward model learned from
+    (DPO needs no reward model and samples nothing in training). Its own before/after evaluation is cut to 16 prompts
+    (outside the timing); the bench evaluates the final policy like every other."""
+    import yaml
+
+    recipe = {
+        "stage": "dpo", "extends": str(REPO / "recipes" / "tiny" / "dpo.yaml"), "seed": seed,
+        "output_dir": str(out_dir),
+        "model": {"name_or_path": str(models / "sft"), "dtype": "float32"},
+        "reward": None, "gold": None,
+        "data": {"max_train_samples": DPO_PAIRS},
+        "evaluation": {"prompts": 16},
+        "training": {"report_to": "none"},
+    }
+    path.write_text("# Written by bench/rloo_vs_trl.py: our DPO (recipes/tiny/dpo.yaml) from the bench's SFT model.\n"
+                    + yaml.safe_dump(recipe, sort_keys=False))
+
+
+def read_dpo(out_dir: Path, usage: dict) -> dict:
+    m = json.loads((out_dir / "metrics.json").read_text())
+    return {"usage": usage, "episodes": None, "pairs": m["train_pairs"], "episodes_per_s": None,
+            "pairs_per_s": m["pairs_per_second"], "train_s": m["train_runtime"], "peak_rss_mb": usage["peak_rss_mb"],
+            "update_s_mean": None, "time_split_s": {}, "train_reward_start": None, "train_reward_end": None,
+            "train_reward_gain_se": None, "kl_end_train": None, "grad_norm_mean": None, "policy": str(out_dir)}
+
+
 def trl_config(path: Path, models: Path, seed: int, out_dir: Path, threads: int) -> Path:
     w = WORK
     cfg = {"policy": str(models / "sft"), "train_prompts": str(TRAIN_PROMPTS),
@@ -379,6 +409,10 @@ def run_variant(name: str, kind: str, estimator: str, seed: int, rep: int, wd: P
     if kind == "trl":
         cfg = trl_config(wd / f"trl-config-seed{seed}-run{rep}.json", models, seed, out_dir, args.threads)
         cmd = [sys.executable, str(TRL_RUNNER), str(cfg)]
+    elif kind == "dpo":
+        recipe = wd / f"recipe-{name}-seed{seed}.yaml"
+        write_dpo_recipe(recipe, models, seed, out_dir)
+        cmd = [*rlhf_exe(), "dpo", str(recipe), "--output-dir", str(out_dir)]
     else:
         recipe = wd / f"recipe-{name}-seed{seed}.yaml"
         write_recipe(recipe, models, estimator, seed, out_dir)
@@ -386,10 +420,11 @@ def run_variant(name: str, kind: str, estimator: str, seed: int, rep: int, wd: P
     say(f"{tag}: load avg {loadavg()}: {shlex.join(cmd)}")
     t0 = time.time()
     usage = run_measured(cmd, runs / f"{tag}.log", tag, env, args)
-    r = read_trl(out_dir, usage) if kind == "trl" else read_ours(out_dir, usage)
+    r = {"trl": read_trl, "dpo": read_dpo}.get(kind, read_ours)(out_dir, usage)
     r.update(seed=seed, repeat=rep, command=shlex.join(cmd))
     other = usage.get("other_cpu_share")
-    say(f"{tag}: done in {time.time() - t0:.0f}s: {r['episodes_per_s']:.1f} episodes/s, peak RSS "
+    speed = f"{r['pairs_per_s']:.1f} pairs/s" if kind == "dpo" else f"{r['episodes_per_s']:.1f} episodes/s"
+    say(f"{tag}: done in {time.time() - t0:.0f}s: {speed}, peak RSS "
         f"{r['peak_rss_mb']:.0f} MiB, training reward {fmt(r['train_reward_start'])} -> {fmt(r['train_reward_end'])}; "
         f"other processes took {fmt(None if other is None else 100 * other, '.0f', '%')} of the CPU")
     return r
@@ -416,8 +451,7 @@ def run_all(variants: list[dict], wd: Path, models: Path, env: dict, args) -> tu
             every[v["name"]][seed].append(run_variant(v["name"], v["kind"], v["estimator"], seed, 1, wd, models,
                                                       env, args))
     # timings: the fastest run (the least disturbed); its policy is the one evaluated
-    best = {n: {s: max(rs, key=lambda r: r["episodes_per_s"]) for s, rs in by_seed.items()}
-            for n, by_seed in every.items()}
+    best = {n: {s: min(rs, key=lambda r: r["train_s"]) for s, rs in by_seed.items()} for n, by_seed in every.items()}
     return best, every
 
 
@@ -539,6 +573,8 @@ def part_trl(args, env: dict, models: Path, models_note: str) -> dict:
 def part_methods(args, env: dict, models: Path, models_note: str) -> dict:
     wd = args.workdir / "methods"
     variants = [{"name": f"ours-{e}", "kind": "ours", "estimator": e} for e in ("gae", "rloo", "grpo")]
+    if has_dpo(env):
+        variants.append({"name": "ours-dpo", "kind": "dpo", "estimator": "dpo"})
     best, every = run_all(variants, wd, models, env, args)
     seeds = list(best[variants[0]["name"]])
     s0 = seeds[0]
@@ -560,8 +596,8 @@ def part_methods(args, env: dict, models: Path, models_note: str) -> dict:
         if n != "ours-rloo":
             d, se = difference(ev, f"{n}-seed{s0}", f"ours-rloo-seed{s0}", "gold")
             diffs[n] = {"gain_gold_difference_vs_rloo": d, "se": se}
-    dpo = {"included": False, "why": "`rlhf dpo` is not in this checkout"} if not has_dpo(env) else \
-        {"included": False, "why": "`rlhf dpo` exists but this benchmark does not run it yet"}
+    dpo = {"included": True, "pairs": DPO_PAIRS, "recipe": "recipes/tiny/dpo.yaml"} if has_dpo(env) else \
+        {"included": False, "why": "`rlhf dpo` is not in this checkout"}
     return {"part": "methods", "results": results, "differences": diffs, "eval_summary": summary, "runs": every,
             "dpo": dpo, "models": str(models), "models_note": models_note,
             "recipes": {p.name: p.read_text() for p in sorted(wd.glob("recipe-*.yaml"))}, "notes": NOTES_METHODS}
@@ -586,8 +622,11 @@ NOTES_METHODS = [
     "three: the same episodes, prompt file, reward function, lr, KL coefficient, batch shape, optimizer and seed.",
     "KL: held-out, the benchmark's evaluation (nats per response, to the initial policy). grpo's KL is k3 in its "
     "loss; gae and rloo put k1 in the reward.",
-    "training s: our metrics.json train_runtime (summed update times). gold gain per training second = held-out gold "
-    "gain / training s.",
+    "training s: our metrics.json train_runtime (summed update times; DPO: TRL's train_runtime of trainer.train()). "
+    "gold gain per training second = held-out gold gain / training s.",
+    f"ours-dpo: recipes/tiny/dpo.yaml (beta 0.5, lr 1e-3, one epoch over {DPO_PAIRS} of the annotator-labelled pairs "
+    "the reward model learned from, 32 pairs per step) from the same SFT model; no reward model and no sampling in "
+    "training, so its work is pairs, not episodes: compare it by gold gain per training second.",
 ]
 
 
@@ -620,8 +659,11 @@ def _common_rows(res: dict, names: list[str]) -> list:
         rows.append((label, [fn(n) for n in names]))
 
     row("episodes/s (training only)", lambda n: fmt(R[n]["episodes_per_s"], ".1f"))
+    if any(R[n].get("pairs_per_s") for n in names):
+        row("pairs/s (DPO, training only)", lambda n: fmt(R[n].get("pairs_per_s"), ".1f"))
     if any(len(_runs_of(res, n)) > 1 for n in names):
-        row("  every run", lambda n: ", ".join(f"{r['episodes_per_s']:.1f}" for r in _runs_of(res, n)))
+        row("  every run", lambda n: ", ".join(f"{r['episodes_per_s'] or r['pairs_per_s']:.1f}"
+                                               for r in _runs_of(res, n)))
     row("training time (s)", lambda n: fmt(R[n]["train_s"], ".1f"))
     row("time per update (s)", lambda n: fmt(R[n]["update_s_mean"], ".2f"))
     for i, label in enumerate(("generation", "scoring", "training")):
