@@ -119,7 +119,7 @@ def test_dpo_lora_reference_is_the_adapter_disabled(tmp_path, tiny_model_dir, da
 
     from rlhf_pipeline.held_out import evaluate_generation
     from rlhf_pipeline.recipe.schema import GenerationSection
-    from rlhf_pipeline.stages.dpo import EVAL_SAMPLES_FILE
+    from rlhf_pipeline.stages.ppo import EVAL_SAMPLES_FILE
 
     model = AutoPeftModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)

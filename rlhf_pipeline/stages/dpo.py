@@ -33,14 +33,13 @@ from rlhf_pipeline.stages.common import (
 )
 
 EVAL_BEFORE_FILE = "eval_before.json"
-EVAL_SAMPLES_FILE = "eval_samples.jsonl"
 CURVES_FILE = "dpo_curves.png"
 
 
 def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf_pipeline.stages.ppo import build_scorer
+    from rlhf_pipeline.stages.ppo import build_scorer, write_eval_samples
 
     recipe = loaded.recipe
     begin(loaded)
@@ -93,7 +92,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     if is_main_process():
         if before is not None:
             metrics.update(generation_metrics(before, after, len(eval_prompts)))
-            _write_eval_samples(output_dir, before, after)
+            write_eval_samples(output_dir, before, after)
         from rlhf_pipeline.plots import plot_dpo_curves
 
         plot_dpo_curves(trainer.state.log_history, output_dir / CURVES_FILE)
@@ -209,12 +208,6 @@ def generation_metrics(before: dict, after: dict, n_prompts: int) -> dict[str, A
             metrics[f"eval_{name}_before"] = before[name]
             metrics[f"eval_{name}_after"] = after[name]
     return metrics
-
-
-def _write_eval_samples(output_dir: Path, before: dict, after: dict) -> None:
-    rows = [{"phase": phase, **sample} for phase, result in (("before", before), ("after", after))
-            for sample in result.get("samples", [])]
-    runs.atomic_write_text(output_dir / EVAL_SAMPLES_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def summary(metrics: dict[str, Any]) -> str:

@@ -201,7 +201,7 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(trainer.model)
         saved = models.save_model(unwrapped.policy, tokenizer, output_dir, recipe.peft)
-        _write_eval_samples(output_dir, before, after)
+        write_eval_samples(output_dir, before, after)
         metrics = ppo_metrics(output_dir, before, after, state, trainer.plan, saved)
         from rlhf_pipeline.plots import plot_ppo_curves
 
@@ -403,7 +403,8 @@ def ppo_metrics(output_dir: Path, before: dict, after: dict, state, plan, saved:
     return metrics
 
 
-def _write_eval_samples(output_dir: Path, before: dict, after: dict) -> None:
+def write_eval_samples(output_dir: Path, before: dict, after: dict) -> None:
+    """eval_samples.jsonl: the held-out samples before and after training (PPO and DPO)."""
     rows = [{"phase": phase, **sample} for phase, result in (("before", before), ("after", after))
             for sample in result.get("samples", [])]
     runs.atomic_write_text(output_dir / EVAL_SAMPLES_FILE, "".join(json.dumps(r) + "\n" for r in rows))
