@@ -1,4 +1,4 @@
-"""bench/rloo_vs_trl.py: its --help runs and the recipes it writes for `rlhf ppo` validate (a few seconds, no training)."""
+"""bench/rloo_vs_trl.py: its --help runs and the recipes it writes for `rlhf ppo` validate (no training)."""
 
 from __future__ import annotations
 

@@ -241,7 +241,7 @@ def test_held_out_evaluation_is_seeded_and_reference_kinds_agree(tiny_model_dir,
 
 
 def test_loss_type_takes_one_name_or_a_list():
-    """DPOConfig turns `loss_type: ipo` into ["ipo"]; the recipe check accepts both forms, and still rejects a number."""
+    """DPOConfig turns `loss_type: ipo` into ["ipo"]; the check accepts both forms and still rejects a number."""
     from rlhf_pipeline.recipe.training_fields import check_training
 
     assert check_training("dpo", {"loss_type": "ipo"}) == []

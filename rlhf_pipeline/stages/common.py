@@ -315,3 +315,24 @@ def context_length(model, cap: int | None = 1024) -> int:
     config = model.config.get_text_config()
     length = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
     return min(length, cap) if cap else length
+
+
+def check_dropped_pairs(loaded: LoadedRecipe, trainer, n_train: int, n_held_out: int, *, every: str, some: str,
+                        shorter: str) -> dict[str, int]:
+    """TRL's preference trainers drop the pairs that do not fit `max_length`: say how many, and stop if a split is
+    left empty. The wording is the stage's: `every` ("pair is longer than"), `some` ("are longer than {max_length}
+    tokens"), `shorter` ("texts")."""
+    max_length = trainer.args.max_length
+    dropped = {"train_pairs_too_long": n_train - len(trainer.train_dataset),
+               "eval_pairs_too_long": n_held_out - len(trainer.eval_dataset)}
+    key = "training.max_length" if "max_length" in loaded.recipe.training else "model.name_or_path"
+    for name, n_left, n_dropped in (("train", len(trainer.train_dataset), dropped["train_pairs_too_long"]),
+                                    ("held-out", len(trainer.eval_dataset), dropped["eval_pairs_too_long"])):
+        if n_left == 0:
+            raise loaded.error(key, f"every {name} {every} max_length ({max_length} tokens); raise "
+                                    f"training.max_length (up to the model's context length) or use shorter {shorter}")
+        if n_dropped:
+            say(loaded.stage, f"{n_dropped} of {n_left + n_dropped} {name} pairs {some.format(max_length=max_length)} "
+                              "and were left out")
+    return dropped
+

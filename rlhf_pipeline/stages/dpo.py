@@ -21,6 +21,7 @@ from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.stages.common import (
     RunOptions,
     begin,
+    check_dropped_pairs,
     context_length,
     finish_outputs,
     is_main_process,
@@ -70,7 +71,8 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     with setting_up(loaded):
         trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train, eval_dataset=held_out,
                              processing_class=tokenizer, peft_config=peft_config)
-        too_long = check_lengths(loaded, trainer, len(train), len(held_out))
+        too_long = check_dropped_pairs(loaded, trainer, len(train), len(held_out), every="pair's prompt fills",
+                                       some="have a prompt of {max_length} tokens or more", shorter="prompts")
 
     # 4. evaluate, train, evaluate
     start_outputs(loaded, options)
@@ -136,23 +138,6 @@ def evaluation_prompts(loaded: LoadedRecipe, held_out, tokenizer, context: int):
                                "evaluation.max_prompt_length")
     return prompts.select(list(range(min(settings.prompts, len(prompts)))))
 
-
-def check_lengths(loaded: LoadedRecipe, trainer, n_train: int, n_held_out: int) -> dict[str, int]:
-    """DPOTrainer drops pairs whose prompt alone fills max_length (longer responses are truncated): say how many,
-    and stop if a split is left empty."""
-    max_length = trainer.args.max_length
-    dropped = {"train_pairs_too_long": n_train - len(trainer.train_dataset),
-               "eval_pairs_too_long": n_held_out - len(trainer.eval_dataset)}
-    key = "training.max_length" if "max_length" in loaded.recipe.training else "model.name_or_path"
-    for name, n_left, n_dropped in (("train", len(trainer.train_dataset), dropped["train_pairs_too_long"]),
-                                    ("held-out", len(trainer.eval_dataset), dropped["eval_pairs_too_long"])):
-        if n_left == 0:
-            raise loaded.error(key, f"every {name} pair's prompt fills max_length ({max_length} tokens); raise "
-                                    "training.max_length (up to the model's context length) or use shorter prompts")
-        if n_dropped:
-            say("dpo", f"{n_dropped} of {n_left + n_dropped} {name} pairs have a prompt of {max_length} tokens or "
-                       "more and were left out")
-    return dropped
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from rlhf_pipeline.scoring import preference_metrics, score_sequences
 from rlhf_pipeline.stages.common import (
     RunOptions,
     begin,
+    check_dropped_pairs,
     finish_outputs,
     is_main_process,
     save_trained,
@@ -56,7 +57,8 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     with setting_up(loaded):
         trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                                 processing_class=tokenizer, peft_config=peft_config)
-        too_long = check_lengths(loaded, trainer, len(train), len(held_out))
+        too_long = check_dropped_pairs(loaded, trainer, len(train), len(held_out), every="pair is longer than",
+                                       some="are longer than {max_length} tokens", shorter="texts")
 
     # 4. train, then score every held-out pair
     start_outputs(loaded, options)
@@ -72,22 +74,6 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
                    train_pairs=len(trainer.train_dataset), **too_long)
     return finish_outputs(loaded, options, metrics)
 
-
-def check_lengths(loaded: LoadedRecipe, trainer, n_train: int, n_held_out: int) -> dict[str, int]:
-    """RewardTrainer drops pairs longer than max_length: say how many, and stop if a split is left empty."""
-    max_length = trainer.args.max_length
-    too_long = {"train_pairs_too_long": n_train - len(trainer.train_dataset),
-                "eval_pairs_too_long": n_held_out - len(trainer.eval_dataset)}
-    key = "training.max_length" if "max_length" in loaded.recipe.training else "model.name_or_path"
-    for name, n_left, n_dropped in (("train", len(trainer.train_dataset), too_long["train_pairs_too_long"]),
-                                    ("held-out", len(trainer.eval_dataset), too_long["eval_pairs_too_long"])):
-        if n_left == 0:
-            raise loaded.error(key, f"every {name} pair is longer than max_length ({max_length} tokens); raise "
-                                    "training.max_length (up to the model's context length) or use shorter texts")
-        if n_dropped:
-            say("reward", f"{n_dropped} of {n_left + n_dropped} {name} pairs are longer than {max_length} tokens "
-                          "and were left out")
-    return too_long
 
 
 def held_out_pair_metrics(trainer, pad_token_id: int) -> dict[str, float]:
