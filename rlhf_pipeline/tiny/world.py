@@ -106,6 +106,22 @@ class World:
         return self.review(n_clauses=r.choice([4, 5]))
 
 
+def labelled_pairs(world: World, n: int, candidate, score, noise: float) -> list[dict]:
+    """`n` preference pairs: a prompt and two `candidate()` responses, labelled by the annotator's `score`; pairs
+    scored within 0.1 of each other are skipped (annotators are asked to compare clearly different answers) and a
+    `noise` share of the labels is flipped, drawing from the world's random stream."""
+    rows = []
+    while len(rows) < n:
+        prompt, a, b = world.prefix(), candidate(), candidate()
+        score_a, score_b = score(a), score(b)
+        if abs(score_a - score_b) < 0.1:
+            continue
+        if (score_a < score_b) != (world.rng.random() < noise):
+            a, b = b, a
+        rows.append({"prompt": prompt, "chosen": " " + a, "rejected": " " + b})
+    return rows
+
+
 def generate(seed: int = 0, n_corpus: int = 20000, n_sft: int = 4000, n_pairs: int = 6000, n_pairs_test: int = 500,
              n_prompts: int = 2000, n_prompts_test: int = 256, label_noise: float = 0.05,
              n_corpus_varied: int = 5000) -> dict[str, list[dict]]:
@@ -123,16 +139,7 @@ def generate(seed: int = 0, n_corpus: int = 20000, n_sft: int = 4000, n_pairs: i
     sft = [{"prompt": world.prefix(), "completion": " " + world.review()} for _ in range(n_sft)]
 
     def pairs(n: int) -> list[dict]:
-        rows = []
-        while len(rows) < n:
-            prompt, a, b = world.prefix(), world.candidate(), world.candidate()
-            score_a, score_b = score_text(a), score_text(b)
-            if abs(score_a - score_b) < 0.1:  # annotators are asked to compare clearly different answers
-                continue
-            if (score_a < score_b) != (r.random() < label_noise):
-                a, b = b, a
-            rows.append({"prompt": prompt, "chosen": " " + a, "rejected": " " + b})
-        return rows
+        return labelled_pairs(world, n, world.candidate, score_text, label_noise)
 
     return {
         "corpus": corpus,
@@ -165,20 +172,9 @@ def generate_graded(seed: int = 0, n_pairs: int = 1000, n_pairs_test: int = 500,
 
     world = World(seed)  # the default world's films and people
     world.rng = random.Random(f"{seed}-graded")
-    r = world.rng
 
     def pairs(n: int, noise: float) -> list[dict]:
-        rows = []
-        while len(rows) < n:
-            prompt = world.prefix()
-            a, b = graded_candidate(world, p_three=p_three), graded_candidate(world, p_three=p_three)
-            score_a, score_b = graded_score_text(a), graded_score_text(b)
-            if abs(score_a - score_b) < 0.1:  # annotators are asked to compare clearly different answers
-                continue
-            if (score_a < score_b) != (r.random() < noise):
-                a, b = b, a
-            rows.append({"prompt": prompt, "chosen": " " + a, "rejected": " " + b})
-        return rows
+        return labelled_pairs(world, n, lambda: graded_candidate(world, p_three=p_three), graded_score_text, noise)
 
     return {
         "preferences-train": pairs(n_pairs, label_noise),
