@@ -51,7 +51,8 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
         policy_results, samples, policy_scores = evaluate_policies(loaded, *policy_setup)
         results.update(policy_results)
         names = list(policy_setup[2])
-        results.update(training_figures(runs_of(recipe, names), results, names))
+        run_dirs = runs_of(recipe, names)
+        results.update(training_figures(run_dirs, results, names))
         plots[SCORES_PNG] = _plot_score_distributions(policy_scores, names, output_dir / SCORES_PNG)
         log_path = _ppo_log(recipe)
         if recipe.policy is not None and log_path is not None:
@@ -59,8 +60,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
 
             if plot_ppo_curves(log_path, output_dir / CURVES_PNG):
                 plots[CURVES_PNG] = "PPO: score, gold and KL per update"
-        plots[OVEROPTIMISATION_PNG] = plot_overoptimisation(runs_of(recipe, names), results, names,
-                                                            output_dir / OVEROPTIMISATION_PNG)
+        plots[OVEROPTIMISATION_PNG] = plot_overoptimisation(run_dirs, results, names, output_dir / OVEROPTIMISATION_PNG)
 
     # 3. the reward model on held-out pairs
     if reward_setup is not None:
