@@ -946,6 +946,19 @@ def report(res: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def add_timing_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of a timed comparison on a shared machine (both benchmarks): threads, repeats, quiet-machine
+    checks."""
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run each trainer this many times (alternating order); the fastest run is reported")
+    ap.add_argument("--busy-threshold", type=float, default=0.2,
+                    help="before each run, wait until other processes use less than this share of the cores; "
+                         "re-run a trainer if they took more during its run (1 disables both)")
+    ap.add_argument("--max-wait", type=float, default=300, help="seconds to wait for a quiet machine before a run")
+    ap.add_argument("--max-retries", type=int, default=2, help="re-runs of a trainer disturbed by other processes")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -958,14 +971,7 @@ def main() -> int:
     ap.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS,
                     help="where <setting>.json is written (default bench/results)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON path (only with a single --setting)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="run each trainer this many times (alternating order); the fastest run is reported")
-    ap.add_argument("--busy-threshold", type=float, default=0.2,
-                    help="before each run, wait until other processes use less than this share of the cores; "
-                         "re-run a trainer if they took more during its run (1 disables both)")
-    ap.add_argument("--max-wait", type=float, default=300, help="seconds to wait for a quiet machine before a run")
-    ap.add_argument("--max-retries", type=int, default=2, help="re-runs of a trainer disturbed by other processes")
+    add_timing_arguments(ap)
     ap.add_argument("--value-modes", default="separate,shared", help="tiny: our value modes to run")
     ap.add_argument("--small-value-modes", default="shared", help="gpt2-small: our value modes to run")
     ap.add_argument("--small-eval-batch-variant", type=int, default=16,

@@ -49,6 +49,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 from ppo_vs_peer import (  # noqa: E402  (the helpers of the PPO benchmark, shared rather than copied)
+    add_timing_arguments,
     child_env,
     fmt,
     git_commit,
@@ -752,26 +753,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", action="store_true",
-                    help="part 2: ours gae vs rloo vs grpo on the same work (writes methods.json)")
+                    help="part 2: ours gae vs rloo vs grpo vs dpo on the same work (writes methods.json)")
     ap.add_argument("--models", type=Path, default=None,
                     help="a directory with the tiny sft/ and reward/ models (default: runs/tiny, else built)")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch: runs, recipes, logs")
     ap.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: results-dir/rloo_vs_trl.json or "
                                                            "methods.json)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="run each trainer this many times (alternating order); the fastest run is reported")
+    add_timing_arguments(ap)
     ap.add_argument("--seeds", type=int, default=1,
                     help="training seeds (0, 1, ...): further seeds run once each and give the seed-to-seed spread "
                          "of the gains")
     ap.add_argument("--eval-seeds", type=int, default=4, help="sampling seeds of the held-out evaluation")
     ap.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts evaluated")
-    ap.add_argument("--busy-threshold", type=float, default=0.2,
-                    help="before each run, wait until other processes use less than this share of the cores; "
-                         "re-run a trainer if they took more during its run (1 disables both)")
-    ap.add_argument("--max-wait", type=float, default=300, help="seconds to wait for a quiet machine before a run")
-    ap.add_argument("--max-retries", type=int, default=2, help="re-runs of a trainer disturbed by other processes")
     ap.add_argument("--cpu-lock", type=Path, default=None,
                     help="take an exclusive flock on this file around each run and evaluation")
     ap.add_argument("--show", type=Path, default=None, help="print the table of a results JSON and exit")
