@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline import runs
-from rlhf_pipeline.errors import Problem, RecipeError, UserError
+from rlhf_pipeline.errors import EXIT_USER_ERROR, Problem, RecipeError, UserError
 from rlhf_pipeline.recipe.load import LoadedRecipe, load_recipe
 
 STAGE_MODULES = {
@@ -44,21 +44,32 @@ def run_stage(stage: str, recipe_path: Path, overrides: Sequence[str], overwrite
 def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run a stage so that no run is lost: hold the output dir's lock (process 0), complete or undo a swap a crash
     interrupted, plan where the run writes (a staging sibling when it replaces a finished or resumable run), check
-    a resumed run's recipe, and on bad input remove what this run wrote. Ctrl-C saves a checkpoint (exit 130)."""
-    output_dir = loaded.recipe.output_dir
-    named = recipe_checkpoint(loaded)
-    with runs.lock(output_dir) if runs.is_main_process() else contextlib.nullcontext():
-        if runs.is_main_process():
-            runs.recover(output_dir)
-        plan = runs.plan_run(output_dir, overwrite, resume or named is not None)
-        if named is not None:
-            plan = dataclasses.replace(plan, checkpoint=named)
-        if plan.mode == "resume":
-            check_same_recipe(loaded, plan.work / runs.RECIPE_FILE)
-        elif runs.is_main_process():
-            runs.prepare_run(plan)
-        from rlhf_pipeline.stages.common import RunOptions, graceful_interrupt, say
+    a resumed run's recipe, and on bad input remove what this run wrote. Ctrl-C saves a checkpoint (exit 130).
 
+    Launched as several processes, only process 0 plans and prepares the output dir; the others take its plan (or
+    its refusal), so that every process writes to the same place and none races process 0's preparation."""
+    from rlhf_pipeline.stages.common import (
+        RunOptions,
+        distributed_state,
+        graceful_interrupt,
+        say,
+        share_from_main,
+    )
+
+    state = distributed_state()  # imports torch: the stage is about to run
+    output_dir = loaded.recipe.output_dir
+    with runs.lock(output_dir) if state.is_main_process else contextlib.nullcontext():
+        plan, refusal = None, None
+        if state.is_main_process:
+            try:
+                plan = _plan_and_prepare(loaded, overwrite, resume)
+            except UserError as exc:
+                refusal = exc
+        plan, refusal = share_from_main((plan, refusal))
+        if refusal is not None:
+            if not state.is_main_process:  # process 0 prints the message
+                raise SystemExit(EXIT_USER_ERROR)
+            raise refusal
         if plan.staged:
             say(loaded.stage, f"building the new run in {plan.work}; {output_dir} stays as it is until it finishes")
         if plan.mode == "resume":
@@ -68,7 +79,7 @@ def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = 
             with graceful_interrupt(loaded.stage):
                 return module.run(loaded.working_in(plan.work), RunOptions(plan))
         except UserError:
-            if runs.is_main_process():
+            if state.is_main_process:
                 runs.abandon(plan)
             raise
         except (OSError, RuntimeError) as exc:
@@ -76,6 +87,25 @@ def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = 
             if full is None:
                 raise
             raise full from None
+
+
+def _plan_and_prepare(loaded: LoadedRecipe, overwrite: bool, resume: bool) -> runs.RunPlan:
+    """Process 0's part, under the lock: refuse an engine the stage cannot run under, recover from an interrupted
+    swap, plan, check a resumed run's recipe, and clear what an earlier attempt left."""
+    from rlhf_pipeline.stages.common import check_engine
+
+    check_engine(loaded)
+    output_dir = loaded.recipe.output_dir
+    runs.recover(output_dir)
+    named = recipe_checkpoint(loaded)
+    plan = runs.plan_run(output_dir, overwrite, resume or named is not None)
+    if named is not None:
+        plan = dataclasses.replace(plan, checkpoint=named)
+    if plan.mode == "resume":
+        check_same_recipe(loaded, plan.work / runs.RECIPE_FILE)
+    else:
+        runs.prepare_run(plan)
+    return plan
 
 
 def recipe_checkpoint(loaded: LoadedRecipe) -> Path | None:

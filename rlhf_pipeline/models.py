@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,6 +154,22 @@ def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "caus
         if (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():
             return _load_base_plus_adapter(source, auto_class, kwargs)
         return create_model_from_path(source, auto_class, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise loaded.error(key, f"cannot load a model from {model.name_or_path!r}: {_short(exc)}") from None
+
+
+def load_config(loaded: LoadedRecipe, model: ModelSection, key: str = "model.name_or_path"):
+    """The model's transformers config alone (config.json; a LoRA adapter's base model's): what a stage needs to
+    build its TRL config before the weights load, as DeepSpeed ZeRO-3 requires to shard them while they load."""
+    from transformers import AutoConfig
+
+    check_local_source(loaded, model.name_or_path, key)
+    source = model.name_or_path
+    adapter = Path(source) / "adapter_config.json"
+    if adapter.is_file() and not (Path(source) / "config.json").is_file():
+        source = json.loads(adapter.read_text()).get("base_model_name_or_path") or source
+    try:
+        return AutoConfig.from_pretrained(source, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise loaded.error(key, f"cannot load a model from {model.name_or_path!r}: {_short(exc)}") from None
 

@@ -317,3 +317,44 @@ class TrainingProgress:
     global_step: int = 0
     max_steps: int = 0
     epoch: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sharded engines (FSDP)
+# ---------------------------------------------------------------------------------------------------------------
+@contextmanager
+def whole_weights(model: nn.Module, reshard_after_forward: bool = True):
+    """The trained model's parameters gathered whole for the length of the block, under FSDP2 (`fully_shard`).
+
+    Generation, the scoring passes, the held-out evaluation and the final save call the policy (and the value model)
+    outside the wrapped model's own forward, and FSDP gathers a unit's parameters only when that unit's forward
+    runs: the root unit's (embeddings, final norm, heads) would stay sharded. So every unit is gathered here, once,
+    and kept gathered (no re-sharding after each forward) until the block ends: generating N tokens then costs one
+    all-gather per unit instead of N, at the price of one whole copy of the trained model on each device while the
+    block runs (what TRL's `unwrap_model_for_generation` does under ZeRO-3). Afterwards the units re-shard after
+    their forward as configured (`reshard_after_forward`; the root never does, FSDP's own rule). Without FSDP it does
+    nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard_after_forward and unit is not model, recurse=False)
+
+
+def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
+    """A frozen model (reference, reward, gold) ready for inference under the launch's engine, as TRL prepares them:
+    sharded like the trained model under FSDP (`trl.models.prepare_fsdp`), on the device otherwise."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from trl.models import prepare_fsdp
+
+        return prepare_fsdp(model, accelerator)
+    return model.to(accelerator.device)

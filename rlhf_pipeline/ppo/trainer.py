@@ -36,9 +36,11 @@ from rlhf_pipeline.ppo.modules import (
     PolicyAndValue,
     Prompts,
     Rollout,
+    prepare_frozen,
     reference_logits,
     sample_rollout,
     seeded,
+    whole_weights,
 )
 from rlhf_pipeline.ppo.plan import BatchPlan
 from rlhf_pipeline.recipe.schema import GenerationSection, PpoTraining
@@ -92,7 +94,7 @@ class PPOTrainer:
         fused = accelerator.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(groups, eps=config.adam_eps, weight_decay=config.weight_decay, fused=fused)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.reference = reference.to(accelerator.device) if reference is not None else None
+        self.reference = prepare_frozen(reference, accelerator) if reference is not None else None
         self.device = accelerator.device
         self._epoch_order: tuple[int, list[int]] = (-1, [])
         for function in (scorer, gold):  # TRL-convention reward functions may read trainer_state
@@ -124,12 +126,13 @@ class PPOTrainer:
                     scorer.progress.global_step = self.state.optimizer_steps
                     scorer.progress.epoch = update * plan.prompts_per_update / len(self.prompts)
 
-            # 2. sample responses, truncate after the first EOS
-            rollout = self.sample(prompts)
-            t_generated = time.perf_counter()
+            with self.whole_weights():  # FSDP: gathered once for the rollout's generation and forward passes
+                # 2. sample responses, truncate after the first EOS
+                rollout = self.sample(prompts)
+                t_generated = time.perf_counter()
 
-            # 3. old log-probs and values, reference log-probs (no grad)
-            old_logprobs, old_values, ref_logprobs, entropy = self._score_tokens(rollout)
+                # 3. old log-probs and values, reference log-probs (no grad)
+                old_logprobs, old_values, ref_logprobs, entropy = self._score_tokens(rollout)
 
             # 4. sequence scores
             where = f"update {update + 1} of {plan.num_updates}"
@@ -208,6 +211,15 @@ class PPOTrainer:
                 break
         bar.close()
         return self.state
+
+    def whole_weights(self):
+        """Under FSDP, the trained model gathered whole for a block that calls its parts directly (`whole_weights` in
+        modules.py); nothing to do otherwise. Every process must enter it."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            return nullcontext()
+        return whole_weights(self.model, bool(self.accelerator.state.fsdp_plugin.reshard_after_forward))
 
     # -----------------------------------------------------------------------------------------------------------
     # 1. prompts
@@ -468,9 +480,10 @@ class PPOTrainer:
         from rlhf_pipeline.held_out import evaluate_generation
 
         model = self.accelerator.unwrap_model(self.model)
-        return evaluate_generation(model.policy, self.reference, self.tokenizer, prompts, self.generation,
-                                   self.accelerator, seed=seed, batch_size=self.config.eval_batch_size,
-                                   scorer=self.scorer, gold=self.gold)
+        with self.whole_weights():
+            return evaluate_generation(model.policy, self.reference, self.tokenizer, prompts, self.generation,
+                                       self.accelerator, seed=seed, batch_size=self.config.eval_batch_size,
+                                       scorer=self.scorer, gold=self.gold)
 
     # -----------------------------------------------------------------------------------------------------------
     # checkpoints

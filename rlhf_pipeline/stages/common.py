@@ -31,19 +31,95 @@ class RunOptions:
 
 # Defaults applied under the recipe's own `training:` keys (which win).
 TRAINER_DEFAULTS: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "logging_steps": 10,
-                                    "save_total_limit": 2}
+                                    "save_total_limit": 2,
+                                    # every parameter of our models takes part in every step: DDP need not search
+                                    "ddp_find_unused_parameters": False}
+
+
+def distributed_state():
+    """Accelerate's state of this process among those launched together (torchrun, accelerate launch). Asked for CPU
+    processes (gloo) on a machine without an accelerator: otherwise Accelerate, and the Trainer after it, would see
+    one process in each copy, and two launched processes would train two independent copies."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.accelerator.is_available())
 
 
 def is_main_process() -> bool:
-    from accelerate import PartialState
+    return distributed_state().is_main_process
 
-    return PartialState().is_main_process
+
+def sharding_engine() -> str | None:
+    """The engine `accelerate launch` asked for: "fsdp", "deepspeed" or None (one process or DDP), read from the
+    environment it sets for every process."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    return None
+
+
+def zero_stage() -> int | None:
+    import os
+
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if sharding_engine() == "deepspeed" and stage else None
+
+
+def check_engine(loaded: LoadedRecipe) -> None:
+    """Refuse, before anything is loaded, a launch this stage cannot honour: FSDP or DeepSpeed on a machine without
+    GPUs (Accelerate runs them only on a GPU backend: it would silently fall back to plain data parallel), and a
+    merged LoRA save where the weights are sharded (FSDP, ZeRO-3): no process holds them whole to fold the adapter
+    in. Also what `rlhf ppo` does not run under (DeepSpeed, FSDP1, checkpoints under FSDP)."""
+    import torch
+
+    engine = sharding_engine()
+    if engine is None:
+        return
+    name = "FSDP" if engine == "fsdp" else f"DeepSpeed ZeRO-{zero_stage() or '?'}"
+    if not torch.accelerator.is_available():
+        raise UserError(f"this launch asks for {name} (the Accelerate config's distributed_type), which Accelerate "
+                        "runs only on GPUs; on CPU launch plain data parallel instead: torchrun --standalone "
+                        f"--nproc_per_node N -m rlhf_pipeline {loaded.stage} RECIPE")
+    if loaded.stage == "ppo" and engine == "deepspeed":
+        raise UserError("rlhf ppo runs under DDP and FSDP, not DeepSpeed: our PPO loop accumulates gradients and "
+                        "steps the optimizer itself, which DeepSpeed's engine does in its own way. To shard a PPO "
+                        "run, launch it with recipes/accelerate/fsdp.yaml")
+    if loaded.stage == "ppo" and engine == "fsdp":
+        import os
+
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise UserError("rlhf ppo under FSDP needs FSDP2 (fsdp_version: 2 in the Accelerate config, as in "
+                            "recipes/accelerate/fsdp.yaml)")
+        if loaded.recipe.training.save_every:
+            raise loaded.error("training.save_every", "checkpoints of a PPO run under FSDP are not supported yet "
+                                                      "(the optimizer state is sharded): remove save_every, or "
+                                                      "launch under DDP")
+    lora = getattr(loaded.recipe, "peft", None)
+    if lora is not None and lora.save == "merged" and (engine == "fsdp" or zero_stage() == 3):
+        raise loaded.error("peft.save", f"under {name} the weights are sharded across processes and no process "
+                                        "can fold the adapter into them; set `peft.save: adapter` (the adapter "
+                                        "loads on its base with AutoModelForCausalLM.from_pretrained), or train "
+                                        "under DDP or ZeRO-2")
 
 
 def wait_for_everyone() -> None:
-    from accelerate import PartialState
+    distributed_state().wait_for_everyone()
 
-    PartialState().wait_for_everyone()
+
+def share_from_main(value: Any) -> Any:
+    """Process 0's `value` (any picklable object) in every process; the value itself when there is one process."""
+    state = distributed_state()
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def say(stage: str, message: str) -> None:
@@ -64,6 +140,7 @@ def begin(loaded: LoadedRecipe) -> None:
     from transformers import set_seed
 
     quiet_library_warnings()
+    distributed_state()  # before the TRL config: it reads the same state
     set_seed(loaded.recipe.seed)
 
 
@@ -205,9 +282,11 @@ def trainer_callbacks() -> list:
 
 def training_config(loaded: LoadedRecipe, config_class: type, model=None):
     """The TRL / transformers config built from `training:` over the defaults; its own errors name the section.
+    Built before the model loads (stages pass the model's config: `models.load_config`), so that DeepSpeed ZeRO-3
+    shards the weights as they load.
 
-    Given the model, a config with `max_length` (SFT, reward) defaults it to the model's context and refuses a longer
-    one, which would crash mid-training."""
+    Given the model (or its config), a config with `max_length` (SFT, reward) defaults it to the model's context and
+    refuses a longer one, which would crash mid-training."""
     import dataclasses
 
     import torch
@@ -217,6 +296,9 @@ def training_config(loaded: LoadedRecipe, config_class: type, model=None):
     defaults: dict[str, Any] = {**TRAINER_DEFAULTS, "dataloader_pin_memory": gpu}  # pinning without a GPU warns
     if not gpu:
         defaults["bf16"] = False  # TRL defaults to bf16, which a CPU run rejects or slows down
+        # several CPU processes (torchrun) meet over gloo only when the Trainer's Accelerate state is asked for CPU:
+        # without it, each process would train its own copy on all the data
+        defaults["use_cpu"] = True
     has_max_length = "max_length" in {f.name for f in dataclasses.fields(config_class)}
     if model is not None and has_max_length:
         defaults["max_length"] = context_length(model)
@@ -303,16 +385,17 @@ def save_trained(trainer: Trainer, loaded: LoadedRecipe, lora=None) -> str:
 
 
 def check_context(loaded: LoadedRecipe, key: str, length: int | None, model) -> None:
-    """Sequences longer than the model's position embeddings would crash mid-training: refuse them up front."""
-    config = model.config
+    """Sequences longer than the model's position embeddings would crash mid-training: refuse them up front. `model`:
+    the model or its config."""
+    config = getattr(model, "config", model)
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if limit and length and length > limit:
         raise loaded.error(key, f"{length} tokens is longer than the model's context ({limit} tokens)")
 
 
 def context_length(model, cap: int | None = 1024) -> int:
-    """The longest sequence the model reads (GPT-2: n_positions), capped at 1024 as TRL's default."""
-    config = model.config.get_text_config()
+    """The longest sequence the model (or its config) reads (GPT-2: n_positions), capped at 1024 as TRL's default."""
+    config = getattr(model, "config", model).get_text_config()
     length = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
     return min(length, cap) if cap else length
 

@@ -55,12 +55,12 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     if isinstance(train[0]["prompt"], list) and not tokenizer.chat_template:
         raise loaded.error("tokenizer.chat_template",
                            "the data is conversational but the tokenizer has no chat template; set one")
+    args = training_config(loaded, DPOConfig, models.load_config(loaded, recipe.model))  # before the weights load
     model = models.load_pretrained(loaded, recipe.model)
     models.align_special_tokens(model, tokenizer)
     peft_config = models.lora_config(recipe.peft, "CAUSAL_LM", model) if recipe.peft else None
     reference, reference_kind = load_reference(loaded, tokenizer)
     eval_prompts = evaluation_prompts(loaded, held_out, tokenizer, context_length(model, cap=None))
-    args = training_config(loaded, DPOConfig, model)
     scorer = build_scorer(loaded, recipe.reward, "reward", args.device) if recipe.reward else None
     gold = build_scorer(loaded, recipe.gold, "gold", args.device) if recipe.gold else None
     say("dpo", f"{len(train)} train pairs, {len(held_out)} held-out ({prompt_kind} prompt); "

@@ -159,12 +159,16 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
     import torch
     from transformers import set_seed
 
+    from rlhf_pipeline.ppo.modules import ModelScorer, prepare_frozen
     from rlhf_pipeline.tracking import Tracker
 
     recipe = loaded.recipe
     set_seed(recipe.seed)
     setup = build(loaded, accelerator.device)
     tokenizer, eval_prompts = setup.tokenizer, setup.eval_prompts
+    for scorer in (setup.scorer, setup.gold):  # frozen reward models, sharded like the policy under FSDP
+        if isinstance(scorer, ModelScorer):
+            scorer.reward_model.model = prepare_frozen(scorer.reward_model.model, accelerator)
 
     # 3. trainer
     trainer = make_trainer(loaded, setup, accelerator)
@@ -198,9 +202,11 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
 
     # 5. save
     metrics: dict[str, Any] = {}
+    with trainer.whole_weights():  # FSDP: every process takes part in gathering the weights the main one saves
+        if accelerator.is_main_process:
+            saved = models.save_model(accelerator.unwrap_model(trainer.model).policy, tokenizer, output_dir,
+                                      recipe.peft)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(trainer.model)
-        saved = models.save_model(unwrapped.policy, tokenizer, output_dir, recipe.peft)
         write_eval_samples(output_dir, before, after)
         metrics = ppo_metrics(output_dir, before, after, state, trainer.plan, saved)
         from rlhf_pipeline.plots import plot_ppo_curves

@@ -46,6 +46,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
         )
     else:
         tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.model)
+    args = training_config(loaded, TrainingArguments)  # before the model is made: ZeRO-3 shards it as it loads
     if recipe.model.init:
         model = models.init_gpt2(recipe.model.init, tokenizer)
     else:
@@ -62,7 +63,6 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
         raise loaded.error("data.block_size", f"the training text is shorter than one block of {block_size} tokens")
 
     # 3. trainer
-    args = training_config(loaded, TrainingArguments)
     with setting_up(loaded):
         trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
                           data_collator=default_data_collator, processing_class=tokenizer)

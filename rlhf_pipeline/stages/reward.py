@@ -46,6 +46,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
 
     # 2. tokenizer and model (a one-score sequence classifier on top of the base)
     tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.model)
+    args = training_config(loaded, RewardConfig, models.load_config(loaded, recipe.model))  # before the weights load
     model = models.load_pretrained(loaded, recipe.model, kind="reward")
     models.align_special_tokens(model, tokenizer)
     peft_config = models.lora_config(recipe.peft, "SEQ_CLS", model) if recipe.peft else None
@@ -53,7 +54,6 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
                   f"{'LoRA r=' + str(recipe.peft.r) if recipe.peft else 'full fine-tuning'}")
 
     # 3. trainer
-    args = training_config(loaded, RewardConfig, model)
     with setting_up(loaded):
         trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                                 processing_class=tokenizer, peft_config=peft_config)

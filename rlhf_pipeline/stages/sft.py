@@ -44,6 +44,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     if _is_conversational(train) and not tokenizer.chat_template:
         raise loaded.error("tokenizer.chat_template",
                            "the data is conversational but the tokenizer has no chat template; set one")
+    args = training_config(loaded, SFTConfig, models.load_config(loaded, recipe.model))  # before the weights load
     model = models.load_pretrained(loaded, recipe.model)
     models.align_special_tokens(model, tokenizer)
     peft_config = models.lora_config(recipe.peft, "CAUSAL_LM", model) if recipe.peft else None
@@ -52,7 +53,6 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
                f"{'LoRA r=' + str(recipe.peft.r) if recipe.peft else 'full fine-tuning'}")
 
     # 3. trainer
-    args = training_config(loaded, SFTConfig, model)
     with setting_up(loaded):
         trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                              processing_class=tokenizer, peft_config=peft_config)
