@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rlhf_pipeline import __version__, commands
+from rlhf_pipeline import __version__, commands, runs
 from rlhf_pipeline.errors import (
     EXIT_ENVIRONMENT,
     EXIT_GATE_FAILED,
@@ -146,7 +146,9 @@ def pipeline(
     """Run the stages of a pipeline recipe in order, wiring each output into the next stage and skipping the
     stages that are up to date; stops before PPO when the reward model fails the quality gate (exit code 3)."""
     with user_errors():
-        typer.echo(commands.run_pipeline(recipe, set_ or [], from_stage, only, force, dry_run, resume))
+        summary = commands.run_pipeline(recipe, set_ or [], from_stage, only, force, dry_run, resume)
+    if runs.is_main_process():  # once, in a multi-process launch
+        typer.echo(summary)
 
 
 @app.command()
@@ -225,7 +227,10 @@ def _main(
 
 
 def main() -> None:
-    app(prog_name="rlhf")
+    try:
+        app(prog_name="rlhf")
+    finally:
+        commands.end_process_group()
 
 
 if __name__ == "__main__":

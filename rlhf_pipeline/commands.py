@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline import runs
-from rlhf_pipeline.errors import EXIT_USER_ERROR, Problem, RecipeError, UserError
+from rlhf_pipeline.errors import Problem, RecipeError, UserError
 from rlhf_pipeline.recipe.load import LoadedRecipe, load_recipe
 
 STAGE_MODULES = {
@@ -31,6 +31,18 @@ def stage_overrides(overrides: Sequence[str] | None, output_dir: Path | None) ->
     return values
 
 
+def end_process_group() -> None:
+    """A multi-process launch ends its process group once, when the command is done: a pipeline's stages share it
+    (a command that never imported torch.distributed has none)."""
+    import sys
+
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def run_stage(stage: str, recipe_path: Path, overrides: Sequence[str], overwrite: bool, dry_run: bool,
               resume: bool = False) -> str | None:
     """Load and validate the recipe; print the plan (dry run) or run the stage. Returns the plan text on dry runs."""
@@ -48,28 +60,12 @@ def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = 
 
     Launched as several processes, only process 0 plans and prepares the output dir; the others take its plan (or
     its refusal), so that every process writes to the same place and none races process 0's preparation."""
-    from rlhf_pipeline.stages.common import (
-        RunOptions,
-        distributed_state,
-        graceful_interrupt,
-        say,
-        share_from_main,
-    )
+    from rlhf_pipeline.stages.common import RunOptions, decided_by_main, graceful_interrupt, say
 
-    state = distributed_state()  # imports torch: the stage is about to run
     output_dir = loaded.recipe.output_dir
-    with runs.lock(output_dir) if state.is_main_process else contextlib.nullcontext():
-        plan, refusal = None, None
-        if state.is_main_process:
-            try:
-                plan = _plan_and_prepare(loaded, overwrite, resume)
-            except UserError as exc:
-                refusal = exc
-        plan, refusal = share_from_main((plan, refusal))
-        if refusal is not None:
-            if not state.is_main_process:  # process 0 prints the message
-                raise SystemExit(EXIT_USER_ERROR)
-            raise refusal
+    main = runs.is_main_process()
+    with runs.lock(output_dir) if main else contextlib.nullcontext():
+        plan = decided_by_main(lambda: _plan_and_prepare(loaded, overwrite, resume))
         if plan.staged:
             say(loaded.stage, f"building the new run in {plan.work}; {output_dir} stays as it is until it finishes")
         if plan.mode == "resume":
@@ -79,7 +75,7 @@ def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = 
             with graceful_interrupt(loaded.stage):
                 return module.run(loaded.working_in(plan.work), RunOptions(plan))
         except UserError:
-            if state.is_main_process:
+            if main:
                 runs.abandon(plan)
             raise
         except (OSError, RuntimeError) as exc:

@@ -7,6 +7,7 @@ printed. A reward model whose held-out accuracy is under the gate stops the pipe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -278,11 +279,58 @@ def run_pipeline(pipeline: LoadedRecipe, options: Options) -> str:
     plans = plan_stages(pipeline)
     if options.dry_run:
         return _run_pipeline(pipeline, plans, options)
-    with runs.lock(pipeline.recipe.output_dir):
+    # launched as several processes, every one runs every stage; process 0 alone decides, writes the state, pushes
+    with runs.lock(pipeline.recipe.output_dir) if runs.is_main_process() else contextlib.nullcontext():
         return _run_pipeline(pipeline, plans, options)
 
 
 def _run_pipeline(pipeline: LoadedRecipe, plans: list[StagePlan], options: Options) -> str:
+    if options.dry_run:
+        decisions = _decisions(pipeline, plans, options)
+    else:
+        from rlhf_pipeline.stages.common import decided_by_main
+
+        decisions = decided_by_main(lambda: _decisions(pipeline, plans, options))
+    root = Path(pipeline.recipe.output_dir)
+    state_path = root / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
+    main = runs.is_main_process()
+    rows: list[tuple[str, str, str, str]] = []
+    for plan, (decision, reason) in zip(plans, decisions):
+        if options.dry_run:
+            rows.append((plan.name, decision, reason, str(plan.output_dir)))
+            continue
+        _say(f"{plan.name}: {decision} ({reason})")
+        started = time.perf_counter()
+        inputs = {path: fingerprint(path) for path in local_inputs(plan.loaded)} if main else {}
+        if decision in ("run", "resume"):
+            if main:
+                _record(state, state_path, plan, inputs, finished=False)
+            _run_stage(plan, resume=decision == "resume")
+            if main:
+                _record(state, state_path, plan, inputs)
+        elif decision == "adopt" and main:
+            _record(state, state_path, plan, inputs)
+        elapsed = time.perf_counter() - started if decision in ("run", "resume") else None
+        status = {"run": "ran", "resume": "resumed"}.get(decision, "skipped")
+        rows.append((plan.name, status, f"{elapsed:.0f} s" if elapsed is not None else "-", _result(plan)))
+        if plan.name == "reward" and any(p.kind == "ppo" for p in plans[plans.index(plan):]):
+            _gate(pipeline, plan)
+    hub = pipeline.recipe.hub
+    if hub.push and not options.dry_run and main:
+        rows += _push_stages(hub, plans, options.only)
+    if options.dry_run:
+        wiring = [f"  {plan.name}: {line}" for plan in plans for line in plan.wiring]
+        if hub.push:
+            wiring.append(f"  then push {', '.join(hub.stages)} to {hub.repo_prefix}-<stage>")
+        return "\n".join([_table(("stage", "would", "why", "output"), rows, "dry run: nothing was written"),
+                          "wiring:", *wiring])
+    return _table(("stage", "status", "time", "result"), rows, "pipeline summary")
+
+
+def _decisions(pipeline: LoadedRecipe, plans: list[StagePlan], options: Options) -> list[tuple[str, str]]:
+    """What to do with each stage (run, resume, adopt, skip) and why; a refusal stops the pipeline before anything
+    runs."""
     names = [p.name for p in plans]
     for flag, stage in (("--from", options.from_stage), ("--only", options.only)):
         if stage is None:
@@ -293,47 +341,18 @@ def _run_pipeline(pipeline: LoadedRecipe, plans: list[StagePlan], options: Optio
             if not runs.is_finished(earlier.output_dir):
                 raise UserError(f"{flag} {stage}: the {earlier.name} output ({earlier.output_dir}) is missing or "
                                 f"unfinished; run the pipeline without {flag} first")
-    root = Path(pipeline.recipe.output_dir)
-    state_path = root / STATE_FILE
+    state_path = Path(pipeline.recipe.output_dir) / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
-    rows: list[tuple[str, str, str, str]] = []
     upstream_will_change = False
     decisions = []
-    for plan in plans:  # every decision first: a refusal stops the pipeline before anything runs
+    for plan in plans:
         decision, reason = _decide(plan, state, options, names, upstream_will_change)
-        decisions.append((plan, decision, reason))
+        decisions.append((decision, reason))
         upstream_will_change |= decision in ("run", "resume")
-    if options.resume and not any(d == "resume" for _, d, _ in decisions):
+    if options.resume and not any(d == "resume" for d, _ in decisions):
         raise UserError("--resume: no stage of this pipeline holds an interrupted run to resume (one with a "
                         "checkpoint, its recipe and inputs unchanged)")
-    for plan, decision, reason in decisions:
-        if options.dry_run:
-            rows.append((plan.name, decision, reason, str(plan.output_dir)))
-            continue
-        _say(f"{plan.name}: {decision} ({reason})")
-        started = time.perf_counter()
-        if decision in ("run", "resume"):
-            inputs = {path: fingerprint(path) for path in local_inputs(plan.loaded)}
-            _record(state, state_path, plan, inputs, finished=False)
-            _run_stage(plan, resume=decision == "resume")
-            _record(state, state_path, plan, inputs)
-        elif decision == "adopt":
-            _record(state, state_path, plan, {path: fingerprint(path) for path in local_inputs(plan.loaded)})
-        elapsed = time.perf_counter() - started if decision in ("run", "resume") else None
-        status = {"run": "ran", "resume": "resumed"}.get(decision, "skipped")
-        rows.append((plan.name, status, f"{elapsed:.0f} s" if elapsed is not None else "-", _result(plan)))
-        if plan.name == "reward" and any(p.kind == "ppo" for p in plans[plans.index(plan):]):
-            _gate(pipeline, plan)
-    hub = pipeline.recipe.hub
-    if hub.push and not options.dry_run:
-        rows += _push_stages(hub, plans, options.only)
-    if options.dry_run:
-        wiring = [f"  {plan.name}: {line}" for plan in plans for line in plan.wiring]
-        if hub.push:
-            wiring.append(f"  then push {', '.join(hub.stages)} to {hub.repo_prefix}-<stage>")
-        return "\n".join([_table(("stage", "would", "why", "output"), rows, "dry run: nothing was written"),
-                          "wiring:", *wiring])
-    return _table(("stage", "status", "time", "result"), rows, "pipeline summary")
+    return decisions
 
 
 def _decide(plan: StagePlan, state: dict, options: Options, names: list[str],
@@ -489,5 +508,6 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], title: str) -> 
 
 
 def _say(message: str) -> None:
-    print(f"[rlhf pipeline] {message}", file=sys.stderr, flush=True)
+    if runs.is_main_process():
+        print(f"[rlhf pipeline] {message}", file=sys.stderr, flush=True)
 

@@ -172,6 +172,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def world_size() -> int:
+    """How many processes were launched together (torchrun / accelerate set WORLD_SIZE), without importing torch."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # where a run writes
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,14 +8,14 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline import runs
-from rlhf_pipeline.errors import Interrupted, UserError
+from rlhf_pipeline.errors import EXIT_USER_ERROR, Interrupted, UserError
 from rlhf_pipeline.recipe.load import LoadedRecipe
 
 if TYPE_CHECKING:
@@ -108,6 +108,36 @@ def check_engine(loaded: LoadedRecipe) -> None:
 
 def wait_for_everyone() -> None:
     distributed_state().wait_for_everyone()
+
+
+def gather_lists(items: list) -> list:
+    """Every process's `items` (picklable) joined into one list, in process order, in every process."""
+    state = distributed_state()
+    if state.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(items))
+
+
+def decided_by_main(decide: Callable[[], Any]) -> Any:
+    """`decide()` run by process 0 alone, its result (or the UserError it raised) shared with every process: the
+    output dir is inspected and prepared once, and every process acts on the same answer. One process: `decide()`
+    (and no torch import)."""
+    if runs.world_size() == 1:
+        return decide()
+    result, refusal = None, None
+    if runs.is_main_process():
+        try:
+            result = decide()
+        except UserError as exc:
+            refusal = exc
+    result, refusal = share_from_main((result, refusal))
+    if refusal is not None:
+        if not runs.is_main_process():  # process 0 prints the message
+            raise SystemExit(EXIT_USER_ERROR)
+        raise refusal
+    return result
 
 
 def share_from_main(value: Any) -> Any:

@@ -6,6 +6,9 @@
   EOS rate, distinct-n diversity, and the gold score when a gold scorer is configured; side-by-side samples.
 
 Writes eval.json, eval.md (a Markdown report) and PNG plots, then metrics.json (last, as every stage).
+
+Launched as several processes, each samples and scores its share of the prompt batches and of the preference pairs;
+every batch is seeded by its position, so the report is the same as one process's, and only process 0 writes it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,17 @@ from rlhf_pipeline import data as data_io
 from rlhf_pipeline import models, runs
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.recipe.load import LoadedRecipe
-from rlhf_pipeline.stages.common import RunOptions, begin, context_length, finish_outputs, say, start_outputs
+from rlhf_pipeline.stages.common import (
+    RunOptions,
+    begin,
+    context_length,
+    distributed_state,
+    finish_outputs,
+    gather_lists,
+    is_main_process,
+    say,
+    start_outputs,
+)
 
 EVAL_FILE = "eval.json"
 REPORT_FILE = "eval.md"
@@ -30,11 +43,9 @@ REWARD_PNG = "eval_reward_scores.png"
 
 
 def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
-    import torch
-
     recipe = loaded.recipe
     begin(loaded)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed_state().device  # this process's GPU (or the CPU)
     results: dict[str, Any] = {}
     plots: dict[str, str] = {}
     samples: list[dict] = []
@@ -45,6 +56,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     reward_setup = _reward_setup(loaded, device) if recipe.preferences is not None else None
     start_outputs(loaded, options)
     output_dir = Path(recipe.output_dir)
+    main = is_main_process()  # every process computes its share; process 0 writes
 
     # 2. the policies against the baseline
     if policy_setup is not None:
@@ -53,26 +65,30 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
         names = list(policy_setup[2])
         run_dirs = runs_of(recipe, names)
         results.update(training_figures(run_dirs, results, names))
-        plots[SCORES_PNG] = _plot_score_distributions(policy_scores, names, output_dir / SCORES_PNG)
-        log_path = _ppo_log(recipe)
-        if recipe.policy is not None and log_path is not None:
-            from rlhf_pipeline.plots import plot_ppo_curves
+        if main:
+            plots[SCORES_PNG] = _plot_score_distributions(policy_scores, names, output_dir / SCORES_PNG)
+            log_path = _ppo_log(recipe)
+            if recipe.policy is not None and log_path is not None:
+                from rlhf_pipeline.plots import plot_ppo_curves
 
-            if plot_ppo_curves(log_path, output_dir / CURVES_PNG):
-                plots[CURVES_PNG] = "PPO: score, gold and KL per update"
-        plots[OVEROPTIMISATION_PNG] = plot_overoptimisation(run_dirs, results, names, output_dir / OVEROPTIMISATION_PNG)
+                if plot_ppo_curves(log_path, output_dir / CURVES_PNG):
+                    plots[CURVES_PNG] = "PPO: score, gold and KL per update"
+            plots[OVEROPTIMISATION_PNG] = plot_overoptimisation(run_dirs, results, names,
+                                                                output_dir / OVEROPTIMISATION_PNG)
 
     # 3. the reward model on held-out pairs
     if reward_setup is not None:
         reward_results, reward_scores = evaluate_reward_model(*reward_setup)
         results.update(reward_results)
-        plots[REWARD_PNG] = _plot_reward_scores(reward_scores, output_dir / REWARD_PNG)
+        if main:
+            plots[REWARD_PNG] = _plot_reward_scores(reward_scores, output_dir / REWARD_PNG)
 
     # 4. report
-    report = {"metrics": results, "samples": samples, "plots": plots}
-    runs.atomic_write_text(output_dir / EVAL_FILE, json.dumps(report, indent=1))
-    runs.atomic_write_text(output_dir / REPORT_FILE, markdown_report(loaded, results, samples, plots))
-    say("eval", summary_line(results))
+    if is_main_process():
+        report = {"metrics": results, "samples": samples, "plots": plots}
+        runs.atomic_write_text(output_dir / EVAL_FILE, json.dumps(report, indent=1))
+        runs.atomic_write_text(output_dir / REPORT_FILE, markdown_report(loaded, results, samples, plots))
+        say("eval", summary_line(results))
     return finish_outputs(loaded, options, results)
 
 
@@ -139,16 +155,20 @@ def evaluate_policies(loaded: LoadedRecipe, tokenizer, prompts, candidates, base
     recipe = loaded.recipe
     generation, size = recipe.generation, recipe.batch_size
     models_by_name = {"baseline": baseline, **candidates}
-    collected: dict[str, dict[str, list]] = {name: {"score": [], "gold": [], "kl": [], "length": [], "eos": [],
-                                                    "texts": []} for name in models_by_name}
-    prompt_texts: list[str] = []
-    for begin_at in tqdm(range(0, len(prompts), size), desc=f"Sampling {len(models_by_name)} models", leave=False):
+    keys = ("score", "gold", "kl", "length", "eos", "texts")
+    collected: dict[str, dict[str, list]] = {name: {key: [] for key in keys} for name in models_by_name}
+    state = distributed_state()
+    mine = list(range(0, len(prompts), size))[state.process_index::state.num_processes]  # this process's batches
+    done: list[tuple[int, list[str], dict]] = []
+    for begin_at in tqdm(mine, desc=f"Sampling {len(models_by_name)} models", leave=False,
+                         disable=not state.is_main_process):
         batch = prompts.select(list(range(begin_at, min(begin_at + size, len(prompts)))))
-        prompt_texts.extend(batch.texts)
+        in_batch: dict[str, dict[str, list]] = {name: {key: [] for key in keys} for name in models_by_name}
+        done.append((begin_at, batch.texts, in_batch))
         for name, model in models_by_name.items():
             with seeded(recipe.seed + begin_at, device):  # the same sampling noise for every model
                 rollout = sample_rollout(model, tokenizer, batch, generation, device)
-            out = collected[name]
+            out = in_batch[name]
             where = f"{name} responses to held-out prompts {begin_at}-{begin_at + len(batch) - 1}"
             out["score"].extend(score(scorer, rollout, where).tolist())
             if gold is not None:
@@ -162,6 +182,12 @@ def evaluate_policies(loaded: LoadedRecipe, tokenizer, prompts, candidates, base
             out["length"].extend(rollout.response_mask.sum(1).tolist())
             out["eos"].extend(rollout.finished.float().tolist())
             out["texts"].extend(rollout.responses)
+    prompt_texts: list[str] = []
+    for _, texts, in_batch in sorted(gather_lists(done), key=lambda item: item[0]):  # every batch, in prompt order
+        prompt_texts.extend(texts)
+        for name, lists in in_batch.items():
+            for key, values in lists.items():
+                collected[name][key].extend(values)
 
     results: dict[str, Any] = {"num_prompts": len(prompt_texts)}
     for name, out in collected.items():
@@ -291,7 +317,10 @@ def distinct_n(texts: list[str], n: int) -> float:
 # the reward model
 # -------------------------------------------------------------------------------------------------------------
 def evaluate_reward_model(reward_model, pairs):
-    """Score every held-out pair as the reward stage trained on it (the sequences RewardTrainer builds)."""
+    """Score every held-out pair as the reward stage trained on it (the sequences RewardTrainer builds); each process
+    scores every world-th pair."""
+    import torch
+
     from rlhf_pipeline.scoring import preference_metrics, score_sequences
 
     prompts = pairs["prompt"] if "prompt" in pairs.column_names else [None] * len(pairs)
@@ -302,8 +331,13 @@ def evaluate_reward_model(reward_model, pairs):
     if not kept:
         raise UserError(f"no held-out pair fits in the reward model's context of {context} tokens")
     model, pad, size = reward_model.model, reward_model.tokenizer.pad_token_id, reward_model.batch_size
-    chosen_scores = score_sequences(model, [c for c, _ in kept], pad, size, desc="Scoring chosen")
-    rejected_scores = score_sequences(model, [r for _, r in kept], pad, size, desc="Scoring rejected")
+    state = distributed_state()
+    mine = list(range(state.process_index, len(kept), state.num_processes))  # this process's pairs
+    chosen = score_sequences(model, [kept[i][0] for i in mine], pad, size, desc="Scoring chosen")
+    rejected = score_sequences(model, [kept[i][1] for i in mine], pad, size, desc="Scoring rejected")
+    scored = sorted(gather_lists(list(zip(mine, chosen.tolist(), rejected.tolist()))))
+    chosen_scores = torch.tensor([c for _, c, _ in scored])
+    rejected_scores = torch.tensor([r for _, _, r in scored])
     metrics = {f"reward_{k}": v for k, v in preference_metrics(chosen_scores, rejected_scores).items()}
     metrics["reward_pairs_too_long"] = len(encoded) - len(kept)
     return metrics, {"chosen": chosen_scores.tolist(), "rejected": rejected_scores.tolist()}

@@ -54,9 +54,8 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
         raise loaded.error("training", str(exc)) from None
     metrics = _train(loaded, options, accelerator)
     finish_outputs(loaded, options, metrics)  # every process waits here; the main one writes
-    # DDP's reducer must be freed before its process group is destroyed, or the process hangs on exit
+    # DDP's reducer must be freed before the process group is destroyed (at the command's end), or the process hangs
     accelerator.free_memory()
-    accelerator.end_training()
     return metrics
 
 

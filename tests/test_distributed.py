@@ -1,0 +1,125 @@
+"""Several processes (torchrun, gloo on CPU): the whole pipeline (pretrain, sft, reward, ppo, eval) under 2 processes.
+Both processes take part (each trains on its own shard of the data: a TRL stage takes half the optimizer steps of one
+process for the same per-device batch and epochs; PPO samples half of every rollout batch in each), only process 0
+writes the run directories and the pipeline state, both end every stage with bit-identical weights, and the sharded
+evaluation reports what one process reports.
+
+What each process did is recorded by tests/distributed_probe.py, which runs the CLI inside the launch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, ppo_recipe, run_cli, write_recipe
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+TRL_STAGES = ("pretrain", "sft", "reward")
+TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
+
+
+def launch(args: list[str], probe_dir: Path, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLHF_PROBE_DIR": str(probe_dir)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               str(REPO / "tests" / "distributed_probe.py"), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def epoch_pipeline(tmp_path_factory, data_dir) -> Path:
+    """A pipeline over the tiny fixtures whose TRL stages train one epoch (not max_steps), so that their step count
+    tells how the data was split."""
+    root = tmp_path_factory.mktemp("distributed")
+    data = {name: str(shutil.copy(data_dir / name, root / name)) for name in
+            ("text.jsonl", "sft.jsonl", "prefs.jsonl", "prefs-test.jsonl", "prompts.jsonl", "prompts-test.jsonl")}
+    training = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
+                "learning_rate": 1.0e-3, "logging_steps": 1}
+    folder = root / "recipes"
+    write_recipe(folder / "pretrain.yaml", {
+        "stage": "pretrain", "output_dir": "unused", "model": {"init": TINY_ARCH},
+        "tokenizer": {"train": {"vocab_size": 400}}, "data": {"files": data["text.jsonl"], "eval_size": 16,
+                                                              "block_size": 32}, "training": training})
+    write_recipe(folder / "sft.yaml", {
+        "stage": "sft", "output_dir": "unused", "model": {"name_or_path": "unused"},
+        "data": {"files": data["sft.jsonl"], "eval_size": 8}, "training": training})
+    write_recipe(folder / "reward.yaml", {
+        "stage": "reward", "output_dir": "unused", "model": {"name_or_path": "unused"},
+        "data": {"files": {"train": data["prefs.jsonl"], "test": data["prefs-test.jsonl"]}, "eval_split": "test"},
+        "training": training})
+    write_recipe(folder / "ppo.yaml", ppo_recipe(Path("unused"), Path("unused"), {"model": "unused"}, root,
+                                                 total_episodes=16, gradient_accumulation_steps=1))
+    write_recipe(folder / "pipeline.yaml", {
+        "stage": "pipeline", "output_dir": str(root / "runs"),
+        "stages": {"pretrain": {"recipe": "pretrain.yaml"}, "sft": {"recipe": "sft.yaml"},
+                   "reward": {"recipe": "reward.yaml"}, "ppo": {"recipe": "ppo.yaml"}, "eval": {}},
+        "gate": {"min_reward_accuracy": 0.0},
+    })
+    return root
+
+
+def test_the_pipeline_under_two_processes(epoch_pipeline, tmp_path):
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    done = launch(["pipeline", str(epoch_pipeline / "recipes" / "pipeline.yaml")], probes, epoch_pipeline)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-20000:]
+    main, other = (json.loads((probes / f"rank-{rank}.json").read_text()) for rank in (0, 1))
+    runs_dir = epoch_pipeline / "runs"
+
+    # every stage finished, and the pipeline's summary was printed once
+    for stage in (*TRL_STAGES, "ppo", "eval"):
+        assert (runs_dir / stage / "metrics.json").is_file(), stage
+    assert done.stdout.count("pipeline summary") == 1
+
+    # the TRL stages: data-parallel over both processes
+    for stage in TRL_STAGES:
+        trainer, twin = main["trainers"][stage], other["trainers"][stage]
+        assert trainer["world_size"] == 2 and twin["world_size"] == 2
+        one_process = math.ceil(trainer["rows"] / trainer["per_device_batch"])
+        assert trainer["steps"] == twin["steps"] == math.ceil(trainer["rows"] / (2 * trainer["per_device_batch"]))
+        assert trainer["steps"] < one_process, stage
+        assert trainer["first_batch"] != twin["first_batch"], f"{stage}: both processes saw the same batch"
+        metrics = json.loads((runs_dir / stage / "metrics.json").read_text())
+        assert metrics["train_steps"] == trainer["steps"]
+
+    # PPO: each process samples half of every rollout batch
+    assert main["trainers"]["ppo"]["local_rollout_batch_size"] == 4
+    assert main["trainers"]["ppo"]["episodes"] == 16
+    assert (json.loads((runs_dir / "ppo" / "metrics.json").read_text())["episodes"]) == 16
+
+    # the same weights in both processes at the end of every stage
+    assert set(main["weights"]) == {*TRL_STAGES, "ppo"}
+    assert main["weights"] == other["weights"]
+
+    # only process 0 wrote: run markers, metrics, recipes, models, the pipeline state
+    assert other["wrote"] == [], other["wrote"][:5]
+    written = {path for _, path in main["wrote"]}
+    assert any(path.endswith("pipeline.json") for path in written)
+    assert sum(what == "finish_run" for what, _ in main["wrote"]) == 5
+
+    # the sharded evaluation reports what one process reports on the same models
+    report = json.loads((runs_dir / "eval" / "eval.json").read_text())["metrics"]
+    eval_dir = tmp_path / "eval-one-process"
+    one = run_cli("eval", runs_dir / "eval" / "recipe.resolved.yaml", "--set", f"output_dir={eval_dir}")
+    assert one.exit_code == 0, one.output
+    single = json.loads((eval_dir / "eval.json").read_text())["metrics"]
+    assert report["num_prompts"] == single["num_prompts"] > 0
+    for key in ("policy_score", "baseline_score", "policy_kl", "policy_gold", "reward_accuracy"):
+        assert report[key] == pytest.approx(single[key], abs=1e-4), key
+
+
+def test_a_refused_run_stops_every_process_with_one_message(epoch_pipeline, tiny_model_dir, tmp_path):
+    """Process 0 decides (here: the output dir holds a finished run, and no --overwrite); the other process exits
+    with the same code, without printing the message again and without hanging."""
+    args = ["sft", str(epoch_pipeline / "recipes" / "sft.yaml"), "--set", f"model.name_or_path={tiny_model_dir}",
+            "--set", "training.max_steps=1", "--output-dir", str(tmp_path / "sft")]
+    first = launch(args, tmp_path, epoch_pipeline)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch(args, tmp_path, epoch_pipeline)
+    assert second.returncode != 0
+    assert second.stderr.count("holds a finished run") == 1, second.stderr[-3000:]
