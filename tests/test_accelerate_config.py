@@ -151,6 +151,8 @@ def test_what_accelerate_accepts_we_accept(tmp_path):
         path.write_text(text)
         load_config_from_file(str(path))
         assert accelerate_config.check_file(path).startswith("Accelerate config: "), name
+    short = accelerate_config.check_file(tmp_path / "short-fsdp.yaml")
+    assert short == "Accelerate config: FSDP version 2, 2 processes"
     assert isinstance(load_config_from_file(str(tmp_path / "sagemaker.yaml")), SageMakerConfig)
     assert accelerate_config.check_file(tmp_path / "sagemaker.yaml") == \
         "Accelerate config: SageMaker DATA_PARALLEL, 2 machines"

@@ -121,8 +121,10 @@ def describe(data: dict[str, Any]) -> str:
     kind = data["distributed_type"]
     if data.get("compute_environment") == "AMAZON_SAGEMAKER":
         return f"Accelerate config: SageMaker {kind}, {_count(data.get('num_machines', 1), 'machine')}"
-    if kind == "FSDP" and (data.get("fsdp_config") or {}).get("fsdp_version") is not None:
-        kind += f" version {data['fsdp_config']['fsdp_version']}"
+    fsdp = data.get("fsdp_config") or {}
+    version = fsdp.get("fsdp_version", fsdp.get("version"))  # launch reads `version` as fsdp_version
+    if kind == "FSDP" and version is not None:
+        kind += f" version {version}"
     if kind == "DEEPSPEED":
         stage = (data.get("deepspeed_config") or {}).get("zero_stage")
         kind = "DeepSpeed" + (f" ZeRO-{stage}" if stage is not None else "")
