@@ -150,7 +150,10 @@ def run_pipeline(recipe_path: Path, overrides: Sequence[str], from_stage: str | 
 
 
 def validate_paths(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[RecipeError]]:
-    """Validate recipe files (directories: every .yaml/.yml below them). Returns (valid (path, stage), errors)."""
+    """Validate recipe files (directories: every .yaml/.yml below them) and the Accelerate config files among them.
+    Returns (valid (path, its stage or what the Accelerate config runs), errors)."""
+    from rlhf_pipeline.recipe import accelerate_config
+
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -162,6 +165,10 @@ def validate_paths(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[
     valid, errors = [], []
     for file in files:
         try:
+            described = accelerate_config.check_file(file)
+            if described is not None:
+                valid.append((file, described))
+                continue
             loaded = load_recipe(file)
             check_local_files(loaded)
             if loaded.stage == "pipeline":  # its stage recipes, as the pipeline wires them, must validate too

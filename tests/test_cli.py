@@ -208,7 +208,7 @@ def test_dry_run_names_a_missing_data_file(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # start-up cost: the fast commands never import torch or transformers
 # ---------------------------------------------------------------------------------------------------------------
-HEAVY = ("torch", "transformers", "trl", "datasets", "peft")
+HEAVY = ("torch", "transformers", "trl", "datasets", "peft", "accelerate")
 
 PROBE = textwrap.dedent("""
     import json, sys

@@ -12,7 +12,8 @@ from rlhf_pipeline import commands, runs
 from rlhf_pipeline.errors import RecipeError, UserError
 from rlhf_pipeline.recipe.load import load_recipe, parse_override
 
-RECIPES = sorted((REPO / "recipes").rglob("*.y*ml"))
+ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))  # for `accelerate launch`
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.y*ml") if p not in ACCELERATE_CONFIGS)
 
 
 def test_recipes_exist():
@@ -32,7 +33,39 @@ def test_validate_command_on_recipes_dir():
     result = run_cli("recipe", "validate", "recipes")
     assert result.exit_code == 0, result.output
     listed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok  ")}
-    assert listed == {str(p.relative_to(REPO)) for p in RECIPES}
+    assert listed == {str(p.relative_to(REPO)) for p in RECIPES + ACCELERATE_CONFIGS}
+    assert len(ACCELERATE_CONFIGS) >= 6
+    assert "ok  recipes/accelerate/fsdp.yaml  (Accelerate config: FSDP version 2, 8 processes, bf16)" in result.stdout
+    assert "ok  recipes/accelerate/zero3.yaml  (Accelerate config: DeepSpeed ZeRO-3, 8 processes, bf16)" in \
+        result.stdout
+    for path in ACCELERATE_CONFIGS:  # one file at a time too
+        one = run_cli("recipe", "validate", path.relative_to(REPO))
+        assert one.exit_code == 0 and "(Accelerate config: " in one.stdout, one.output
+
+
+def test_validate_command_on_a_broken_accelerate_config(tmp_path):
+    text = (REPO / "recipes" / "accelerate" / "ddp.yaml").read_text()
+    bad = _write(tmp_path / "accelerate" / "ddp.yaml",
+                 text.replace("num_processes: 8", "num_proceses: 8").replace("MULTI_GPU", "MULTI_GPUS"))
+    lines = {line.split(":")[0]: number for number, line in enumerate(text.splitlines(), 1)}
+    result = run_cli("recipe", "validate", tmp_path, "recipes/tiny/sft.yaml")
+    assert result.exit_code == 2
+    assert "ok  recipes/tiny/sft.yaml  (sft)" in result.stdout  # the others are still checked
+    assert (f"{bad}:{lines['num_processes']}: num_proceses: unknown key for Accelerate's ClusterConfig; "
+            "did you mean 'num_processes'?") in result.stderr
+    assert (f"{bad}:{lines['distributed_type']}: distributed_type: expected one of NO, MULTI_CPU, "
+            "MULTI_GPU,") in result.stderr
+    assert "did you mean 'MULTI_GPU'?" in result.stderr
+    assert "Traceback" not in result.output and "missing" not in result.output
+
+
+def test_a_stage_given_an_accelerate_config():
+    result = run_cli("sft", "recipes/accelerate/ddp.yaml", "--dry-run")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: recipes/accelerate/ddp.yaml: this is an Accelerate config, not a recipe: launch with it, as in "
+        "`accelerate launch --config_file recipes/accelerate/ddp.yaml -m rlhf_pipeline sft RECIPE` (see "
+        "recipes/accelerate/README.md)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

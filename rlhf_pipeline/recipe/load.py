@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from rlhf_pipeline.errors import Problem, RecipeError, UserError, did_you_mean
-from rlhf_pipeline.recipe import training_fields
+from rlhf_pipeline.recipe import accelerate_config, training_fields
 from rlhf_pipeline.recipe.schema import STAGE_RECIPES, StageRecipe
 from rlhf_pipeline.recipe.yaml_io import KeyPath, dump_yaml, load_yaml, parse_scalar
 
@@ -94,6 +94,10 @@ def _validate(path: Path, data: dict, origins: dict, assignments: typing.Sequenc
     stage = data.get("stage")
     if stage not in STAGE_RECIPES:
         file, line = _locate(origins, ("stage",), str(path))
+        if stage is None and accelerate_config.is_accelerate_config(data):
+            raise RecipeError([Problem(
+                "this is an Accelerate config, not a recipe: launch with it, as in `accelerate launch --config_file "
+                f"{path} -m rlhf_pipeline sft RECIPE` (see recipes/accelerate/README.md)", file=str(path))])
         message = (
             "missing: every recipe names its stage"
             if stage is None

@@ -96,7 +96,7 @@ def check_training(stage: str, training: dict[str, Any]) -> list[tuple[str, str]
         elif isinstance(value, str) and key in STRING_AS_LIST.get(CONFIG_CLASSES[stage], ()):
             continue  # `loss_type: ipo` means [ipo]
         else:
-            message = _type_problem(value, fields[key]) or _value_problem(key, value)
+            message = type_problem(value, fields[key]) or _value_problem(key, value)
             if message:
                 problems.append((key, message))
     epochs, steps = training.get("num_train_epochs"), training.get("max_steps", -1)
@@ -117,7 +117,8 @@ def _value_problem(key: str, value: Any) -> str | None:
     return None if test(value) else f"expected {expected} (got {value!r})"
 
 
-def _type_problem(value: Any, field: dict[str, Any]) -> str | None:
+def type_problem(value: Any, field: dict[str, Any]) -> str | None:
+    """What is wrong with `value` for a snapshot field ({"types": [...], "choices": [...] | None}), or None."""
     kinds = field["types"]
     if "any" in kinds:
         return None
@@ -154,34 +155,6 @@ def take_snapshot() -> dict[str, Any]:
     import typing
     from importlib.metadata import version
 
-    def kinds_of(annotation: Any) -> tuple[list[str], list[str] | None]:
-        args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _union_type()) else ()
-        members = args or (annotation,)
-        kinds: list[str] = []
-        choices: list[str] | None = None
-        for member in members:
-            origin = typing.get_origin(member) or member
-            if member is type(None):
-                kinds.append("null")
-            elif member is typing.Any:
-                kinds.append("any")
-            elif origin is typing.Literal:
-                literal = typing.get_args(member)
-                choices = (choices or []) + [v for v in literal if isinstance(v, str)]
-                kinds.extend(sorted({"bool" if isinstance(v, bool) else "str" for v in literal}))
-            elif isinstance(origin, type) and issubclass(origin, enum.Enum):
-                choices = (choices or []) + [e.value for e in origin]
-                kinds.append("str")
-            elif origin in (bool, int, float, str):
-                kinds.append(origin.__name__)
-            elif origin in (list, tuple):
-                kinds.append("list")
-            elif origin is dict:
-                kinds.append("dict")
-            else:
-                kinds.append("object")  # e.g. ParallelismConfig: cannot be written in YAML
-        return sorted(set(kinds)), choices
-
     classes = {}
     for dotted in sorted(set(CONFIG_CLASSES.values())):
         module_name, class_name = dotted.rsplit(".", 1)
@@ -191,7 +164,7 @@ def take_snapshot() -> dict[str, Any]:
         for f in dataclasses.fields(cls):
             if not f.init or f.name.startswith("_"):
                 continue
-            kinds, choices = kinds_of(hints.get(f.name, f.type))
+            kinds, choices = annotation_kinds(hints.get(f.name, f.type))
             default = f.default if f.default is not dataclasses.MISSING else None
             if isinstance(default, enum.Enum):
                 default = default.value
@@ -205,6 +178,40 @@ def take_snapshot() -> dict[str, Any]:
             }
         classes[dotted] = fields
     return {"versions": {"transformers": version("transformers"), "trl": version("trl")}, "classes": classes}
+
+
+def annotation_kinds(annotation: Any) -> tuple[list[str], list[str] | None]:
+    """The YAML kinds (`int`, `str`, `null`, ...) a field's type annotation admits, and its string choices (from a
+    Literal or an Enum) if any. Used by the snapshots, which import the libraries."""
+    import enum
+    import typing
+
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _union_type()) else ()
+    members = args or (annotation,)
+    kinds: list[str] = []
+    choices: list[str] | None = None
+    for member in members:
+        origin = typing.get_origin(member) or member
+        if member is type(None):
+            kinds.append("null")
+        elif member is typing.Any:
+            kinds.append("any")
+        elif origin is typing.Literal:
+            literal = typing.get_args(member)
+            choices = (choices or []) + [v for v in literal if isinstance(v, str)]
+            kinds.extend(sorted({"bool" if isinstance(v, bool) else "str" for v in literal}))
+        elif isinstance(origin, type) and issubclass(origin, enum.Enum):
+            choices = (choices or []) + [e.value for e in origin]
+            kinds.append("str")
+        elif origin in (bool, int, float, str):
+            kinds.append(origin.__name__)
+        elif origin in (list, tuple):
+            kinds.append("list")
+        elif origin is dict:
+            kinds.append("dict")
+        else:
+            kinds.append("object")  # e.g. ParallelismConfig: cannot be written in YAML
+    return sorted(set(kinds)), choices
 
 
 def _union_type():
