@@ -233,10 +233,11 @@ def lora_config(section: LoraSection, task_type: str, model: PreTrainedModel):
     )
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path,
-               lora: LoraSection | None) -> str:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, output_dir: str | Path,
+               lora: LoraSection | None, state_dict: dict | None = None) -> str:
     """Save weights (safetensors) and tokenizer. A LoRA model is merged first unless `lora.save == 'adapter'`.
-    Returns what was saved: 'full', 'merged' or 'adapter'."""
+    `state_dict`: the weights to write instead of the model's own (gathered whole when the model is sharded; not
+    for a merge, which folds the live weights). Returns what was saved: 'full', 'merged' or 'adapter'."""
     from peft import PeftModel
 
     saved = "full"
@@ -246,8 +247,10 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, outpu
         else:
             model = model.merge_and_unload()
             saved = "merged"
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+            state_dict = None
+    model.save_pretrained(output_dir, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
     return saved
 
 

@@ -123,3 +123,15 @@ def test_a_refused_run_stops_every_process_with_one_message(epoch_pipeline, tiny
     second = launch(args, tmp_path, epoch_pipeline)
     assert second.returncode != 0
     assert second.stderr.count("holds a finished run") == 1, second.stderr[-3000:]
+
+
+def test_fsdp2_policy_generates_and_saves_whole(tmp_path):
+    """FSDP2 runs on CPU with gloo in torch (Accelerate selects FSDP only on GPUs): a fully_shard-ed policy, gathered
+    by `ppo.modules.whole_weights`, generates token for token as the unsharded one, its gathered state dict saves the
+    same weights, and it is sharded and trainable afterwards (tests/fsdp_whole_weights.py, in both processes)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "tests" / "fsdp_whole_weights.py"), str(tmp_path)]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "rank 0: ok" in done.stdout and "rank 1: ok" in done.stdout

@@ -337,6 +337,10 @@ def whole_weights(model: nn.Module, reshard_after_forward: bool = True):
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if units and units[0] is model:
+        # FSDP names its root when a forward first runs: it must be `model`, not the first block a generation
+        # reaches, or the wrapped model's own forward fails later (no public call does this but a forward)
+        model._get_fsdp_state()._lazy_init()
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
@@ -346,6 +350,13 @@ def whole_weights(model: nn.Module, reshard_after_forward: bool = True):
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(reshard_after_forward and unit is not model, recurse=False)
+
+
+def policy_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The policy's own entries of a `PolicyAndValue` state dict (as `accelerator.get_state_dict` gathers it, whole,
+    under FSDP too), named as the policy names them."""
+    prefix = "policy."
+    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
 def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:

@@ -156,9 +156,10 @@ def make_trainer(loaded: LoadedRecipe, setup: PpoSetup, accelerator, on_log=None
 
 def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, Any]:
     import torch
+    from accelerate.utils import DistributedType
     from transformers import set_seed
 
-    from rlhf_pipeline.ppo.modules import ModelScorer, prepare_frozen
+    from rlhf_pipeline.ppo.modules import ModelScorer, policy_state_dict, prepare_frozen
     from rlhf_pipeline.tracking import Tracker
 
     recipe = loaded.recipe
@@ -201,11 +202,12 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
 
     # 5. save
     metrics: dict[str, Any] = {}
-    with trainer.whole_weights():  # FSDP: every process takes part in gathering the weights the main one saves
-        if accelerator.is_main_process:
-            saved = models.save_model(accelerator.unwrap_model(trainer.model).policy, tokenizer, output_dir,
-                                      recipe.peft)
+    gathered = None
+    if accelerator.distributed_type == DistributedType.FSDP:  # every process takes part; the main one writes
+        gathered = policy_state_dict(accelerator.get_state_dict(trainer.model))
     if accelerator.is_main_process:
+        saved = models.save_model(accelerator.unwrap_model(trainer.model).policy, tokenizer, output_dir, recipe.peft,
+                                  state_dict=gathered)
         write_eval_samples(output_dir, before, after)
         metrics = ppo_metrics(output_dir, before, after, state, trainer.plan, saved)
         from rlhf_pipeline.plots import plot_ppo_curves
