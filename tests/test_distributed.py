@@ -135,3 +135,32 @@ def test_fsdp2_policy_generates_and_saves_whole(tmp_path):
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-5000:]
     assert "rank 0: ok" in done.stdout and "rank 1: ok" in done.stdout
+
+
+@pytest.mark.parametrize("env, gpu, args, message", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, False, ["sft", "recipes/tiny/sft.yaml"],
+     "which Accelerate runs only on GPUs"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, False,
+     ["reward", "recipes/tiny/reward.yaml"], "DeepSpeed ZeRO-2 (the Accelerate config's distributed_type)"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, True,
+     ["ppo", "recipes/tiny/ppo.yaml"], "rlhf ppo runs under DDP and FSDP, not DeepSpeed"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, True, ["ppo", "recipes/tiny/ppo.yaml"], "needs FSDP2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, True,
+     ["ppo", "recipes/tiny/ppo.yaml", "--set", "training.save_every=4"], "training.save_every"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, True,
+     ["sft", "recipes/tiny/sft.yaml", "--set", "peft.r=4"], "peft.save"),
+])
+def test_engines_a_stage_cannot_honour_are_refused_before_loading(monkeypatch, tmp_path, env, gpu, args, message):
+    """A launch asking for FSDP or DeepSpeed on a machine without GPUs (Accelerate would silently run plain data
+    parallel), PPO under DeepSpeed or FSDP1, PPO checkpoints under FSDP, and a merged LoRA save of sharded weights:
+    exit 2 with the reason, before any model is loaded, nothing written."""
+    import torch
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: gpu)
+    out = tmp_path / "out"
+    result = run_cli(*args, "--output-dir", str(out))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
