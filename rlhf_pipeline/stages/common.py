@@ -84,20 +84,20 @@ def check_engine(loaded: LoadedRecipe) -> None:
         raise UserError(f"this launch asks for {name} (the Accelerate config's distributed_type), which Accelerate "
                         "runs only on GPUs; on CPU launch plain data parallel instead: torchrun --standalone "
                         f"--nproc_per_node N -m rlhf_pipeline {loaded.stage} RECIPE")
-    if loaded.stage == "ppo" and engine == "deepspeed":
-        raise UserError("rlhf ppo runs under DDP and FSDP, not DeepSpeed: our PPO loop accumulates gradients and "
-                        "steps the optimizer itself, which DeepSpeed's engine does in its own way. To shard a PPO "
-                        "run, launch it with recipes/accelerate/fsdp.yaml")
+    if loaded.stage == "ppo" and engine == "deepspeed" and zero_stage() == 3:
+        raise UserError("rlhf ppo runs under DDP, FSDP and DeepSpeed ZeRO-1/2, not ZeRO-3 (its generation would "
+                        "gather the weights layer by layer at every token); to shard the weights of a PPO run, "
+                        "launch it with recipes/accelerate/fsdp.yaml")
     if loaded.stage == "ppo" and engine == "fsdp":
         import os
 
         if os.environ.get("FSDP_VERSION", "1") != "2":
             raise UserError("rlhf ppo under FSDP needs FSDP2 (fsdp_version: 2 in the Accelerate config, as in "
                             "recipes/accelerate/fsdp.yaml)")
-        if loaded.recipe.training.save_every:
-            raise loaded.error("training.save_every", "checkpoints of a PPO run under FSDP are not supported yet "
-                                                      "(the optimizer state is sharded): remove save_every, or "
-                                                      "launch under DDP")
+    if loaded.stage == "ppo" and loaded.recipe.training.save_every:
+        raise loaded.error("training.save_every", f"checkpoints of a PPO run under {name} are not supported yet "
+                                                  "(the optimizer state is sharded): remove save_every, or launch "
+                                                  "under DDP")
     lora = getattr(loaded.recipe, "peft", None)
     if lora is not None and lora.save == "merged" and (engine == "fsdp" or zero_stage() == 3):
         raise loaded.error("peft.save", f"under {name} the weights are sharded across processes and no process "
