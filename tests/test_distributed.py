@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,26 @@ TRL_STAGES = ("pretrain", "sft", "reward")
 TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
 
 
-def launch(args: list[str], probe_dir: Path, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLHF_PROBE_DIR": str(probe_dir)}
+def torchrun(script: Path, args: list[str], cwd: Path, env: dict[str, str], processes: int = 2,
+             timeout: float = 600) -> subprocess.CompletedProcess:
+    """`script` under torchrun with 2 CPU processes; on a timeout the whole process group is killed (torchrun's
+    workers too, which would otherwise hang on in a barrier) and the test fails."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               str(REPO / "tests" / "distributed_probe.py"), *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+               str(script), *args]
+    with subprocess.Popen(command, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"torchrun {script.name} {' '.join(args)} ran past {timeout} s:\n{stderr[-5000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def launch(args: list[str], probe_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI under torchrun, each process recording what it did (tests/distributed_probe.py)."""
+    return torchrun(REPO / "tests" / "distributed_probe.py", args, cwd, {"RLHF_PROBE_DIR": str(probe_dir)})
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +145,7 @@ def test_fsdp2_policy_generates_and_saves_whole(tmp_path):
     """FSDP2 runs on CPU with gloo in torch (Accelerate selects FSDP only on GPUs): a fully_shard-ed policy, gathered
     by `ppo.modules.whole_weights`, generates token for token as the unsharded one, its gathered state dict saves the
     same weights, and it is sharded and trainable afterwards (tests/fsdp_whole_weights.py, in both processes)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "fsdp_whole_weights.py"), str(tmp_path)]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun(REPO / "tests" / "fsdp_whole_weights.py", [str(tmp_path)], tmp_path, {}, timeout=300)
     assert done.returncode == 0, done.stderr[-5000:]
     assert "rank 0: ok" in done.stdout and "rank 1: ok" in done.stdout
 
