@@ -51,8 +51,8 @@ def install() -> None:
     original_step = transformers.Trainer.training_step
 
     def training_step(self, model, inputs, *args, **kwargs):
-        if "_first_batch" not in RECORD:
-            ids = inputs.get("input_ids", inputs.get("chosen_input_ids"))
+        if "_first_batch" not in RECORD:  # the token ids of the batch (each trainer names them its own way)
+            ids = next(value for key, value in sorted(inputs.items()) if key.endswith("input_ids"))
             RECORD["_first_batch"] = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
         return original_step(self, model, inputs, *args, **kwargs)
 

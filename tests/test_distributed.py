@@ -179,3 +179,31 @@ def test_engines_a_stage_cannot_honour_are_refused_before_loading(monkeypatch, t
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_dpo_under_two_processes(tiny_model_dir, data_dir, tmp_path):
+    """rlhf dpo (TRL's DPOTrainer) under 2 processes: half the steps of one process, different batches, the same
+    weights in both, one writer; its held-out generation evaluation runs sharded (7 prompts: 4 and 3)."""
+    out = tmp_path / "dpo"
+    recipe = write_recipe(tmp_path / "dpo.yaml", {
+        "stage": "dpo", "seed": 0, "output_dir": str(out), "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"files": {"train": str(data_dir / "prefs.jsonl"), "test": str(data_dir / "prefs-test.jsonl")},
+                 "eval_split": "test"},
+        "gold": {"function": "rlhf_pipeline.tiny.annotator:gold_score"}, "generation": {"response_length": 8},
+        "evaluation": {"prompts": 7, "batch_size": 2},
+        "training": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
+                     "learning_rate": 1.0e-3, "beta": 0.5, "logging_steps": 1}})
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    done = launch(["dpo", str(recipe)], probes, tmp_path)
+    assert done.returncode == 0, done.stderr[-8000:]
+    main, other = (json.loads((probes / f"rank-{rank}.json").read_text()) for rank in (0, 1))
+    trainer, twin = main["trainers"]["dpo"], other["trainers"]["dpo"]
+    assert trainer["steps"] == twin["steps"] == math.ceil(trainer["rows"] / 8) < math.ceil(trainer["rows"] / 4)
+    assert trainer["first_batch"] != twin["first_batch"]
+    assert main["weights"]["dpo"] == other["weights"]["dpo"]
+    assert other["wrote"] == []
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == trainer["steps"]
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) >= 1 and "eval_gold_after" in metrics and metrics["eval_prompts"] == 7
