@@ -94,16 +94,6 @@ class PPOTrainer:
         # the fused kernel (one op for every tensor; CPU and CUDA): a small model's step costs a fifth as long
         fused = accelerator.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(groups, eps=config.adam_eps, weight_decay=config.weight_decay, fused=fused)
-        # DeepSpeed (ZeRO-1/2) steps inside `backward` once per `gradient_accumulation_steps` micro-batches and
-        # scales each micro-batch's loss by 1/that count: told the micro-batch and the clipping here, it takes
-        # the same steps as the loop below, and `_loss_scale` undoes its scaling (our losses are already normalised
-        # by the whole mini-batch's tokens)
-        self._loss_scale = 1.0
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            settings = accelerator.state.deepspeed_plugin.deepspeed_config
-            settings.update(train_micro_batch_size_per_gpu=self.plan.micro_batch_size,
-                            gradient_clipping=config.max_grad_norm or 0.0, zero_allow_untested_optimizer=True)
-            self._loss_scale = float(config.gradient_accumulation_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.reference = prepare_frozen(reference, accelerator) if reference is not None else None
         self.device = accelerator.device
@@ -225,7 +215,7 @@ class PPOTrainer:
 
     def whole_weights(self):
         """Under FSDP, the trained model gathered whole for a block that calls its parts directly (`whole_weights` in
-        modules.py); nothing to do otherwise (ZeRO-1/2 keep whole weights). Every process must enter it."""
+        modules.py); nothing to do otherwise. Every process must enter it."""
         if self.accelerator.distributed_type != DistributedType.FSDP:
             return nullcontext()
         return whole_weights(self.model, bool(self.accelerator.state.fsdp_plugin.reshard_after_forward))
@@ -363,10 +353,9 @@ class PPOTrainer:
                                                 returns, mask, tokens, temperature, kl_coef)
                     for key, value in part.items():
                         step_stats[key] = step_stats.get(key, 0.0) + value
-                if cfg.max_grad_norm is not None:  # under DeepSpeed: clipped by the engine, which reports the norm
+                if cfg.max_grad_norm is not None:
                     grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                    if grad_norm is not None:
-                        step_stats["policy/grad_norm"] = float(grad_norm)
+                    step_stats["policy/grad_norm"] = float(grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 steps += 1
@@ -410,7 +399,7 @@ class PPOTrainer:
         if cfg.entropy_coef > 0:
             entropy = core.masked_sum(core.entropy_of(logits, temperature), m) / tokens
             loss = loss - cfg.entropy_coef * entropy
-        self.accelerator.backward(loss * self._loss_scale)
+        self.accelerator.backward(loss)
         stats.update({
             "loss/total": loss.item(),
             "policy/approx_kl": float(pg.approx_kl) * share,

@@ -84,10 +84,11 @@ def check_engine(loaded: LoadedRecipe) -> None:
         raise UserError(f"this launch asks for {name} (the Accelerate config's distributed_type), which Accelerate "
                         "runs only on GPUs; on CPU launch plain data parallel instead: torchrun --standalone "
                         f"--nproc_per_node N -m rlhf_pipeline {loaded.stage} RECIPE")
-    if loaded.stage == "ppo" and engine == "deepspeed" and zero_stage() == 3:
-        raise UserError("rlhf ppo runs under DDP, FSDP and DeepSpeed ZeRO-1/2, not ZeRO-3 (its generation would "
-                        "gather the weights layer by layer at every token); to shard the weights of a PPO run, "
-                        "launch it with recipes/accelerate/fsdp.yaml")
+    if loaded.stage == "ppo" and engine == "deepspeed":
+        raise UserError("rlhf ppo runs under DDP and FSDP, not DeepSpeed yet: its loop accumulates gradients and "
+                        "steps the optimizer itself, while DeepSpeed's engine steps inside backward and rescales "
+                        "each loss by its own count, and that combination has not been run on a GPU; to shard a "
+                        "PPO run, launch it with recipes/accelerate/fsdp.yaml")
     if loaded.stage == "ppo" and engine == "fsdp":
         import os
 

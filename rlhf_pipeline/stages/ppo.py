@@ -24,7 +24,6 @@ from rlhf_pipeline.stages.common import (
     interrupted,
     quiet_library_warnings,
     say,
-    sharding_engine,
     start_outputs,
     stop_requested,
 )
@@ -46,12 +45,8 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
         raise loaded.error("data", "PPO reports scores on held-out prompts: set `eval_split` or `eval_size`")
     quiet_library_warnings()
     # cpu=True on machines without an accelerator, so that several processes (torchrun) meet over gloo
-    # DeepSpeed accumulates gradients itself: it is told how many micro-batches make an optimizer step
-    deepspeed = sharding_engine() == "deepspeed"
     accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision,
-                              cpu=not torch.accelerator.is_available(),
-                              gradient_accumulation_steps=recipe.training.gradient_accumulation_steps if deepspeed
-                              else 1)
+                              cpu=not torch.accelerator.is_available())
     try:
         # does it divide across these processes?
         BatchPlan.of(recipe.training, accelerator.num_processes, recipe.generation.samples_per_prompt)
