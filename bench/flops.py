@@ -183,6 +183,10 @@ def matmul_benchmark(device: str, dtype, shape: ModelShape, tokens: int, repeats
             ("MLP up (c_fc)", tokens, d, f), ("MLP down (c_proj)", tokens, f, d),
             ("LM head forward", tokens, d, v), ("LM head backward, input grad", tokens, v, d),
             ("LM head backward, weight grad", v, tokens, d)]
+    padded = -(-v // 64) * 64
+    if padded != v:  # the same with the vocabulary padded to a multiple of 64 (GPU kernels favour aligned sizes)
+        gpt2 += [(f"LM head forward, vocabulary padded to {padded}", tokens, d, padded),
+                 (f"LM head input grad, vocabulary padded to {padded}", tokens, padded, d)]
     for name, m, k, n in gpt2:
         rows.append({"kind": "gpt2", "name": f"{name}: [{m} x {k}] @ [{k} x {n}]", "mnk": [m, k, n],
                      "tflops": matmul_rate(m, k, n, dtype, device, repeats, min_seconds)})
@@ -378,9 +382,11 @@ def run_ppo(args, work: dict, model: dict, threads: int) -> dict:
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 
 
-def kind_of(name: str, shapes, vocab: int) -> str:
-    """The kind of work an operator is, for the profile's summary."""
-    has_vocab = any(vocab in (s or []) for s in (shapes or []) if isinstance(s, list))
+def kind_of(name: str, shapes, vocab: int, width: int) -> str:
+    """The kind of work an operator is, for the profile's summary (by its name and its inputs' shapes)."""
+    shapes = [s for s in (shapes or []) if isinstance(s, list)]
+    has_vocab = any(vocab in s for s in shapes)
+    embedding_sized = any(s in ([vocab, width], [width, vocab]) for s in shapes)
     if name in MATMULS:
         return "LM-head matmuls (forward and backward)" if has_vocab else "block matmuls (attention and MLP weights)"
     low = name.lower()
@@ -390,8 +396,10 @@ def kind_of(name: str, shapes, vocab: int) -> str:
         return "optimizer (fused AdamW)"
     if ("norm" in low and "layer_norm" not in low) or low.startswith("aten::_foreach"):
         return "gradient clipping (norms)"
+    if embedding_sized:
+        return "the tied embedding's [vocabulary x width] gradient (zero-fill, sum of its two parts)"
     if has_vocab:
-        return "vocabulary-sized element-wise (log-softmax, logsumexp, their backward, casts)"
+        return "[tokens x vocabulary] element-wise (log-probabilities, their backward, casts)"
     if "layer_norm" in low:
         return "layer norm (forward and backward)"
     if "gelu" in low:
@@ -402,6 +410,7 @@ def kind_of(name: str, shapes, vocab: int) -> str:
 
 
 def profiled(fn, device: str, shape: ModelShape, top: int):
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -416,17 +425,21 @@ def profiled(fn, device: str, shape: ModelShape, top: int):
     def self_us(event) -> float:
         return event.self_device_time_total if on_device else event.self_cpu_time_total
 
-    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    def operators(averages):  # the operators themselves: a kernel's own row would count its time twice on a GPU
+        return [e for e in averages if e.device_type == DeviceType.CPU and not e.key.startswith("ProfilerStep")]
+
+    events = operators(prof.key_averages())
     total = sum(self_us(e) for e in events)
     ops = sorted(events, key=self_us, reverse=True)[:top]
     kinds: dict[str, float] = {}
-    for e in prof.key_averages(group_by_input_shape=True):
-        kind = kind_of(e.key, e.input_shapes, shape.vocab_size)
+    for e in operators(prof.key_averages(group_by_input_shape=True)):
+        kind = kind_of(e.key, e.input_shapes, shape.vocab_size, shape.n_embd)
         kinds[kind] = kinds.get(kind, 0.0) + self_us(e)
     out = {
-        "clock": "self CUDA time" if on_device else "self CPU time",
+        "clock": "self CUDA time (kernels, by the operator that launched them)" if on_device else "self CPU time",
         "wall_seconds": wall,
         "ops_self_seconds": total / 1e6,
+        "busy_share": total / 1e6 / wall if wall else None,
         "top_ops": [{"op": e.key, "self_seconds": self_us(e) / 1e6, "share": self_us(e) / total if total else None,
                      "calls": e.count} for e in ops],
         "kinds": [{"kind": k, "self_seconds": v / 1e6, "share": v / total if total else None}
@@ -487,9 +500,9 @@ def report(result: dict) -> str:
     lines.append(f"machine: {where}; torch {env['torch']}; dtype {result['dtype']}")
     if mm:
         lines.append("")
-        lines.append("matmul                                                          TFLOP/s")
+        lines.append(f"{'matmul':<80}TFLOP/s")
         for r in mm["rows"]:
-            lines.append(f"  {r['name']:<62}{r['tflops']:8.3f}")
+            lines.append(f"  {r['name']:<78}{r['tflops']:8.3f}")
         lines.append(f"  machine limit (best large square): {mm['limit_tflops']:.3f} TFLOP/s")
         if result.get("nominal_peak_tflops"):
             lines.append(f"  nominal dense bf16 peak of this GPU (for reference): {result['nominal_peak_tflops']} "
@@ -521,7 +534,8 @@ def report(result: dict) -> str:
         if prof:
             lines.append("")
             lines.append(f"profile of one training phase ({prof['clock']}; wall {prof['wall_seconds']:.2f} s under the "
-                         f"profiler, operators' self time {prof['ops_self_seconds']:.2f} s)")
+                         f"profiler, operators' self time {prof['ops_self_seconds']:.2f} s = "
+                         f"{100 * (prof.get('busy_share') or 0):.0f} % of it)")
             for k in prof["kinds"]:
                 lines.append(f"  {100 * k['share']:5.1f} %  {k['self_seconds']:7.3f} s  {k['kind']}")
             lines.append("  top operators by self time:")
