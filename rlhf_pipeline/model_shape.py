@@ -35,14 +35,21 @@ class ModelShape:
         per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d  # weights, biases, two layer norms
         return self.vocab_size * d + self.n_positions * d + self.n_layer * per_layer + 2 * d
 
-    def forward_flops(self, tokens: float, attended: float, head: str = "lm") -> float:
+    def head_flops(self, tokens: float, head: str = "lm") -> float:
+        """FLOPs of the output head alone over `tokens` hidden states: "lm" (logits over the vocabulary), "score" (one
+        number: reward or value) or "none"."""
+        return tokens * 2 * self.n_embd * {"lm": self.vocab_size, "score": 1, "none": 0}[head]
+
+    def forward_flops(self, tokens: float, attended: float, head: str = "lm",
+                      head_tokens: float | None = None) -> float:
         """Multiply-add FLOPs (2 per multiply-accumulate) of a forward pass over `tokens` tokens, each attending to
         `attended` keys on average (a causal pass over L tokens: (L + 1) / 2; a cached generation step at position t:
-        t). `head`: "lm" (logits over the vocabulary), "score" (one number: reward or value) or "none".
-        Backward costs twice the forward: a training step is 3x this."""
+        t). `head`: "lm" (logits over the vocabulary), "score" (one number: reward or value) or "none", read at
+        `head_tokens` of the positions (default: all of them; PPO reads logits at the response positions only,
+        generation's first pass at the last prompt position only). Backward costs twice the forward: a training step
+        is 3x this."""
         per_token = 2 * self.layer_matmul_parameters + 4 * self.n_layer * attended * self.n_embd
-        per_token += 2 * self.n_embd * {"lm": self.vocab_size, "score": 1, "none": 0}[head]
-        return tokens * per_token
+        return tokens * per_token + self.head_flops(tokens if head_tokens is None else head_tokens, head)
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:

@@ -76,11 +76,61 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
 
     The temperature used for sampling must also divide the logits here, or the "old" log-probabilities would not
     be those of the sampling distribution [N+ detail: "dividing logits by the sampling temperature"].
+
+    The chosen logit minus the log-partition, computed a few rows at a time (`_TokenLogProbs`): no vocabulary-sized
+    tensor is made besides the gradient of the logits, where autograd would make six (the scaled copy, logsumexp's
+    temporaries, and in backward the softmax, the gather's zero-filled gradient, their sum and its scaled copy). The
+    values and gradients are those of `(logits.float() / t).gather(...) - (logits.float() / t).logsumexp(-1)`, the
+    same operations in the same order (tests/test_ppo_core.py holds them equal bit for bit).
     """
-    logits = logits.float() / temperature
-    # the chosen logit minus the log-partition: no second vocabulary-sized tensor as log_softmax would make
-    chosen = torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1)
-    return chosen - torch.logsumexp(logits, dim=-1)
+    return _TokenLogProbs.apply(logits, tokens, float(temperature))
+
+
+def _rows_per_block(vocab: int, device: torch.device) -> int:
+    """Rows of logits per block: few enough to stay in a CPU core's cache (4 MiB of float32); on an accelerator,
+    256 MiB (its kernels stream memory anyway; the blocks only bound the temporaries)."""
+    budget = (4 if device.type == "cpu" else 256) * 2**20
+    return max(1, budget // (4 * vocab))
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        flat, index = logits.reshape(-1, vocab), tokens.reshape(-1, 1)
+        lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        chosen = torch.empty_like(lse)
+        step = _rows_per_block(vocab, logits.device)
+        for start in range(0, flat.shape[0], step):
+            rows = slice(start, start + step)
+            scaled = flat[rows].float() / temperature
+            lse[rows] = torch.logsumexp(scaled, dim=-1)
+            chosen[rows] = torch.gather(scaled, 1, index[rows]).squeeze(1)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature = temperature
+        return (chosen - lse).view(tokens.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # d/dx of (x_k / t - logsumexp(x / t)): (onehot_k - softmax(x / t)) / t, formed as autograd forms it
+        logits, tokens, lse = ctx.saved_tensors
+        t = ctx.temperature
+        vocab = logits.shape[-1]
+        flat, index = logits.reshape(-1, vocab), tokens.reshape(-1, 1)
+        g = grad.reshape(-1, 1).float()
+        out = torch.empty(flat.shape, dtype=logits.dtype, device=logits.device)
+        in_place = out.dtype == torch.float32
+        step = _rows_per_block(vocab, logits.device)
+        for start in range(0, flat.shape[0], step):
+            rows = slice(start, start + step)
+            # float32: work in the gradient's own rows; bf16 / fp16 logits: in float32, cast at the end
+            part = torch.div(flat[rows], t, out=out[rows]) if in_place else flat[rows].float() / t
+            part.sub_(lse[rows, None]).exp_().mul_(-g[rows])  # logsumexp's backward, of the -grad it receives
+            part.scatter_add_(1, index[rows], g[rows])  # the gather's
+            part.div_(t)
+            if not in_place:
+                out[rows] = part
+        return out.view(logits.shape), None, None
 
 
 def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -95,6 +95,8 @@ class PPOTrainer:
         fused = accelerator.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(groups, eps=config.adam_eps, weight_decay=config.weight_decay, fused=fused)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if accelerator.device.type == "cpu":
+            keep_freed_memory()
         self.reference = prepare_frozen(reference, accelerator) if reference is not None else None
         self.device = accelerator.device
         self._epoch_order: tuple[int, list[int]] = (-1, [])
@@ -547,6 +549,32 @@ class PPOTrainer:
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep large freed blocks for reuse instead of handing them back to the kernel.
+
+    Every optimizer step frees and allocates again the same large tensors (for GPT-2: the [vocabulary x width]
+    gradient of the tied embedding, 154 MB, twice; the logits and their gradient). By default glibc serves a block
+    of more than 32 MiB with its own mmap and unmaps it when freed, so each step pays a page fault, with the kernel
+    zero-filling, for every 4 KiB of each new block: for a GPT-2-small PPO micro-batch on 2 CPU cores this took more
+    time than the embedding's and LM head's arithmetic (bench/README.md, "FLOP/s against the machine's limit").
+    Raising the mmap and trim thresholds to 1 GiB keeps such blocks in the heap for the next step. The cost: freed
+    memory is not returned to the system until the process exits, and the heap can fragment (GPT-2-small PPO: peak
+    RSS 3.8 -> 4.2 GB). Linux with glibc only (a no-op elsewhere); returns whether it applied. Process-wide, so
+    called once the trainer runs on the CPU.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def score(scorer: Callable[[Rollout], torch.Tensor], rollout: Rollout, where: str) -> torch.Tensor:
