@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared check of this project on a GPU machine (about 3-5 minutes on one H100; each part has a timeout, and
-# the worst case stays under 9 minutes). Run it from anywhere; it works in the repository root:
+# One prepared check of this project on a GPU machine. Parts 1 and 2 took 154 s on one H200 (bench/results/
+# gpu_check_h200.json); part 3 has not run on a GPU yet. Each part has a timeout (270, 210 and 420 s: the worst case
+# is 15 minutes; GPU_CHECK_ENGINES=0 keeps it under 9). Run it from anywhere; it works in the repository root:
 #
 #   PYTHONPATH=/tmp/site:. bash bench/gpu_check.sh              # python3 with torch+CUDA; our wheels in /tmp/site
 #   GPU_CHECK_CPU_SMOKE=1 bash bench/gpu_check.sh               # on a CPU: tiny sizes, checks the script's paths
@@ -10,6 +11,8 @@
 # Part 2: bench/flops.py --device cuda --dtype bf16: the bf16 matmul rate and the GPT-2-small PPO benchmark:
 #         episodes/s, torch.cuda.max_memory_allocated, each phase's model FLOP/s as a fraction of the measured bf16
 #         matmul rate and of the GPU's nominal dense bf16 peak.
+# Part 3: bench/engines_check.sh: rlhf sft and ppo under fsdp.yaml, and sft under zero2/zero3.yaml when DeepSpeed
+#         imports, on part 1's models (GPU_CHECK_ENGINES=0 skips it; $OUT/engines_check.json).
 # Then a summary. Nothing is fetched (HF_HUB_OFFLINE); the programs run as `python3 -m rlhf_pipeline` and
 # `python3 bench/flops.py` (no entry point, no venv). Everything it keeps goes to ${OUT:-/tmp/gpu_check}: two files,
 # gpu_check.log (all output) and gpu_check.json (versions, each part's status, times and figures). Scratch (the
@@ -143,6 +146,18 @@ FLOPS_S="$(elapsed "$T0" "$(now)")"
 echo "part 2: exit code $FLOPS_RC, wall ${FLOPS_S}s"
 
 # ---------------------------------------------------------------------------------------------------------------
+ENGINES_TIMEOUT="${GPU_CHECK_ENGINES_TIMEOUT:-420}"
+if [ "$SMOKE" = 1 ] || [ "${GPU_CHECK_ENGINES:-1}" = 0 ]; then
+    ENGINES_RC=0
+    echo "part 3 (engines) skipped: it needs a GPU (FSDP and DeepSpeed)"
+else
+    banner "part 3: bench/engines_check.sh on the tiny pipeline's models (timeout ${ENGINES_TIMEOUT}s)"
+    OUT="$OUT" PYTHON="$PY" timeout --kill-after=20 "$ENGINES_TIMEOUT" bash bench/engines_check.sh "$WORK/tiny"
+    ENGINES_RC=$?
+    echo "part 3: exit code $ENGINES_RC ($OUT/engines_check.json)"
+fi
+
+# ---------------------------------------------------------------------------------------------------------------
 banner "summary"
 TOTAL_S="$(elapsed "$START" "$(now)")"
 "$PY" - "$WORK" "$JSON" "$SMOKE" "$PIPELINE_RC" "$PIPELINE_S" "$FLOPS_RC" "$FLOPS_S" "$TOTAL_S" <<'EOF'
@@ -189,7 +204,7 @@ EOF
 [ "${GPU_CHECK_KEEP:-0}" = 1 ] && echo "scratch kept: $WORK" || rm -rf "$WORK"
 echo "log: $LOG"
 RC=0
-{ [ "$PIPELINE_RC" = 0 ] && [ "$FLOPS_RC" = 0 ]; } || RC=1
+{ [ "$PIPELINE_RC" = 0 ] && [ "$FLOPS_RC" = 0 ] && [ "$ENGINES_RC" = 0 ]; } || RC=1
 exec 1>&3 2>&4  # the log's writer gets its end of file: wait until it has written everything
 wait "$TEE_PID" 2>/dev/null
 exit "$RC"
