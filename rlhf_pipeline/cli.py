@@ -152,6 +152,28 @@ def pipeline(
 
 
 @app.command()
+def plan(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    processes: Annotated[Optional[int], typer.Option(
+        "--processes", metavar="N", help="Processes (GPUs) the run is spread over; overrides the Accelerate config's "
+                                         "num_processes. Default: the config's, else 1.")] = None,
+    device_memory: Annotated[Optional[str], typer.Option(
+        "--device-memory", metavar="SIZE", help="Memory of one device, e.g. 24GiB, 80GB, 512MiB: warn, with the knobs "
+                                                "to turn, when the estimated peak exceeds it.")] = None,
+    accelerate_config: Annotated[Optional[Path], typer.Option(
+        "--accelerate-config", metavar="FILE", help="An Accelerate config YAML (e.g. recipes/accelerate/fsdp.yaml): "
+                                                    "DDP, FSDP or DeepSpeed ZeRO, processes, mixed precision.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Plan a run without loading weights: examples per optimizer step, rollouts per PPO update, steps or updates,
+    tokens per step, FLOPs (PPO: generation, scoring, training) and the peak memory per device of every model the
+    stage holds. A pipeline recipe is planned stage by stage."""
+    with user_errors():
+        typer.echo(commands.plan(recipe, set_ or [], processes, device_memory, accelerate_config, as_json))
+
+
+@app.command()
 def push(
     run_dir: Annotated[Path, typer.Argument(help="A finished run dir (it has metrics.json).", show_default=False)],
     repo_id: Annotated[str, typer.Option("--repo-id", metavar="ORG/NAME", show_default=False,

@@ -149,6 +149,44 @@ def run_pipeline(recipe_path: Path, overrides: Sequence[str], from_stage: str | 
     return run(loaded, Options(force=force, from_stage=from_stage, only=only, dry_run=dry_run, resume=resume))
 
 
+def plan(recipe_path: Path, overrides: Sequence[str], processes: int | None, device_memory: str | None,
+         accelerate_config: Path | None, as_json: bool) -> str:
+    """`rlhf plan`: the derived numbers, FLOPs and peak memory per device of a stage recipe, or of each stage of a
+    pipeline recipe, without loading a weight (rlhf_pipeline/planning.py, plan_recipe.py)."""
+    import json
+
+    from rlhf_pipeline import planning
+    from rlhf_pipeline.plan_recipe import Registry, plan_recipe, render
+    from rlhf_pipeline.plan_recipe import as_json as plan_json
+
+    if processes is not None and processes < 1:
+        raise UserError(f"--processes: expected 1 or more, got {processes}")
+    memory = planning.parse_size(device_memory) if device_memory is not None else None
+    dist = (planning.read_accelerate_config(accelerate_config, processes) if accelerate_config is not None
+            else planning.default_distribution(processes))
+    loaded = load_recipe(recipe_path, overrides)
+    if loaded.stage != "pipeline":
+        result = plan_recipe(loaded, dist, memory)
+        return json.dumps(plan_json(result), indent=1) if as_json else render(result)
+    from rlhf_pipeline.pipeline import plan_stages
+
+    stages = [stage for stage in plan_stages(loaded) if stage.kind != "eval"]
+    registry = Registry([stage.loaded for stage in stages])
+    plans = [(stage.name, plan_recipe(stage.loaded, dist, memory, registry)) for stage in stages]
+    if as_json:
+        return json.dumps({"pipeline": str(recipe_path), "stages": {name: plan_json(p) for name, p in plans}},
+                          indent=1)
+    summary = ", ".join(f"{name} {planning.format_bytes(p.memory.peak)}" for name, p in plans)
+    worst = max(plans, key=lambda item: item[1].memory.peak)
+    head = (f"pipeline {recipe_path}: {len(plans)} stages planned as the pipeline wires them (the eval stage is not "
+            f"planned); peak per device: {summary}; the largest: {worst[0]}")
+    if memory is not None:
+        misfits = [name for name, p in plans if p.fits is False]
+        head += (f"; does NOT fit in {planning.format_bytes(memory)}: {', '.join(misfits)}" if misfits
+                 else f"; every stage fits in {planning.format_bytes(memory)}")
+    return "\n\n".join([head] + [f"== {name} ==\n{render(p)}" for name, p in plans])
+
+
 def validate_paths(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[RecipeError]]:
     """Validate recipe files (directories: every .yaml/.yml below them) and the Accelerate config files among them.
     Returns (valid (path, its stage or what the Accelerate config runs), errors)."""
