@@ -12,8 +12,8 @@ asks `rlhf plan` (same recipe, same --set, --json) what it expects:
   child that only imports the runtime a stage imports (torch, transformers, trl, peft, accelerate, datasets,
   tokenizers, matplotlib and our stage modules) and runs one tiny matmul to start the thread pool. What is left is the
   stage's own memory: tensors, plus what the estimate deliberately leaves out (Python objects, the data in host
-  memory, allocator slack), which is part of the reported error. The plan is asked for one CPU process
-  (recipes/accelerate/multi_cpu.yaml with --processes 1);
+  memory, allocator slack), which is part of the reported error. The plan is asked for one CPU process (an
+  Accelerate config with use_cpu: true, written into the workdir);
 - with a GPU (torch.cuda.is_available() in the child), the measure is torch.cuda.max_memory_allocated(): tensors
   only, the CUDA context excluded, as in the estimate. The plan is asked for one GPU (no Accelerate config).
 
@@ -46,7 +46,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = Path("/tmp/rlhf-plan-check")
 DEFAULT_OUT = REPO / "bench" / "results" / "plan_check.json"
-CPU_CONFIG = ["--accelerate-config", "recipes/accelerate/multi_cpu.yaml", "--processes", "1"]
+# The plan of a CPU run: one process on the CPU (an Accelerate config the benchmark writes into its workdir).
+CPU_CONFIG = ("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: 'no'\nnum_machines: 1\n"
+              "num_processes: 1\nuse_cpu: true\n")
 MIB = 1024**2
 
 # The stage in a child; its peak memory written when it exits (atexit runs on the CLI's sys.exit).
@@ -175,9 +177,10 @@ def baseline(env: dict[str, str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def estimate(spec: dict, gpu: bool, env: dict[str, str]) -> dict:
+def estimate(spec: dict, cpu_config: Path | None, env: dict[str, str]) -> dict:
+    """`rlhf plan --json` of the setting: for one CPU process (`cpu_config`), or for one GPU (None)."""
     cmd = [sys.executable, "-m", "rlhf_pipeline", "plan", spec["recipe"], *sum((["--set", s] for s in spec["set"]), []),
-           "--json", *([] if gpu else CPU_CONFIG)]
+           "--json", *(["--accelerate-config", str(cpu_config)] if cpu_config else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
     if out.returncode:
         raise SystemExit(f"rlhf plan failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
@@ -256,6 +259,8 @@ def main() -> None:
         models = build_small_models(small, tiny / "sft", env)
         say(f"GPT-2-small models: {models}")
     gpu = baseline(env)["cuda"]
+    cpu_config = workdir / "cpu.yaml"
+    cpu_config.write_text(CPU_CONFIG)
     modes = ["cuda"] if gpu else (["pinned", "default"] if args.malloc == "both" else [args.malloc])
     envs = {mode: child_env(args.threads, pinned=mode == "pinned") for mode in modes}
     bases = {mode: baseline(envs[mode])["peak_rss_bytes"] for mode in modes if mode != "cuda"}
@@ -269,7 +274,7 @@ def main() -> None:
             results["settings"] = {k: v for k, v in previous.get("settings", {}).items() if k in all_settings}
     for name in chosen:
         spec = all_settings[name]
-        planned = estimate(spec, gpu, env)
+        planned = estimate(spec, None if gpu else cpu_config, env)
         est = planned["memory"]["peak_bytes"]
         say(f"{name}: estimate {est / MIB:,.1f} MiB ({planned['memory']['peak_phase']})")
         row = {"estimate_mib": est / MIB, "peak_phase": planned["memory"]["peak_phase"], "measured_mib": {},

@@ -385,6 +385,7 @@ class Plan:
     device_memory: int | None = None
     notes: list[str] = field(default_factory=list)
     spec: Any = None  # the TrlSpec / PpoSpec the memory plan came from (the knobs vary it)
+    refusals: list[str] = field(default_factory=list)  # what the stage would refuse about this launch
 
     @property
     def fits(self) -> bool | None:
@@ -395,6 +396,7 @@ def plan_recipe(loaded: LoadedRecipe, dist: Distribution, device_memory: int | N
                 registry: Registry | None = None) -> Plan:
     """The plan of one stage recipe (pretrain, sft, reward, dpo or ppo)."""
     box = [registry] if registry is not None else []
+    refusals = launch_refusals(loaded, dist)
     if loaded.stage == "ppo":
         plan = _plan_ppo(loaded, dist, box)
     elif loaded.stage in TRL_STAGES:
@@ -403,9 +405,34 @@ def plan_recipe(loaded: LoadedRecipe, dist: Distribution, device_memory: int | N
         raise loaded.error("stage", f"`rlhf plan` plans training stages (pretrain, sft, reward, ppo, dpo, or a "
                                     f"pipeline of them), not `{loaded.stage}`")
     plan.device_memory = device_memory
+    plan.refusals = refusals
     if plan.fits is False:
         plan.knobs, plan.combination = _knobs(plan, device_memory)
     return plan
+
+
+def launch_refusals(loaded: LoadedRecipe, dist: Distribution) -> list[str]:
+    """What the stage itself refuses about this launch (stages.common.check_engine), said before planning it.
+    PPO under DeepSpeed is an error: there is nothing to plan."""
+    engine = "FSDP" if dist.fsdp else f"DeepSpeed ZeRO-{dist.strategy[-1]}" if dist.deepspeed else None
+    if engine is None:
+        return []
+    if loaded.stage == "ppo" and dist.deepspeed:
+        raise UserError("--accelerate-config: rlhf ppo runs under DDP and FSDP, not DeepSpeed (our PPO loop steps the "
+                        "optimizer itself); plan it with recipes/accelerate/fsdp.yaml or ddp.yaml")
+    refusals = []
+    if dist.device == "cpu":
+        refusals.append(f"{engine} runs only on GPUs: on CPU the stage refuses this launch (use plain data "
+                        "parallel: torchrun --standalone --nproc_per_node N)")
+    if loaded.stage == "ppo" and dist.fsdp_version != 2:
+        refusals.append("rlhf ppo under FSDP needs FSDP2 (fsdp_version: 2, as in recipes/accelerate/fsdp.yaml)")
+    if loaded.stage == "ppo" and dist.fsdp and loaded.recipe.training.save_every:
+        refusals.append("training.save_every: checkpoints of a PPO run under FSDP are not supported yet")
+    lora = getattr(loaded.recipe, "peft", None)
+    if lora is not None and lora.save == "merged" and dist.ways("weights") > 1:
+        refusals.append(f"peft.save merged: under {engine} the weights are sharded and no process can fold the "
+                        "adapter in; the stage refuses it (set peft.save: adapter)")
+    return refusals
 
 
 def _setting(loaded: LoadedRecipe, key: str) -> Any:
@@ -576,11 +603,11 @@ def _dpo_reference(loaded: LoadedRecipe, facts: ModelFacts, dtype: str, box: lis
                      gelu_ops=_gelu_ops(facts))
 
 
-def _scorer(loaded: LoadedRecipe, key: str, box: list) -> HeldModel:
+def _scorer(loaded: LoadedRecipe, key: str, box: list, prepared: bool = False) -> HeldModel:
     source = getattr(loaded.recipe, key)
     facts = require_model(loaded, f"{key}.model", source.model, box)
     return HeldModel(key, facts.source, facts.shape, "score", "frozen", 0, _dtype(source.dtype, facts),
-                     prepared=False, gelu_ops=_gelu_ops(facts))
+                     prepared=prepared, gelu_ops=_gelu_ops(facts))
 
 
 def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
@@ -609,14 +636,16 @@ def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
     if recipe.reference.name_or_path:
         ref = require_model(loaded, "reference.name_or_path", recipe.reference.name_or_path, box)
         reference = HeldModel("reference", ref.source, ref.shape, "lm", "frozen", 0, _dtype(recipe.policy.dtype, ref),
-                              prepared=False, gelu_ops=1)
+                              prepared=dist.fsdp, gelu_ops=1)
     elif recipe.peft is None:
         reference = HeldModel("reference", f"frozen copy of {recipe.policy.name_or_path}", facts.shape, "lm",
-                              "frozen", 0, dtype, prepared=False, gelu_ops=1)
+                              "frozen", 0, dtype, prepared=dist.fsdp, gelu_ops=1)
     else:
         reference = None
-    reward = _scorer(loaded, "reward", box) if recipe.reward.model else None
-    gold = _scorer(loaded, "gold", box) if recipe.gold is not None and recipe.gold.model else None
+    # frozen models: sharded like the policy under FSDP (ppo.modules.prepare_frozen), else whole on every device
+    reward = _scorer(loaded, "reward", box, prepared=dist.fsdp) if recipe.reward.model else None
+    gold = (_scorer(loaded, "gold", box, prepared=dist.fsdp) if recipe.gold is not None and recipe.gold.model
+            else None)
     value = None
     if value_mode == "separate":
         name, key = _value_start(recipe, reward)
@@ -680,8 +709,8 @@ def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
     plan.flops_total = sum(plan.flops.values()) * batches.num_updates
     plan.models = [("policy", _model_text(policy, facts) + (" + a value head (value.mode shared)"
                                                              if value_mode == "shared" else ""))]
-    plan.models.append(("reference", f"{reference.source}" + (" (frozen, not sharded)" if reference else "")
-                        if reference else "the policy with its LoRA adapter disabled (no copy)"))
+    plan.models.append(("reference", f"{reference.source} (frozen)" if reference
+                        else "the policy with its LoRA adapter disabled (no copy)"))
     plan.models.append(("reward", f"{reward.source}, {format_count(reward.parameters)} parameters, frozen"
                         if reward else f"function {recipe.reward.function} (no model)"))
     if value is not None:
@@ -891,6 +920,7 @@ def render(plan: Plan) -> str:
         rows.append(("data", plan.data))
     rows.append(("sequences", plan.sequences))
     lines += _rows(rows)
+    lines += [f"warning: the stage will refuse this launch: {refusal}" for refusal in plan.refusals]
     lines.append("batches")
     lines += _rows(plan.batches, indent=4)
     total = sum(plan.flops.values())
@@ -944,9 +974,9 @@ def render(plan: Plan) -> str:
         "the runtime (Python, libraries, CUDA context), host-side data and allocator fragmentation are not counted",
         "activations: SDPA attention (no L x L scores stored), batches padded to their longest sequence",
     ]
-    if plan.distribution.ways("weights") > 1 or plan.distribution.deepspeed:
-        notes.append("frozen models are sharded only when the trainer prepares them (TRL's DPO reference under "
-                     "ZeRO-3 / FSDP); others are held whole on every device")
+    if plan.distribution.ways("weights") > 1:
+        notes.append("frozen models are sharded only where the stage prepares them (the DPO reference under "
+                     "ZeRO-3 / FSDP; PPO's reference, reward and gold under FSDP); others are whole on every device")
     lines += [f"    - {note}" for note in notes]
     return "\n".join(lines)
 
@@ -985,4 +1015,5 @@ def as_json(plan: Plan) -> dict[str, Any]:
         "knobs": [{"change": k.label, "peak_bytes": k.peak, "peak_phase": k.phase} for k in plan.knobs],
         "combination": [{"change": k.label, "peak_bytes": k.peak, "peak_phase": k.phase} for k in plan.combination],
         "notes": plan.notes,
+        "refusals": plan.refusals,
     }

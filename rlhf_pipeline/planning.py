@@ -96,8 +96,6 @@ def format_flops(n: float) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Accelerate configs: how the processes split the work
 # ---------------------------------------------------------------------------------------------------------------
-DDP_TYPES = ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU",
-             "MULTI_NEURON")
 FSDP_V1_STRATEGIES = {"1": "fsdp-full", "FULL_SHARD": "fsdp-full", "2": "fsdp-grad-op", "SHARD_GRAD_OP": "fsdp-grad-op",
                       "3": "ddp", "NO_SHARD": "ddp", "4": "fsdp-hybrid", "HYBRID_SHARD": "fsdp-hybrid",
                       "5": "fsdp-hybrid", "HYBRID_SHARD_ZERO2": "fsdp-hybrid"}
@@ -119,6 +117,7 @@ class Distribution:
     offload_optimizer: bool = False
     offload_params: bool = False
     activation_checkpointing: bool = False  # FSDP's own (fsdp_activation_checkpointing)
+    fsdp_version: int = 2
     source: str = "no Accelerate config: one process"
 
     @property
@@ -177,28 +176,22 @@ def default_distribution(processes: int | None = None) -> Distribution:
 
 
 def read_accelerate_config(path: str | Path, processes: int | None = None) -> Distribution:
-    """A standard Accelerate config YAML (`accelerate config`'s output; recipes/accelerate/ holds examples): its
-    distributed_type, num_processes (`processes` overrides it), num_machines, use_cpu, mixed_precision, fsdp_config
-    and deepspeed_config (a referenced deepspeed_config_file is read when it exists)."""
+    """A standard Accelerate config YAML (`accelerate config`'s output; recipes/accelerate/ holds examples), checked
+    as `rlhf recipe validate` checks it, then read: distributed_type, num_processes (`processes` overrides it),
+    num_machines, use_cpu, mixed_precision, fsdp_config and deepspeed_config (a referenced deepspeed_config_file is
+    read when it exists)."""
     import yaml
+
+    from rlhf_pipeline.recipe import accelerate_config
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--accelerate-config: no such file: {path}")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"--accelerate-config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"--accelerate-config: {path} is not an Accelerate config (expected a mapping)")
+    if accelerate_config.check_file(path) is None:  # raises a RecipeError naming file:line: key for each problem
+        raise UserError(f"--accelerate-config: {path} is not an Accelerate config (it has no distributed_type)")
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
     kind = str(config.get("distributed_type", "NO")).upper()
-    known = ("NO", "FSDP", "DEEPSPEED", *DDP_TYPES)
-    if kind not in known:
-        raise UserError(f"--accelerate-config: {path}: distributed_type {kind!r} is not one this plan knows "
-                        f"({', '.join(known)}){did_you_mean(kind, known)}")
     n = int(processes or config.get("num_processes") or 1)
-    if n < 1:
-        raise UserError(f"--processes: expected 1 or more, got {n}")
     machines = int(config.get("num_machines") or 1)
     cpu = bool(config.get("use_cpu")) or kind == "MULTI_CPU"
     mixed = config.get("mixed_precision")
@@ -208,13 +201,14 @@ def read_accelerate_config(path: str | Path, processes: int | None = None) -> Di
               "source": source}
     if kind == "FSDP":
         fsdp = config.get("fsdp_config") or {}
-        if int(fsdp.get("fsdp_version", 1)) >= 2:
+        version = int(fsdp.get("fsdp_version", fsdp.get("version", 1)))
+        if version >= 2:
             strategy = "fsdp-full" if _truthy(fsdp.get("fsdp_reshard_after_forward", True)) else "fsdp-grad-op"
         else:
             choice = str(fsdp.get("fsdp_sharding_strategy", "FULL_SHARD")).upper()
             strategy = FSDP_V1_STRATEGIES.get(choice, "fsdp-full")
-        return Distribution(strategy, offload_params=_truthy(fsdp.get("fsdp_offload_params", False)),
-                            offload_optimizer=_truthy(fsdp.get("fsdp_offload_params", False)),
+        offload = _truthy(fsdp.get("fsdp_offload_params", False))
+        return Distribution(strategy, offload_params=offload, offload_optimizer=offload, fsdp_version=version,
                             activation_checkpointing=_truthy(fsdp.get("fsdp_activation_checkpointing", False)),
                             **common)
     if kind == "DEEPSPEED":
@@ -606,14 +600,18 @@ def trl_memory(spec: TrlSpec, dist: Distribution) -> MemoryPlan:
 
 
 def _generation_phase(name: str, policy: HeldModel, rows: int, prompt: int, response: int, p: Precision,
-                      dist: Distribution) -> Phase:
+                      dist: Distribution, whole: list[Term] | None = None) -> Phase:
+    """Sampling `response` tokens for `rows` prompts: the KV cache, the prefill's transients, the logits of a step;
+    with sharded weights, those gathered (`whole`: the trained models held whole, as PPO does under FSDP)."""
     length = prompt + response
+    gathered = whole if whole is not None and whole else (
+        [Term("weights gathered to sample", gathered_bytes(policy, p, dist))] if gathered_bytes(policy, p, dist)
+        else [])
     return Phase(name, [
         Term(f"KV cache ({rows} x {length} tokens)", kv_cache_bytes(policy.shape, rows, length, p)),
         Term(f"prefill ({rows} x {prompt} prompt tokens)", no_grad_forward_bytes(policy, rows, prompt, p)),
         Term("sampling logits", rows * policy.shape.vocab_size * 4 * 4),
-        *([Term("weights gathered to sample", gathered_bytes(policy, p, dist))]
-          if gathered_bytes(policy, p, dist) else []),
+        *gathered,
     ])
 
 
@@ -653,15 +651,21 @@ def ppo_memory(spec: PpoSpec, dist: Distribution) -> MemoryPlan:
                                        train_dropout=False) + backward_working_bytes(model, spec.micro_batch, length, p)
                 + head)
 
-    phases = [_generation_phase("generation", policy, spec.rollouts, spec.prompt, response, p, dist)]
+    # under FSDP our PPO gathers the trained models whole for generation, scoring and evaluation (whole_weights)
+    whole = [Term("trained weights gathered whole (FSDP)", sum(m.parameters for m in trained) *
+                  (p.compute if p.autocast != "no" else policy.dtype_bytes))] if dist.fsdp else []
+    phases = [_generation_phase("generation", policy, spec.rollouts, spec.prompt, response, p, dist, whole)]
     chunk = min(spec.forward_batch, spec.rollouts)
     logits = chunk * response * vocab
     scoring = [Term(f"logits of policy and reference, {chunk} rows x {response} tokens, and entropy temporaries",
                     logits * (2 * p.compute + 16)),
-               Term(f"trunk forward ({chunk} x {length} tokens)", no_grad_forward_bytes(policy, chunk, length, p))]
+               Term(f"trunk forward ({chunk} x {length} tokens)", no_grad_forward_bytes(policy, chunk, length, p)),
+               *whole]
+    if spec.reference is not None and gathered_bytes(spec.reference, p, dist):
+        scoring.append(Term("reference weights gathered to compute", gathered_bytes(spec.reference, p, dist)))
     scorer_rows = min(REWARD_SCORING_BATCH, spec.rollouts)
-    reward_pass = max((no_grad_forward_bytes(m, scorer_rows, length + 1, p) for m in (spec.reward, spec.gold)
-                       if m is not None), default=0)
+    reward_pass = max((no_grad_forward_bytes(m, scorer_rows, length + 1, p) + gathered_bytes(m, p, dist)
+                       for m in (spec.reward, spec.gold) if m is not None), default=0)
     phases.append(Phase("scoring", scoring))
     if reward_pass:
         phases.append(Phase("reward model", [Term(f"forward of {scorer_rows} x {length + 1} tokens (no grad)",
@@ -669,15 +673,15 @@ def ppo_memory(spec: PpoSpec, dist: Distribution) -> MemoryPlan:
     phases += _training_phases([(m, s, saved(m)) for m, s in states if m in trained], [], spec.accumulation, p,
                                dist)
     rows = min(spec.eval_batch, max(spec.eval_batch, 1))
-    evaluation = _generation_phase("evaluation", policy, rows, spec.prompt, response, p, dist)
+    evaluation = _generation_phase("evaluation", policy, rows, spec.prompt, response, p, dist, whole)
     evaluation.terms.append(Term(f"log-probabilities, {LOGPROB_CHUNK} rows at a time",
                                  loss_head_bytes("ppo-lm", min(LOGPROB_CHUNK, rows) * response, vocab, p, dist,
                                                  backward=False)))
     phases.append(evaluation)
     notes = []
-    if dist.ways("weights") > 1:
-        notes.append("the reference, reward and gold models are not passed to accelerator.prepare by our PPO: "
-                     "every process holds them whole")
+    if dist.fsdp:
+        notes.append("under FSDP our PPO shards the reference, reward and gold models like the policy, and gathers "
+                     "the trained models whole for generation, scoring and evaluation")
     if checkpointing:
         notes.append("activations: gradient checkpointing on (each block recomputed in backward: +1 forward)")
     return MemoryPlan(states, static, phases, p, dist, notes)
