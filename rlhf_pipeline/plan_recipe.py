@@ -413,21 +413,21 @@ def plan_recipe(loaded: LoadedRecipe, dist: Distribution, device_memory: int | N
 
 def launch_refusals(loaded: LoadedRecipe, dist: Distribution) -> list[str]:
     """What the stage itself refuses about this launch (stages.common.check_engine), said before planning it.
-    PPO under DeepSpeed is an error: there is nothing to plan."""
+    PPO under ZeRO-3 is an error: there is nothing to plan."""
     engine = "FSDP" if dist.fsdp else f"DeepSpeed ZeRO-{dist.strategy[-1]}" if dist.deepspeed else None
     if engine is None:
         return []
-    if loaded.stage == "ppo" and dist.deepspeed:
-        raise UserError("--accelerate-config: rlhf ppo runs under DDP and FSDP, not DeepSpeed (our PPO loop steps the "
-                        "optimizer itself); plan it with recipes/accelerate/fsdp.yaml or ddp.yaml")
+    if loaded.stage == "ppo" and dist.strategy == "zero3":
+        raise UserError("--accelerate-config: rlhf ppo runs under DDP, FSDP and DeepSpeed ZeRO-1/2, not ZeRO-3; "
+                        "plan a sharded PPO run with recipes/accelerate/fsdp.yaml")
     refusals = []
     if dist.device == "cpu":
         refusals.append(f"{engine} runs only on GPUs: on CPU the stage refuses this launch (use plain data "
                         "parallel: torchrun --standalone --nproc_per_node N)")
-    if loaded.stage == "ppo" and dist.fsdp_version != 2:
+    if loaded.stage == "ppo" and dist.fsdp and dist.fsdp_version != 2:
         refusals.append("rlhf ppo under FSDP needs FSDP2 (fsdp_version: 2, as in recipes/accelerate/fsdp.yaml)")
-    if loaded.stage == "ppo" and dist.fsdp and loaded.recipe.training.save_every:
-        refusals.append("training.save_every: checkpoints of a PPO run under FSDP are not supported yet")
+    if loaded.stage == "ppo" and loaded.recipe.training.save_every:
+        refusals.append(f"training.save_every: checkpoints of a PPO run under {engine} are not supported yet")
     lora = getattr(loaded.recipe, "peft", None)
     if lora is not None and lora.save == "merged" and dist.ways("weights") > 1:
         refusals.append(f"peft.save merged: under {engine} the weights are sharded and no process can fold the "

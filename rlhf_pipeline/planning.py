@@ -509,6 +509,15 @@ class MemoryPlan:
         return self.static_total + self.peak_phase.total
 
 
+def activation_precision(precision: Precision, dist: Distribution) -> Precision:
+    """The precision activations are computed in. Under DeepSpeed or FSDP with mixed precision the weights are
+    computed with in 16 bits (DeepSpeed keeps 16-bit module weights; FSDP gathers them in 16 bits), so the residual
+    stream is 16-bit too; under autocast it stays at the weights' dtype."""
+    if precision.autocast != "no" and (dist.deepspeed or dist.fsdp):
+        return Precision(2, 2, precision.autocast)
+    return precision
+
+
 def _static_terms(models: list[HeldModel], precision: Precision, dist: Distribution):
     states = [(m, model_state(m, precision, dist)) for m in models]
     static = []
@@ -574,10 +583,11 @@ def trl_memory(spec: TrlSpec, dist: Distribution) -> MemoryPlan:
     states, static = _static_terms(models, p, dist)
     rows = spec.micro_batch * spec.sequences_per_example
     checkpointing = spec.checkpointing or dist.activation_checkpointing
-    saved = block_activation_bytes(model, rows, spec.length, p, dist=dist, checkpointing=checkpointing,
-                                   padded=spec.padded) + backward_working_bytes(model, rows, spec.length, p)
+    a = activation_precision(p, dist)
+    saved = block_activation_bytes(model, rows, spec.length, a, dist=dist, checkpointing=checkpointing,
+                                   padded=spec.padded) + backward_working_bytes(model, rows, spec.length, a)
     head_positions = rows * (spec.length - 1 if spec.head == "trl-fused" else spec.length)
-    saved += loss_head_bytes(spec.head, head_positions, model.shape.vocab_size, p, dist)
+    saved += loss_head_bytes(spec.head, head_positions, model.shape.vocab_size, a, dist)
     extra = []
     if spec.reference is not None:  # DPO: the reference's forward runs while the policy's activations are held
         extra.append(Term("reference forward (no grad)",
@@ -644,11 +654,13 @@ def ppo_memory(spec: PpoSpec, dist: Distribution) -> MemoryPlan:
     length, response, vocab = spec.prompt + spec.response, spec.response, policy.shape.vocab_size
     checkpointing = spec.checkpointing or dist.activation_checkpointing
 
+    a = activation_precision(p, dist)
+
     def saved(model: HeldModel) -> int:
-        head = loss_head_bytes("ppo-lm" if model.head == "lm" else "score", spec.micro_batch * response, vocab, p,
+        head = loss_head_bytes("ppo-lm" if model.head == "lm" else "score", spec.micro_batch * response, vocab, a,
                                dist)
-        return (block_activation_bytes(model, spec.micro_batch, length, p, dist=dist, checkpointing=checkpointing,
-                                       train_dropout=False) + backward_working_bytes(model, spec.micro_batch, length, p)
+        return (block_activation_bytes(model, spec.micro_batch, length, a, dist=dist, checkpointing=checkpointing,
+                                       train_dropout=False) + backward_working_bytes(model, spec.micro_batch, length, a)
                 + head)
 
     # under FSDP our PPO gathers the trained models whole for generation, scoring and evaluation (whole_weights)
@@ -682,6 +694,8 @@ def ppo_memory(spec: PpoSpec, dist: Distribution) -> MemoryPlan:
     if dist.fsdp:
         notes.append("under FSDP our PPO shards the reference, reward and gold models like the policy, and gathers "
                      "the trained models whole for generation, scoring and evaluation")
+    if dist.deepspeed:
+        notes.append("under DeepSpeed ZeRO-1/2 the reference, reward and gold models stay whole on every device")
     if checkpointing:
         notes.append("activations: gradient checkpointing on (each block recomputed in backward: +1 forward)")
     return MemoryPlan(states, static, phases, p, dist, notes)
