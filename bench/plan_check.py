@@ -26,6 +26,8 @@ Error = (estimate - measured) / measured. Settings:
   gpt2-small-ppo                    the same as policy and as reward model: PPO, full fine-tuning, value head shared,
                                     reference a frozen copy
   gpt2-small-ppo-lora               the same with LoRA r=16 (reference: the adapter disabled)
+  with a GPU, also: gpt2-small-sft-bf16 and gpt2-small-ppo-bf16 (bf16 autocast), and gpt2-small-sft-1024,
+  -1024-bf16, -1024-checkpointing (a 1,024-position GPT-2-small, 8 texts of 1,024 tokens per step)
 
 Results: bench/results/plan_check.json (--out). Needs only the standard library here; the children run in this
 interpreter's environment (the project's venv).
@@ -91,9 +93,9 @@ print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_
 BUILD_SMALL = r"""
 import json, sys, torch
 from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
-tokenizer_dir, out = sys.argv[1], sys.argv[2]
+tokenizer_dir, out, positions = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-kw = dict(vocab_size=max(50257, len(tok)), n_positions=128, n_embd=768, n_layer=12, n_head=12, resid_pdrop=0.0,
+kw = dict(vocab_size=max(50257, len(tok)), n_positions=positions, n_embd=768, n_layer=12, n_head=12, resid_pdrop=0.0,
           embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
           pad_token_id=tok.pad_token_id)
 torch.manual_seed(0)
@@ -111,9 +113,17 @@ print(json.dumps(info))
 """
 
 
-def settings(tiny: Path, small: Path) -> dict[str, dict]:
-    """name -> the stage command (rlhf <stage> <recipe> <--set ...>); every run writes under the workdir."""
+def settings(tiny: Path, small: Path, long_data: Path) -> dict[str, dict]:
+    """name -> the stage command (rlhf <stage> <recipe> <--set ...>); every run writes under the workdir. Settings
+    marked gpu run only where a GPU is (on 2 CPU cores they would take too long)."""
     quiet = ["training.disable_tqdm=true"]
+    long = small.parent / "gpt2-small-1024"
+    ppo_small = [f"policy.name_or_path={small / 'policy'}", f"reward.model={small / 'reward'}", "value.mode=shared",
+                 "training.total_episodes=32", "training.rollout_batch_size=16", "training.num_mini_batches=2",
+                 "training.ppo_epochs=1", "training.eval_prompts=16", "training.eval_batch_size=16", "gold=null"]
+    sft_long = [f"model.name_or_path={long / 'policy'}", f"data.files={long_data}", "data.eval_size=8",
+                "training.max_steps=3", "training.per_device_train_batch_size=8", "training.max_length=1024",
+                "training.per_device_eval_batch_size=8", *quiet]
     return {
         "tiny-sft": {"stage": "sft", "recipe": "recipes/tiny/sft.yaml", "set": [
             f"model.name_or_path={tiny / 'pretrain'}", "training.max_steps=40", *quiet]},
@@ -126,15 +136,22 @@ def settings(tiny: Path, small: Path) -> dict[str, dict]:
             "training.per_device_train_batch_size=16", "training.per_device_eval_batch_size=16",
             "training.learning_rate=1e-4", *quiet]},
         "gpt2-small-ppo": {"stage": "ppo", "recipe": "recipes/tiny/ppo.yaml", "set": [
-            f"policy.name_or_path={small / 'policy'}", f"reward.model={small / 'reward'}", "value.mode=shared",
-            "training.total_episodes=32", "training.rollout_batch_size=16", "training.num_mini_batches=2",
-            "training.ppo_epochs=1", "training.eval_prompts=16", "training.eval_batch_size=16",
-            "training.learning_rate=1e-5", "gold=null"]},
+            *ppo_small, "training.learning_rate=1e-5"]},
         "gpt2-small-ppo-lora": {"stage": "ppo", "recipe": "recipes/tiny/ppo.yaml", "set": [
-            f"policy.name_or_path={small / 'policy'}", f"reward.model={small / 'reward'}", "value.mode=shared",
-            "training.total_episodes=32", "training.rollout_batch_size=16", "training.num_mini_batches=2",
-            "training.ppo_epochs=1", "training.eval_prompts=16", "training.eval_batch_size=16",
-            "training.learning_rate=1e-4", "gold=null", "peft.r=16", "peft.dropout=0.0"]},
+            *ppo_small, "training.learning_rate=1e-4", "peft.r=16", "peft.dropout=0.0"]},
+        "gpt2-small-sft-bf16": {"stage": "sft", "recipe": "recipes/tiny/sft.yaml", "gpu": True, "set": [
+            f"model.name_or_path={small / 'policy'}", "data.eval_size=32", "training.max_steps=4",
+            "training.per_device_train_batch_size=16", "training.per_device_eval_batch_size=16",
+            "training.learning_rate=1e-4", "training.bf16=true", *quiet]},
+        "gpt2-small-ppo-bf16": {"stage": "ppo", "recipe": "recipes/tiny/ppo.yaml", "gpu": True, "set": [
+            *ppo_small, "training.learning_rate=1e-5", "training.mixed_precision=bf16"]},
+        "gpt2-small-sft-1024": {"stage": "sft", "recipe": "recipes/tiny/sft.yaml", "gpu": True, "long": True,
+                                "set": [*sft_long, "training.bf16=false"]},
+        "gpt2-small-sft-1024-bf16": {"stage": "sft", "recipe": "recipes/tiny/sft.yaml", "gpu": True, "long": True,
+                                     "set": [*sft_long, "training.bf16=true"]},
+        "gpt2-small-sft-1024-checkpointing": {"stage": "sft", "recipe": "recipes/tiny/sft.yaml", "gpu": True,
+                                              "long": True, "set": [*sft_long, "training.bf16=true",
+                                                                    "training.activation_checkpointing=true"]},
     }
 
 
@@ -157,13 +174,34 @@ def child_env(threads: int, pinned: bool = False) -> dict[str, str]:
     return env
 
 
-def build_small_models(small: Path, tokenizer_dir: Path, env: dict[str, str]) -> dict:
+def long_texts(path: Path, rows: int = 64, chars: int = 6000) -> Path:
+    """Plain texts of about 1,500 tokens (the tiny tokenizer), joined from the tiny corpus: the 1,024-token settings
+    are cut at max_length, so every batch is 1,024 tokens long."""
+    import gzip
+
+    if not path.exists():
+        corpus = [json.loads(line)["text"] for line in
+                  gzip.open(REPO / "recipes" / "tiny" / "data" / "corpus.jsonl.gz", "rt", encoding="utf-8")]
+        texts, current = [], ""
+        for text in corpus:
+            current += text + " "
+            if len(current) >= chars:
+                texts.append({"text": current})
+                current = ""
+            if len(texts) == rows:
+                break
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(t) + "\n" for t in texts))
+    return path
+
+
+def build_small_models(small: Path, tokenizer_dir: Path, env: dict[str, str], positions: int = 128) -> dict:
     info = small / "models.json"
     if not info.exists():
         say(f"building the random-init GPT-2-small policy and reward model in {small}")
         small.mkdir(parents=True, exist_ok=True)
-        out = subprocess.run([sys.executable, "-c", BUILD_SMALL, str(tokenizer_dir), str(small)], capture_output=True,
-                             text=True, env=env, cwd=REPO, check=False)
+        out = subprocess.run([sys.executable, "-c", BUILD_SMALL, str(tokenizer_dir), str(small), str(positions)],
+                             capture_output=True, text=True, env=env, cwd=REPO, check=False)
         if out.returncode:
             raise SystemExit(f"building the GPT-2-small models failed:\n{out.stderr[-2000:]}")
     return json.loads(info.read_text())
@@ -224,6 +262,26 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def reestimate(path: Path, all_settings: dict, workdir: Path, env: dict[str, str]) -> None:
+    results = json.loads(path.read_text())
+    cpu_config = workdir / "cpu.yaml"
+    cpu_config.write_text(CPU_CONFIG)
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()
+    for name, row in results["settings"].items():
+        planned = estimate(all_settings[name], None if results["gpu"] else cpu_config, env)
+        est = planned["memory"]["peak_bytes"]
+        row.setdefault("earlier_estimates", []).append({"estimate_mib": row["estimate_mib"], "error": row["error"],
+                                                        "peak_phase": row["peak_phase"]})
+        row.update(estimate_mib=est / MIB, peak_phase=planned["memory"]["peak_phase"], plan=planned["memory"],
+                   error={mode: (est / MIB - measured) / measured for mode, measured in row["measured_mib"].items()})
+        say(f"{name}: estimate {est / MIB:,.1f} MiB, errors " +
+            ", ".join(f"{mode} {100 * e:+.0f} %" for mode, e in row["error"].items()))
+    results["estimates_recomputed"] = f"at commit {commit} on {_dt.date.today().isoformat()} (--reestimate)"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,6 +295,10 @@ def main() -> None:
                     help="CPU only: measure with glibc's mmap threshold pinned at 64 KiB, with glibc's default, or "
                          "both (each setting runs once per choice).")
     ap.add_argument("--show", type=Path, help="Print the table of a saved result and exit.")
+    ap.add_argument("--reestimate", type=Path, metavar="RESULTS",
+                    help="Recompute the estimates of a saved result with this checkout's `rlhf plan` (the models are "
+                         "rebuilt here, the same shapes), keep its measurements, and write it back: a GPU run's "
+                         "figures checked against a later memory model. The earlier estimates stay in the file.")
     args = ap.parse_args()
     if args.show:
         print(table(json.loads(args.show.read_text())))
@@ -250,15 +312,23 @@ def main() -> None:
     (workdir / "runs").mkdir(parents=True, exist_ok=True)
     env = child_env(args.threads)
     small = workdir / "gpt2-small"
-    all_settings = settings(tiny, small)
-    chosen = args.settings or list(all_settings)
+    all_settings = settings(tiny, small, workdir / "long.jsonl")
+    gpu = baseline(env)["cuda"]
+    chosen = args.settings or [name for name, spec in all_settings.items() if gpu or not spec.get("gpu")]
     unknown = [s for s in chosen if s not in all_settings]
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; choose among {list(all_settings)}")
     if any(s.startswith("gpt2-small") for s in chosen):
         models = build_small_models(small, tiny / "sft", env)
         say(f"GPT-2-small models: {models}")
-    gpu = baseline(env)["cuda"]
+    if args.reestimate:
+        chosen = list(json.loads(args.reestimate.read_text())["settings"])
+    if any(all_settings[s].get("long") for s in chosen):
+        build_small_models(small.parent / "gpt2-small-1024", tiny / "sft", env, positions=1024)
+        long_texts(workdir / "long.jsonl")
+    if args.reestimate:
+        reestimate(args.reestimate, all_settings, workdir, env)
+        return
     cpu_config = workdir / "cpu.yaml"
     cpu_config.write_text(CPU_CONFIG)
     modes = ["cuda"] if gpu else (["pinned", "default"] if args.malloc == "both" else [args.malloc])

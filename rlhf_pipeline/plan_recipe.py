@@ -940,8 +940,8 @@ def render(plan: Plan) -> str:
     for row in table:
         lines.append("    " + "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in
                                         enumerate(zip(row, widths))).rstrip())
-    lines.append(f"    always held: {format_bytes(memory.static_total)} (weights, AdamW state"
-                 f"{', DDP buckets' if any(t.what.startswith('DDP') for t in memory.static) else ''})")
+    lines.append(f"    always held: {format_bytes(memory.static_total)}")
+    lines += [f"        {term.what}: {format_bytes(term.bytes)}" for term in memory.static if term.bytes]
     peak_phase = memory.peak_phase
     for phase in memory.phases:
         marker = "  <- peak" if phase is peak_phase else ""

@@ -28,9 +28,9 @@ weights' dtype):
 - the loss head (often the largest term for GPT-2: V = 50,257): see `loss_head_bytes`.
 - generation: the KV cache, 2 x n_layer x d x tokens x `c`, plus one prefill layer's transients.
 
-Peak = what is always there (weights, optimizer state, DDP buckets) + the largest phase (generation, scoring,
-forward/backward, optimizer step, evaluation). Not counted: the Python runtime and libraries, data held in host
-memory, the CUDA context, allocator fragmentation, and communication buffers.
+Peak = what is always there (weights, optimizer state, DDP buckets; on a GPU, cuBLAS workspaces) + the largest phase
+(generation, scoring, forward/backward, optimizer step, evaluation). Not counted: the Python runtime and libraries,
+data held in host memory, the CUDA context, allocator fragmentation, and communication buffers.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ ZERO3_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's default stage3_max_live_paramet
 TOKEN_TILE, VOCAB_TILE = 4096, 32768  # TRL's fused LM head: [tokens, vocabulary] tiles of the logits
 REWARD_SCORING_BATCH = 64  # rows per reward-model forward (rlhf_pipeline.scoring.RewardModel)
 LOGPROB_CHUNK = 16  # rows per forward in the held-out evaluation (ppo.modules.sequence_logprobs)
+# PyTorch allocates cuBLAS workspaces through its caching allocator: 32 MiB each on Hopper (sm90; 8 MiB on older
+# GPUs), one for the thread that runs the forward and one for the autograd thread that runs the backward
+CUBLAS_WORKSPACES = 2 * 32 * MIB
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,7 +385,7 @@ def block_activation_bytes(model: HeldModel, rows: int, length: int, precision: 
     d, f, a = shape.n_embd, shape.mlp_width, shape.n_head
     tokens = rows * length
     residual, c = precision.weights, precision.compute
-    per_token = 2 * d * residual + (6 * d + (1 + model.gelu_ops) * f) * c + a * 4
+    per_token = 2 * d * residual + 6 * d * c + mlp_hidden_bytes(model, precision, dist) * f + a * 4
     if train_dropout and model.dropout > 0:  # two residual dropouts; a GPU keeps a bool mask, the CPU a float one
         per_token += 2 * d * (1 if dist.device == "gpu" else c)
     if train_dropout and model.lora_dropout > 0:  # the dropped-out copies of the adapters' inputs, and their masks
@@ -392,6 +395,19 @@ def block_activation_bytes(model: HeldModel, rows: int, length: int, precision: 
     if checkpointing:  # each block's input, plus one block recomputed during backward
         return shape.n_layer * tokens * d * residual + per_layer + outside
     return shape.n_layer * per_layer + outside
+
+
+def mlp_hidden_bytes(model: HeldModel, precision: Precision, dist: Distribution) -> int:
+    """Bytes saved per element of the MLP's hidden layer: its input to the activation and the activation's output
+    (2 x c) with a one-op GELU; GPT-2's `gelu_new` (six tensor ops) saves three more tensors, at c bytes, except
+    under CUDA autocast, where `pow` runs in fp32 (its input is saved as an fp32 copy) and the tanh and its sum stay
+    fp32: 4 + 4 + c + 4 + c bytes."""
+    c = precision.compute
+    if model.gelu_ops == 1:
+        return 2 * c
+    if precision.autocast != "no" and dist.device == "gpu":
+        return 12 + 2 * c
+    return 5 * c
 
 
 def backward_working_bytes(model: HeldModel, rows: int, length: int, precision: Precision) -> int:
@@ -409,8 +425,8 @@ def loss_head_bytes(kind: str, tokens: int, vocab: int, precision: Precision, di
       backward its gradient and the logits' gradient: max(c + 4 + 4, 12) bytes per position and vocabulary entry
       (fp32: 12); forward only: c + 4 (+ 4 for the copy).
     - "trl-fused" (SFT, DPO: TRL's fused LM head): no full logits, [4,096 x 32,768] tiles of them. With Triton (a
-      GPU) one tile, updated in place; on a CPU TRL's torch fallback keeps about 8 fp32 temporaries of a tile alive
-      in backward, 3 in forward.
+      GPU) one tile buffer, updated in place; on a CPU TRL's torch fallback keeps about 8 fp32 temporaries of a tile
+      alive in backward, 3 in forward.
     - "ppo-lm" (our PPO, response positions only): the logits, and for log-probabilities at the temperature the
       scaled copy logsumexp saves plus its temporaries: c + 16 bytes per position and entry.
     - "score" (reward and value models): one number per position.
@@ -421,9 +437,10 @@ def loss_head_bytes(kind: str, tokens: int, vocab: int, precision: Precision, di
         return tokens * 4
     if kind == "hf-lm":
         return tokens * vocab * (max(c + copy + 4, 12) if backward else c + copy + 4)
-    if kind == "trl-fused":
-        tile = min(tokens, TOKEN_TILE) * min(vocab, VOCAB_TILE)
-        return tile * c if dist.device == "gpu" else tile * (c + (8 if backward else 3) * 4)
+    if kind == "trl-fused":  # the tile buffer is 32,768 wide whatever the vocabulary; a CPU touches what it uses
+        if dist.device == "gpu":
+            return min(tokens, TOKEN_TILE) * VOCAB_TILE * c
+        return min(tokens, TOKEN_TILE) * min(vocab, VOCAB_TILE) * (c + (8 if backward else 3) * 4)
     if kind == "ppo-lm":
         return tokens * vocab * (c + 16 if backward else c + copy + 12)
     raise ValueError(f"unknown loss head {kind!r}")
@@ -520,7 +537,7 @@ def activation_precision(precision: Precision, dist: Distribution) -> Precision:
 
 def _static_terms(models: list[HeldModel], precision: Precision, dist: Distribution):
     states = [(m, model_state(m, precision, dist)) for m in models]
-    static = []
+    static = [Term("cuBLAS workspaces", CUBLAS_WORKSPACES)] if dist.device == "gpu" else []
     for model, state in states:
         static.append(Term(f"{model.role} weights", state.weights))
         if state.optimizer:
@@ -554,7 +571,14 @@ def _training_phases(trained: list[tuple[HeldModel, ModelState, int]], extra_for
     if accumulation > 1 and grads:
         terms.append(Term(f"gradients (accumulated over {accumulation} micro-batches)", grads))
     terms += extra_forward
-    return [Phase("forward/backward", terms), Phase("optimizer step", [Term("gradients", grads)])]
+    step = [Term("gradients", grads)]
+    for model, state, _ in trained:
+        if model.trains == "all" and model.head == "lm":
+            # the tied embedding: its gradient is added into the output head's at the end of backward
+            step.append(Term(f"{model.role} embedding gradient, added into the tied output head's",
+                             math.ceil(model.shape.vocab_size * model.shape.n_embd * state.grads /
+                                       model.trainable_parameters)))
+    return [Phase("forward/backward", terms), Phase("optimizer step", step)]
 
 
 @dataclass(frozen=True)

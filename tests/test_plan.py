@@ -162,6 +162,10 @@ def test_activation_bytes_by_hand():
     # bf16 autocast: the norms' inputs stay fp32, the rest is 2 bytes
     assert planning.block_activation_bytes(model, 3, 5, BF16, dist=CPU, padded=False) == \
         2 * 15 * (32 + 104 * 2 + 8) + outside
+    # under CUDA autocast gelu_new's pow runs in fp32 (an fp32 copy of its input saved), and tanh and 1 + tanh stay
+    # fp32: the MLP's hidden layer saves 4 + 4 + 2 + 4 + 2 bytes per element instead of 5 x 2
+    assert planning.mlp_hidden_bytes(model, BF16, Distribution()) == 16
+    assert planning.mlp_hidden_bytes(model, BF16, CPU) == 10
     fused = held(shape, gelu_ops=1)  # one-op GELU: 6d + 2f
     assert planning.block_activation_bytes(fused, 1, 1, FP32, dist=CPU, padded=False) == 2 * (32 + 56 * 4 + 8) + 32
 
@@ -204,7 +208,9 @@ def test_loss_head_kv_cache_and_gathered_weights_by_hand():
     assert planning.loss_head_bytes("hf-lm", 10, 100, FP32, gpu) == 10 * 100 * 12
     assert planning.loss_head_bytes("hf-lm", 10, 100, BF16, gpu) == 10 * 100 * 12  # backward: 3 fp32 copies
     assert planning.loss_head_bytes("hf-lm", 10, 100, BF16, gpu, backward=False) == 10 * 100 * (2 + 4 + 4)
-    assert planning.loss_head_bytes("trl-fused", 10, 100, FP32, gpu) == 10 * 100 * 4  # one tile, in place
+    # TRL's tile buffer is 32,768 wide whatever the vocabulary: a GPU allocates it whole (one, updated in place);
+    # a CPU touches the columns it uses and keeps 8 fp32 temporaries of that size in backward
+    assert planning.loss_head_bytes("trl-fused", 10, 100, FP32, gpu) == 10 * 32768 * 4
     assert planning.loss_head_bytes("trl-fused", 10, 100, FP32, cpu) == 10 * 100 * (4 + 32)
     assert planning.loss_head_bytes("trl-fused", 10_000, 50_257, BF16, gpu) == 4096 * 32768 * 2  # tiles only
     assert planning.loss_head_bytes("ppo-lm", 10, 100, FP32, gpu) == 10 * 100 * 20
@@ -226,11 +232,13 @@ def test_phases_and_peak():
     names = [phase.name for phase in memory.phases]
     assert names == ["forward/backward", "optimizer step"]
     weights, grads, adam = (KNOWN["gpt2"].parameters * b for b in (4, 4, 8))
-    assert memory.static_total == weights + adam
-    assert memory.phases[1].total == grads
+    assert memory.static_total == weights + adam + 64 * 1024**2  # and two 32 MiB cuBLAS workspaces on a GPU
+    embedding = 50257 * 768 * 4  # the tied embedding's gradient, added into the output head's
+    assert memory.phases[1].total == grads + embedding
     assert memory.peak == memory.static_total + max(p.total for p in memory.phases)
     ddp = planning.trl_memory(spec, Distribution("ddp", 2))
     assert ddp.static_total == memory.static_total + grads  # DDP's gradient buckets
+    assert planning.trl_memory(spec, CPU).static_total == weights + adam  # no cuBLAS on a CPU
 
 
 # ---------------------------------------------------------------------------------------------------------------
