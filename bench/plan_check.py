@@ -335,7 +335,10 @@ def main() -> None:
     envs = {mode: child_env(args.threads, pinned=mode == "pinned") for mode in modes}
     bases = {mode: baseline(envs[mode])["peak_rss_bytes"] for mode in modes if mode != "cuda"}
     say(f"GPU: {gpu}; runtime baseline peak RSS: " + ", ".join(f"{m} {b / MIB:,.0f} MiB" for m, b in bases.items()))
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()
     results = {"gpu": gpu, "baseline_rss_mib": {m: b / MIB for m, b in bases.items()}, "settings": {},
+               "commit": commit or None,
                "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(),
                "cpus": os.cpu_count(), "threads": args.threads, "python": sys.version.split()[0]}
     if args.out.exists():  # keep the other settings' rows of an earlier run of the same kind

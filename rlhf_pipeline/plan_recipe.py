@@ -176,6 +176,7 @@ class DataFacts:
     train_rows: int | None = None
     held_out_rows: int | None = None
     longest: int | None = None  # the longest sequence (or prompt, for PPO), tokens, after the stage's cuts
+    loss_positions: int | None = None  # SFT prompt/completion, DPO: the most tokens a sequence has a loss on
     dropped: int = 0  # rows the stage leaves out for being too long (counted when measured)
     how: str = ""
 
@@ -301,9 +302,11 @@ def measure_data(loaded: LoadedRecipe, tokenizer_dir: str | None, limit: int | N
         return facts
     eos = 1
     try:
-        lengths = _stage_lengths(stage, section, rows, tokenizer, eos)
+        lengths, completions = _stage_lengths(stage, section, rows, tokenizer, eos)
     except (KeyError, TypeError, AttributeError):
         return facts  # a column the stage would name in its own error; the plan does not need it
+    if completions:
+        facts.loss_positions = min(max(completions), limit) if limit else max(completions)
     if not lengths:
         return facts
     if stage == "pretrain":
@@ -324,29 +327,39 @@ def measure_data(loaded: LoadedRecipe, tokenizer_dir: str | None, limit: int | N
     return facts
 
 
-def _stage_lengths(stage: str, section, rows: list[dict], tokenizer, eos: int) -> list[int]:
+def _stage_lengths(stage: str, section, rows: list[dict], tokenizer, eos: int) -> tuple[list[int], list[int]]:
+    """(sequence lengths, completion lengths: the positions with a loss where only completions have one) of the
+    rows, tokenized as the stage builds its sequences."""
     first = rows[0]
     if stage == "pretrain":
-        return [n + eos for n in token_lengths(tokenizer, [r[_column(section, "text")] for r in rows])]
+        return [n + eos for n in token_lengths(tokenizer, [r[_column(section, "text")] for r in rows])], []
     if stage == "sft":
         if _column(section, "messages") in first and not section.columns.text:
-            return []  # conversational: the chat template decides; not measured
+            return [], []  # conversational: the chat template decides; not measured
         if _column(section, "prompt") in first and _column(section, "completion") in first:
             prompts = token_lengths(tokenizer, [r[_column(section, "prompt")] for r in rows])
-            completions = token_lengths(tokenizer, [r[_column(section, "completion")] for r in rows])
-            return [p + c + eos for p, c in zip(prompts, completions)]
-        return [n + eos for n in token_lengths(tokenizer, [r[_column(section, "text")] for r in rows])]
+            completions = [c + eos for c in token_lengths(tokenizer, [r[_column(section, "completion")]
+                                                                     for r in rows])]
+            return [p + c for p, c in zip(prompts, completions)], completions
+        return [n + eos for n in token_lengths(tokenizer, [r[_column(section, "text")] for r in rows])], []
     if stage in ("reward", "dpo"):
         prompt_col = _column(section, "prompt")
         chosen = [r[_column(section, "chosen")] for r in rows]
         rejected = [r[_column(section, "rejected")] for r in rows]
         if not isinstance(chosen[0], str):
-            return []
-        prompts = [r.get(prompt_col, "") or "" for r in rows] if prompt_col in first else [""] * len(rows)
-        p = token_lengths(tokenizer, prompts) if prompt_col in first else [0] * len(rows)
-        c, r_ = token_lengths(tokenizer, chosen), token_lengths(tokenizer, rejected)
+            return [], []
+        if prompt_col in first:
+            prompts = [r.get(prompt_col) or "" for r in rows]
+        else:  # implicit: the shared prefix (cut at implicit_prompt_end for DPO) is the prompt
+            end = getattr(section, "implicit_prompt_end", None)
+            prompts = [implicit_prompt(c, r, end) or "" for c, r in zip(chosen, rejected)]
+            chosen = [c[len(p):] for c, p in zip(chosen, prompts)]
+            rejected = [r[len(p):] for r, p in zip(rejected, prompts)]
+        p = token_lengths(tokenizer, prompts)
         # a pair is one sequence each for chosen and rejected, padded together: the longer counts
-        return [pi + max(ci, ri) + eos for pi, ci, ri in zip(p, c, r_)]
+        completions = [max(c, r) + eos for c, r in zip(token_lengths(tokenizer, chosen),
+                                                        token_lengths(tokenizer, rejected))]
+        return [pi + ci for pi, ci in zip(p, completions)], completions if stage == "dpo" else []
     if stage == "ppo":
         prompt_col = _column(section, "prompt")
         if prompt_col in first:
@@ -356,9 +369,9 @@ def _stage_lengths(stage: str, section, rows: list[dict], tokenizer, eos: int) -
                                        section.implicit_prompt_end) for r in rows]
             prompts = [p for p in prompts if p]
         if not prompts or not isinstance(prompts[0], str):
-            return []
-        return token_lengths(tokenizer, prompts)
-    return []
+            return [], []
+        return token_lengths(tokenizer, prompts), []
+    return [], []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -536,7 +549,7 @@ def _plan_trl(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
                    2 if stage in ("reward", "dpo") else 1, checkpointing, padded=stage != "pretrain",
                    reference=reference, scorers=scorers or (),
                    eval_batch=int(_setting(loaded, "per_device_eval_batch_size")) if held_out else None,
-                   generation=generation)
+                   generation=generation, loss_positions=data.loss_positions if not packing else None)
     plan.memory = planning.trl_memory(spec, dist)
     plan.spec = spec  # for the knobs
 

@@ -599,6 +599,7 @@ class TrlSpec:
     scorers: tuple[HeldModel, ...] = ()  # DPO: reward / gold models of the held-out generation evaluation
     eval_batch: int | None = None
     generation: tuple[int, int, int] | None = None  # DPO evaluation: (prompts per batch, prompt tokens, response)
+    loss_positions: int | None = None  # the most positions of a sequence with a loss (completions), when known
 
 
 def trl_memory(spec: TrlSpec, dist: Distribution) -> MemoryPlan:
@@ -611,6 +612,8 @@ def trl_memory(spec: TrlSpec, dist: Distribution) -> MemoryPlan:
     saved = block_activation_bytes(model, rows, spec.length, a, dist=dist, checkpointing=checkpointing,
                                    padded=spec.padded) + backward_working_bytes(model, rows, spec.length, a)
     head_positions = rows * (spec.length - 1 if spec.head == "trl-fused" else spec.length)
+    if spec.head == "trl-fused" and dist.device == "gpu" and spec.loss_positions:
+        head_positions = rows * min(spec.loss_positions, spec.length - 1)  # with Triton only they are scored
     saved += loss_head_bytes(spec.head, head_positions, model.shape.vocab_size, a, dist)
     extra = []
     if spec.reference is not None:  # DPO: the reference's forward runs while the policy's activations are held
