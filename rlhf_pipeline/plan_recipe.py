@@ -585,7 +585,7 @@ def _plan_trl(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
     role = "policy" if stage == "dpo" else "model"
     plan.models = [(role, _model_text(model, facts))]
     if stage == "dpo":
-        plan.models.append(("reference", f"{reference.source} (frozen)" if reference is not None else
+        plan.models.append(("reference", reference.source if reference is not None else
                             "the policy with its LoRA adapter disabled (no copy)"))
         for scorer in scorers:
             plan.models.append((scorer.role, f"{scorer.source}, {format_count(scorer.parameters)} parameters, "
@@ -612,8 +612,8 @@ def _dpo_reference(loaded: LoadedRecipe, facts: ModelFacts, dtype: str, box: lis
                          gelu_ops=_gelu_ops(ref))
     if recipe.peft is not None:
         return None
-    return HeldModel("reference", f"frozen copy of {recipe.model.name_or_path}", facts.shape, "lm", "frozen", 0, dtype,
-                     gelu_ops=_gelu_ops(facts))
+    return HeldModel("reference", f"a frozen copy of the policy ({recipe.model.name_or_path})", facts.shape, "lm",
+                     "frozen", 0, dtype, gelu_ops=_gelu_ops(facts))
 
 
 def _scorer(loaded: LoadedRecipe, key: str, box: list, prepared: bool = False) -> HeldModel:
@@ -651,8 +651,8 @@ def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
         reference = HeldModel("reference", ref.source, ref.shape, "lm", "frozen", 0, _dtype(recipe.policy.dtype, ref),
                               prepared=dist.fsdp, gelu_ops=1)
     elif recipe.peft is None:
-        reference = HeldModel("reference", f"frozen copy of {recipe.policy.name_or_path}", facts.shape, "lm",
-                              "frozen", 0, dtype, prepared=dist.fsdp, gelu_ops=1)
+        reference = HeldModel("reference", f"a frozen copy of the policy ({recipe.policy.name_or_path})",
+                              facts.shape, "lm", "frozen", 0, dtype, prepared=dist.fsdp, gelu_ops=1)
     else:
         reference = None
     # frozen models: sharded like the policy under FSDP (ppo.modules.prepare_frozen), else whole on every device
@@ -722,7 +722,8 @@ def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
     plan.flops_total = sum(plan.flops.values()) * batches.num_updates
     plan.models = [("policy", _model_text(policy, facts) + (" + a value head (value.mode shared)"
                                                              if value_mode == "shared" else ""))]
-    plan.models.append(("reference", f"{reference.source} (frozen)" if reference
+    plan.models.append(("reference", (reference.source if reference.source.startswith("a frozen copy")
+                                      else f"{reference.source}, frozen") if reference
                         else "the policy with its LoRA adapter disabled (no copy)"))
     plan.models.append(("reward", f"{reward.source}, {format_count(reward.parameters)} parameters, frozen"
                         if reward else f"function {recipe.reward.function} (no model)"))
