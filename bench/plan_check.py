@@ -69,6 +69,10 @@ def report():
         json.dump(data, handle)
 
 atexit.register(report)
+import os
+if os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # pinned: PPO would raise glibc's thresholds again (keep_freed_memory)
+    import rlhf_pipeline.ppo.trainer as trainer
+    trainer.keep_freed_memory = lambda: False
 from rlhf_pipeline.cli import main
 main()
 """
@@ -163,7 +167,8 @@ def child_env(threads: int, pinned: bool = False) -> dict[str, str]:
     """The children's environment: offline, `threads` threads; `pinned`: glibc's mmap threshold fixed at 64 KiB, so
     that a freed tensor leaves the RSS (by default glibc raises the threshold, up to 32 MiB, each time a large block
     is freed, and the heap then keeps what later tensors of that size free: the RSS holds the heap's high-water mark
-    and its fragmentation)."""
+    and its fragmentation; our PPO trainer raises it to 1 GiB itself on a CPU, `keep_freed_memory`, which the pinned
+    children switch off)."""
     env = dict(os.environ)
     if pinned:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"

@@ -426,13 +426,13 @@ def plan_recipe(loaded: LoadedRecipe, dist: Distribution, device_memory: int | N
 
 def launch_refusals(loaded: LoadedRecipe, dist: Distribution) -> list[str]:
     """What the stage itself refuses about this launch (stages.common.check_engine), said before planning it.
-    PPO under ZeRO-3 is an error: there is nothing to plan."""
+    PPO under DeepSpeed is an error: there is nothing to plan."""
     engine = "FSDP" if dist.fsdp else f"DeepSpeed ZeRO-{dist.strategy[-1]}" if dist.deepspeed else None
     if engine is None:
         return []
-    if loaded.stage == "ppo" and dist.strategy == "zero3":
-        raise UserError("--accelerate-config: rlhf ppo runs under DDP, FSDP and DeepSpeed ZeRO-1/2, not ZeRO-3; "
-                        "plan a sharded PPO run with recipes/accelerate/fsdp.yaml")
+    if loaded.stage == "ppo" and dist.deepspeed:
+        raise UserError("--accelerate-config: rlhf ppo runs under DDP and FSDP, not DeepSpeed yet; plan a sharded "
+                        "PPO run with recipes/accelerate/fsdp.yaml")
     refusals = []
     if dist.device == "cpu":
         refusals.append(f"{engine} runs only on GPUs: on CPU the stage refuses this launch (use plain data "

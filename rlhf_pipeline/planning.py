@@ -427,8 +427,9 @@ def loss_head_bytes(kind: str, tokens: int, vocab: int, precision: Precision, di
     - "trl-fused" (SFT, DPO: TRL's fused LM head): no full logits, [4,096 x 32,768] tiles of them. With Triton (a
       GPU) one tile buffer, updated in place; on a CPU TRL's torch fallback keeps about 8 fp32 temporaries of a tile
       alive in backward, 3 in forward.
-    - "ppo-lm" (our PPO, response positions only): the logits, and for log-probabilities at the temperature the
-      scaled copy logsumexp saves plus its temporaries: c + 16 bytes per position and entry.
+    - "ppo-lm" (our PPO, response positions only): the logits, and in backward their gradient (2c bytes per
+      position and entry); `ppo.core.logprobs_of` works a block of rows at a time (4 MiB of fp32 on a CPU, 256 MiB on
+      a GPU), with about three block-sized temporaries; forward only: the logits and the blocks.
     - "score" (reward and value models): one number per position.
     """
     c = precision.compute
@@ -442,7 +443,8 @@ def loss_head_bytes(kind: str, tokens: int, vocab: int, precision: Precision, di
             return min(tokens, TOKEN_TILE) * VOCAB_TILE * c
         return min(tokens, TOKEN_TILE) * min(vocab, VOCAB_TILE) * (c + (8 if backward else 3) * 4)
     if kind == "ppo-lm":
-        return tokens * vocab * (c + 16 if backward else c + copy + 12)
+        blocks = 3 * min(tokens * vocab * 4, (4 if dist.device == "cpu" else 256) * MIB)
+        return tokens * vocab * (2 * c if backward else c) + blocks
     raise ValueError(f"unknown loss head {kind!r}")
 
 
@@ -721,8 +723,6 @@ def ppo_memory(spec: PpoSpec, dist: Distribution) -> MemoryPlan:
     if dist.fsdp:
         notes.append("under FSDP our PPO shards the reference, reward and gold models like the policy, and gathers "
                      "the trained models whole for generation, scoring and evaluation")
-    if dist.deepspeed:
-        notes.append("under DeepSpeed ZeRO-1/2 the reference, reward and gold models stay whole on every device")
     if checkpointing:
         notes.append("activations: gradient checkpointing on (each block recomputed in backward: +1 forward)")
     return MemoryPlan(states, static, phases, p, dist, notes)

@@ -213,7 +213,9 @@ def test_loss_head_kv_cache_and_gathered_weights_by_hand():
     assert planning.loss_head_bytes("trl-fused", 10, 100, FP32, gpu) == 10 * 32768 * 4
     assert planning.loss_head_bytes("trl-fused", 10, 100, FP32, cpu) == 10 * 100 * (4 + 32)
     assert planning.loss_head_bytes("trl-fused", 10_000, 50_257, BF16, gpu) == 4096 * 32768 * 2  # tiles only
-    assert planning.loss_head_bytes("ppo-lm", 10, 100, FP32, gpu) == 10 * 100 * 20
+    # our PPO: the logits and their gradient, plus three blocks of rows (4 MiB of fp32 on a CPU: here all 10 rows)
+    assert planning.loss_head_bytes("ppo-lm", 10, 100, FP32, gpu) == 10 * 100 * 8 + 3 * 10 * 100 * 4
+    assert planning.loss_head_bytes("ppo-lm", 4096, 50257, BF16, cpu) == 4096 * 50257 * 4 + 3 * 4 * 1024**2
     assert planning.loss_head_bytes("score", 10, 100, FP32, gpu) == 40
     gpt2 = KNOWN["gpt2"]
     assert planning.kv_cache_bytes(gpt2, 128, 512, BF16) == 2 * 12 * 768 * 128 * 512 * 2  # 2.25 GiB
@@ -363,7 +365,7 @@ def test_not_fitting_warns_with_the_knobs():
     assert all(k["peak_bytes"] < plan["memory"]["peak_bytes"] for k in plan["knobs"])
 
 
-def test_sharding_lowers_the_peak_and_ppo_refuses_zero3():
+def test_sharding_lowers_the_peak_and_ppo_refuses_deepspeed():
     plans = {name: plan_json("recipes/gpt2-hh/sft.yaml", "--accelerate-config", f"recipes/accelerate/{name}.yaml")
              for name in ("single_gpu", "ddp", "zero2", "zero3", "fsdp")}
     peaks = {name: plan["memory"]["peak_bytes"] for name, plan in plans.items()}
@@ -373,12 +375,13 @@ def test_sharding_lowers_the_peak_and_ppo_refuses_zero3():
     # ZeRO-3 keeps up to 1e9 parameters gathered (DeepSpeed's default): the whole of GPT-2, in bf16
     gathered = plans["zero3"]["memory"]["phases"]["forward/backward"]["model weights gathered to compute (zero3)"]
     assert gathered == KNOWN["gpt2"].parameters * 2
-    result = run_cli("plan", "recipes/gpt2-hh/ppo.yaml", "--accelerate-config", "recipes/accelerate/zero3.yaml")
-    assert result.exit_code == 2 and "not ZeRO-3" in result.output
-    zero2 = plan_json("recipes/gpt2-hh/ppo.yaml", "--accelerate-config", "recipes/accelerate/zero2.yaml")
-    assert "training.save_every" in zero2["refusals"][0]  # the recipe saves checkpoints: refused under sharding
-    reference = next(m for m in zero2["models"] if m["role"] == "reference")
-    assert reference["weights_bytes"] == KNOWN["gpt2"].parameters * 4  # frozen models stay whole under ZeRO-2
+    result = run_cli("plan", "recipes/gpt2-hh/ppo.yaml", "--accelerate-config", "recipes/accelerate/zero2.yaml")
+    assert result.exit_code == 2 and "not DeepSpeed" in result.output
+    fsdp = plan_json("recipes/gpt2-hh/ppo.yaml", "--accelerate-config", "recipes/accelerate/fsdp.yaml")
+    assert "training.save_every" in fsdp["refusals"][0]  # the recipe saves checkpoints: refused under sharding
+    reference = next(m for m in fsdp["models"] if m["role"] == "reference")
+    assert reference["weights_bytes"] == KNOWN["gpt2"].parameters * 4 // 8  # PPO shards it under FSDP
+    assert "trained weights gathered whole (FSDP)" in fsdp["memory"]["phases"]["generation"]
 
 
 def test_pipeline_plans_each_stage():
