@@ -2,7 +2,7 @@
 
 No torch, no weights: every function here is plain arithmetic on a `ModelShape` (rlhf_pipeline/model_shape.py) and
 a few numbers, so that a plan answers in a fraction of a second and each term can be checked by hand
-(tests/test_plan.py). What a recipe says is turned into these numbers by `plan_inputs.py`.
+(tests/test_plan.py). What a recipe says is turned into these numbers by `plan_recipe.py`.
 
 The memory model, in one place (bytes per device; `d` = n_embd, `f` = MLP width, `a` = heads, `L` = padded
 sequence length, `V` = vocabulary, `c` = bytes of a value computed by a matmul: 2 under bf16/fp16 autocast, else the
@@ -23,7 +23,8 @@ weights' dtype):
   attention, which stores no L x L scores, counted with saved-tensor hooks): 2d at the weights' dtype (the two
   layer-norm inputs) plus, at `c` bytes, 6d (q, k, v and the three matmul inputs of width d) and the MLP's hidden
   layer: 2f with a one-op GELU, 5f with GPT-2's `gelu_new` written as six tensor ops (PPO fuses it; TRL stages do
-  not); `a` log-sum-exp floats; padded batches add one L x L additive mask per layer and row; dropout its masks.
+  not; under CUDA autocast three of those are fp32: `mlp_hidden_bytes`); `a` log-sum-exp floats; padded batches add
+  one L x L additive mask per layer and row; dropout its masks. Backward adds about two MLP-wide gradients.
   Gradient checkpointing keeps only each block's input (d) plus one block recomputed in full.
 - the loss head (often the largest term for GPT-2: V = 50,257): see `loss_head_bytes`.
 - generation: the KV cache, 2 x n_layer x d x tokens x `c`, plus one prefill layer's transients.
