@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,37 @@ def ppo_recipe(output_dir: Path, policy: Path, reward: dict, data_dir: Path, **t
         "generation": {"response_length": 8},
         "training": settings,
     }
+
+
+TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
+
+
+def write_pipeline_recipes(root: Path, data_dir: Path, training: dict[str, Any], ppo_episodes: int) -> Path:
+    """Stage recipes (pretrain, sft, reward, ppo) and a pipeline recipe over copies of the tiny data files, in
+    root/recipes (they name each other relatively); the pipeline writes under root/runs. Returns root."""
+    folder = root / "recipes"
+    data = {name: str(shutil.copy(data_dir / name, root / name)) for name in
+            ("text.jsonl", "sft.jsonl", "prefs.jsonl", "prefs-test.jsonl", "prompts.jsonl", "prompts-test.jsonl")}
+    write_recipe(folder / "pretrain.yaml", {
+        "stage": "pretrain", "output_dir": "unused", "model": {"init": TINY_ARCH},
+        "tokenizer": {"train": {"vocab_size": 400}}, "data": {"files": data["text.jsonl"], "eval_size": 16,
+                                                              "block_size": 32}, "training": training})
+    write_recipe(folder / "sft.yaml", {
+        "stage": "sft", "output_dir": "unused", "model": {"name_or_path": "unused"},
+        "data": {"files": data["sft.jsonl"], "eval_size": 8}, "training": training})
+    write_recipe(folder / "reward.yaml", {
+        "stage": "reward", "output_dir": "unused", "model": {"name_or_path": "unused"},
+        "data": {"files": {"train": data["prefs.jsonl"], "test": data["prefs-test.jsonl"]}, "eval_split": "test"},
+        "training": training})
+    write_recipe(folder / "ppo.yaml", ppo_recipe(Path("unused"), Path("unused"), {"model": "unused"}, root,
+                                                 total_episodes=ppo_episodes, gradient_accumulation_steps=1))
+    write_recipe(folder / "pipeline.yaml", {
+        "stage": "pipeline", "output_dir": str(root / "runs"),
+        "stages": {"pretrain": {"recipe": "pretrain.yaml"}, "sft": {"recipe": "sft.yaml"},
+                   "reward": {"recipe": "reward.yaml"}, "ppo": {"recipe": "ppo.yaml"}, "eval": {}},
+        "gate": {"min_reward_accuracy": 0.0},
+    })
+    return root
 
 
 # ---------------------------------------------------------------------------------------------------------------

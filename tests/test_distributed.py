@@ -11,18 +11,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, ppo_recipe, run_cli, write_recipe
+from conftest import REPO, run_cli, write_pipeline_recipes, write_recipe
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 TRL_STAGES = ("pretrain", "sft", "reward")
-TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
 
 
 def torchrun(script: Path, args: list[str], cwd: Path, env: dict[str, str], processes: int = 2,
@@ -51,32 +49,9 @@ def launch(args: list[str], probe_dir: Path, cwd: Path) -> subprocess.CompletedP
 def epoch_pipeline(tmp_path_factory, data_dir) -> Path:
     """A pipeline over the tiny fixtures whose TRL stages train one epoch (not max_steps), so that their step count
     tells how the data was split."""
-    root = tmp_path_factory.mktemp("distributed")
-    data = {name: str(shutil.copy(data_dir / name, root / name)) for name in
-            ("text.jsonl", "sft.jsonl", "prefs.jsonl", "prefs-test.jsonl", "prompts.jsonl", "prompts-test.jsonl")}
     training = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
                 "learning_rate": 1.0e-3, "logging_steps": 1}
-    folder = root / "recipes"
-    write_recipe(folder / "pretrain.yaml", {
-        "stage": "pretrain", "output_dir": "unused", "model": {"init": TINY_ARCH},
-        "tokenizer": {"train": {"vocab_size": 400}}, "data": {"files": data["text.jsonl"], "eval_size": 16,
-                                                              "block_size": 32}, "training": training})
-    write_recipe(folder / "sft.yaml", {
-        "stage": "sft", "output_dir": "unused", "model": {"name_or_path": "unused"},
-        "data": {"files": data["sft.jsonl"], "eval_size": 8}, "training": training})
-    write_recipe(folder / "reward.yaml", {
-        "stage": "reward", "output_dir": "unused", "model": {"name_or_path": "unused"},
-        "data": {"files": {"train": data["prefs.jsonl"], "test": data["prefs-test.jsonl"]}, "eval_split": "test"},
-        "training": training})
-    write_recipe(folder / "ppo.yaml", ppo_recipe(Path("unused"), Path("unused"), {"model": "unused"}, root,
-                                                 total_episodes=16, gradient_accumulation_steps=1))
-    write_recipe(folder / "pipeline.yaml", {
-        "stage": "pipeline", "output_dir": str(root / "runs"),
-        "stages": {"pretrain": {"recipe": "pretrain.yaml"}, "sft": {"recipe": "sft.yaml"},
-                   "reward": {"recipe": "reward.yaml"}, "ppo": {"recipe": "ppo.yaml"}, "eval": {}},
-        "gate": {"min_reward_accuracy": 0.0},
-    })
-    return root
+    return write_pipeline_recipes(tmp_path_factory.mktemp("distributed"), data_dir, training, ppo_episodes=16)
 
 
 def test_the_pipeline_under_two_processes(epoch_pipeline, tmp_path):

@@ -3,44 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST_TRAINING, hold_lock, ppo_recipe, run_cli, snapshot, write_recipe
-
-TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
+from conftest import FAST_TRAINING, hold_lock, run_cli, snapshot, write_pipeline_recipes, write_recipe
 
 
 @pytest.fixture
 def pipeline_dir(tmp_path, data_dir) -> Path:
     """Stage recipes and a pipeline recipe over the tiny fixtures, in one folder (they name each other relatively)."""
-    folder = tmp_path / "recipes"
-    data = {name: str(shutil.copy(data_dir / name, tmp_path / name)) for name in
-            ("text.jsonl", "sft.jsonl", "prefs.jsonl", "prefs-test.jsonl", "prompts.jsonl", "prompts-test.jsonl")}
-    training = dict(FAST_TRAINING)
-    write_recipe(folder / "pretrain.yaml", {
-        "stage": "pretrain", "output_dir": "unused", "model": {"init": TINY_ARCH},
-        "tokenizer": {"train": {"vocab_size": 400}}, "data": {"files": data["text.jsonl"], "eval_size": 16,
-                                                              "block_size": 32}, "training": training})
-    write_recipe(folder / "sft.yaml", {
-        "stage": "sft", "output_dir": "unused", "model": {"name_or_path": "unused"},
-        "data": {"files": data["sft.jsonl"], "eval_size": 8}, "training": training})
-    write_recipe(folder / "reward.yaml", {
-        "stage": "reward", "output_dir": "unused", "model": {"name_or_path": "unused"},
-        "data": {"files": {"train": data["prefs.jsonl"], "test": data["prefs-test.jsonl"]}, "eval_split": "test"},
-        "training": training})
-    ppo = ppo_recipe(Path("unused"), Path("unused"), {"model": "unused"}, tmp_path, total_episodes=8,
-                     gradient_accumulation_steps=1)
-    write_recipe(folder / "ppo.yaml", ppo)
-    write_recipe(folder / "pipeline.yaml", {
-        "stage": "pipeline", "output_dir": str(tmp_path / "runs"),
-        "stages": {"pretrain": {"recipe": "pretrain.yaml"}, "sft": {"recipe": "sft.yaml"},
-                   "reward": {"recipe": "reward.yaml"}, "ppo": {"recipe": "ppo.yaml"}, "eval": {}},
-        "gate": {"min_reward_accuracy": 0.0},
-    })
-    return tmp_path
+    return write_pipeline_recipes(tmp_path, data_dir, dict(FAST_TRAINING), ppo_episodes=8)
 
 
 def resolved(run_dir: Path) -> dict:
