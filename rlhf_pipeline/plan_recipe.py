@@ -425,27 +425,16 @@ def plan_recipe(loaded: LoadedRecipe, dist: Distribution, device_memory: int | N
 
 
 def launch_refusals(loaded: LoadedRecipe, dist: Distribution) -> list[str]:
-    """What the stage itself refuses about this launch (stages.common.check_engine), said before planning it.
-    PPO under DeepSpeed is an error: there is nothing to plan."""
-    engine = "FSDP" if dist.fsdp else f"DeepSpeed ZeRO-{dist.strategy[-1]}" if dist.deepspeed else None
-    if engine is None:
-        return []
+    """What the stage itself refuses about this launch (the rules of `stages.common.engine_refusals`), said before
+    planning it. PPO under DeepSpeed is an error: there is nothing to plan."""
+    from rlhf_pipeline.stages.common import engine_refusals
+
+    engine = "fsdp" if dist.fsdp else "deepspeed" if dist.deepspeed else None
+    zero = int(dist.strategy[-1]) if dist.deepspeed else None
+    refusals = engine_refusals(loaded, engine, zero, dist.fsdp_version if dist.fsdp else None, dist.device == "gpu")
     if loaded.stage == "ppo" and dist.deepspeed:
-        raise UserError("--accelerate-config: rlhf ppo runs under DDP and FSDP, not DeepSpeed yet; plan a sharded "
-                        "PPO run with recipes/accelerate/fsdp.yaml")
-    refusals = []
-    if dist.device == "cpu":
-        refusals.append(f"{engine} runs only on GPUs: on CPU the stage refuses this launch (use plain data "
-                        "parallel: torchrun --standalone --nproc_per_node N)")
-    if loaded.stage == "ppo" and dist.fsdp and dist.fsdp_version != 2:
-        refusals.append("rlhf ppo under FSDP needs FSDP2 (fsdp_version: 2, as in recipes/accelerate/fsdp.yaml)")
-    if loaded.stage == "ppo" and loaded.recipe.training.save_every:
-        refusals.append(f"training.save_every: checkpoints of a PPO run under {engine} are not supported yet")
-    lora = getattr(loaded.recipe, "peft", None)
-    if lora is not None and lora.save == "merged" and dist.ways("weights") > 1:
-        refusals.append(f"peft.save merged: under {engine} the weights are sharded and no process can fold the "
-                        "adapter in; the stage refuses it (set peft.save: adapter)")
-    return refusals
+        raise UserError(f"--accelerate-config: {refusals[0][1]}")
+    return [f"{key}: {reason}" if key else reason for key, reason in refusals]
 
 
 def _setting(loaded: LoadedRecipe, key: str) -> Any:

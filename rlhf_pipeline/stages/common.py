@@ -70,41 +70,54 @@ def zero_stage() -> int | None:
 
 
 def check_engine(loaded: LoadedRecipe) -> None:
-    """Refuse, before anything is loaded, a launch this stage cannot honour: FSDP or DeepSpeed on a machine without
-    GPUs (Accelerate runs them only on a GPU backend: it would silently fall back to plain data parallel), and a
-    merged LoRA save where the weights are sharded (FSDP, ZeRO-3): no process holds them whole to fold the adapter
-    in. Also what `rlhf ppo` does not run under (DeepSpeed, FSDP1, checkpoints under FSDP)."""
+    """Refuse, before anything is loaded, a launch this stage cannot honour (`engine_refusals`, read from the
+    environment `accelerate launch` sets): the first reason stops it."""
+    import os
+
     import torch
 
     engine = sharding_engine()
-    if engine is None:
-        return
-    name = "FSDP" if engine == "fsdp" else f"DeepSpeed ZeRO-{zero_stage() or '?'}"
-    if not torch.accelerator.is_available():
-        raise UserError(f"this launch asks for {name} (the Accelerate config's distributed_type), which Accelerate "
-                        "runs only on GPUs; on CPU launch plain data parallel instead: torchrun --standalone "
-                        f"--nproc_per_node N -m rlhf_pipeline {loaded.stage} RECIPE")
-    if loaded.stage == "ppo" and engine == "deepspeed":
-        raise UserError("rlhf ppo runs under DDP and FSDP, not DeepSpeed yet: its loop accumulates gradients and "
-                        "steps the optimizer itself, while DeepSpeed's engine steps inside backward and rescales "
-                        "each loss by its own count, and that combination has not been run on a GPU; to shard a "
-                        "PPO run, launch it with recipes/accelerate/fsdp.yaml")
-    if loaded.stage == "ppo" and engine == "fsdp":
-        import os
+    version = int(os.environ.get("FSDP_VERSION", "1")) if engine == "fsdp" else None
+    refusals = engine_refusals(loaded, engine, zero_stage(), version, torch.accelerator.is_available())
+    if refusals:
+        key, reason = refusals[0]
+        raise loaded.error(key, reason) if key else UserError(reason)
 
-        if os.environ.get("FSDP_VERSION", "1") != "2":
-            raise UserError("rlhf ppo under FSDP needs FSDP2 (fsdp_version: 2 in the Accelerate config, as in "
-                            "recipes/accelerate/fsdp.yaml)")
+
+def engine_refusals(loaded: LoadedRecipe, engine: str | None, zero: int | None, fsdp_version: int | None,
+                    gpu: bool) -> list[tuple[str | None, str]]:
+    """What a stage refuses about a launch under `engine` ("fsdp", "deepspeed" or None), as (the recipe key at
+    fault or None, the reason): FSDP or DeepSpeed on a machine without GPUs (Accelerate runs them only on a GPU
+    backend: it would silently fall back to plain data parallel); what `rlhf ppo` does not run under (DeepSpeed,
+    FSDP1, checkpoints under either); and a merged LoRA save where the weights are sharded (FSDP, ZeRO-3): no process
+    holds them whole to fold the adapter in. The stage stops at the first (`check_engine`); `rlhf plan` lists them.
+    Imports no torch."""
+    if engine is None:
+        return []
+    name = "FSDP" if engine == "fsdp" else f"DeepSpeed ZeRO-{zero if zero is not None else '?'}"
+    refusals: list[tuple[str | None, str]] = []
+    if loaded.stage == "ppo" and engine == "deepspeed":
+        refusals.append((None, "rlhf ppo runs under DDP and FSDP, not DeepSpeed yet: its loop accumulates gradients "
+                               "and steps the optimizer itself, while DeepSpeed's engine steps inside backward and "
+                               "rescales each loss by its own count, and that combination has not been run on a GPU; "
+                               "to shard a PPO run, launch it with recipes/accelerate/fsdp.yaml"))
+    if not gpu:
+        refusals.append((None, f"this launch asks for {name} (the Accelerate config's distributed_type), which "
+                               "Accelerate runs only on GPUs; on CPU launch plain data parallel instead: torchrun "
+                               f"--standalone --nproc_per_node N -m rlhf_pipeline {loaded.stage} RECIPE"))
+    if loaded.stage == "ppo" and engine == "fsdp" and fsdp_version != 2:
+        refusals.append((None, "rlhf ppo under FSDP needs FSDP2 (fsdp_version: 2 in the Accelerate config, as in "
+                               "recipes/accelerate/fsdp.yaml)"))
     if loaded.stage == "ppo" and loaded.recipe.training.save_every:
-        raise loaded.error("training.save_every", f"checkpoints of a PPO run under {name} are not supported yet "
-                                                  "(the optimizer state is sharded): remove save_every, or launch "
-                                                  "under DDP")
+        refusals.append(("training.save_every", f"checkpoints of a PPO run under {name} are not supported yet (the "
+                                                "optimizer state is sharded): remove save_every, or launch under DDP"))
     lora = getattr(loaded.recipe, "peft", None)
-    if lora is not None and lora.save == "merged" and (engine == "fsdp" or zero_stage() == 3):
-        raise loaded.error("peft.save", f"under {name} the weights are sharded across processes and no process "
-                                        "can fold the adapter into them; set `peft.save: adapter` (the adapter "
-                                        "loads on its base with AutoModelForCausalLM.from_pretrained), or train "
-                                        "under DDP or ZeRO-2")
+    if lora is not None and lora.save == "merged" and (engine == "fsdp" or zero == 3):
+        refusals.append(("peft.save", f"under {name} the weights are sharded across processes and no process can "
+                                      "fold the adapter into them; set `peft.save: adapter` (the adapter loads on "
+                                      "its base with AutoModelForCausalLM.from_pretrained), or train under DDP or "
+                                      "ZeRO-2"))
+    return refusals
 
 
 def wait_for_everyone() -> None:
@@ -171,7 +184,6 @@ def begin(loaded: LoadedRecipe) -> None:
     from transformers import set_seed
 
     quiet_library_warnings()
-    distributed_state()  # before the TRL config: it reads the same state
     set_seed(loaded.recipe.seed)
 
 
