@@ -302,14 +302,15 @@ def _run_pipeline(pipeline: LoadedRecipe, plans: list[StagePlan], options: Optio
             continue
         _say(f"{plan.name}: {decision} ({reason})")
         started = time.perf_counter()
-        inputs = {path: fingerprint(path) for path in local_inputs(plan.loaded)} if main else {}
+        records = main and decision in ("run", "resume", "adopt")  # process 0 remembers what the output is made of
+        inputs = {path: fingerprint(path) for path in local_inputs(plan.loaded)} if records else {}
         if decision in ("run", "resume"):
             if main:
                 _record(state, state_path, plan, inputs, finished=False)
             _run_stage(plan, resume=decision == "resume")
             if main:
                 _record(state, state_path, plan, inputs)
-        elif decision == "adopt" and main:
+        elif decision == "adopt" and records:
             _record(state, state_path, plan, inputs)
         elapsed = time.perf_counter() - started if decision in ("run", "resume") else None
         status = {"run": "ran", "resume": "resumed"}.get(decision, "skipped")
