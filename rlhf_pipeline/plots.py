@@ -74,3 +74,31 @@ def plot_dpo_curves(log_history: list[dict], png_path: Path) -> Path | None:
     figure.savefig(png_path, dpi=110)
     plt.close(figure)
     return png_path
+
+
+def plot_reward_scores(chosen: list[float], rejected: list[float], png_path: Path) -> Path | None:
+    """A reward model on its held-out pairs: the score distributions of chosen and rejected responses, and the
+    distribution of the margin (chosen - rejected; right of 0 is a correctly ranked pair)."""
+    if not chosen:
+        return None
+    plt = pyplot()
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    accuracy = sum(m > 0 for m in margins) / len(margins)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    bins = min(40, max(10, len(chosen) // 5))
+    axes[0].hist(chosen, bins=bins, alpha=0.6, label="chosen")
+    axes[0].hist(rejected, bins=bins, alpha=0.6, label="rejected")
+    axes[0].set_title("held-out scores")
+    axes[0].set_xlabel("reward model score")
+    axes[0].legend(loc="best")
+    axes[1].hist(margins, bins=bins, color="tab:green", alpha=0.8)
+    axes[1].axvline(0.0, color="black", linewidth=1)
+    axes[1].set_title(f"margin chosen - rejected (accuracy {accuracy:.3f}, {len(margins)} pairs)")
+    axes[1].set_xlabel("score margin")
+    for axis in axes:
+        axis.set_ylabel("pairs")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=110)
+    plt.close(figure)
+    return png_path

@@ -71,6 +71,7 @@ def test_reward_stage_reads_hh_dialogues(hh_runs):
     assert metrics["prompt"] == "implicit"
     assert metrics["train_pairs"] + metrics["train_pairs_too_long"] == 48
     assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_num_pairs"] > 0
+    assert metrics["eval_scoring_agrees"] is True  # pad = EOS: our scorer pools where RewardTrainer's forward did
 
 
 def test_ppo_prompts_end_at_the_last_assistant_turn(hh_runs):

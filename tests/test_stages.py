@@ -329,6 +329,9 @@ def check_reward_model(out: Path, metrics: dict, held_out: int) -> None:
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert math.isfinite(metrics["eval_margin"])
     assert metrics["eval_num_pairs"] == held_out
+    assert metrics["eval_scoring_agrees"] is True  # our per-pair scores give RewardTrainer's accuracy and margin
+    pairs = [json.loads(line) for line in (out / "eval_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == held_out and (out / "reward_scores.png").stat().st_size > 0
     model, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] in ([], set()), info  # the trained score head was saved
     assert model.config.num_labels == 1
@@ -369,6 +372,42 @@ def test_reward_lora_saved_model_scores_like_the_evaluated_one(tmp_path, wide_mo
     mine = preference_metrics(scores["chosen"], scores["rejected"])
     assert mine["accuracy"] == pytest.approx(metrics["eval_accuracy"])
     assert mine["margin"] == pytest.approx(metrics["eval_margin"], abs=1e-4)
+
+
+def test_reward_metrics_are_trls_and_agree_with_the_per_pair_scores(tmp_path, wide_model_dir, data_dir):
+    """Held-out pairs that do not fill the last evaluation batch: RewardTrainer averages per batch, so its accuracy
+    is not the plain per-pair mean; the per-pair scores averaged the same way give TRL's numbers exactly."""
+    from rlhf_pipeline.stages.reward import batch_means
+
+    data = {"files": {"train": str(data_dir / "prefs.jsonl"), "test": str(data_dir / "prefs-test.jsonl")},
+            "eval_split": "test"}
+    out, metrics = run_stage("reward", tmp_path, wide_model_dir, data,
+                             training={**FAST_TRAINING, "per_device_eval_batch_size": 3})  # 16 pairs: 5 x 3 + 1
+    check_reward_model(out, metrics, held_out=16)
+    pairs = [json.loads(line) for line in (out / "eval_pairs.jsonl").read_text().splitlines()]
+    import torch
+
+    margins = torch.tensor([p["margin"] for p in pairs], dtype=torch.float64)
+    assert metrics["eval_accuracy"] == pytest.approx(batch_means((margins > 0).double(), 3), abs=1e-6)
+    assert metrics["eval_margin"] == pytest.approx(batch_means(margins, 3), abs=1e-4)
+    assert metrics["eval_ties"] == int((margins == 0).sum())
+    assert {"eval_mean_reward", "eval_min_reward", "eval_max_reward"} <= set(metrics)  # TRL's own, kept
+
+
+def test_reward_disagreement_is_reported(capsys):
+    import torch
+
+    from rlhf_pipeline.stages.reward import batch_means, check_agreement
+
+    assert batch_means(torch.tensor([1.0, 0.0, 1.0]), 2) == pytest.approx(0.75)  # (0.5 + 1) / 2, not 2/3
+    chosen, rejected = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.0, 0.0, 1.0])  # margins 1, 2, -0.5
+    metrics = {"eval_accuracy": 0.5, "eval_margin": (1.5 - 0.5) / 2}  # batches [1, 2] and [-0.5]
+    check_agreement(metrics, chosen, rejected, batch_size=2)
+    assert metrics["eval_scoring_agrees"] is True
+    metrics = {"eval_accuracy": 0.75, "eval_margin": 0.5}  # as if TRL pooled another position
+    check_agreement(metrics, chosen, rejected, batch_size=2)
+    assert metrics["eval_scoring_agrees"] is False
+    assert "RewardTrainer's eval_accuracy 0.750000 differs" in capsys.readouterr().err
 
 
 def test_reward_reports_pairs_too_long(tmp_path, tiny_model_dir, data_dir):

@@ -34,6 +34,8 @@ def test_tiny_default_meets_its_targets(tmp_path):
     assert ppo["optimizer_steps"] == ppo["planned_optimizer_steps"]
     evaluation = metrics(out / "eval")
     assert evaluation["win_rate"] > 0.8 and evaluation["policy_gold"] >= 0.8
-    assert evaluation["reward_accuracy"] == pytest.approx(reward["eval_accuracy"])
+    pairs = [json.loads(line) for line in (out / "reward" / "eval_pairs.jsonl").read_text().splitlines()]
+    assert evaluation["reward_accuracy"] == pytest.approx(sum(p["margin"] > 0 for p in pairs) / len(pairs))
+    assert reward["eval_scoring_agrees"] is True
     for name in ("ppo/ppo_curves.png", "eval/eval.md", "eval/eval_gold_vs_sqrt_kl.png", "pipeline.json"):
         assert (out / name).is_file(), name

@@ -1,23 +1,31 @@
 """Reward modelling with TRL's RewardTrainer on preference pairs (Bradley-Terry loss).
 
 Explicit-prompt pairs (`prompt`, `chosen`, `rejected`) and implicit-prompt pairs (`chosen` and `rejected` hold whole
-dialogues sharing a prefix, as in Anthropic HH-RLHF) are both accepted. After training, every held-out pair is scored
-and `eval_accuracy` (a tie counts as wrong) and `eval_margin` (mean chosen - rejected score) are reported. The saved
-model loads with `AutoModelForSequenceClassification` (one output: the score).
+dialogues sharing a prefix, as in Anthropic HH-RLHF) are both accepted. The saved model loads with
+`AutoModelForSequenceClassification` (one output: the score).
+
+Held-out metrics: `eval_accuracy` (a tie counts as wrong) and `eval_margin` are RewardTrainer's own, averaged over
+its evaluation batches. After training, every held-out pair is also scored on its own, by the scorer PPO and
+`rlhf eval` use; that adds what TRL does not report (ties, score statistics, the per-pair scores in
+`eval_pairs.jsonl` and their plot `reward_scores.png`) and checks that the two agree: the per-pair accuracy and
+margin, averaged over the same batches, must equal TRL's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline import data as data_io
-from rlhf_pipeline import models
+from rlhf_pipeline import models, runs
 from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.scoring import preference_metrics, score_sequences
 from rlhf_pipeline.stages.common import (
     RunOptions,
     begin,
     check_dropped_pairs,
+    distributed_state,
     finish_outputs,
     is_main_process,
     save_trained,
@@ -27,6 +35,12 @@ from rlhf_pipeline.stages.common import (
     train_and_evaluate,
     training_config,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+PAIRS_FILE = "eval_pairs.jsonl"
+SCORES_PLOT = "reward_scores.png"
 
 
 def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
@@ -60,11 +74,16 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
         too_long = check_dropped_pairs(loaded, trainer, len(train), len(held_out), every="pair is longer than",
                                        some="are longer than {max_length} tokens", shorter="texts")
 
-    # 4. train, then score every held-out pair
+    # 4. train (TRL evaluates the held-out pairs), then score every held-out pair on its own
     start_outputs(loaded, options)
     metrics = train_and_evaluate(trainer, options, has_eval=True)
     if is_main_process():
-        metrics.update(held_out_pair_metrics(trainer, tokenizer.pad_token_id))
+        chosen, rejected = held_out_pair_scores(trainer, tokenizer.pad_token_id)
+        if distributed_state().num_processes == 1:  # several processes average over other (sharded) batches
+            check_agreement(metrics, chosen, rejected, args.per_device_eval_batch_size)
+        summary = preference_metrics(chosen, rejected)
+        metrics.update({f"eval_{k}": v for k, v in summary.items() if k not in ("accuracy", "margin")})
+        write_pair_scores(Path(recipe.output_dir), chosen, rejected)
         say("reward", f"held-out accuracy {metrics['eval_accuracy']:.3f}, margin {metrics['eval_margin']:.3f} "
                       f"over {metrics['eval_num_pairs']} pairs")
 
@@ -76,10 +95,48 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
 
 
 
-def held_out_pair_metrics(trainer, pad_token_id: int) -> dict[str, float]:
-    """Score the trainer's tokenized held-out pairs exactly as they were trained on; prefix the metrics `eval_`."""
+def held_out_pair_scores(trainer, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score the trainer's tokenized held-out pairs exactly as they were trained on: chosen and rejected scores."""
     pairs = trainer.eval_dataset
     model = trainer.accelerator.unwrap_model(trainer.model)
     chosen = score_sequences(model, pairs["chosen_ids"], pad_token_id, desc="Scoring held-out chosen")
     rejected = score_sequences(model, pairs["rejected_ids"], pad_token_id, desc="Scoring held-out rejected")
-    return {f"eval_{k}": v for k, v in preference_metrics(chosen, rejected).items()}
+    return chosen, rejected
+
+
+def batch_means(values: torch.Tensor, batch_size: int) -> float:
+    """The mean of per-batch means over consecutive batches: how RewardTrainer averages its evaluation metrics (the
+    last batch may be smaller, so this is not the plain mean)."""
+    means = [float(values[start : start + batch_size].double().mean()) for start in range(0, len(values), batch_size)]
+    return sum(means) / len(means)
+
+
+def check_agreement(metrics: dict[str, Any], chosen: torch.Tensor, rejected: torch.Tensor, batch_size: int) -> None:
+    """Our per-pair scores, averaged as RewardTrainer averages, must give its accuracy and margin. A gap means the
+    scorer PPO and `rlhf eval` use reads the model differently from training (e.g. another pooling position)."""
+    margin = chosen.double() - rejected.double()
+    ours = {"eval_accuracy": batch_means((margin > 0).double(), batch_size),
+            "eval_margin": batch_means(margin, batch_size)}
+    # our batches are padded differently, which moves float32 scores by ~1e-6 and may flip a near-tie: allow for
+    # each near-tie flipping, in the smallest (last) batch
+    near_ties = int((margin.abs() < 1e-4).sum())
+    smallest = len(margin) - batch_size * ((len(margin) - 1) // batch_size)
+    batches = -(-len(margin) // batch_size)
+    slack = {"eval_accuracy": 1e-6 + near_ties / smallest / batches,
+             "eval_margin": 1e-4 * max(float(margin.abs().mean()), 1.0)}
+    for key, value in ours.items():
+        if abs(value - metrics[key]) > slack[key]:
+            say("reward", f"WARNING: RewardTrainer's {key} {metrics[key]:.6f} differs from the per-pair scores' "
+                          f"{value:.6f}: the scorer PPO and `rlhf eval` use does not read the model as training did. "
+                          "Please report this with the recipe.")
+    metrics["eval_scoring_agrees"] = all(abs(v - metrics[k]) <= slack[k] for k, v in ours.items())
+
+
+def write_pair_scores(output_dir: Path, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    """Every held-out pair's scores (in the order of the held-out split), and their plot."""
+    from rlhf_pipeline.plots import plot_reward_scores
+
+    rows = [{"pair": i, "chosen_score": c, "rejected_score": r, "margin": c - r}
+            for i, (c, r) in enumerate(zip(chosen.tolist(), rejected.tolist()))]
+    runs.atomic_write_text(output_dir / PAIRS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
+    plot_reward_scores(chosen.tolist(), rejected.tolist(), output_dir / SCORES_PLOT)
