@@ -292,21 +292,26 @@ def test_ppo_two_processes_gloo(tmp_path, tiny_model_dir, tiny_reward_dir, data_
 
 
 def test_ppo_reports_to_tensorboard(tmp_path, tiny_model_dir, data_dir):
-    """training.report_to passes the per-update metrics to a tracker (TensorBoard here: it runs offline)."""
+    """training.report_to passes the per-update metrics to Accelerate's trackers (TensorBoard here: it runs
+    offline), filed under training.project inside the run, with the resolved recipe as the run's hyper-parameters."""
     pytest.importorskip("tensorboard")
+    import yaml
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "ppo"
     recipe = ppo_recipe(out, tiny_model_dir, {"function": "rlhf_pipeline.tiny.annotator:gold_score"}, data_dir,
-                        report_to="tensorboard")
+                        report_to="tensorboard", project="bandit-study")
     recipe["value"] = {"mode": "shared"}
     result = run_ppo(tmp_path, recipe)
     assert result.exit_code == 0, result.output
-    events = EventAccumulator(str(out / "runs"))
+    events = EventAccumulator(str(out / "runs" / "bandit-study"))
     events.Reload()
     scores = events.Scalars("objective/score")
     assert [s.step for s in scores] == [1, 2]
     assert scores[0].value == pytest.approx(log_rows(out)[0]["objective/score"], rel=1e-5)
+    [hparams] = (out / "runs" / "bandit-study").glob("*/hparams.yml")
+    config = yaml.safe_load(hparams.read_text())
+    assert config["training.kl_coef"] == 0.05 and config["value.mode"] == "shared"
 
 
 @pytest.fixture(scope="module")

@@ -453,6 +453,7 @@ class PPOTrainer:
         if self.accelerator.is_main_process:
             with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
+            self.accelerator.log(row, step=self.state.update)  # the trackers of `report_to`, if any
             if self.on_log is not None:
                 self.on_log(row)
 
