@@ -91,6 +91,7 @@ def _plan_and_prepare(loaded: LoadedRecipe, overwrite: bool, resume: bool) -> ru
     from rlhf_pipeline.stages.common import check_engine
 
     check_engine(loaded)
+    check_tracker_packages(loaded)
     output_dir = loaded.recipe.output_dir
     runs.recover(output_dir)
     named = recipe_checkpoint(loaded)
@@ -143,9 +144,10 @@ def run_pipeline(recipe_path: Path, overrides: Sequence[str], from_stage: str | 
     if resume and (force or from_stage):
         raise UserError("--resume continues an interrupted stage; it does not go with --force or --from")
     loaded = load_recipe(recipe_path, overrides, expected_stage="pipeline")
-    if dry_run:
-        for plan in plan_stages(loaded):
+    for plan in plan_stages(loaded):  # every stage's trackers, before the first stage runs for hours
+        if dry_run:
             check_local_files(plan.loaded)
+        check_tracker_packages(plan.loaded)
     return run(loaded, Options(force=force, from_stage=from_stage, only=only, dry_run=dry_run, resume=resume))
 
 
@@ -220,6 +222,22 @@ def validate_paths(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[
     return valid, errors
 
 
+def check_tracker_packages(loaded: LoadedRecipe) -> None:
+    """The trackers `training.report_to` names must be installed (checked at --dry-run and before a run loads its
+    models, not by `rlhf recipe validate`: a recipe may be checked on another machine than the one that runs it)."""
+    from rlhf_pipeline.recipe.trackers import missing_packages
+
+    training = getattr(loaded.recipe, "training", None)
+    report_to = training.get("report_to") if isinstance(training, dict) else getattr(training, "report_to", None)
+    missing = missing_packages(report_to)
+    if missing:
+        names = ", ".join(name for name, _ in missing)
+        pip = " ".join(dict.fromkeys(p for _, p in missing))
+        extra = {"tensorboard", "trackio", "wandb"} >= {name for name, _ in missing}  # pyproject's [tracking]
+        raise loaded.error("training.report_to", f"{names}: the package is not installed here: pip install {pip}"
+                                                 + (" (or pip install 'rlhf-pipeline[tracking]')" if extra else ""))
+
+
 def check_local_files(loaded: LoadedRecipe) -> None:
     """Local data files must exist (model paths need not: they may be written by an earlier stage)."""
     from rlhf_pipeline.data import check_data_files
@@ -234,6 +252,7 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -
     """What a run of this recipe would do, without doing any of it."""
     recipe = loaded.recipe
     check_local_files(loaded)
+    check_tracker_packages(loaded)
     plan = runs.plan_run(recipe.output_dir, overwrite, resume or recipe_checkpoint(loaded) is not None)
     status_text = {
         "new": "new",

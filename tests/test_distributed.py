@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, run_cli, write_pipeline_recipes, write_recipe
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
@@ -51,7 +52,12 @@ def epoch_pipeline(tmp_path_factory, data_dir) -> Path:
     tells how the data was split."""
     training = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
                 "learning_rate": 1.0e-3, "logging_steps": 1}
-    return write_pipeline_recipes(tmp_path_factory.mktemp("distributed"), data_dir, training, ppo_episodes=16)
+    root = write_pipeline_recipes(tmp_path_factory.mktemp("distributed"), data_dir, training, ppo_episodes=16)
+    pipeline = root / "recipes" / "pipeline.yaml"  # PPO's tracker is closed without ending the process group
+    recipe = yaml.safe_load(pipeline.read_text())
+    recipe["stages"]["ppo"]["set"] = {"training.report_to": "tensorboard"}
+    write_recipe(pipeline, recipe)
+    return root
 
 
 def test_the_pipeline_under_two_processes(epoch_pipeline, tmp_path):
@@ -82,6 +88,7 @@ def test_the_pipeline_under_two_processes(epoch_pipeline, tmp_path):
     assert main["trainers"]["ppo"]["local_rollout_batch_size"] == 4
     assert main["trainers"]["ppo"]["episodes"] == 16
     assert (json.loads((runs_dir / "ppo" / "metrics.json").read_text())["episodes"]) == 16
+    assert list((runs_dir / "ppo" / "runs" / "rlhf-pipeline").glob("events.out.tfevents.*"))  # and eval ran after
 
     # the same weights in both processes at the end of every stage
     assert set(main["weights"]) == {*TRL_STAGES, "ppo"}

@@ -276,10 +276,11 @@ def test_ppo_bad_recipes(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir, ch
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 def test_ppo_two_processes_gloo(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
-    """Two CPU processes under torchrun + Accelerate (gloo): each samples half of every rollout batch."""
+    """Two CPU processes under torchrun + Accelerate (gloo): each samples half of every rollout batch. The checkpoint
+    after update 1 (Accelerate's save_state: one RNG file per process) resumes, under DDP, to the same weights."""
     out = tmp_path / "ppo"
     path = write_recipe(tmp_path / "ppo.yaml", ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)},
-                                                          data_dir, gradient_accumulation_steps=1))
+                                                          data_dir, gradient_accumulation_steps=1, save_every=1))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "rlhf_pipeline", "ppo", str(path)]
@@ -289,24 +290,41 @@ def test_ppo_two_processes_gloo(tmp_path, tiny_model_dir, tiny_reward_dir, data_
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 8 and metrics["episodes"] == 16
     assert len(log_rows(out)) == 2
+    checkpoint = out / "checkpoints" / "update-000001"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {p.name for p in
+                                                                                    checkpoint.iterdir()}
+
+    straight = weights(out)
+    (out / "metrics.json").unlink()  # now an unfinished run whose last checkpoint is update 1
+    again = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from update-000001 (1 of 2 updates)" in again.stderr
+    resumed = weights(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight), "a resumed run must equal the uninterrupted one"
+    assert [r["train/update"] for r in log_rows(out)] == [1, 2]
 
 
 def test_ppo_reports_to_tensorboard(tmp_path, tiny_model_dir, data_dir):
-    """training.report_to passes the per-update metrics to a tracker (TensorBoard here: it runs offline)."""
+    """training.report_to passes the per-update metrics to Accelerate's trackers (TensorBoard here: it runs
+    offline), filed under training.project inside the run, with the resolved recipe as the run's hyper-parameters."""
     pytest.importorskip("tensorboard")
+    import yaml
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "ppo"
     recipe = ppo_recipe(out, tiny_model_dir, {"function": "rlhf_pipeline.tiny.annotator:gold_score"}, data_dir,
-                        report_to="tensorboard")
+                        report_to="tensorboard", project="bandit-study")
     recipe["value"] = {"mode": "shared"}
     result = run_ppo(tmp_path, recipe)
     assert result.exit_code == 0, result.output
-    events = EventAccumulator(str(out / "runs"))
+    events = EventAccumulator(str(out / "runs" / "bandit-study"))
     events.Reload()
     scores = events.Scalars("objective/score")
     assert [s.step for s in scores] == [1, 2]
     assert scores[0].value == pytest.approx(log_rows(out)[0]["objective/score"], rel=1e-5)
+    [hparams] = (out / "runs" / "bandit-study").glob("*/hparams.yml")
+    config = yaml.safe_load(hparams.read_text())
+    assert config["training.kl_coef"] == 0.05 and config["value.mode"] == "shared"
 
 
 @pytest.fixture(scope="module")

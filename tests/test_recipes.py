@@ -273,3 +273,59 @@ def test_resolved_recipe_round_trip(path, tmp_path):
         return  # its stage recipes are named relative to the pipeline file, which the copy has moved away from
     result = run_cli("recipe", "validate", written)
     assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training.report_to: names checked when the recipe is validated, packages at --dry-run
+# ---------------------------------------------------------------------------------------------------------------
+def test_tracker_lists_match_the_installed_libraries():
+    """The torch-free copies in recipe/trackers.py are transformers' and Accelerate's own lists."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    from rlhf_pipeline.recipe import trackers
+
+    assert sorted(trackers.TRANSFORMERS_TRACKERS) == sorted(INTEGRATION_TO_CALLBACK)
+    assert sorted(trackers.ACCELERATE_TRACKERS) == sorted(LOGGER_TYPE_TO_CLASS)
+    every = set(trackers.TRANSFORMERS_TRACKERS) | set(trackers.ACCELERATE_TRACKERS)
+    assert every - set(trackers.PACKAGES) == {"kubeflow"}  # the only one that needs no package
+
+
+@pytest.mark.parametrize(("stage", "value", "expected"), [
+    ("sft", "mlfow", "training.report_to: unknown tracker 'mlfow'; expected azure_ml, clearml,"),
+    ("sft", "[tensorboard, tensorbord]", "did you mean 'tensorboard'?"),
+    ("ppo", "tensorbord", "training.report_to: unknown tracker 'tensorbord'; expected aim, clearml,"),
+    ("ppo", "neptune", "'neptune' reports the TRL-backed stages (a transformers integration), not rlhf ppo"),
+    ("ppo", "{a: 1}", "training.report_to: expected a tracker name or a list of names"),
+])
+def test_an_unknown_tracker_is_refused_when_the_recipe_is_validated(tmp_path, stage, value, expected):
+    text = (REPO / "recipes" / "tiny" / f"{stage}.yaml").read_text()
+    path = _write(tmp_path / f"{stage}.yaml", text.replace("training:\n", f"training:\n  report_to: {value}\n", 1))
+    result = run_cli("recipe", "validate", path)
+    assert result.exit_code == 2, result.output
+    assert f"{path}:" in result.stderr and expected in result.stderr
+    if value == "mlfow":
+        assert "did you mean 'mlflow'?" in result.stderr
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_a_tracker_that_is_not_installed_is_named_at_dry_run(tmp_path, stage):
+    """`mlflow` is a known name (validate passes: the recipe may run elsewhere); the dry run, like a run before it
+    loads a model, says it is not installed and how to install it."""
+    from rlhf_pipeline.recipe.trackers import missing_packages
+
+    if not missing_packages("mlflow"):
+        pytest.skip("mlflow is installed here")
+    text = (REPO / "recipes" / "tiny" / f"{stage}.yaml").read_text()
+    path = _write(tmp_path / f"{stage}.yaml", text.replace("training:\n", "training:\n  report_to: [mlflow]\n", 1))
+    assert run_cli("recipe", "validate", path).exit_code == 0
+    result = run_cli(stage, path, "--dry-run", "--set", f"output_dir={tmp_path / 'out'}")
+    assert result.exit_code == 2, result.output
+    assert "training.report_to: mlflow: the package is not installed here: pip install mlflow" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_the_ppo_project_key(tmp_path):
+    assert load_recipe(REPO / "recipes" / "tiny" / "ppo.yaml").recipe.training.project == "rlhf-pipeline"
+    result = run_cli("ppo", "recipes/tiny/ppo.yaml", "--dry-run", "--set", "training.project=''")
+    assert result.exit_code == 2 and "training.project" in result.stderr

@@ -401,8 +401,9 @@ def test_ppo_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model_
 
 
 def test_a_crafted_rng_file_is_not_unpickled(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
-    """rng-N.pt is read with weights_only=True: a checkpoint crafted to run code on --resume is refused, and the
-    code never runs."""
+    """Accelerate's random_states_N.pkl is read with weights_only=True: a checkpoint crafted to run code on --resume
+    is refused with a message (Accelerate alone would pass over it with a log line and resume with other random
+    streams), and the code never runs. A checkpoint without the file is refused too."""
     out = tmp_path / "ppo"
     recipe = write_recipe(tmp_path / "ppo.yaml", ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)},
                                                             data_dir, total_episodes=24, save_every=1))
@@ -413,12 +414,15 @@ def test_a_crafted_rng_file_is_not_unpickled(tmp_path, tiny_model_dir, tiny_rewa
         def __reduce__(self):
             return (os.system, (f"touch {proof}",))
 
-    torch.save({"torch": torch.get_rng_state(), "python": Payload()},
-               out / "checkpoints" / "update-000001" / "rng-0.pt")
+    rng_file = out / "checkpoints" / "update-000001" / "random_states_0.pkl"
+    torch.save({"torch_manual_seed": torch.get_rng_state(), "random_state": Payload()}, rng_file)
     result = run_cli("ppo", recipe, "--resume")
     assert result.exit_code == 2, result.output
-    assert "rng-0.pt" in result.output and "Traceback" not in result.output
+    assert f"{rng_file} is not a plain tensor file" in result.output and "Traceback" not in result.output
     assert not proof.exists()
+    rng_file.unlink()
+    result = run_cli("ppo", recipe, "--resume")
+    assert result.exit_code == 2 and f"{rng_file} is missing" in result.output, result.output
 
 
 def test_full_disk_names_where(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir, monkeypatch):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import RNG_STATE_NAME, DistributedType
 
 from rlhf_pipeline.ppo import core
 from rlhf_pipeline.ppo.modules import (
@@ -47,6 +47,7 @@ from rlhf_pipeline.ppo.plan import BatchPlan
 from rlhf_pipeline.recipe.schema import GenerationSection, PpoTraining
 
 CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # beside Accelerate's files in a checkpoint
 LOG_FILE = "log.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 
@@ -453,6 +454,7 @@ class PPOTrainer:
         if self.accelerator.is_main_process:
             with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
+            self.accelerator.log(row, step=self.state.update)  # the trackers of `report_to`, if any
             if self.on_log is not None:
                 self.on_log(row)
 
@@ -490,33 +492,28 @@ class PPOTrainer:
     # checkpoints
     # -----------------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Weights (safetensors), optimizer, every process's RNG states and the trainer state, written whole: into
-        `checkpoints/update-NNNNNN.tmp`, fsync'd, then renamed to `update-NNNNNN` (a kill mid-save leaves only a .tmp
-        that nothing resumes from). Older checkpoints beyond `save_total_limit` are then deleted."""
-        from safetensors.torch import save_model
-
+        """Accelerate's `save_state` (the weights, the optimizer, the loss scaler, every process's RNG states; sharded
+        under FSDP) and our trainer state (JSON: update counter, which also places the prompt stream, KL controller,
+        score normalisation, counters), written whole: into `checkpoints/update-NNNNNN.tmp`, fsync'd, then renamed
+        to `update-NNNNNN` (a kill mid-save leaves only a .tmp that nothing resumes from). Older checkpoints beyond
+        `save_total_limit` are then deleted. (Accelerate's automatic checkpoint naming would write in place and
+        delete the oldest checkpoint before the new one is complete.)"""
         from rlhf_pipeline import runs
 
         root = self.output_dir / CHECKPOINTS
         path = root / f"update-{self.state.update:06d}"
         partial = path.with_name(path.name + ".tmp")
+        main = self.accelerator.is_main_process
         try:
+            if main and partial.exists():
+                shutil.rmtree(partial)
             self.accelerator.wait_for_everyone()
-            if self.accelerator.is_main_process:
-                if partial.exists():
-                    shutil.rmtree(partial)
-                partial.mkdir(parents=True)
-                save_model(self.accelerator.unwrap_model(self.model), str(partial / "model.safetensors"))
-                torch.save(self.optimizer.state_dict(), partial / "optimizer.pt")
+            self.accelerator.save_state(str(partial))
+            if main:
                 state = {**self.state.__dict__, "kl_coef": self.kl_controller.state_dict()}
-                (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
+                (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
             self.accelerator.wait_for_everyone()
-            rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state()
-            torch.save(rng, partial / f"rng-{self.accelerator.process_index}.pt")
-            self.accelerator.wait_for_everyone()
-            if self.accelerator.is_main_process:
+            if main:
                 runs.fsync_tree(partial)
                 os.replace(partial, path)
                 runs.fsync_dir(root)  # the rename itself
@@ -528,27 +525,31 @@ class PPOTrainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_model
-
-        load_model(self.accelerator.unwrap_model(self.model), str(path / "model.safetensors"))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        state = json.loads((path / "trainer_state.json").read_text())
+        """Everything `save_checkpoint` wrote, through Accelerate's `load_state` (which reads the optimizer and RNG
+        pickles with torch.load(weights_only=True))."""
+        check_rng_file(path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl")
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / TRAINER_STATE).read_text())
         self.kl_controller.load_state_dict(state.pop("kl_coef"))
         self.state = TrainerState(**{k: v for k, v in state.items() if k in TrainerState.__dataclass_fields__})
-        rng_file = path / f"rng-{self.accelerator.process_index}.pt"
-        if rng_file.exists():
-            try:  # tensors and python's state (a tuple of ints): weights_only loads them, and refuses code
-                rng = torch.load(rng_file, weights_only=True)
-            except Exception as exc:
-                from rlhf_pipeline.errors import UserError
 
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise UserError(f"{rng_file} is not a plain tensor file; refusing to load it (it could run code): "
-                                f"{first}") from None
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
+
+def check_rng_file(path: Path) -> None:
+    """Accelerate's load_state reads a process's RNG states with weights_only=True, but passes over a file that is
+    missing or refused with a log line, and the run would resume with other random streams: refuse instead (a
+    crafted file could otherwise run code on --resume, were it ever loaded without weights_only)."""
+    from accelerate.utils import load
+
+    from rlhf_pipeline.errors import UserError
+
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the checkpoint cannot restore this process's random state")
+    try:
+        load(path)  # tensors, numpy's state and python's (a tuple of ints): weights_only takes them, and refuses code
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path} is not a plain tensor file; refusing to load it (it could run code): {first}") \
+            from None
 
 
 def keep_freed_memory() -> bool:

@@ -520,7 +520,24 @@ class PpoTraining(Section):
         128, ge=1, description="Held-out prompts scored before and after training (same sampling settings).")
     eval_batch_size: int = Field(64, ge=1, description="Prompts per generation batch during evaluation.")
     report_to: Any = Field(
-        "none", description="Experiment trackers: `none`, `tensorboard`, `trackio`, `wandb`, `all`, or a list.")
+        "none", description="Experiment trackers, through Accelerate's: `none`, `tensorboard`, `wandb`, `trackio`, "
+        "`mlflow`, `comet_ml`, `aim`, `clearml`, `dvclive`, `swanlab`, `all` (every installed one), or a list. "
+        "TensorBoard writes under output_dir/runs/; the package is checked at --dry-run and before models load.")
+    project: str = Field(
+        "rlhf-pipeline", min_length=1, description="The project the trackers file this run under (the W&B and trackio "
+        "project, the MLflow experiment, the TensorBoard subdirectory of output_dir/runs/); the run is named after the "
+        "output dir. The TRL-backed stages take the same key from transformers' TrainingArguments, where it names "
+        "the trackio project.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: Any) -> Any:
+        from rlhf_pipeline.recipe.trackers import problem
+
+        message = problem("ppo", value)
+        if message:
+            raise ValueError(message)
+        return value
 
     @model_validator(mode="after")
     def _batches(self):

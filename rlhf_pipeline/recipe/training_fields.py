@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import did_you_mean
+from rlhf_pipeline.recipe import trackers
 
 SNAPSHOT = Path(__file__).with_name("training_fields.json")
 
@@ -95,6 +96,10 @@ def check_training(stage: str, training: dict[str, Any]) -> list[tuple[str, str]
             )
         elif isinstance(value, str) and key in STRING_AS_LIST.get(CONFIG_CLASSES[stage], ()):
             continue  # `loss_type: ipo` means [ipo]
+        elif key == "report_to":  # transformers would refuse an unknown name only once the models are loaded
+            message = trackers.problem(stage, value)
+            if message:
+                problems.append((key, message))
         else:
             message = type_problem(value, fields[key]) or _value_problem(key, value)
             if message:

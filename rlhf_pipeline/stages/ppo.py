@@ -46,7 +46,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     quiet_library_warnings()
     # cpu=True on machines without an accelerator, so that several processes (torchrun) meet over gloo
     accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision,
-                              cpu=not torch.accelerator.is_available())
+                              cpu=not torch.accelerator.is_available(), **tracker_settings(recipe))
     try:
         # does it divide across these processes?
         BatchPlan.of(recipe.training, accelerator.num_processes, recipe.generation.samples_per_prompt)
@@ -160,7 +160,6 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
     from transformers import set_seed
 
     from rlhf_pipeline.ppo.modules import ModelScorer, policy_state_dict, prepare_frozen
-    from rlhf_pipeline.tracking import Tracker
 
     recipe = loaded.recipe
     set_seed(recipe.seed)
@@ -181,24 +180,26 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
     eval_seed = recipe.seed + 100_003
     checkpoint = options.plan.checkpoint if options.plan.mode == "resume" else None
     start_outputs(loaded, options)
-    tracker = Tracker.for_recipe(loaded, accelerator.is_main_process)  # after the run marker: its files are the run's
-    trainer.on_log = tracker.log
-    if checkpoint is None:
-        before = trainer.evaluate(eval_prompts, eval_seed)
-        if accelerator.is_main_process:
-            runs.atomic_write_text(output_dir / EVAL_BEFORE_FILE, json.dumps(before, indent=1))
-        torch.manual_seed(recipe.seed + 1000 * accelerator.process_index)  # processes sample different responses
-    else:  # the checkpoint restores the RNG states too
-        trainer.load_checkpoint(checkpoint)
-        if accelerator.is_main_process:
-            _truncate_logs(output_dir, trainer.state.update)
-        before = json.loads((output_dir / EVAL_BEFORE_FILE).read_text())
-        say("ppo", f"resuming from {checkpoint.name} ({trainer.state.update} of {trainer.plan.num_updates} updates)")
-    state = trainer.train(stop_requested)
-    if state.update < trainer.plan.num_updates:  # Ctrl-C: the trainer saved a checkpoint and stopped
-        raise interrupted(options.plan, runs.latest_checkpoint(output_dir))
-    after = trainer.evaluate(eval_prompts, eval_seed)
-    tracker.finish()
+    start_trackers(accelerator, loaded)  # after the run marker: their files are the run's
+    try:
+        if checkpoint is None:
+            before = trainer.evaluate(eval_prompts, eval_seed)
+            if accelerator.is_main_process:
+                runs.atomic_write_text(output_dir / EVAL_BEFORE_FILE, json.dumps(before, indent=1))
+            torch.manual_seed(recipe.seed + 1000 * accelerator.process_index)  # processes sample different responses
+        else:  # the checkpoint restores the RNG states too
+            trainer.load_checkpoint(checkpoint)
+            if accelerator.is_main_process:
+                _truncate_logs(output_dir, trainer.state.update)
+            before = json.loads((output_dir / EVAL_BEFORE_FILE).read_text())
+            say("ppo", f"resuming from {checkpoint.name} ({trainer.state.update} of {trainer.plan.num_updates} "
+                       "updates)")
+        state = trainer.train(stop_requested)
+        if state.update < trainer.plan.num_updates:  # Ctrl-C: the trainer saved a checkpoint and stopped
+            raise interrupted(options.plan, runs.latest_checkpoint(output_dir))
+        after = trainer.evaluate(eval_prompts, eval_seed)
+    finally:
+        finish_trackers(accelerator)
 
     # 5. save
     metrics: dict[str, Any] = {}
@@ -215,6 +216,63 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
         plot_ppo_curves(output_dir / "log.jsonl", output_dir / CURVES_FILE)
         say("ppo", _summary(metrics))
     return metrics
+
+
+# -------------------------------------------------------------------------------------------------------------
+# experiment tracking: Accelerate's trackers
+# -------------------------------------------------------------------------------------------------------------
+def tracker_settings(recipe) -> dict[str, Any]:
+    """The Accelerator's trackers for `training.report_to` (their packages were checked before the run started:
+    Accelerate itself would silently drop one that is not installed). Those that write files write them inside the
+    run, under output_dir/runs/ (TensorBoard: runs/<project>/), which a Hub push leaves out."""
+    from accelerate.utils import ProjectConfiguration
+
+    from rlhf_pipeline.recipe.trackers import names
+
+    log_with = names(recipe.training.report_to)
+    if not log_with:
+        return {}
+    output_dir = Path(recipe.output_dir)
+    return {"log_with": log_with,
+            "project_config": ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs"))}
+
+
+def start_trackers(accelerator, loaded: LoadedRecipe) -> None:
+    """Start the trackers (main process only: Accelerate's trackers act there alone) with the resolved recipe as the
+    run's configuration, under `training.project`, the run named after the output dir."""
+    if not accelerator.log_with:
+        return
+    recipe = loaded.recipe
+    run_name = Path(loaded.published_output_dir or recipe.output_dir).name  # not a staging dir's name
+    local = Path(recipe.output_dir) / "runs"
+    names_the_run = {"wandb": {"name": run_name, "dir": str(local)}, "trackio": {"name": run_name},
+                     "mlflow": {"run_name": run_name}, "swanlab": {"experiment_name": run_name},
+                     "clearml": {"task_name": run_name}, "dvclive": {"dir": str(local / "dvclive")}}
+    config = flat_config(recipe.model_dump(mode="json", exclude={"provenance", "extends"}))
+    if accelerator.is_main_process:
+        local.mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers(recipe.training.project, config=config, init_kwargs=names_the_run)
+
+
+def finish_trackers(accelerator) -> None:
+    """Close the runs. Not `accelerator.end_training()`: it also destroys the process group, which the later stages
+    of a multi-process pipeline still use (the command ends it once: `commands.end_process_group`)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+
+
+def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe as one level of dotted keys with scalar values, as every tracker takes hyper-parameters
+    (TensorBoard's refuses nested ones); a list becomes its text."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if value is None or isinstance(value, (bool, int, float, str)) \
+                else str(value)
+    return flat
 
 
 # -------------------------------------------------------------------------------------------------------------
