@@ -123,6 +123,8 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = True, revisio
         raise UserError("HF_HUB_OFFLINE is set: pushing needs the Hub; unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)")
     branch = revision or constants.DEFAULT_REVISION
     files, skipped = select_files(path)
+    if base_repo_id is not None and ADAPTER_CONFIG not in files:
+        raise UserError(f"--base-repo-id names an adapter's base model, but {path} holds no {ADAPTER_CONFIG}")
     adapter = hub_adapter_config(path, base_repo_id) if ADAPTER_CONFIG in files else None
     api = HfApi(token=token)
     card = model_card(path, repo_id=repo_id, endpoint=api.endpoint, license=license, adapter_config=adapter)

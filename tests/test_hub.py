@@ -592,6 +592,10 @@ def test_base_repo_id_names_the_base(hub, tmp_path):
     assert "rlhf-test/base" in files["README.md"].decode().split("## How to use", 1)[1]
 
 
+def test_base_repo_id_without_an_adapter_is_refused(hub, ppo_run):
+    _refused(hub, ppo_run, "holds no adapter_config.json", base_repo_id="rlhf-test/base")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # --push-to-hub on a training command
 # ---------------------------------------------------------------------------------------------------------------
