@@ -51,6 +51,9 @@ ResumeOpt = Annotated[bool, typer.Option(
 DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Resolve and validate the recipe, print the plan, write nothing.")
 ]
+PushToHubOpt = Annotated[Optional[str], typer.Option(
+    "--push-to-hub", metavar="ORG/NAME", help="When the run finishes, push it to this Hub model repo, as `rlhf push` "
+                                              "does (overrides the recipe's hub.repo_id and implies hub.push).")]
 
 
 @contextmanager
@@ -77,48 +80,48 @@ def user_errors() -> Iterator[None]:
 
 
 def _stage(stage: str, recipe: Path, set_: list[str] | None, output_dir: Path | None, overwrite: bool,
-           dry_run: bool, resume: bool = False) -> None:
+           dry_run: bool, resume: bool = False, push_to_hub: str | None = None) -> None:
     with user_errors():
-        plan = commands.run_stage(stage, recipe, commands.stage_overrides(set_, output_dir), overwrite, dry_run,
-                                  resume)
+        plan = commands.run_stage(stage, recipe, commands.stage_overrides(set_, output_dir, push_to_hub), overwrite,
+                                  dry_run, resume)
     if plan:
         typer.echo(plan)
 
 
 @app.command()
 def pretrain(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
-             resume: ResumeOpt = False, dry_run: DryRunOpt = False) -> None:
+             resume: ResumeOpt = False, dry_run: DryRunOpt = False, push_to_hub: PushToHubOpt = None) -> None:
     """Pre-train a causal LM on plain text (optionally training a new tokenizer and initialising a new model)."""
-    _stage("pretrain", recipe, set_, output_dir, overwrite, dry_run, resume)
+    _stage("pretrain", recipe, set_, output_dir, overwrite, dry_run, resume, push_to_hub)
 
 
 @app.command()
 def sft(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
-        resume: ResumeOpt = False, dry_run: DryRunOpt = False) -> None:
+        resume: ResumeOpt = False, dry_run: DryRunOpt = False, push_to_hub: PushToHubOpt = None) -> None:
     """Supervised fine-tuning (TRL SFTTrainer) on text, prompt/completion or conversational data."""
-    _stage("sft", recipe, set_, output_dir, overwrite, dry_run, resume)
+    _stage("sft", recipe, set_, output_dir, overwrite, dry_run, resume, push_to_hub)
 
 
 @app.command()
 def reward(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
-           resume: ResumeOpt = False, dry_run: DryRunOpt = False) -> None:
+           resume: ResumeOpt = False, dry_run: DryRunOpt = False, push_to_hub: PushToHubOpt = None) -> None:
     """Train a reward model on preference pairs (TRL RewardTrainer); reports held-out accuracy and margin."""
-    _stage("reward", recipe, set_, output_dir, overwrite, dry_run, resume)
+    _stage("reward", recipe, set_, output_dir, overwrite, dry_run, resume, push_to_hub)
 
 
 @app.command()
 def ppo(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
-        resume: ResumeOpt = False, dry_run: DryRunOpt = False) -> None:
+        resume: ResumeOpt = False, dry_run: DryRunOpt = False, push_to_hub: PushToHubOpt = None) -> None:
     """PPO against a reward model or function, with a KL penalty to a frozen reference (our own trainer)."""
-    _stage("ppo", recipe, set_, output_dir, overwrite, dry_run, resume)
+    _stage("ppo", recipe, set_, output_dir, overwrite, dry_run, resume, push_to_hub)
 
 
 @app.command()
 def dpo(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
-        resume: ResumeOpt = False, dry_run: DryRunOpt = False) -> None:
+        resume: ResumeOpt = False, dry_run: DryRunOpt = False, push_to_hub: PushToHubOpt = None) -> None:
     """Direct preference optimisation (TRL DPOTrainer) of a policy on preference pairs; reports held-out reward
     accuracy and before/after scores of sampled responses."""
-    _stage("dpo", recipe, set_, output_dir, overwrite, dry_run, resume)
+    _stage("dpo", recipe, set_, output_dir, overwrite, dry_run, resume, push_to_hub)
 
 
 @app.command("eval")
@@ -184,15 +187,25 @@ def push(
     revision: Annotated[Optional[str], typer.Option("--revision", metavar="BRANCH",
                                                     help="Branch to push to, created from main when missing; "
                                                          "default main.")] = None,
+    base_repo_id: Annotated[Optional[str], typer.Option(
+        "--base-repo-id", metavar="ORG/NAME", help="An adapter's base model on the Hub, written into the pushed "
+                                                   "adapter_config.json. Default: the repo the base run was pushed "
+                                                   "to (its hub.json).")] = None,
+    license: Annotated[Optional[str], typer.Option("--license", metavar="ID",
+                                                   help="License id for the model card, e.g. mit.")] = None,
 ) -> None:
-    """Push a finished run dir to the Hugging Face Hub: weights, tokenizer, recipe, metrics and a model card with its
-    lineage. The token comes from HF_TOKEN or `hf auth login` and is never written anywhere."""
+    """Make the repo mirror a finished run dir: weights, tokenizer, recipe, metrics and a model card with its
+    lineage; repo files the run does not have are deleted. The token comes from HF_TOKEN or `hf auth login` and is
+    never written anywhere."""
     from rlhf_pipeline.hub import push_run
 
     with user_errors():
-        result = push_run(run_dir, repo_id, private=private, revision=revision)
+        result = push_run(run_dir, repo_id, private=private, revision=revision, base_repo_id=base_repo_id,
+                          license=license)
     for path, reason in result.skipped.items():
         typer.echo(f"left out {path}: {reason}", err=True)
+    for path in result.deleted:
+        typer.echo(f"deleted {path} from the repo: the run does not have it", err=True)
     typer.echo(f"pushed {len(result.files)} files to {result.url} (revision {result.revision}, "
                f"commit {result.commit_sha[:12]})")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,18 @@ STAGE_MODULES = {
 }
 
 
-def stage_overrides(overrides: Sequence[str] | None, output_dir: Path | None) -> list[str]:
-    """`--set` values plus `--output-dir` (which is `--set output_dir=...`)."""
+def stage_overrides(overrides: Sequence[str] | None, output_dir: Path | None,
+                    push_to_hub: str | None = None) -> list[str]:
+    """`--set` values plus `--output-dir` (which is `--set output_dir=...`) and `--push-to-hub ORG/NAME` (which is
+    `--set hub.repo_id=ORG/NAME --set hub.push=true`, its repo id checked now, before anything is trained)."""
     values = list(overrides or [])
     if output_dir is not None:
         values.append(f"output_dir={output_dir}")
+    if push_to_hub is not None:
+        from rlhf_pipeline.hub import check_repo_id
+
+        check_repo_id(push_to_hub, what="--push-to-hub repo id")
+        values += [f"hub.repo_id={json.dumps(push_to_hub)}", "hub.push=true"]  # JSON quoting: a YAML string
     return values
 
 

@@ -451,7 +451,7 @@ def _push_stages(hub, plans: list[StagePlan], only: str | None) -> list[tuple[st
         if plan.name not in hub.stages or (only is not None and plan.name != only):
             continue
         repo_id = f"{hub.repo_prefix}-{plan.name}"
-        result = push_run(plan.output_dir, repo_id, private=hub.private)
+        result = push_run(plan.output_dir, repo_id, private=hub.private, license=hub.license)
         rows.append((f"push {plan.name}", "pushed", "-", result.url))
     return rows
 

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import TOKEN, _use_hub
+from conftest import FAST_TRAINING, TOKEN, _use_hub, run_cli, stage_recipe, write_recipe
 from hub_server import HubServer
+from huggingface_hub import ModelCard
 
 from rlhf_pipeline import hub as hub_module
 from rlhf_pipeline.errors import UserError
@@ -126,8 +127,16 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 
 def _front_matter(card: str) -> dict:
+    """The card's metadata as huggingface_hub reads it (its model-index too)."""
     assert card.startswith("---\n")
-    return yaml.safe_load(card[4:].split("\n---\n", 1)[0])
+    return ModelCard(card).data.to_dict()
+
+
+def _results(meta: dict) -> list:
+    """The card's model-index, as huggingface_hub's EvalResult objects."""
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(**meta).eval_results or []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,16 +196,17 @@ def test_the_card_describes_the_run(hub, ppo_run, upstream):
 
     meta = _front_matter(card)
     assert meta["library_name"] == "transformers"
-    assert meta["tags"][:3] == ["rlhf-pipeline", "rlhf", "ppo"]
+    assert meta["tags"][:4] == ["rlhf-pipeline", "trl", "rlhf", "ppo"]
     assert meta["pipeline_tag"] == "text-generation"
     assert meta["base_model"] == "rlhf-test/tiny-sft"  # the policy, pushed before
-    assert "license" not in meta
+    assert meta["base_model_relation"] == "finetune"
+    assert "license" not in meta and "datasets" not in meta  # none given; local files only
 
     # metrics (rounded) and the evaluation report
     assert "| eval_score_after | 3.3 |" in card
     assert "| eval_score_before | 0.4372 |" in card
     assert "| final_policy_loss | -0.003921 |" in card
-    assert "| episodes | 16 |" in card and "| saved | full |" in card
+    assert "| episodes | 16 |" in card
     assert "| win_rate | 0.8125 |" in card and "| judge.agreement | 0.75 |" in card
 
     # lineage: the pushed SFT run links to its repo on the endpoint in use; the reward run was not pushed
@@ -210,11 +220,12 @@ def test_the_card_describes_the_run(hub, ppo_run, upstream):
     # how to load it
     assert f'AutoModelForCausalLM.from_pretrained("{PPO_REPO}")' in card
 
-    # samples: before/after side by side, Markdown and HTML escaped, one table row per sample
-    row = next(line for line in card.splitlines() if line.startswith("|") and "Film" in line)
-    assert row.startswith("| review of \\<Film\\|One\\>:") and row.endswith("|")
-    assert "dull \\*very\\*<br>slow" in row and "a joy\\<\\|endoftext\\|\\>" in row
-    assert "| -1.25 |" in row and "| 3.5 |" in row
+    # samples: before/after side by side, as JSON in a code block (which Markdown shows as written)
+    block = card.split("## Samples", 1)[1].split("```json\n", 1)[1].split("\n```", 1)[0]
+    pairs = json.loads(block)
+    assert pairs[0] == {"prompt": "review of <Film|One>:", "before": {"response": " dull *very*\nslow", "score": -1.25},
+                        "after": {"response": " a joy<|endoftext|>", "score": 3.5}}
+    assert [p["prompt"] for p in pairs] == ["review of <Film|One>:", "second prompt"]
 
     # the resolved recipe, verbatim, and its provenance
     recipe_text = (ppo_run / "recipe.resolved.yaml").read_text()
@@ -381,8 +392,8 @@ def test_card_of_a_lora_adapter_reward_model(tmp_path):
     assert meta["library_name"] == "peft" and "lora" in meta["tags"] and "reward" in meta["tags"]
     assert meta["pipeline_tag"] == "text-classification"
     assert meta["base_model"] == "openai-community/gpt2" and meta["datasets"] == ["Anthropic/hh-rlhf"]
+    assert meta["base_model_relation"] == "adapter"
     assert 'AutoPeftModelForSequenceClassification.from_pretrained("org/rm")' in card
-    assert "That base is a local path" in card
     assert "[openai-community/gpt2](https://hub.example/openai-community/gpt2)" in card
     assert "(https://hub.example/datasets/Anthropic/hh-rlhf)" in card
     assert "| eval_accuracy | 0.6875 |" in card
@@ -397,9 +408,11 @@ def test_card_of_a_pretraining_run_from_scratch(tmp_path):
     run = _finished_run(tmp_path / "pretrain", recipe, {"eval_loss": 2.5, "num_parameters": 932608})
     card = model_card(run, endpoint="https://hub.example")
     meta = _front_matter(card)
-    assert "base_model" not in meta and meta["pipeline_tag"] == "text-generation"
+    assert "base_model" not in meta and "base_model_relation" not in meta  # nothing it derives from
+    assert meta["pipeline_tag"] == "text-generation"
     assert "initialised from scratch" in card and "byte-level BPE" in card
-    assert "15 parameters" in card  # counted from the safetensors header
+    assert "layers 2, width 3, context 16, vocabulary 4" in card  # from config.json; the Hub counts parameters
+    assert [(r.metric_type, r.metric_value) for r in _results(meta)] == [("eval_loss", 2.5)]
     assert f'AutoModelForCausalLM.from_pretrained("{run}")' in card
 
 
@@ -436,3 +449,183 @@ def test_card_of_a_run_without_weights(tmp_path):
     meta = _front_matter(card)
     assert "library_name" not in meta and "pipeline_tag" not in meta and "eval" in meta["tags"]
     assert "## How to use" not in card and "| win_rate | 0.5 |" in card
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the card's metadata, as the Hub reads it
+# ---------------------------------------------------------------------------------------------------------------
+def test_the_pushed_card_metadata_field_by_field(hub, tmp_path):
+    recipe = {"stage": "sft", "output_dir": "x", "model": {"name_or_path": "gpt2"},
+              "data": {"dataset": "org/demos", "subset": "default", "revision": "v1", "eval_split": "test"}}
+    run = _finished_run(tmp_path / "sft", recipe, {"train_loss": 1.5, "eval_loss": 2.0, "eval_perplexity": 7.389,
+                                                   "eval_pairs_too_long": 0, "saved": "full"})
+    push_run(run, "rlhf-test/sft", license="mit")
+    data = ModelCard(hub.uploaded("rlhf-test/sft")["README.md"].decode()).data
+
+    assert data.base_model == "gpt2" and data.base_model_relation == "finetune"
+    assert data.datasets == ["org/demos"] and data.license == "mit"
+    assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
+    assert {"trl", "rlhf-pipeline", "sft"} <= set(data.tags)
+    # the held-out numbers (not the training loss, not counts) are the model-index the Hub shows
+    assert data.model_name == "rlhf-test/sft"
+    assert [(r.metric_type, r.metric_value) for r in data.eval_results] == [("eval_loss", 2.0),
+                                                                            ("eval_perplexity", 7.389)]
+    for result in data.eval_results:
+        assert (result.task_type, result.dataset_type, result.dataset_name) == ("text-generation", "org/demos",
+                                                                                 "org/demos")
+        assert (result.dataset_config, result.dataset_split, result.dataset_revision) == ("default", "test", "v1")
+    assert "model-index" in data.to_dict()
+
+
+def test_the_ppo_card_model_index(hub, ppo_run, upstream):
+    push_run(ppo_run, PPO_REPO)
+    results = _results(_front_matter(hub.uploaded(PPO_REPO)["README.md"].decode()))
+    assert {r.metric_type: r.metric_value for r in results} == {
+        "eval_score_before": 0.43723064661026, "eval_score_after": 3.300278663635254, "eval_kl": 4.0298,
+        "win_rate": 0.8125, "judge.agreement": 0.75}
+    assert {(r.task_type, r.dataset_type, r.dataset_split) for r in results} == {("text-generation", "local", "test")}
+    assert results[0].dataset_name == "local files prompts-test.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a push makes the repo mirror the run
+# ---------------------------------------------------------------------------------------------------------------
+def _adapter_run(path: Path, base: str) -> Path:
+    """A finished SFT run saved as a LoRA adapter on `base` (as PEFT writes it: base_model_name_or_path)."""
+    run = _finished_run(path, {"stage": "sft", "output_dir": "x", "model": {"name_or_path": base},
+                               "peft": {"r": 4, "save": "adapter"}}, {"eval_loss": 3.0, "saved": "adapter"},
+                        weights=False)
+    _write(run / "adapter_config.json", json.dumps({"base_model_name_or_path": base, "revision": None, "r": 4,
+                                                    "lora_alpha": 8, "peft_type": "LORA"}, indent=2))
+    _write(run / "adapter_model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    _write(run / "tokenizer.json", json.dumps({"version": "1.0"}))
+    _write(run / "notes" / "report.md", "# notes\n")
+    return run
+
+
+def test_a_push_deletes_what_the_run_no_longer_has(hub, tmp_path):
+    merged = _finished_run(tmp_path / "merged", {"stage": "sft", "output_dir": "x", "model": {"name_or_path": "gpt2"}},
+                           {"eval_loss": 2.0, "saved": "merged"})
+    push_run(merged, "rlhf-test/sft")
+    assert "model.safetensors" in hub.uploaded("rlhf-test/sft")
+
+    adapter = _adapter_run(tmp_path / "adapter", "gpt2")
+    commits = len(hub.repos["rlhf-test/sft"].commits)
+    result = push_run(adapter, "rlhf-test/sft")
+    files = hub.uploaded("rlhf-test/sft")
+    assert set(files) == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors",
+                          "tokenizer.json", "recipe.resolved.yaml", "metrics.json", "notes/report.md"}
+    assert result.deleted == sorted(["model.safetensors", "config.json", "generation_config.json",
+                                     "tokenizer_config.json", "chat_template.jinja"])
+    assert len(hub.repos["rlhf-test/sft"].commits) == commits + 1  # uploads and deletions in one commit
+    assert ModelCard(files["README.md"].decode()).data.base_model_relation == "adapter"
+
+    # a file deleted from the run disappears from the repo; the pickles and checkpoints it holds never arrive
+    (adapter / "notes" / "report.md").unlink()
+    _write(adapter / "checkpoints" / "step-1" / "adapter_model.safetensors", b"x")
+    _write(adapter / "optimizer.pt", b"x")
+    again = push_run(adapter, "rlhf-test/sft")
+    assert again.deleted == ["notes/report.md"]
+    assert set(hub.uploaded("rlhf-test/sft")) == set(files) - {"notes/report.md"}
+
+
+def test_a_branch_mirrors_the_run_and_main_keeps_its_files(hub, tmp_path):
+    merged = _finished_run(tmp_path / "merged", {"stage": "sft", "output_dir": "x", "model": {"name_or_path": "gpt2"}},
+                           {"eval_loss": 2.0})
+    push_run(merged, "rlhf-test/sft")
+    push_run(_adapter_run(tmp_path / "adapter", "gpt2"), "rlhf-test/sft", revision="lora")
+    assert "model.safetensors" not in hub.uploaded("rlhf-test/sft", "lora")
+    assert "model.safetensors" in hub.uploaded("rlhf-test/sft", "main")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# an adapter's base, named by repo id in the pushed copy
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("branch", [None, "exp"])
+def test_an_adapter_on_a_pushed_base_names_the_base_repo(hub, tmp_path, branch):
+    base = _finished_run(tmp_path / "base", {"stage": "pretrain", "output_dir": "x",
+                                             "model": {"init": {"n_layer": 2}}}, {"eval_loss": 4.0})
+    push_run(base, "rlhf-test/base", revision=branch)
+    adapter = _adapter_run(tmp_path / "adapter", str(base.resolve()))
+    local = (adapter / "adapter_config.json").read_bytes()
+
+    push_run(adapter, "rlhf-test/adapter")
+    pushed = json.loads(hub.uploaded("rlhf-test/adapter")["adapter_config.json"])
+    assert pushed["base_model_name_or_path"] == "rlhf-test/base"
+    assert pushed["revision"] == branch  # PEFT loads the base from this branch; None: main
+    assert pushed["r"] == 4 and pushed["peft_type"] == "LORA"
+    assert (adapter / "adapter_config.json").read_bytes() == local  # the run dir keeps its own
+    data = ModelCard(hub.uploaded("rlhf-test/adapter")["README.md"].decode()).data
+    assert (data.base_model, data.base_model_relation, data.library_name) == ("rlhf-test/base", "adapter", "peft")
+
+
+def test_an_adapter_on_a_hub_model_is_pushed_as_it_is(hub, tmp_path):
+    adapter = _adapter_run(tmp_path / "adapter", "gpt2")
+    push_run(adapter, "rlhf-test/adapter")
+    assert hub.uploaded("rlhf-test/adapter")["adapter_config.json"] == (adapter / "adapter_config.json").read_bytes()
+
+
+def test_an_adapter_on_a_local_base_that_was_not_pushed_is_refused(hub, tmp_path):
+    base = _finished_run(tmp_path / "base", {"stage": "sft", "output_dir": "x"}, {"eval_loss": 4.0}, weights=False)
+    adapter = _adapter_run(tmp_path / "adapter", str(base))
+    error = _refused(hub, adapter, "names its base model by a local path", repo_id="rlhf-test/adapter")
+    assert f"rlhf push {base} --repo-id" in str(error) and "--base-repo-id ORG/NAME" in str(error)
+
+    result = run_cli("push", adapter, "--repo-id", "rlhf-test/adapter")
+    assert result.exit_code == 2 and "--base-repo-id" in result.output and "Traceback" not in result.output
+    result = run_cli("push", adapter, "--repo-id", "rlhf-test/adapter", "--base-repo-id", "not a repo")
+    assert result.exit_code == 2 and "invalid base repo id 'not a repo'" in result.output
+    assert hub.repos == {}
+
+
+def test_base_repo_id_names_the_base(hub, tmp_path):
+    adapter = _adapter_run(tmp_path / "adapter", str(tmp_path / "gone" / "base"))  # trained elsewhere, say
+    local = (adapter / "adapter_config.json").read_bytes()
+    result = run_cli("push", adapter, "--repo-id", "rlhf-test/adapter", "--base-repo-id", "rlhf-test/base",
+                     "--license", "apache-2.0")
+    assert result.exit_code == 0, result.output
+    files = hub.uploaded("rlhf-test/adapter")
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "rlhf-test/base"
+    assert (adapter / "adapter_config.json").read_bytes() == local
+    data = ModelCard(files["README.md"].decode()).data
+    assert (data.base_model, data.license) == ("rlhf-test/base", "apache-2.0")
+    assert "rlhf-test/base" in files["README.md"].decode().split("## How to use", 1)[1]
+
+
+def test_base_repo_id_without_an_adapter_is_refused(hub, ppo_run):
+    _refused(hub, ppo_run, "holds no adapter_config.json", base_repo_id="rlhf-test/base")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --push-to-hub on a training command
+# ---------------------------------------------------------------------------------------------------------------
+def _tiny_sft_recipe(tmp_path: Path, model: Path, data_dir: Path) -> Path:
+    training = {**FAST_TRAINING, "max_steps": 1}
+    return write_recipe(tmp_path / "sft.yaml", stage_recipe("sft", tmp_path / "out", model,
+                                                            {"files": str(data_dir / "sft.jsonl"), "eval_size": 8},
+                                                            training=training))
+
+
+def test_push_to_hub_pushes_the_finished_run(hub, tmp_path, tiny_model_dir, data_dir):
+    recipe = _tiny_sft_recipe(tmp_path, tiny_model_dir, data_dir)
+    result = run_cli("sft", recipe, "--push-to-hub", "rlhf-test/cli-sft")
+    assert result.exit_code == 0, result.output
+    files = hub.uploaded("rlhf-test/cli-sft")
+    assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json", "recipe.resolved.yaml",
+            "README.md"} <= set(files)
+    assert hub.repos["rlhf-test/cli-sft"].private is True
+    record = json.loads((tmp_path / "out" / "hub.json").read_text())
+    assert record["repo_id"] == "rlhf-test/cli-sft"
+    assert "sft" in ModelCard(files["README.md"].decode()).data.tags
+
+
+def test_push_to_hub_checks_the_repo_id_before_training(hub, tmp_path, tiny_model_dir, data_dir):
+    recipe = _tiny_sft_recipe(tmp_path, tiny_model_dir, data_dir)
+    result = run_cli("sft", recipe, "--push-to-hub", "no-namespace")
+    assert result.exit_code == 2, result.output
+    assert "invalid --push-to-hub repo id 'no-namespace'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() and hub.requests == []
+
+    result = run_cli("sft", recipe, "--push-to-hub", "rlhf-test/cli-sft", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "push to rlhf-test/cli-sft" in result.output and hub.requests == []

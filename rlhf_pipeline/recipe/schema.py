@@ -275,6 +275,9 @@ class HubSection(Section):
         "and a generated model card (never pickles or checkpoints). Needs a write token: HF_TOKEN or `hf auth login`.")
     private: bool = Field(True, description="Create the repo private. An existing repo keeps its visibility.")
     revision: str | None = Field(None, description="Branch to push to, created from main when missing; default main.")
+    license: str | None = Field(
+        None, description="License id for the model card's metadata (e.g. `mit`, `apache-2.0`; see the Hub's list of "
+        "licenses); default: none stated.")
 
     @field_validator("repo_id")
     @classmethod
@@ -778,6 +781,8 @@ class PipelineHubSection(Section):
     private: bool = Field(True, description="Create the repos private. An existing repo keeps its visibility.")
     stages: list[Literal["pretrain", "sft", "reward", "ppo", "eval"]] = Field(
         default_factory=lambda: ["sft", "reward", "ppo"], description="The stages whose outputs are pushed.")
+    license: str | None = Field(
+        None, description="License id for the model cards' metadata (e.g. `mit`, `apache-2.0`); default: none stated.")
 
     @field_validator("repo_prefix")
     @classmethod
