@@ -31,7 +31,7 @@ def check_data_files(loaded: LoadedRecipe, key: str = "data") -> None:
                 raise loaded.error(
                     f"{key}.files",
                     f"no such file: {path} (split {split!r}; relative paths start at the current directory, "
-                    f"{Path.cwd()})",
+                    f"{Path.cwd()}; write \"{{recipe_dir}}/...\" for a path next to the recipe file)",
                 )
 
 

@@ -147,7 +147,9 @@ class DataSection(Section):
     files: Any = Field(
         None,
         description="Local data files (.jsonl, .json, .csv, .parquet; each may end in .gz): a path, a list of paths "
-        "(all in the train split) or a mapping split -> path(s). Relative paths start at the current directory.",
+        "(all in the train split) or a mapping split -> path(s). Relative paths start at the current directory, as in "
+        "TRL; `\"{recipe_dir}/data/train.jsonl\"` (quoted) starts at the directory of the recipe file that wrote it "
+        "(through `extends` too), for a recipe set that ships its data.",
     )
     train_split: str = Field("train", description="Split to train on.")
     eval_split: str | None = Field(None, description="Held-out split to evaluate on, when the data has one.")
