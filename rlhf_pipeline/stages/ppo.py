@@ -255,7 +255,7 @@ def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data
             split = data_io.select_columns(loaded, split, name, ["chosen", "rejected"], key=key)
             prompts = implicit_prompts(loaded, split, name, key)
         else:
-            prompt_column = section.columns.prompt or "prompt"
+            prompt_column = data_io.column_mapping(section).prompt or "prompt"
             # the other columns go to reward functions written for TRL (e.g. a reference answer, `solution`)
             columns = {c: split[c] for c in split.column_names if c != prompt_column}
             split = data_io.select_columns(loaded, split, name, ["prompt"], key=key)  # names a missing column

@@ -71,7 +71,7 @@ def detect_format(loaded: LoadedRecipe, dataset) -> tuple[str, list[str]]:
     """Which of TRL's SFT formats the data is in, and the roles (columns) that carry it."""
     present = data_io.roles_present(loaded, dataset, SFT_ROLES)
     # roles mapped in `data.columns` choose the format; columns that merely carry a role's name do not override them
-    mapped = {r for r in SFT_ROLES if getattr(loaded.recipe.data.columns, r, None) is not None}
+    mapped = {r for r in SFT_ROLES if getattr(data_io.column_mapping(loaded.recipe.data), r, None) is not None}
     chosen = mapped or present
     if "messages" in chosen:
         return "conversational", ["messages"]
