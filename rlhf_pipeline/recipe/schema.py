@@ -94,8 +94,10 @@ class TokenizerSection(Section):
         "otherwise the model's setting applies).")
     chat_template: str | None = Field(
         None,
-        description="Jinja chat template for conversational data: a path to a `.jinja` file or the template text. "
-        "Needed when the tokenizer has none (GPT-2 has none).",
+        description="Chat template for conversational data: `chatml` (built in: <|im_start|>role\\n...<|im_end|>, "
+        "its two markers added as special tokens, <|im_end|> the EOS, the model's embeddings grown to match), a path "
+        "to a `.jinja` file (relative to the current directory, or `{recipe_dir}/...`) or the template text. Needed "
+        "when the tokenizer has none (GPT-2 has none); the saved tokenizer keeps it for the later stages.",
     )
 
 
