@@ -320,7 +320,8 @@ def test_conversational_data_without_chat_template(tmp_path, tiny_model_dir, dat
 def test_chat_template_neither_file_nor_template(tmp_path, tiny_model_dir, data_dir):
     recipe, out = _data_case(tmp_path, tiny_model_dir, "sft", {"files": str(data_dir / "chat.jsonl")},
                              tokenizer={"chat_template": "templates/missing.jinja"})
-    assert_user_error(run_cli("sft", recipe), ["tokenizer.chat_template: not a file (templates/missing.jinja)"], out)
+    assert_user_error(run_cli("sft", recipe),
+                      ["tokenizer.chat_template: not `chatml`, not a file (templates/missing.jinja)"], out)
 
 
 @pytest.mark.parametrize("stage, data, training, expected", [
