@@ -252,7 +252,7 @@ def check_local_files(loaded: LoadedRecipe) -> None:
 
     for key in ("data", "preferences"):
         section = getattr(loaded.recipe, key, None)
-        if section is not None and getattr(section, "files", None):
+        if section is not None and (getattr(section, "files", None) or getattr(section, "datasets", None)):
             check_data_files(loaded, key)
 
 
@@ -427,6 +427,8 @@ def _eval_rows(recipe: Any) -> list[tuple[str, str]]:
 def _data_rows(data: Any, key: str, seed: int) -> list[tuple[str, str]]:
     if data.files:
         source = "; ".join(f"{split}: {', '.join(paths)}" for split, paths in data.files.items())
+    elif data.datasets:
+        return _mixture_rows(data, key, seed)
     else:
         source = data.dataset + (f" [{data.subset}]" if data.subset else "") + (
             f" ({data.data_dir})" if data.data_dir else "")
@@ -441,6 +443,20 @@ def _data_rows(data: Any, key: str, seed: int) -> list[tuple[str, str]]:
     if mapped:
         rows.append(("columns", ", ".join(f"{role} <- {col}" for role, col in mapped.items())))
     return rows
+
+
+def _mixture_rows(data: Any, key: str, seed: int) -> list[tuple[str, str]]:
+    rows = []
+    for index, entry in enumerate(data.datasets):
+        files = ", ".join(path for paths in (entry.data_files or {}).values() for path in paths)
+        source = " ".join(part for part in (entry.path, f"[{entry.name}]" if entry.name else "", files) if part)
+        columns = {k: v for k, v in (entry.columns or data.columns).model_dump().items() if v}
+        rows.append((f"{key}.datasets.{index}", f"{source}, split {entry.split!r}"
+                     + (f", fraction {entry.fraction:g}" if entry.fraction is not None else "")
+                     + (f", columns {', '.join(f'{r} <- {c}' for r, c in columns.items())}" if columns else "")))
+    held_out = (f"{data.eval_size:g}{' of' if data.eval_size < 1 else ' rows of'} the mixture (seed {seed})"
+                if data.eval_size else "none")
+    return [*rows, ("splits", f"train: the mixture; held-out {held_out}")]
 
 
 def format_errors(exc: UserError) -> str:

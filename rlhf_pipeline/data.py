@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from rlhf_pipeline.errors import did_you_mean
 from rlhf_pipeline.recipe.load import LoadedRecipe
-from rlhf_pipeline.recipe.schema import data_format
+from rlhf_pipeline.recipe.schema import data_format, split_names
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -18,28 +18,51 @@ if TYPE_CHECKING:
 
 
 def check_data_files(loaded: LoadedRecipe, key: str = "data") -> None:
-    """Fail early (before anything is loaded or written) when a local data file or a named split is missing."""
+    """Fail early (before anything is loaded or written) when a local data file or a named split is missing, or a
+    mixture's fractions are set on some entries only."""
     data = getattr(loaded.recipe, key)
     files = data.files or {}
     for field, split in (("train_split", data.train_split), ("eval_split", data.eval_split)):
-        if files and split is not None and split not in files:
-            raise loaded.error(f"{key}.{field}", f"no split {split!r} among {key}.files ({', '.join(files)})"
-                                                 f"{did_you_mean(split, files)}")
+        for name in split_names(split) if files and split is not None else []:
+            if name not in files:
+                raise loaded.error(f"{key}.{field}", f"no split {name!r} among {key}.files ({', '.join(files)})"
+                                                     f"{did_you_mean(name, files)}")
+    _check_files_exist(loaded, files, f"{key}.files")
+    fractions = [entry.fraction is not None for entry in data.datasets]
+    if any(fractions) and not all(fractions):
+        index = fractions.index(False)
+        raise loaded.error(f"{key}.datasets.{index}", "no `fraction`, but other entries have one: set a fraction on "
+                                                      "every entry of the mixture or on none")
+    for index, entry in enumerate(data.datasets):
+        _check_files_exist(loaded, entry.data_files or {}, f"{key}.datasets.{index}.data_files")
+
+
+def _check_files_exist(loaded: LoadedRecipe, files: dict[str, list[str]], files_key: str) -> None:
     for split, paths in files.items():
         for path in paths:
             if not Path(path).is_file():
                 raise loaded.error(
-                    f"{key}.files",
+                    files_key,
                     f"no such file: {path} (split {split!r}; relative paths start at the current directory, "
-                    f"{Path.cwd()})",
+                    f"{Path.cwd()}; write \"{{recipe_dir}}/...\" for a path next to the recipe file)",
                 )
 
 
+def column_mapping(section):
+    """The section's `columns` (role -> column) as they apply to the loaded data: a mixture's entries were mapped
+    onto the roles as they loaded, so nothing is left to map."""
+    return type(section.columns)() if section.datasets else section.columns
+
+
 def load_splits(loaded: LoadedRecipe, key: str = "data") -> tuple[Dataset, Dataset | None]:
-    """The training split and the held-out split (given, carved off with the seed, or None)."""
+    """The training split (a mixture's entries concatenated) and the held-out split (given, carved off with the
+    seed, or None)."""
     data = getattr(loaded.recipe, key)
     check_data_files(loaded, key)
-    train = _load_split(loaded, data.train_split, key, "train_split")
+    if data.datasets:
+        train = _load_mixture(loaded, key)
+    else:
+        train = _load_split(loaded, data.train_split, key, "train_split")
     held_out = None
     if data.eval_split:
         held_out = _load_split(loaded, data.eval_split, key, "eval_split")
@@ -61,29 +84,132 @@ def _load_split(loaded: LoadedRecipe, split: str, key: str, field: str) -> Datas
 
     data = getattr(loaded.recipe, key)
     if data.files:
-        builder = data_format(data.files[split][0])
-        for path in data.files[split]:
-            problem = check_text_file(path, builder)
-            if problem:
-                raise loaded.error(f"{key}.files", f"split {split!r}: {problem}")
-        try:
-            dataset = datasets.load_dataset(builder, data_files={split: data.files[split]}, split=split)
-        except Exception as exc:  # malformed JSON / CSV / parquet: the user's file, so a user error
-            raise loaded.error(f"{key}.files", f"cannot read the {split!r} files: {_first_line(exc)}") from None
-        if len(dataset) == 0:
-            raise loaded.error(f"{key}.files", f"the {split!r} files hold no rows ({', '.join(data.files[split])})")
-        return dataset
+        return _read_local(loaded, data.files, split, None, f"{key}.files", f"{key}.{field}", data.sample_by)
     try:
         return datasets.load_dataset(data.dataset, name=data.subset, data_dir=data.data_dir, revision=data.revision,
                                      split=split)
     except ValueError as exc:
-        if "split" in str(exc).lower():
+        if "split" in str(exc).lower() or "instruction" in str(exc).lower():
             raise loaded.error(f"{key}.{field}", f"{data.dataset!r} has no split {split!r}: {_first_line(exc)}") \
                 from None
         raise loaded.error(f"{key}.dataset", f"cannot load {data.dataset!r}: {_first_line(exc)}") from None
     except Exception as exc:  # not found, offline, gated: say which dataset and why
         raise loaded.error(f"{key}.dataset", f"cannot load Hub dataset {data.dataset!r}: {_first_line(exc)}") \
             from None
+
+
+def _read_local(loaded: LoadedRecipe, files: dict[str, list[str]], split: str, builder: str | None, files_key: str,
+                split_key: str, sample_by: str | None) -> Dataset:
+    """The split (or slice: `train[:10%]`, which `datasets` cuts) of local files, each checked first so that a
+    broken file is named with its line."""
+    import datasets
+
+    wanted = {name: files[name] for name in split_names(split)}
+    builder = builder or data_format(next(iter(wanted.values()))[0])
+    for paths in wanted.values():
+        for path in paths:
+            problem = check_text_file(path, builder)
+            if problem:
+                raise loaded.error(files_key, f"split {split!r}: {problem}")
+    options = {"sample_by": sample_by or "line"} if builder == "text" else {}
+    try:
+        dataset = datasets.load_dataset(builder, data_files=wanted, split=split, **options)
+    except ValueError as exc:
+        if "instruction" in str(exc).lower():  # a slice that selects nothing, or an unknown rounding
+            raise loaded.error(split_key, f"{split!r}: {_first_line(exc)}") from None
+        raise loaded.error(files_key, f"cannot read the {split!r} files: {_first_line(exc)}") from None
+    except Exception as exc:  # malformed JSON / CSV / parquet: the user's file, so a user error
+        raise loaded.error(files_key, f"cannot read the {split!r} files: {_first_line(exc)}") from None
+    if builder == "text":  # blank lines (paragraph breaks, a trailing newline) are not documents
+        dataset = dataset.filter(lambda row: bool(row["text"].strip()), desc="Leaving out blank lines")
+    if len(dataset) == 0:
+        listed = ", ".join(p for paths in wanted.values() for p in paths)
+        raise loaded.error(files_key, f"the {split!r} files hold no rows ({listed})")
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mixtures (TRL's `datasets:` shape)
+# ---------------------------------------------------------------------------------------------------------------
+def _load_mixture(loaded: LoadedRecipe, key: str) -> Dataset:
+    """Every entry loaded and mapped onto the roles, cut to its share when fractions are set, then concatenated."""
+    import datasets
+
+    section = getattr(loaded.recipe, key)
+    parts, roles = [], []
+    for index, entry in enumerate(section.datasets):
+        where = f"{key}.datasets.{index}"
+        dataset, given = _onto_roles(loaded, _load_entry(loaded, entry, where, section.sample_by), entry, key, where)
+        if roles and given != roles[0]:
+            raise loaded.error(where, f"gives the roles {', '.join(sorted(given)) or 'none'}, but {key}.datasets.0 "
+                                      f"gives {', '.join(sorted(roles[0]))}: every entry must give the same roles "
+                                      "(map them with `columns`)")
+        parts.append(dataset)
+        roles.append(given)
+    shared = set.intersection(*(set(p.column_names) for p in parts))  # other columns: those every entry has
+    parts = [p.select_columns([c for c in p.column_names if c in shared]) for p in parts]
+    if section.datasets[0].fraction is not None:
+        parts = _cut_to_fractions(parts, [entry.fraction for entry in section.datasets])
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as exc:  # the same column with different types
+        features = "; ".join(f"datasets.{i}: {dict(p.features)}" for i, p in enumerate(parts))
+        raise loaded.error(f"{key}.datasets", f"the entries' columns differ in type ({_first_line(exc)}): "
+                                              f"{features}") from None
+
+
+def _load_entry(loaded: LoadedRecipe, entry, where: str, sample_by: str | None) -> Dataset:
+    import datasets
+
+    if entry.data_files is not None and (entry.path is None or entry.path in BUILDERS):
+        return _read_local(loaded, entry.data_files, entry.split, entry.path, f"{where}.data_files", f"{where}.split",
+                           sample_by)
+    try:
+        return datasets.load_dataset(entry.path, name=entry.name, data_dir=entry.data_dir, data_files=entry.data_files,
+                                     revision=entry.revision, split=entry.split)
+    except ValueError as exc:
+        if "split" in str(exc).lower() or "instruction" in str(exc).lower():
+            raise loaded.error(f"{where}.split", f"{entry.path!r} has no split {entry.split!r}: {_first_line(exc)}") \
+                from None
+        raise loaded.error(f"{where}.path", f"cannot load {entry.path!r}: {_first_line(exc)}") from None
+    except Exception as exc:  # not found, offline, gated: say which dataset and why
+        raise loaded.error(f"{where}.path", f"cannot load dataset {entry.path!r}: {_first_line(exc)}") from None
+
+
+BUILDERS = {"json", "csv", "parquet", "text"}
+
+
+def _onto_roles(loaded: LoadedRecipe, dataset: Dataset, entry, key: str, where: str) -> tuple[Dataset, set[str]]:
+    """The entry's columns renamed to the roles they fill (its own `columns`, else the section's; a column already
+    named like a role fills it), with its other columns kept; and the roles it gives."""
+    own = entry.columns is not None
+    mapping = entry.columns if own else getattr(loaded.recipe, key).columns
+    roles = list(type(mapping).model_fields)
+    available = dataset.column_names
+    sources: dict[str, str] = {}
+    for role in roles:
+        source = getattr(mapping, role)
+        if source is None:
+            if role in available:
+                sources[role] = role
+            continue
+        if source not in available:
+            raise loaded.error(f"{where if own else key}.columns.{role}",
+                               f"{where} has no column {source!r} (it has: {', '.join(available)})"
+                               f"{did_you_mean(source, available)}")
+        sources[role] = source
+    others = [c for c in available if c not in roles and c not in sources.values()]
+    dataset = dataset.select_columns(list(dict.fromkeys([*sources.values(), *others])))
+    renames = {source: role for role, source in sources.items() if source != role}
+    return (dataset.rename_columns(renames) if renames else dataset), set(sources)
+
+
+def _cut_to_fractions(parts: list[Dataset], fractions: list[float]) -> list[Dataset]:
+    """TRL's rule for `fraction`: shares normalised to 1; the mixture is as large as it can be with no entry giving
+    a row twice; each entry gives its first rows."""
+    shares = [f / sum(fractions) for f in fractions]
+    size = min(len(part) / share for part, share in zip(parts, shares))
+    return [part.select(range(round(share * size))) for part, share in zip(parts, shares)]
 
 
 def check_text_file(path: str, builder: str) -> str | None:
@@ -94,7 +220,7 @@ def check_text_file(path: str, builder: str) -> str | None:
     import json
     import zlib
 
-    if builder not in ("json", "csv"):
+    if builder not in ("json", "csv", "text"):
         return None
     opener = gzip.open if path.endswith(".gz") else open
     whole_json = builder == "json" and ".jsonl" not in path
@@ -149,7 +275,7 @@ def _first_line(exc: BaseException) -> str:
 def select_columns(loaded: LoadedRecipe, dataset: Dataset, split: str, required: Sequence[str],
                    optional: Sequence[str] = (), key: str = "data") -> Dataset:
     """Keep the columns of the given roles, renamed to the role names (`data.columns` maps role -> column)."""
-    mapped = getattr(loaded.recipe, key).columns
+    mapped = column_mapping(getattr(loaded.recipe, key))
     available = dataset.column_names
     sources: dict[str, str] = {}
     for role in (*required, *optional):
@@ -177,5 +303,5 @@ def select_columns(loaded: LoadedRecipe, dataset: Dataset, split: str, required:
 
 def roles_present(loaded: LoadedRecipe, dataset: Dataset, roles: Sequence[str], key: str = "data") -> set[str]:
     """Which roles the data provides, mapped or under their own name."""
-    mapped = getattr(loaded.recipe, key).columns
+    mapped = column_mapping(getattr(loaded.recipe, key))
     return {r for r in roles if getattr(mapped, r, None) is not None or r in dataset.column_names}

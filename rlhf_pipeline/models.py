@@ -36,7 +36,34 @@ def load_tokenizer(loaded: LoadedRecipe, section: TokenizerSection, model: Model
         tokenizer.pad_token = tokenizer.eos_token
     if section.chat_template:
         tokenizer.chat_template = read_chat_template(loaded, section.chat_template, f"{key}.chat_template")
+        if section.chat_template == "chatml":
+            add_chatml_tokens(tokenizer)
     return tokenizer
+
+
+# ChatML (<|im_start|>role\ncontent<|im_end|>\n per message), with `{% generation %}` around what the assistant
+# writes, so that TRL's `assistant_only_loss` can find it.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+NO_TEMPLATE = ("the data is conversational but the tokenizer has no chat template; set one: `tokenizer.chat_template: "
+               "chatml` (built in), a .jinja file, or the template text")
+
+
+def add_chatml_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+    """ChatML's markers as special tokens (one id each, never split or produced from text), and `<|im_end|>` as EOS,
+    so that generation stops where an assistant turn ends, as in ChatML models. The model gains embedding rows for
+    them (align_special_tokens); the saved tokenizer keeps them, so later stages find them there."""
+    from transformers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in CHATML_TOKENS], special_tokens=True)
+    tokenizer.eos_token = CHATML_TOKENS[1]
 
 
 def section_for(base: ModelSection, name_or_path: str, own: Any = None) -> ModelSection:
@@ -83,12 +110,14 @@ def vocabulary_on_disk(path: str | None) -> dict[str, int] | None:
 
 
 def read_chat_template(loaded: LoadedRecipe, value: str, key: str) -> str:
-    """A chat template from a `.jinja` file path or given inline."""
+    """A chat template by name (`chatml`), from a `.jinja` file path, or given inline."""
+    if value == "chatml":
+        return CHATML
     if "{{" in value or "{%" in value:
         return value
     path = Path(value)
     if not path.is_file():
-        raise loaded.error(key, f"not a file ({value}) and not a Jinja template (no '{{{{' or '{{%')")
+        raise loaded.error(key, f"not `chatml`, not a file ({value}) and not a Jinja template (no '{{{{' or '{{%')")
     return path.read_text(encoding="utf-8")
 
 
@@ -190,7 +219,10 @@ def _load_base_plus_adapter(adapter_dir: str, auto_class: Any, kwargs: dict[str,
 
 
 def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Make the model's config and generation config agree with the tokenizer on pad / EOS / BOS ids."""
+    """Make the model's config and generation config agree with the tokenizer on pad / EOS / BOS ids; give the model
+    embedding rows for tokens the tokenizer gained (ChatML's markers)."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
     for config in (model.config, getattr(model, "generation_config", None)):
         if config is None:
             continue

@@ -194,6 +194,8 @@ def read_rows(path: str) -> list[dict] | None:
     text = raw.decode("utf-8")
     if kind == ".csv":
         return list(csv.DictReader(io.StringIO(text)))
+    if kind == ".txt":  # one document per non-blank line (the default `sample_by`)
+        return [{"text": line} for line in text.splitlines() if line.strip()]
     if kind == ".json" and text.lstrip().startswith(("[", "{")):
         try:
             data = json.loads(text)
@@ -289,6 +291,8 @@ def measure_data(loaded: LoadedRecipe, tokenizer_dir: str | None, limit: int | N
     cut (SFT, DPO) or left out and counted (reward pairs, PPO prompts)."""
     recipe = loaded.recipe
     stage, section = recipe.stage, recipe.data
+    if section.datasets:
+        return DataFacts(how="the data is a mixture (`datasets`): not counted")
     if not section.files:
         return DataFacts(how=f"the data ({section.dataset}) is on the Hub: not counted")
     train, held_out, n_train, n_held = split_rows(section)

@@ -108,11 +108,12 @@ STATIC_CASES = [
     Case("data-file-missing", sft_with("files: {data}", "files: {dir}/nope.jsonl"),
          ["{file}:7: data.files: no such file: ", "nope.jsonl", "split 'train'"]),
     Case("files-and-dataset", sft_with("  eval_size: 8\n", "  eval_size: 8\n  dataset: trl-lib/tldr\n"),
-         ["{file}:6: data: set exactly one of `dataset` (a Hub dataset id) or `files` (local files)"]),
+         ["{file}:6: data: set exactly one of `dataset` (a Hub dataset id), `files` (local files) or `datasets` "
+          "(a mixture)"]),
     Case("no-data-source", sft_with("  files: {data}\n", ""),
          ["{file}:6: data: set exactly one of `dataset`"]),
-    Case("bad-file-extension", sft_with("files: {data}", "files: {dir}/data.txt"),
-         ["{file}:7: data.files: ", "data.txt", "expected a .jsonl, .json, .csv, .parquet file"]),
+    Case("bad-file-extension", sft_with("files: {data}", "files: {dir}/data.text"),
+         ["{file}:7: data.files: ", "data.text", "expected a .jsonl, .json, .csv, .parquet, .txt file"]),
     Case("mixed-file-formats", sft_with("files: {data}", "files: [{data}, {dir}/more.csv]"),
          ["{file}:7: data.files: all files must have one format"]),
     Case("eval-size-and-eval-split",
@@ -319,7 +320,8 @@ def test_conversational_data_without_chat_template(tmp_path, tiny_model_dir, dat
 def test_chat_template_neither_file_nor_template(tmp_path, tiny_model_dir, data_dir):
     recipe, out = _data_case(tmp_path, tiny_model_dir, "sft", {"files": str(data_dir / "chat.jsonl")},
                              tokenizer={"chat_template": "templates/missing.jinja"})
-    assert_user_error(run_cli("sft", recipe), ["tokenizer.chat_template: not a file (templates/missing.jinja)"], out)
+    assert_user_error(run_cli("sft", recipe),
+                      ["tokenizer.chat_template: not `chatml`, not a file (templates/missing.jinja)"], out)
 
 
 @pytest.mark.parametrize("stage, data, training, expected", [

@@ -131,6 +131,48 @@ def test_extends_paths_are_relative_to_the_child(tmp_path, monkeypatch):
     assert load_recipe(child.relative_to(tmp_path)).recipe.seed == 3
 
 
+def test_recipe_dir_is_the_directory_of_the_file_that_wrote_the_value(tmp_path, monkeypatch):
+    _write(tmp_path / "set" / "base" / "data" / "d.jsonl", '{"text": "x"}\n')
+    _write(tmp_path / "set" / "base" / "base.yaml", 'stage: sft\noutput_dir: o\nmodel: {name_or_path: m}\n'
+                                                   'data:\n  files: "{recipe_dir}/data/d.jsonl"\n')
+    child = _write(tmp_path / "set" / "child" / "c.yaml", 'extends: ../base/base.yaml\n'
+                                                          'tokenizer: {chat_template: "{recipe_dir}/t.jinja"}\n')
+    monkeypatch.chdir(tmp_path)
+    loaded = load_recipe(Path("set/child/c.yaml"), ["output_dir={recipe_dir}/out"])
+    assert loaded.recipe.data.files == {"train": ["set/base/data/d.jsonl"]}  # the parent's directory, not the child's
+    assert loaded.recipe.tokenizer.chat_template == "set/child/t.jinja"
+    assert loaded.recipe.output_dir == "set/child/out"  # --set: the recipe named on the command line
+    commands.check_local_files(loaded)
+    assert load_recipe(child).recipe.data.files == {"train": [str(tmp_path / "set/base/data/d.jsonl")]}
+
+
+def test_unquoted_recipe_dir_says_to_quote_it(tmp_path):
+    bad = _write(tmp_path / "r.yaml", "stage: sft\ndata:\n  files: {recipe_dir}/data/d.jsonl\n")
+    with pytest.raises(RecipeError, match=r'needs quotes: "\{recipe_dir\}/data/train.jsonl"'):
+        load_recipe(bad)
+
+
+def test_a_copy_of_the_tiny_recipes_validates_and_dry_runs_from_elsewhere(tmp_path, monkeypatch):
+    """The tiny recipes find their shipped data through `{recipe_dir}`, wherever the set is copied and run from."""
+    import shutil
+
+    copy = tmp_path / "copied" / "tiny"
+    shutil.copytree(REPO / "recipes" / "tiny", copy)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = run_cli("recipe", "validate", "../copied/tiny")
+    assert result.exit_code == 0, result.output
+    assert "ok  ../copied/tiny/compare/dpo.yaml  (dpo)" in result.stdout
+    result = run_cli("sft", "../copied/tiny/sft.yaml", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "data        train: ../copied/tiny/data/sft.jsonl.gz" in result.stdout
+    assert "output_dir  runs/tiny/sft (new)" in result.stdout  # outputs: the current directory, as in TRL
+    result = run_cli("dpo", str(copy / "compare" / "dpo.yaml"), "--dry-run")  # through `extends`, absolute
+    assert result.exit_code == 0, result.output
+    assert f"{copy}/compare/data/preferences-train.jsonl.gz" in result.stdout
+
+
 def test_extends_chain_and_multiple_parents_in_order(tmp_path):
     _write(tmp_path / "root.yaml", "stage: sft\nseed: 1\ntraining:\n  learning_rate: 1.0e-3\n  max_steps: 1\n")
     _write(tmp_path / "first.yaml", "extends: root.yaml\nseed: 2\ntraining:\n  max_steps: 2\n  logging_steps: 2\n")

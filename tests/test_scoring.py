@@ -102,6 +102,26 @@ def test_reward_input_ids_conversational(tmp_path, reward_dir):
     assert [reward_input_ids(tokenizer, r["prompt"], r["chosen"]) for r in rows] == built
 
 
+def test_reward_input_ids_conversational_chatml(tmp_path, reward_dir):
+    """The built-in ChatML template: the reward path scores the sequence RewardTrainer trains on, markers as one id
+    each."""
+    from rlhf_pipeline.models import CHATML, add_chatml_tokens, align_special_tokens
+
+    model, tokenizer = load(reward_dir)
+    tokenizer.chat_template = CHATML
+    add_chatml_tokens(tokenizer)
+    align_special_tokens(model, tokenizer)
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": r}],
+             "rejected": [{"role": "assistant", "content": "meh"}]} for p, r in zip(PROMPTS, RESPONSES)]
+    built = reward_trainer_ids(tmp_path, model, tokenizer, rows)
+    ours = [reward_input_ids(tokenizer, r["prompt"], r["chosen"]) for r in rows]
+    assert ours == built
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert ours[0].count(start) == 2 and ours[0].count(end) == 2 and end == tokenizer.eos_token_id
+    assert tokenizer.decode(ours[0]) == f"<|im_start|>user\n{PROMPTS[0]}<|im_end|>\n<|im_start|>assistant\n" \
+                                        f"{RESPONSES[0]}<|im_end|>\n"
+
+
 def test_ppo_scores_are_the_reward_models_own_forward(tmp_path, reward_dir):
     """Finished and unfinished responses, batched and padded as PPO holds them, score what the reward model's own
     forward gives on the sequence RewardTrainer builds from the same texts (to 1e-5)."""

@@ -251,9 +251,32 @@ def test_sft_conversational_without_template_is_refused(tmp_path, tiny_model_dir
                                                               {"files": str(data_dir / "chat.jsonl")}))
     result = run_cli("sft", recipe)
     assert result.exit_code == 2
-    assert "tokenizer.chat_template: the data is conversational but the tokenizer has no chat template" in result.output
+    assert ("tokenizer.chat_template: the data is conversational but the tokenizer has no chat template; set one: "
+            "`tokenizer.chat_template: chatml` (built in)") in result.output
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_sft_conversational_with_built_in_chatml(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """`chat_template: chatml`: ChatML's markers become special tokens (one id each; the model gains two embedding
+    rows), `<|im_end|>` is EOS, and the saved tokenizer carries all of it to the later stages."""
+    spy = TrainerSpy(monkeypatch, "sft")
+    out, metrics = run_stage("sft", tmp_path, tiny_model_dir, {"files": str(data_dir / "chat.jsonl"), "eval_size": 8},
+                             tokenizer={"chat_template": "chatml"})
+    assert metrics["data_format"] == "conversational"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    base = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert {start, end} == {len(base), len(base) + 1} and tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token == "<|endoftext|>"  # GPT-2's pad, now distinct from EOS
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_input_embeddings().num_embeddings == len(base) + 2
+    assert model.config.eos_token_id == end and model.generation_config.eos_token_id == end
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the plot was fine ."}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nthe plot was fine .<|im_end|>\n"
+    example = spy.trainer.train_dataset[0]["input_ids"]  # (cut at the tiny model's 64 positions)
+    assert example[0] == start and end in example and tokenizer.decode(example).startswith("<|im_start|>user\n")
 
 
 def test_sft_packing(tmp_path, tiny_model_dir, data_dir, monkeypatch):

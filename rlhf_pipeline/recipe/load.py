@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), expected
     data, origins = _read_with_extends(path, chain=())
     for text in overrides:
         parts, value = parse_override(text)
-        _assign(data, origins, parts, value, f"--set {text}")
+        _assign(data, origins, parts, expand_recipe_dir(value, path), f"--set {text}")
     return _validate(path, data, origins, assignments, expected_stage)
 
 
@@ -164,6 +165,7 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[
     if not isinstance(data, dict):
         raise RecipeError([Problem("a recipe is a mapping of keys to values", file=str(path), line=1)])
     origins: dict[KeyPath, Origin] = {key: (str(path), line) for key, line in lines.items()}
+    data = expand_recipe_dir(data, path)  # before merging: each file's own directory
 
     parents = data.pop("extends", None)
     if parents is None:
@@ -185,6 +187,22 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[
         _deep_merge(merged, parent_data, merged_origins, parent_origins, ())
     _deep_merge(merged, data, merged_origins, origins, ())
     return merged, merged_origins
+
+
+RECIPE_DIR = "{recipe_dir}"
+
+
+def expand_recipe_dir(value: Any, recipe_file: Path) -> Any:
+    """`{recipe_dir}` in every string of `value` replaced by the directory of the recipe file that wrote it, as that
+    file was reached (e.g. `recipes/tiny`), so that a recipe set can ship its own data and still be copied anywhere.
+    Every other relative path starts at the current directory, as in TRL."""
+    if isinstance(value, str):
+        return value.replace(RECIPE_DIR, os.path.normpath(recipe_file.parent)) if RECIPE_DIR in value else value
+    if isinstance(value, dict):
+        return {key: expand_recipe_dir(item, recipe_file) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_recipe_dir(item, recipe_file) for item in value]
+    return value
 
 
 def _deep_merge(base: dict, top: dict, base_origins: dict, top_origins: dict, prefix: KeyPath) -> None:
@@ -210,6 +228,8 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
     parts = tuple(key.strip().split("."))
     if not sep or not all(parts):
         raise UserError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. --set training.learning_rate=1e-4")
+    if raw.strip().startswith(RECIPE_DIR):  # a path, not the YAML mapping its `{` would start
+        return parts, raw.strip()
     try:
         value = parse_scalar(raw)
     except Exception as exc:  # yaml errors on odd values: say which flag

@@ -11,9 +11,9 @@ import re
 from pathlib import PurePath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
 class Section(BaseModel):
@@ -94,8 +94,10 @@ class TokenizerSection(Section):
         "otherwise the model's setting applies).")
     chat_template: str | None = Field(
         None,
-        description="Jinja chat template for conversational data: a path to a `.jinja` file or the template text. "
-        "Needed when the tokenizer has none (GPT-2 has none).",
+        description="Chat template for conversational data: `chatml` (built in: <|im_start|>role\\n...<|im_end|>, "
+        "its two markers added as special tokens, <|im_end|> the EOS, the model's embeddings grown to match), a path "
+        "to a `.jinja` file (relative to the current directory, or `{recipe_dir}/...`) or the template text. Needed "
+        "when the tokenizer has none (GPT-2 has none); the saved tokenizer keeps it for the later stages.",
     )
 
 
@@ -139,66 +141,184 @@ class PreferenceColumns(Section):
     margin: str | None = Field(None, description="Optional column of preference margins (added to the loss).")
 
 
+SPLIT_PART = re.compile(r"(?P<split>[^\s\[\]+()]+)"  # a name, then optionally [from:to] and a rounding
+                        r"(\[(-?[\d_]+%?)?:(-?[\d_]+%?)?\])?(\((closest|pct1_dropremainder)\))?")
+
+
+def split_names(spec: str) -> list[str]:
+    """The split names in a `datasets` split spec: `train`, `train[:10%]`, `train[10:20]+test[-5:]` (the slicing
+    itself is done by `datasets`, for local files as for the Hub). Raises ValueError on another shape."""
+    names = []
+    for part in re.split(r"\s*\+\s*", spec.strip()):
+        match = SPLIT_PART.fullmatch(part)
+        if match is None:
+            raise ValueError(f"{spec!r} is not a split: expected a name, optionally sliced as `datasets` slices it: "
+                             "`train[:10%]`, `train[10:20]`, `train[-100:]`, `train[:50%]+test[:5]`")
+        names.append(match["split"])
+    return names
+
+
+def normalise_files(value: Any) -> dict[str, list[str]] | None:
+    """Local files as a mapping split -> paths, from a path, a list of paths (the train split) or a mapping."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"train": [value]}
+    elif isinstance(value, list):
+        value = {"train": value}
+    if not isinstance(value, dict):
+        raise ValueError("expected a path, a list of paths, or a mapping split -> path(s)")
+    normalised = {}
+    for split, paths in value.items():
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+            raise ValueError(f"split {split!r}: expected a path or a non-empty list of paths")
+        for path in paths:
+            data_format(path)  # raises ValueError on an unknown extension
+        normalised[str(split)] = paths
+    formats = {data_format(p) for paths in normalised.values() for p in paths}
+    if len(formats) > 1:
+        raise ValueError(f"all files must have one format, got {sorted(formats)}")
+    return normalised
+
+
+FILES_HELP = ("Local data files (.jsonl, .json, .csv, .parquet, .txt; each may end in .gz): a path, a list of paths "
+              "(all in the train split) or a mapping split -> path(s). A .txt file gives a `text` column, one row per "
+              "non-blank line (see `sample_by`). Relative paths start at the current directory, as in TRL; "
+              "`\"{recipe_dir}/data/train.jsonl\"` (quoted) starts at the directory of the recipe file that wrote it "
+              "(through `extends` too), for a recipe set that ships its data.")
+SPLIT_HELP = " Slices as in `datasets`, for local files too: `train[:10%]`, `train[10:20]`, `train[:90%]+test`."
+
+
+DATASETS_HELP = ("A mixture instead of `dataset` / `files`, in TRL's `datasets:` shape: a list of entries (path, "
+                 "name, data_dir, data_files, split, columns, fraction), concatenated into the training split. Each "
+                 "entry maps its own columns onto the roles; hold out with `eval_size` (TRL's `test_split_size` is "
+                 "read as it).")
+
+
+class MixtureEntry(Section):
+    """One dataset of a mixture, in the shape of TRL's `DatasetConfig` (`datasets:` in TRL's script configs)."""
+
+    path: str | None = Field(
+        None, description="Hub dataset id, a `datasets` builder (`json`, `csv`, `parquet`, `text`) reading "
+        "`data_files`, or a local dataset directory. Default with `data_files`: the builder their suffix names.")
+    name: str | None = Field(None, description="Configuration (subset) name of a Hub dataset.")
+    data_dir: str | None = Field(None, description="Folder inside a Hub dataset.")
+    data_files: Any = Field(None, description=FILES_HELP.replace("Local data files", "Local files of this entry"))
+    revision: str | None = Field(None, description="Branch, tag or commit of a Hub dataset.")
+    split: str = Field("train", description="The split (or slice) this entry contributes." + SPLIT_HELP)
+    fraction: float | None = Field(
+        None, gt=0, description="Share of this entry in the mixture (TRL's rule): shares are normalised to sum to 1 "
+        "and the mixture is the largest that takes no entry's row twice; each entry gives its first rows. Set on "
+        "every entry or on none (none: every row of every entry).")
+
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _files_shape(cls, value: Any) -> Any:
+        return normalise_files(value)
+
+    @field_validator("split")
+    @classmethod
+    def _split_shape(cls, value: str) -> str:
+        split_names(value)
+        return value
+
+    @model_validator(mode="after")
+    def _a_source(self):
+        if self.path is None and self.data_files is None:
+            raise ValueError("set `path` (a Hub dataset id or a builder) and/or `data_files` (local files)")
+        if self.data_files is not None:
+            missing = [n for n in split_names(self.split) if n not in self.data_files]
+            if missing:
+                raise ValueError(f"split {missing[0]!r} is not among data_files ({', '.join(self.data_files)})")
+        return self
+
+
+def mixture_of(columns: type[Section]) -> type[MixtureEntry]:
+    """The mixture entry of a stage's data section: its `columns` map that stage's roles."""
+    roles = ", ".join(columns.model_fields)
+
+    def list_form(value: Any) -> Any:  # TRL's `columns: [a, b]`: those columns, under their own names
+        if isinstance(value, list):
+            unknown = [v for v in value if v not in columns.model_fields]
+            if unknown:
+                raise ValueError(f"as a list (TRL's form), `columns` keeps columns under their own names, which must "
+                                 f"be roles ({roles}); map {unknown[0]!r} as `columns: {{ROLE: {unknown[0]}}}`")
+            return {v: v for v in value}
+        return value
+
+    return create_model(
+        f"{columns.__name__.removesuffix('Columns')}MixtureEntry",
+        __base__=MixtureEntry,
+        __doc__=MixtureEntry.__doc__,
+        __validators__={"_list_form": field_validator("columns", mode="before")(lambda cls, v: list_form(v))},
+        columns=(columns | None, Field(
+            None, description=f"This entry's column mapping, role -> column ({roles}); default: the section's "
+            "`columns`. TRL's list form `[a, b]` keeps those columns, named as roles.")),
+    )
+
+
 class DataSection(Section):
     dataset: str | None = Field(None, description="Hub dataset id, e.g. `Anthropic/hh-rlhf`.")
     subset: str | None = Field(None, description="Configuration (subset) name of a Hub dataset.")
     data_dir: str | None = Field(None, description="Folder inside a Hub dataset, e.g. `harmless-base`.")
     revision: str | None = Field(None, description="Branch, tag or commit of a Hub dataset.")
-    files: Any = Field(
-        None,
-        description="Local data files (.jsonl, .json, .csv, .parquet; each may end in .gz): a path, a list of paths "
-        "(all in the train split) or a mapping split -> path(s). Relative paths start at the current directory.",
-    )
-    train_split: str = Field("train", description="Split to train on.")
-    eval_split: str | None = Field(None, description="Held-out split to evaluate on, when the data has one.")
+    files: Any = Field(None, description=FILES_HELP)
+    datasets: list[MixtureEntry] = Field(default_factory=list, description=DATASETS_HELP)
+    train_split: str = Field("train", description="Split to train on." + SPLIT_HELP)
+    eval_split: str | None = Field(
+        None, description="Held-out split to evaluate on, when the data has one." + SPLIT_HELP)
     eval_size: int | float | None = Field(
         None,
         gt=0,
+        validation_alias=AliasChoices("eval_size", "test_split_size"),
         description="Carve a held-out split off the training split instead: a fraction (< 1) or a number of rows, "
-        "drawn with the recipe's seed.",
+        "drawn with the recipe's seed. `test_split_size` (TRL's name) is read as this key.",
     )
     max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
     max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many held-out rows.")
+    sample_by: Literal["line", "paragraph", "document"] | None = Field(
+        None, description="For .txt files: one row per line (default), per paragraph (blank-line separated) or one "
+        "per file, as `datasets`' text builder reads them; blank rows are left out.")
 
     @field_validator("files", mode="before")
     @classmethod
     def _files_shape(cls, value: Any) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            value = {"train": [value]}
-        elif isinstance(value, list):
-            value = {"train": value}
-        if not isinstance(value, dict):
-            raise ValueError("expected a path, a list of paths, or a mapping split -> path(s)")
-        normalised = {}
-        for split, paths in value.items():
-            paths = [paths] if isinstance(paths, str) else paths
-            if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-                raise ValueError(f"split {split!r}: expected a path or a non-empty list of paths")
-            for path in paths:
-                data_format(path)  # raises ValueError on an unknown extension
-            normalised[str(split)] = paths
-        formats = {data_format(p) for paths in normalised.values() for p in paths}
-        if len(formats) > 1:
-            raise ValueError(f"all files must have one format, got {sorted(formats)}")
-        return normalised
+        return normalise_files(value)
+
+    @field_validator("train_split", "eval_split")
+    @classmethod
+    def _split_shape(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_names(value)
+        return value
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.dataset is None) == (self.files is None):
-            raise ValueError("set exactly one of `dataset` (a Hub dataset id) or `files` (local files)")
-        if self.files is not None and (self.subset or self.data_dir or self.revision):
-            raise ValueError("`subset`, `data_dir` and `revision` apply to Hub datasets, not local `files`")
+        if sum(source is not None and source != [] for source in (self.dataset, self.files, self.datasets)) != 1:
+            raise ValueError("set exactly one of `dataset` (a Hub dataset id), `files` (local files) or `datasets` "
+                             "(a mixture)")
+        if self.dataset is None and (self.subset or self.data_dir or self.revision):
+            raise ValueError("`subset`, `data_dir` and `revision` apply to a Hub `dataset`; a mixture entry has its "
+                             "own (`name`, `data_dir`, `revision`)")
+        if self.datasets and ({"train_split", "eval_split"} & self.model_fields_set):
+            raise ValueError("with `datasets`, each entry names its own `split`; hold out with `eval_size`")
         if self.eval_split and self.eval_size:
             raise ValueError("set `eval_split` (a given held-out split) or `eval_size` (carve one off), not both")
         if self.eval_size is not None and self.eval_size >= 1 and self.eval_size != int(self.eval_size):
             raise ValueError("`eval_size` is a fraction below 1 or a whole number of rows")
+        if self.sample_by is not None and not any(data_format(p) == "text" for p in _all_files(self)):
+            raise ValueError("`sample_by` applies to .txt files")
         return self
 
 
+def _all_files(section: DataSection) -> list[str]:
+    groups = [section.files or {}] + [entry.data_files or {} for entry in section.datasets]
+    return [path for files in groups for paths in files.values() for path in paths]
+
+
 def data_format(path: str) -> str:
-    """The `datasets` builder for a local file: json, csv or parquet (a trailing .gz is allowed)."""
+    """The `datasets` builder for a local file: json, csv, parquet or text (a trailing .gz is allowed)."""
     suffixes = PurePath(path).suffixes
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
@@ -207,7 +327,11 @@ def data_format(path: str) -> str:
     return DATA_SUFFIXES[suffixes[-1]]
 
 
+PretrainMixtureEntry = mixture_of(TextColumns)
+
+
 class PretrainData(DataSection):
+    datasets: list[PretrainMixtureEntry] = Field(default_factory=list, description=DATASETS_HELP)
     columns: TextColumns = Field(default_factory=TextColumns, description="Column mapping: role -> column name.")
     block_size: int | None = Field(
         None, ge=8, description="Texts are joined (EOS between them) and cut into blocks of this many tokens; "
@@ -215,11 +339,19 @@ class PretrainData(DataSection):
     )
 
 
+SftMixtureEntry = mixture_of(SftColumns)
+
+
 class SftData(DataSection):
+    datasets: list[SftMixtureEntry] = Field(default_factory=list, description=DATASETS_HELP)
     columns: SftColumns = Field(default_factory=SftColumns, description="Column mapping: role -> column name.")
 
 
+PreferenceMixtureEntry = mixture_of(PreferenceColumns)
+
+
 class PreferenceData(DataSection):
+    datasets: list[PreferenceMixtureEntry] = Field(default_factory=list, description=DATASETS_HELP)
     columns: PreferenceColumns = Field(
         default_factory=PreferenceColumns, description="Column mapping: role -> column name."
     )
@@ -368,7 +500,11 @@ class PromptColumns(Section):
     rejected: str | None = Field(None, description="Rejected column, only used to extract an implicit prompt.")
 
 
+PromptMixtureEntry = mixture_of(PromptColumns)
+
+
 class PromptData(DataSection):
+    datasets: list[PromptMixtureEntry] = Field(default_factory=list, description=DATASETS_HELP)
     columns: PromptColumns = Field(default_factory=PromptColumns, description="Column mapping: role -> column name.")
     max_prompt_length: int = Field(
         256, ge=1, description="Prompts longer than this many tokens are left out (the count is reported).")
@@ -604,7 +740,11 @@ class DpoColumns(Section):
     rejected: str | None = Field(None, description="Column of the dispreferred response (or whole text).")
 
 
+DpoMixtureEntry = mixture_of(DpoColumns)
+
+
 class DpoData(DataSection):
+    datasets: list[DpoMixtureEntry] = Field(default_factory=list, description=DATASETS_HELP)
     columns: DpoColumns = Field(default_factory=DpoColumns, description="Column mapping: role -> column name.")
     implicit_prompt_end: str | None = Field(
         None, description="For pairs without a prompt column (plain text): the prompt is the shared prefix of chosen "

@@ -51,6 +51,9 @@ def load_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
+        if re.search(r"^[^#'\"]*[:-]\s*\{recipe_dir\}", text, re.MULTILINE):
+            problem += (' (a value starting with {recipe_dir} needs quotes: "{recipe_dir}/data/train.jsonl"; '
+                        "unquoted, YAML reads `{` as the start of a mapping)")
         raise RecipeError(
             [Problem(f"invalid YAML: {problem}", file=str(path), line=mark.line + 1 if mark else None)]
         ) from None

@@ -53,8 +53,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     # 2. tokenizer, policy, reference, evaluation prompts and scorers
     tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.model)
     if isinstance(train[0]["prompt"], list) and not tokenizer.chat_template:
-        raise loaded.error("tokenizer.chat_template",
-                           "the data is conversational but the tokenizer has no chat template; set one")
+        raise loaded.error("tokenizer.chat_template", models.NO_TEMPLATE)
     args = training_config(loaded, DPOConfig, models.load_config(loaded, recipe.model))  # before the weights load
     model = models.load_pretrained(loaded, recipe.model)
     models.align_special_tokens(model, tokenizer)

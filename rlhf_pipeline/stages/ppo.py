@@ -86,6 +86,10 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
                                                eval_limit=cfg.eval_prompts)
 
     # 2. models
+    if len(tokenizer) > policy.get_input_embeddings().num_embeddings:  # the reference and critic would not match it
+        raise loaded.error("tokenizer.chat_template", "the tokenizer has tokens the policy has no embeddings for "
+                                                      "(ChatML's markers): set `tokenizer.chat_template: chatml` in "
+                                                      "the SFT recipe, whose output carries them, not here")
     models.align_special_tokens(policy, tokenizer)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -313,7 +317,7 @@ def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data
             split = data_io.select_columns(loaded, split, name, ["chosen", "rejected"], key=key)
             prompts = implicit_prompts(loaded, split, name, key)
         else:
-            prompt_column = section.columns.prompt or "prompt"
+            prompt_column = data_io.column_mapping(section).prompt or "prompt"
             # the other columns go to reward functions written for TRL (e.g. a reference answer, `solution`)
             columns = {c: split[c] for c in split.column_names if c != prompt_column}
             split = data_io.select_columns(loaded, split, name, ["prompt"], key=key)  # names a missing column
@@ -386,8 +390,7 @@ def _prompt_text(prompt: Any, tokenizer, loaded: LoadedRecipe) -> str:
     if isinstance(prompt, str):
         return prompt
     if not tokenizer.chat_template:
-        raise loaded.error("tokenizer.chat_template", "the prompts are conversational but the tokenizer has no chat "
-                                                      "template; set one")
+        raise loaded.error("tokenizer.chat_template", models.NO_TEMPLATE.replace("the data is", "the prompts are"))
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 

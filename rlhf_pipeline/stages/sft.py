@@ -42,8 +42,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     # 2. tokenizer and model
     tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.model)
     if _is_conversational(train) and not tokenizer.chat_template:
-        raise loaded.error("tokenizer.chat_template",
-                           "the data is conversational but the tokenizer has no chat template; set one")
+        raise loaded.error("tokenizer.chat_template", models.NO_TEMPLATE)
     args = training_config(loaded, SFTConfig, models.load_config(loaded, recipe.model))  # before the weights load
     model = models.load_pretrained(loaded, recipe.model)
     models.align_special_tokens(model, tokenizer)
@@ -71,7 +70,7 @@ def detect_format(loaded: LoadedRecipe, dataset) -> tuple[str, list[str]]:
     """Which of TRL's SFT formats the data is in, and the roles (columns) that carry it."""
     present = data_io.roles_present(loaded, dataset, SFT_ROLES)
     # roles mapped in `data.columns` choose the format; columns that merely carry a role's name do not override them
-    mapped = {r for r in SFT_ROLES if getattr(loaded.recipe.data.columns, r, None) is not None}
+    mapped = {r for r in SFT_ROLES if getattr(data_io.column_mapping(loaded.recipe.data), r, None) is not None}
     chosen = mapped or present
     if "messages" in chosen:
         return "conversational", ["messages"]
