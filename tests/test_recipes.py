@@ -358,8 +358,8 @@ def test_a_tracker_that_is_not_installed_is_named_at_dry_run(tmp_path, stage):
 
     if not missing_packages("mlflow"):
         pytest.skip("mlflow is installed here")
-    text = (REPO / "recipes" / "tiny" / f"{stage}.yaml").read_text()
-    path = _write(tmp_path / f"{stage}.yaml", text.replace("training:\n", "training:\n  report_to: [mlflow]\n", 1))
+    tiny = REPO / "recipes" / "tiny" / f"{stage}.yaml"  # extended: its data paths are next to it ({recipe_dir})
+    path = _write(tmp_path / f"{stage}.yaml", f"extends: {tiny}\ntraining:\n  report_to: [mlflow]\n")
     assert run_cli("recipe", "validate", path).exit_code == 0
     result = run_cli(stage, path, "--dry-run", "--set", f"output_dir={tmp_path / 'out'}")
     assert result.exit_code == 2, result.output
