@@ -260,4 +260,4 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == (f"error: {bad}:6: training.learning_rat: unknown key for trl.SFTConfig; "
-                           "did you mean 'learning_rate'?\n")
+                           "did you mean 'learning_rate'? Every key: `rlhf recipe keys sft training`\n")

@@ -328,7 +328,8 @@ def test_tiny_ppo_numbers_and_processes():
     assert numbers["micro_batch_per_process"] == 8 and plan["distribution"]["strategy"] == "ddp"
     result = run_cli("plan", "recipes/tiny/ppo.yaml", "--processes", "3")
     assert result.exit_code == 2
-    assert "with 3 processes" in result.output and "must be divisible" in result.output
+    assert "training.rollout_batch_size: with 3 process(es): 64 must be divisible" in result.output
+    assert "the nearest values that are: 60 or 72" in result.output
 
 
 def test_sft_numbers_from_local_data(tmp_path, tiny_model_dir, data_dir):

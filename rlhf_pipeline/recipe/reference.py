@@ -88,8 +88,9 @@ def schema_rows(model: type[BaseModel], prefix: str = "") -> list[Row]:
 
 def training_rows(stage: str) -> list[Row]:
     rows = []
+    owned = training_fields.owned_elsewhere(stage)
     for name, spec in sorted(training_fields.fields_for(stage).items()):
-        if name in training_fields.OWNED_ELSEWHERE:
+        if name in owned:
             continue
         kind = " | ".join(spec["types"]) if not spec["choices"] else " | ".join(repr(c) for c in spec["choices"])
         rows.append((f"training.{name}", kind, _scalar(spec["default"]), spec["help"]))

@@ -534,7 +534,7 @@ class PpoTraining(Section):
         if self.advantage_estimator != "gae" and "whiten_advantages" not in self.model_fields_set:
             self.whiten_advantages = False
 
-        BatchPlan.of(self)  # raises ValueError with the arithmetic
+        BatchPlan.of(self)  # raises KeyedValueError, naming the keys to change and the values that fit
         return self
 
 
@@ -557,7 +557,8 @@ class PpoRecipe(StageRecipe):
 
     @model_validator(mode="after")
     def _groups(self):
-        from rlhf_pipeline.ppo.plan import BatchPlan
+        from rlhf_pipeline.errors import KeyedValueError
+        from rlhf_pipeline.ppo.plan import BatchPlan, in_recipe
 
         estimator, k = self.training.advantage_estimator, self.generation.samples_per_prompt
         if estimator != "gae" and k < 2:
@@ -568,8 +569,8 @@ class PpoRecipe(StageRecipe):
                              "training.advantage_estimator: gae)")
         try:
             BatchPlan.of(self.training, samples_per_prompt=k)
-        except ValueError as exc:
-            raise ValueError(f"generation.samples_per_prompt: {exc}") from None
+        except KeyedValueError as exc:
+            raise in_recipe(exc) from None
         return self
 
 
