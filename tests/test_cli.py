@@ -151,13 +151,45 @@ def test_recipe_keys_pretrain_has_architecture():
 @pytest.mark.parametrize("args, message", [
     (("nope",), f"error: unknown stage 'nope' (one of: {', '.join(STAGE_RECIPES)})"),
     (("sfy",), "unknown stage 'sfy'; did you mean 'sft'?"),
-    (("sft", "trainig"), "sft recipes have no section 'trainig'; did you mean 'training'?"),
+    (("sft", "trainig"), "sft recipes have no section 'trainig'; did you mean 'training'? (one of: stage, "),
 ])
 def test_recipe_keys_unknown(args, message):
     result = run_cli("recipe", "keys", *args)
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("stage", STAGE_RECIPES)
+def test_recipe_keys_of_every_stage_and_section(stage):
+    sections = list(STAGE_RECIPES[stage].model_fields)
+    outputs = [run_cli("recipe", "keys", stage, *([section] if section else [])) for section in [None, *sections]]
+    for section, result in zip([None, *sections], outputs):
+        assert result.exit_code == 0, (section, result.output)
+        assert "%%" not in result.output, section  # transformers' argparse escaping, printed as `%`
+    assert f"\n  {sections[-1]}  (" in outputs[0].stdout  # the whole list
+    if stage in ("pretrain", "sft", "reward", "dpo"):  # TrainingArguments' help: "~20% slower training"
+        assert "~20% slower" in outputs[1 + sections.index("training")].stdout
+
+
+def test_ppo_policy_dtype_names_ppos_precision_key():
+    result = run_cli("recipe", "keys", "ppo", "policy")
+    dtype_help = result.stdout.split("policy.dtype", 1)[1].split("\n\n")[0]
+    assert "training.mixed_precision" in dtype_help and "PPO has no training.bf16/fp16" in dtype_help
+    assert "training.bf16" in run_cli("recipe", "keys", "sft", "model").stdout
+
+
+@pytest.mark.parametrize("command", [(), *[(c,) for c in ("pretrain", "sft", "reward", "ppo", "dpo", "eval",
+                                                            "pipeline", "plan", "push", "recipe")],
+                                     ("recipe", "validate"), ("recipe", "show"), ("recipe", "keys")])
+def test_help_texts_print_no_doubled_percent(command):
+    result = run_cli(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "%%" not in result.output
+
+
+def test_recipe_reference_prints_no_doubled_percent():
+    assert "%%" not in (REPO / "docs" / "recipe-reference.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ class ModelSection(Section):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32",
-        description="Dtype of the loaded weights. Mixed-precision training is chosen separately (training.bf16/fp16).",
+        description="Dtype of the loaded weights. Mixed-precision training is chosen separately (training.bf16 or "
+        "training.fp16 in the TRL-backed stages).",
     )
     attn_implementation: str | None = Field(
         None, description="Attention kernel passed to from_pretrained: `sdpa`, `eager`, `flash_attention_2`, ..."
@@ -538,11 +539,18 @@ class PpoTraining(Section):
         return self
 
 
+class PolicySection(ModelSection):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the loaded weights of the policy, and of the reference and value networks "
+        "loaded beside it. Mixed precision is `training.mixed_precision` (Accelerate's autocast): PPO has no "
+        "training.bf16/fp16.")
+
+
 class PpoRecipe(StageRecipe):
     """PPO against a reward model or function, with a KL penalty to a frozen reference (our own trainer)."""
 
     stage: Literal["ppo"]
-    policy: ModelSection = Field(description="The policy to optimise (normally the SFT output).")
+    policy: PolicySection = Field(description="The policy to optimise (normally the SFT output).")
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer overrides.")
     reference: ReferenceSection = Field(default_factory=ReferenceSection, description="The frozen reference policy.")
     reward: RewardSource = Field(description="What scores the responses during training.")

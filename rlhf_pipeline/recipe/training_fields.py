@@ -173,10 +173,15 @@ def take_snapshot() -> dict[str, Any]:
                 "types": kinds,
                 "choices": choices,
                 "default": default,
-                "help": " ".join(str(f.metadata.get("help", "")).split()),
+                "help": _plain_help(f.metadata.get("help", "")),
             }
         classes[dotted] = fields
     return {"versions": {"transformers": version("transformers"), "trl": version("trl")}, "classes": classes}
+
+
+def _plain_help(text: Any) -> str:
+    """A field's help on one line, as printed: transformers writes `%` as `%%` for argparse, which we do not use."""
+    return " ".join(str(text).replace("%%", "%").split())
 
 
 def annotation_kinds(annotation: Any) -> tuple[list[str], list[str] | None]:
