@@ -211,6 +211,67 @@ def test_dry_run_of_tiny_recipes(stage, tmp_path):
     assert not out.exists() and not out.parent.exists()
 
 
+def _batches_row(plan: str) -> str:
+    (row,) = [line for line in plan.splitlines() if line.startswith("  batches ")]
+    return row.split(None, 1)[1]
+
+
+@pytest.mark.parametrize("world_size", [None, "2"])
+def test_dry_run_batches_of_a_trl_stage_per_device_and_global(tmp_path, monkeypatch, world_size):
+    if world_size:  # what torchrun and accelerate launch set
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = run_cli("sft", "recipes/tiny/sft.yaml", "--output-dir", tmp_path / "out", "--dry-run",
+                     "--set", "training.per_device_train_batch_size=8",
+                     "--set", "training.gradient_accumulation_steps=4")
+    assert result.exit_code == 0, result.output
+    processes, total = ("2 processes (WORLD_SIZE)", 64) if world_size else ("1 process", 32)
+    assert _batches_row(result.stdout) == (
+        f"8 examples per device (per_device_train_batch_size) x {processes} x 4 gradient accumulation steps = "
+        f"{total} examples per optimizer step; 1 epoch")
+
+
+def test_dry_run_batches_of_ppo_global_and_per_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_cli("ppo", "recipes/tiny/ppo.yaml", "--output-dir", tmp_path / "out", "--dry-run",
+                     "--set", "training.gradient_accumulation_steps=2")
+    assert result.exit_code == 0, result.output
+    assert _batches_row(result.stdout) == (
+        "64 episodes per update (rollout_batch_size, all processes together) = 32 per process x 2 processes "
+        "(WORLD_SIZE); 32 updates; each update: 4 epochs x 4 mini-batches of 16 episodes (8 per process, in 2 "
+        "accumulated micro-batches of 4) = 16 optimizer steps; 512 optimizer steps in all")
+    # a launch it would not divide across is refused at the key, as the launch itself would
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    result = run_cli("ppo", "recipes/tiny/ppo.yaml", "--output-dir", tmp_path / "out", "--dry-run")
+    assert result.exit_code == 2
+    assert "recipes/tiny/ppo.yaml:25: training.rollout_batch_size: with 3 process(es): 64 must be divisible" in \
+        result.output
+
+
+def test_dry_run_of_the_tiny_eval_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "eval"
+    result = run_cli("eval", "recipes/tiny/eval.yaml", "--output-dir", out, "--dry-run")
+    assert result.exit_code == 0, result.output
+    plan = result.stdout
+    for row in ("  policy       runs/tiny/ppo\n", "  baseline     runs/tiny/sft\n", "  reward       runs/tiny/reward\n",
+                "  sampling     256 held-out prompts at most, up to 24 tokens, temperature 0.7\n",
+                "  batches      64 prompts per generation batch on each process x 2 processes (WORLD_SIZE) = 128 "
+                "prompts sampled at once\n",
+                "  preferences  train: recipes/tiny/data/preferences-train.jsonl.gz; test: "):
+        assert row in plan, row
+    assert not out.exists()
+
+
+def test_tiny_eval_recipe_is_the_one_the_tiny_pipeline_builds():
+    from rlhf_pipeline.pipeline import plan_stages
+    from rlhf_pipeline.recipe.load import load_recipe
+
+    (generated,) = [s.loaded for s in plan_stages(load_recipe("recipes/tiny/pipeline.yaml")) if s.kind == "eval"]
+    assert load_recipe("recipes/tiny/eval.yaml").recipe == generated.recipe
+
+
 def test_dry_run_plan_details(tmp_path, data_dir):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", stage_recipe(

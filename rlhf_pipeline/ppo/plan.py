@@ -121,16 +121,21 @@ class BatchPlan:
     def total_optimizer_steps(self) -> int:
         return self.num_updates * self.optimizer_steps_per_update
 
-    def describe(self) -> str:
-        episodes = (f"{self.rollout_batch_size} episodes" if self.samples_per_prompt == 1 else
-                    f"{self.rollout_batch_size} episodes ({self.prompts_per_update} prompts x "
-                    f"{self.samples_per_prompt} responses)")
-        return (f"{self.num_updates} updates x {episodes}; each update: {self.ppo_epochs} "
-                f"epochs x {self.num_mini_batches} mini-batches of {self.mini_batch_size} = "
-                f"{self.optimizer_steps_per_update} optimizer steps (micro-batch {self.micro_batch_size} per process, "
-                f"{self.gradient_accumulation_steps} accumulated, {self.num_processes} process(es)); "
-                f"{self.total_optimizer_steps} optimizer steps in all")
-
+    def describe(self, processes_from: str = "") -> str:
+        """Every batch size, global and per process: the recipe counts the rollout and its mini-batches over all
+        processes together (where TRL's per_device_train_batch_size counts one device). `processes_from` says where
+        the process count comes from (e.g. WORLD_SIZE)."""
+        groups = (f"{self.prompts_per_update} prompts x {self.samples_per_prompt} responses; "
+                  if self.samples_per_prompt > 1 else "")
+        g, micro = self.gradient_accumulation_steps, self.micro_batch_size
+        micro_batches = "1 micro-batch" if g == 1 else f"{g} accumulated micro-batches of {micro}"
+        return (f"{self.rollout_batch_size} episodes per update ({groups}rollout_batch_size, all processes together) = "
+                f"{self.local_rollout_batch_size} per process x {_count(self.num_processes, 'process')}"
+                f"{f' ({processes_from})' if processes_from else ''}; "
+                f"{_count(self.num_updates, 'update')}; each update: {self.ppo_epochs} epochs x "
+                f"{self.num_mini_batches} mini-batches of {self.mini_batch_size} episodes "
+                f"({self.local_mini_batch_size} per process, in {micro_batches}) = {self.optimizer_steps_per_update} "
+                f"optimizer steps; {self.total_optimizer_steps} optimizer steps in all")
 
 def nearest_multiples(value: int, unit: int) -> list[int]:
     """The multiples of `unit` just below and just above `value` (only above when below is 0)."""
@@ -139,7 +144,7 @@ def nearest_multiples(value: int, unit: int) -> list[int]:
 
 
 def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    return f"{n} {noun}{'' if n == 1 else 'es' if noun.endswith('s') else 's'}"
 
 
 # The plan's fields are `training:` keys, except this one
