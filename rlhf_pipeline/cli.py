@@ -21,6 +21,7 @@ from rlhf_pipeline.errors import (
     Interrupted,
     UserError,
 )
+from rlhf_pipeline.recipe.schema import STAGE_RECIPES
 
 app = typer.Typer(
     help="The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo (or dpo). Recipes are YAML files.",
@@ -236,8 +237,9 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 @recipe_app.command("keys")
 def recipe_keys(
-    stage: Annotated[str, typer.Argument(help="pretrain, sft, reward, ...")],
-    section: Annotated[Optional[str], typer.Argument(help="Only this section, e.g. `data` or `training`.")] = None,
+    stage: Annotated[str, typer.Argument(help=f"The stage: {', '.join(STAGE_RECIPES)}.")],
+    section: Annotated[Optional[str], typer.Argument(
+        help="Only this top-level key of the recipe, e.g. `data` or `training`.")] = None,
 ) -> None:
     """List every key a stage's recipe accepts, with its default and help text."""
     from rlhf_pipeline.recipe.reference import stage_reference

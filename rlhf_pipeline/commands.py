@@ -274,14 +274,17 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -
         ("seed", str(recipe.seed)),
         ("output_dir", f"{recipe.output_dir} ({status_text})"),
     ]
-    model_rows = {"ppo": _ppo_rows, "dpo": _dpo_rows, "eval": _eval_rows}.get(recipe.stage, _model_rows)
-    rows.extend(model_rows(recipe))
+    if recipe.stage == "ppo":
+        rows.extend(_ppo_rows(loaded))
+    else:
+        rows.extend({"dpo": _dpo_rows, "eval": _eval_rows}.get(recipe.stage, _model_rows)(recipe))
     for key in ("data", "preferences"):
         if getattr(recipe, key, None) is not None:
             rows.extend(_data_rows(getattr(recipe, key), key, recipe.seed))
     training = getattr(recipe, "training", None)
     if isinstance(training, dict):
         rows.append(("training", ", ".join(f"{k}={v}" for k, v in training.items()) or "library defaults"))
+        rows.append(("batches", _trl_batches(recipe)))
     peft = getattr(recipe, "peft", None)
     if peft is not None:
         rows.append(("peft", f"LoRA r={peft.r} alpha={peft.alpha:g} dropout={peft.dropout:g} on "
@@ -317,11 +320,13 @@ def _model_rows(recipe: Any) -> list[tuple[str, str]]:
     return [("model", source), ("tokenizer", tok)]
 
 
-def _ppo_rows(recipe: Any) -> list[tuple[str, str]]:
-    from rlhf_pipeline.ppo.plan import BatchPlan
+def _ppo_rows(loaded: LoadedRecipe) -> list[tuple[str, str]]:
+    from rlhf_pipeline.ppo.plan import plan_of
 
+    recipe = loaded.recipe
     cfg, gen = recipe.training, recipe.generation
-    plan = BatchPlan.of(cfg, samples_per_prompt=gen.samples_per_prompt)
+    processes = runs.world_size()
+    plan = plan_of(loaded, processes)  # does it divide across the processes of this launch?
     reference = recipe.reference.name_or_path or (
         "the policy with its LoRA adapter disabled" if recipe.peft else f"frozen copy of {recipe.policy.name_or_path}")
     kl = f"beta={cfg.kl_coef:g} " + ("(k3, in the loss)" if cfg.advantage_estimator == "grpo" else
@@ -342,24 +347,48 @@ def _ppo_rows(recipe: Any) -> list[tuple[str, str]]:
     rows += [
         ("sampling", f"up to {gen.response_length} tokens, temperature {gen.temperature:g}, top_k {gen.top_k}, "
                      f"top_p {gen.top_p:g}, {gen.samples_per_prompt} response(s) per prompt"),
-        ("batches", plan.describe() + " (with 1 process)"),
+        ("batches", plan.describe("WORLD_SIZE" if processes > 1 else "")),
         ("kl", kl),
     ]
     return rows
 
 
-def _dpo_rows(recipe: Any) -> list[tuple[str, str]]:
+def _trl_setting(recipe: Any, key: str) -> Any:
+    """A `training:` value of a TRL-backed stage: the recipe's, else its config class's default (from the snapshot:
+    no torch)."""
     from rlhf_pipeline.recipe.training_fields import fields_for
 
-    def setting(key: str) -> Any:  # the recipe's value, else DPOConfig's default (from the snapshot: no torch)
-        return recipe.training.get(key, fields_for("dpo")[key]["default"])
+    return recipe.training.get(key, fields_for(recipe.stage)[key]["default"])
+
+
+# what one row of a TRL-backed stage's batch is
+BATCH_UNITS = {"pretrain": "blocks", "sft": "examples", "reward": "pairs", "dpo": "pairs"}
+
+
+def _trl_batches(recipe: Any) -> str:
+    """TRL's per-device batch and the global one it makes on the processes of this launch (WORLD_SIZE)."""
+    batch, accumulation = (_trl_setting(recipe, "per_device_train_batch_size"),
+                           _trl_setting(recipe, "gradient_accumulation_steps"))
+    processes, unit = runs.world_size(), BATCH_UNITS[recipe.stage]
+    steps, epochs = _trl_setting(recipe, "max_steps"), _trl_setting(recipe, "num_train_epochs")
+    length = f"{steps} optimizer steps" if steps > 0 else f"{epochs:g} epoch{'' if epochs == 1 else 's'}"
+    return (f"{batch} {unit} per device (per_device_train_batch_size) x {_processes(processes)} x {accumulation} "
+            f"gradient accumulation step{'' if accumulation == 1 else 's'} = {batch * processes * accumulation} {unit} "
+            f"per optimizer step; {length}")
+
+
+def _processes(n: int) -> str:
+    """The process count of this launch, and where it comes from."""
+    return f"{n} processes (WORLD_SIZE)" if n > 1 else "1 process"
+
+
+def _dpo_rows(recipe: Any) -> list[tuple[str, str]]:
+    def setting(key: str) -> Any:
+        return _trl_setting(recipe, key)
 
     gen, evaluation = recipe.generation, recipe.evaluation
     reference = recipe.reference.name_or_path or (
         "the policy with its LoRA adapter disabled" if recipe.peft else f"frozen copy of {recipe.model.name_or_path}")
-    batch, accumulation = setting("per_device_train_batch_size"), setting("gradient_accumulation_steps")
-    length = (f"{setting('max_steps')} optimizer steps" if setting("max_steps") > 0
-              else f"{setting('num_train_epochs'):g} epoch{'' if setting('num_train_epochs') == 1 else 's'}")
     loss_type = recipe.training.get("loss_type", ["sigmoid"])
     rows = _model_rows(recipe)
     rows[0] = ("policy", rows[0][1])
@@ -367,8 +396,6 @@ def _dpo_rows(recipe: Any) -> list[tuple[str, str]]:
         ("reference", reference),
         ("dpo", f"beta={setting('beta'):g}, loss {'+'.join(loss_type) if isinstance(loss_type, list) else loss_type}"
                 f", max_length {recipe.training.get('max_length', 'the model context (at most 1024)')}"),
-        ("batches", f"{batch} pairs per device x {accumulation} accumulation = {batch * accumulation} pairs per "
-                    f"optimizer step (with 1 process); {length}"),
     ]
     if evaluation.prompts:
         rows.append(("evaluation", f"{evaluation.prompts} held-out prompts at most, sampled before and after: up to "
@@ -416,7 +443,10 @@ def _eval_rows(recipe: Any) -> list[tuple[str, str]]:
                  ("reference", recipe.reference.name_or_path or "the baseline"),
                  ("sampling", f"{recipe.num_prompts} held-out prompts at most, up to "
                               f"{recipe.generation.response_length} tokens, temperature "
-                              f"{recipe.generation.temperature:g}")]
+                              f"{recipe.generation.temperature:g}"),
+                 ("batches", f"{recipe.batch_size} prompts per generation batch on each process x "
+                             f"{_processes(runs.world_size())} = {recipe.batch_size * runs.world_size()} prompts "
+                             "sampled at once")]
     if recipe.reward is not None:
         rows.append(("reward", source(recipe.reward)))
     if recipe.gold is not None:

@@ -48,6 +48,15 @@ class Problem:
         return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
 
 
+class KeyedValueError(ValueError):
+    """A validator's findings about particular keys (dotted, relative to the section it validates), so that each
+    error points at its own key's line rather than at the section's."""
+
+    def __init__(self, problems: Iterable[tuple[str, str]]):
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{key}: {message}" for key, message in self.problems))
+
+
 class RecipeError(UserError):
     """One or more problems in a recipe (or in what it points to: data files, columns, models)."""
 
@@ -56,7 +65,13 @@ class RecipeError(UserError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or ''."""
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice spelt most like `word`, if any is close."""
     match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{match[0]}'?" if match else ""
+    return match[0] if match else None
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """"; did you mean 'x'?" for the closest choice, or ''."""
+    match = closest(word, choices)
+    return f"; did you mean '{match}'?" if match else ""

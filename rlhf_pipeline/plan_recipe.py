@@ -617,14 +617,11 @@ def _scorer(loaded: LoadedRecipe, key: str, box: list, prepared: bool = False) -
 
 
 def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
-    from rlhf_pipeline.ppo.plan import BatchPlan
+    from rlhf_pipeline.ppo.plan import plan_of
 
     recipe, cfg, gen = loaded.recipe, loaded.recipe.training, loaded.recipe.generation
     plan = Plan("ppo", str(loaded.path), dist, flops_unit="update")
-    try:
-        batches = BatchPlan.of(cfg, dist.processes, gen.samples_per_prompt)
-    except ValueError as exc:
-        raise loaded.error("training", f"with {dist.processes} processes: {exc}") from None
+    batches = plan_of(loaded, dist.processes)
     facts = require_model(loaded, "policy.name_or_path", recipe.policy.name_or_path, box)
     dtype = _dtype(recipe.policy.dtype, facts)
     precision = Precision.of(dtype, cfg.mixed_precision)

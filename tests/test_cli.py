@@ -151,13 +151,45 @@ def test_recipe_keys_pretrain_has_architecture():
 @pytest.mark.parametrize("args, message", [
     (("nope",), f"error: unknown stage 'nope' (one of: {', '.join(STAGE_RECIPES)})"),
     (("sfy",), "unknown stage 'sfy'; did you mean 'sft'?"),
-    (("sft", "trainig"), "sft recipes have no section 'trainig'; did you mean 'training'?"),
+    (("sft", "trainig"), "sft recipes have no section 'trainig'; did you mean 'training'? (one of: stage, "),
 ])
 def test_recipe_keys_unknown(args, message):
     result = run_cli("recipe", "keys", *args)
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("stage", STAGE_RECIPES)
+def test_recipe_keys_of_every_stage_and_section(stage):
+    sections = list(STAGE_RECIPES[stage].model_fields)
+    outputs = [run_cli("recipe", "keys", stage, *([section] if section else [])) for section in [None, *sections]]
+    for section, result in zip([None, *sections], outputs):
+        assert result.exit_code == 0, (section, result.output)
+        assert "%%" not in result.output, section  # transformers' argparse escaping, printed as `%`
+    assert f"\n  {sections[-1]}  (" in outputs[0].stdout  # the whole list
+    if stage in ("pretrain", "sft", "reward", "dpo"):  # TrainingArguments' help: "~20% slower training"
+        assert "~20% slower" in outputs[1 + sections.index("training")].stdout
+
+
+def test_ppo_policy_dtype_names_ppos_precision_key():
+    result = run_cli("recipe", "keys", "ppo", "policy")
+    dtype_help = result.stdout.split("policy.dtype", 1)[1].split("\n\n")[0]
+    assert "training.mixed_precision" in dtype_help and "PPO has no training.bf16/fp16" in dtype_help
+    assert "training.bf16" in run_cli("recipe", "keys", "sft", "model").stdout
+
+
+@pytest.mark.parametrize("command", [(), *[(c,) for c in ("pretrain", "sft", "reward", "ppo", "dpo", "eval",
+                                                            "pipeline", "plan", "push", "recipe")],
+                                     ("recipe", "validate"), ("recipe", "show"), ("recipe", "keys")])
+def test_help_texts_print_no_doubled_percent(command):
+    result = run_cli(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "%%" not in result.output
+
+
+def test_recipe_reference_prints_no_doubled_percent():
+    assert "%%" not in (REPO / "docs" / "recipe-reference.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +209,67 @@ def test_dry_run_of_tiny_recipes(stage, tmp_path):
     assert "learning_rate=0.0001" in plan
     assert "recipes/tiny/data/" in plan
     assert not out.exists() and not out.parent.exists()
+
+
+def _batches_row(plan: str) -> str:
+    (row,) = [line for line in plan.splitlines() if line.startswith("  batches ")]
+    return row.split(None, 1)[1]
+
+
+@pytest.mark.parametrize("world_size", [None, "2"])
+def test_dry_run_batches_of_a_trl_stage_per_device_and_global(tmp_path, monkeypatch, world_size):
+    if world_size:  # what torchrun and accelerate launch set
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = run_cli("sft", "recipes/tiny/sft.yaml", "--output-dir", tmp_path / "out", "--dry-run",
+                     "--set", "training.per_device_train_batch_size=8",
+                     "--set", "training.gradient_accumulation_steps=4")
+    assert result.exit_code == 0, result.output
+    processes, total = ("2 processes (WORLD_SIZE)", 64) if world_size else ("1 process", 32)
+    assert _batches_row(result.stdout) == (
+        f"8 examples per device (per_device_train_batch_size) x {processes} x 4 gradient accumulation steps = "
+        f"{total} examples per optimizer step; 1 epoch")
+
+
+def test_dry_run_batches_of_ppo_global_and_per_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_cli("ppo", "recipes/tiny/ppo.yaml", "--output-dir", tmp_path / "out", "--dry-run",
+                     "--set", "training.gradient_accumulation_steps=2")
+    assert result.exit_code == 0, result.output
+    assert _batches_row(result.stdout) == (
+        "64 episodes per update (rollout_batch_size, all processes together) = 32 per process x 2 processes "
+        "(WORLD_SIZE); 32 updates; each update: 4 epochs x 4 mini-batches of 16 episodes (8 per process, in 2 "
+        "accumulated micro-batches of 4) = 16 optimizer steps; 512 optimizer steps in all")
+    # a launch it would not divide across is refused at the key, as the launch itself would
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    result = run_cli("ppo", "recipes/tiny/ppo.yaml", "--output-dir", tmp_path / "out", "--dry-run")
+    assert result.exit_code == 2
+    assert "recipes/tiny/ppo.yaml:25: training.rollout_batch_size: with 3 process(es): 64 must be divisible" in \
+        result.output
+
+
+def test_dry_run_of_the_tiny_eval_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "eval"
+    result = run_cli("eval", "recipes/tiny/eval.yaml", "--output-dir", out, "--dry-run")
+    assert result.exit_code == 0, result.output
+    plan = result.stdout
+    for row in ("  policy       runs/tiny/ppo\n", "  baseline     runs/tiny/sft\n", "  reward       runs/tiny/reward\n",
+                "  sampling     256 held-out prompts at most, up to 24 tokens, temperature 0.7\n",
+                "  batches      64 prompts per generation batch on each process x 2 processes (WORLD_SIZE) = 128 "
+                "prompts sampled at once\n",
+                "  preferences  train: recipes/tiny/data/preferences-train.jsonl.gz; test: "):
+        assert row in plan, row
+    assert not out.exists()
+
+
+def test_tiny_eval_recipe_is_the_one_the_tiny_pipeline_builds():
+    from rlhf_pipeline.pipeline import plan_stages
+    from rlhf_pipeline.recipe.load import load_recipe
+
+    (generated,) = [s.loaded for s in plan_stages(load_recipe("recipes/tiny/pipeline.yaml")) if s.kind == "eval"]
+    assert load_recipe("recipes/tiny/eval.yaml").recipe == generated.recipe
 
 
 def test_dry_run_plan_details(tmp_path, data_dir):
@@ -260,4 +353,4 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == (f"error: {bad}:6: training.learning_rat: unknown key for trl.SFTConfig; "
-                           "did you mean 'learning_rate'?\n")
+                           "did you mean 'learning_rate'? Every key: `rlhf recipe keys sft training`\n")

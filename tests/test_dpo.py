@@ -172,7 +172,8 @@ def test_dpo_dry_run_writes_nothing(tmp_path):
     plan = result.stdout
     assert plan.startswith("dry run: nothing was written\n")
     assert "reference   the policy with its LoRA adapter disabled" in plan
-    assert "32 pairs per device x 2 accumulation = 64 pairs per optimizer step" in plan
+    assert ("32 pairs per device (per_device_train_batch_size) x 1 process x 2 gradient accumulation steps = 64 "
+            "pairs per optimizer step; 1 epoch") in plan
     assert "beta=0.5" in plan and "rlhf_pipeline.tiny.annotator:gold_score (evaluation only)" in plan
     assert not out.exists() and not out.parent.exists()
 

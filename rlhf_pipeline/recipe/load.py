@@ -11,9 +11,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from rlhf_pipeline.errors import Problem, RecipeError, UserError, did_you_mean
+from rlhf_pipeline.errors import KeyedValueError, Problem, RecipeError, UserError, did_you_mean
 from rlhf_pipeline.recipe import accelerate_config, training_fields
 from rlhf_pipeline.recipe.schema import STAGE_RECIPES, StageRecipe
+from rlhf_pipeline.recipe.suggest import unknown_key
 from rlhf_pipeline.recipe.yaml_io import KeyPath, dump_yaml, load_yaml, parse_scalar
 
 Origin = tuple[str, "int | None"]  # (file or "--set ...", line)
@@ -117,7 +118,7 @@ def _validate(path: Path, data: dict, origins: dict, assignments: typing.Sequenc
     try:
         recipe = schema.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_problems_from_pydantic(exc, schema, origins, str(path)))
+        problems.extend(_problems_from_pydantic(exc, stage, origins, str(path)))
     training = data.get("training")
     if stage in training_fields.CONFIG_CLASSES and isinstance(training, dict):
         for key, message in training_fields.check_training(stage, training):
@@ -271,7 +272,8 @@ def _locate(origins: dict[KeyPath, Origin], key: KeyPath, default_file: str) -> 
     return default_file, None
 
 
-def _problems_from_pydantic(exc: ValidationError, schema: type[BaseModel], origins, default_file) -> list[Problem]:
+def _problems_from_pydantic(exc: ValidationError, stage: str, origins, default_file) -> list[Problem]:
+    schema = STAGE_RECIPES[stage]
     problems = []
     seen = set()
     for err in exc.errors():
@@ -279,12 +281,15 @@ def _problems_from_pydantic(exc: ValidationError, schema: type[BaseModel], origi
         key = ".".join(str(p) for p in loc)
         kind = err["type"]
         if kind == "extra_forbidden":
-            allowed = list(owner.model_fields) if owner else []
-            message = f"unknown key{did_you_mean(loc[-1], allowed)}"
-            if allowed:
-                message += f" (allowed here: {', '.join(allowed)})"
+            message = unknown_key(stage, loc, list(owner.model_fields) if owner else [])
         elif kind == "missing":
             message = "required key is missing"
+        elif isinstance(err.get("ctx", {}).get("error"), KeyedValueError):  # findings about keys of this section
+            for sub_key, sub_message in err["ctx"]["error"].problems:
+                sub_loc = (*loc, *_split_key(sub_key))
+                file, line = _locate(origins, sub_loc, default_file)
+                problems.append(Problem(sub_message, ".".join(map(str, sub_loc)), file, line))
+            continue
         else:
             message = err["msg"].removeprefix("Value error, ")
             if kind not in ("value_error", "assertion_error") and "input" in err:

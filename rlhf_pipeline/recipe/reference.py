@@ -88,8 +88,9 @@ def schema_rows(model: type[BaseModel], prefix: str = "") -> list[Row]:
 
 def training_rows(stage: str) -> list[Row]:
     rows = []
+    owned = training_fields.owned_elsewhere(stage)
     for name, spec in sorted(training_fields.fields_for(stage).items()):
-        if name in training_fields.OWNED_ELSEWHERE:
+        if name in owned:
             continue
         kind = " | ".join(spec["types"]) if not spec["choices"] else " | ".join(repr(c) for c in spec["choices"])
         rows.append((f"training.{name}", kind, _scalar(spec["default"]), spec["help"]))
@@ -107,7 +108,8 @@ def stage_reference(stage: str, section: str | None = None, markdown: bool = Fal
         rows = training_rows(stage)
     elif section:
         if section not in schema.model_fields:
-            raise UserError(f"{stage} recipes have no section {section!r}{did_you_mean(section, schema.model_fields)}")
+            raise UserError(f"{stage} recipes have no section {section!r}{did_you_mean(section, schema.model_fields)} "
+                            f"(one of: {', '.join(schema.model_fields)})")
         rows = [r for r in rows if r[0] == section or r[0].startswith(section + ".")]
     note = (f"`training` takes the fields of {config_class}: `rlhf recipe keys {stage} training` lists them."
             if config_class and section != "training" else "")

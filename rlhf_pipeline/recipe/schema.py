@@ -36,7 +36,8 @@ class ModelSection(Section):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32",
-        description="Dtype of the loaded weights. Mixed-precision training is chosen separately (training.bf16/fp16).",
+        description="Dtype of the loaded weights. Mixed-precision training is chosen separately (training.bf16 or "
+        "training.fp16 in the TRL-backed stages).",
     )
     attn_implementation: str | None = Field(
         None, description="Attention kernel passed to from_pretrained: `sdpa`, `eager`, `flash_attention_2`, ..."
@@ -690,15 +691,22 @@ class PpoTraining(Section):
         if self.advantage_estimator != "gae" and "whiten_advantages" not in self.model_fields_set:
             self.whiten_advantages = False
 
-        BatchPlan.of(self)  # raises ValueError with the arithmetic
+        BatchPlan.of(self)  # raises KeyedValueError, naming the keys to change and the values that fit
         return self
+
+
+class PolicySection(ModelSection):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the loaded weights of the policy, and of the reference and value networks "
+        "loaded beside it. Mixed precision is `training.mixed_precision` (Accelerate's autocast): PPO has no "
+        "training.bf16/fp16.")
 
 
 class PpoRecipe(StageRecipe):
     """PPO against a reward model or function, with a KL penalty to a frozen reference (our own trainer)."""
 
     stage: Literal["ppo"]
-    policy: ModelSection = Field(description="The policy to optimise (normally the SFT output).")
+    policy: PolicySection = Field(description="The policy to optimise (normally the SFT output).")
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer overrides.")
     reference: ReferenceSection = Field(default_factory=ReferenceSection, description="The frozen reference policy.")
     reward: RewardSource = Field(description="What scores the responses during training.")
@@ -713,7 +721,8 @@ class PpoRecipe(StageRecipe):
 
     @model_validator(mode="after")
     def _groups(self):
-        from rlhf_pipeline.ppo.plan import BatchPlan
+        from rlhf_pipeline.errors import KeyedValueError
+        from rlhf_pipeline.ppo.plan import BatchPlan, in_recipe
 
         estimator, k = self.training.advantage_estimator, self.generation.samples_per_prompt
         if estimator != "gae" and k < 2:
@@ -724,8 +733,8 @@ class PpoRecipe(StageRecipe):
                              "training.advantage_estimator: gae)")
         try:
             BatchPlan.of(self.training, samples_per_prompt=k)
-        except ValueError as exc:
-            raise ValueError(f"generation.samples_per_prompt: {exc}") from None
+        except KeyedValueError as exc:
+            raise in_recipe(exc) from None
         return self
 
 

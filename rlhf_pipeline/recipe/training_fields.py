@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import did_you_mean
-from rlhf_pipeline.recipe import trackers
+from rlhf_pipeline.recipe import trackers, trl_names
 
 SNAPSHOT = Path(__file__).with_name("training_fields.json")
 
@@ -31,19 +31,16 @@ CONFIG_CLASSES = {
     "dpo": "trl.DPOConfig",
 }
 
-# Keys that belong elsewhere in a recipe: setting them under `training:` is an error that says where they go.
-OWNED_ELSEWHERE = {
-    "output_dir": "set the top-level `output_dir` (or pass --output-dir)",
-    "seed": "set the top-level `seed`",
-    "hub_token": "tokens never go in recipes: set HF_TOKEN or run `hf auth login`",
-    "push_to_hub": "use the `hub:` section",
-    "hub_model_id": "use `hub.repo_id`",
-    "trust_remote_code": "set `model.trust_remote_code`",
-    "model_init_kwargs": "use the `model:` section (name_or_path, revision, dtype, attn_implementation)",
-    "chat_template_path": "set `tokenizer.chat_template`",
-    "dataset_text_field": "map the text column with `data.columns.text`",
-    "pad_token": "set the pad token on the tokenizer (rlhf uses the EOS token when a tokenizer has none)",
-}
+def owned_elsewhere(stage: str) -> dict[str, str]:
+    """Fields of the stage's config class that a recipe sets outside `training:` (the table of TRL names says where),
+    such as `push_to_hub` (`hub.push`): field -> where it goes. Refused under `training:`."""
+    owned = {}
+    for name in fields_for(stage):
+        alias = trl_names.alias_for(stage, name)
+        if alias is not None and not (alias.key or "").startswith("training."):
+            where = f"set `{alias.key}`" + (f" ({alias.note})" if alias.note else "") if alias.key else alias.note
+            owned[name] = where
+    return owned
 
 
 @cache
@@ -85,15 +82,16 @@ STRING_AS_LIST = {"trl.DPOConfig": {"loss_type"}}
 
 def check_training(stage: str, training: dict[str, Any]) -> list[tuple[str, str]]:
     """Problems with a `training:` mapping as (key, message) pairs; empty when it is fine."""
-    fields = fields_for(stage)
+    from rlhf_pipeline.recipe.suggest import unknown_key  # (it reads this module's fields)
+
+    fields, owned = fields_for(stage), owned_elsewhere(stage)
     problems = []
     for key, value in training.items():
-        if key in OWNED_ELSEWHERE:
-            problems.append((key, f"not set here: {OWNED_ELSEWHERE[key]}"))
+        if key in owned:
+            problems.append((key, f"not set here: {owned[key]}"))
         elif key not in fields:
-            problems.append(
-                (key, f"unknown key for {CONFIG_CLASSES[stage]}{did_you_mean(key, fields)}")
-            )
+            problems.append((key, unknown_key(stage, ("training", key), fields, f"unknown key for "
+                                                                                 f"{CONFIG_CLASSES[stage]}")))
         elif isinstance(value, str) and key in STRING_AS_LIST.get(CONFIG_CLASSES[stage], ()):
             continue  # `loss_type: ipo` means [ipo]
         elif key == "report_to":  # transformers would refuse an unknown name only once the models are loaded
@@ -179,10 +177,15 @@ def take_snapshot() -> dict[str, Any]:
                 "types": kinds,
                 "choices": choices,
                 "default": default,
-                "help": " ".join(str(f.metadata.get("help", "")).split()),
+                "help": _plain_help(f.metadata.get("help", "")),
             }
         classes[dotted] = fields
     return {"versions": {"transformers": version("transformers"), "trl": version("trl")}, "classes": classes}
+
+
+def _plain_help(text: Any) -> str:
+    """A field's help on one line, as printed: transformers writes `%` as `%%` for argparse, which we do not use."""
+    return " ".join(str(text).replace("%%", "%").split())
 
 
 def annotation_kinds(annotation: Any) -> tuple[list[str], list[str] | None]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf_pipeline import data as data_io
 from rlhf_pipeline import models, runs
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.ppo.plan import BatchPlan
+from rlhf_pipeline.ppo.plan import plan_of
 from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.recipe.schema import ModelSection, RewardSource
 from rlhf_pipeline.stages.common import (
@@ -47,11 +47,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     # cpu=True on machines without an accelerator, so that several processes (torchrun) meet over gloo
     accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision,
                               cpu=not torch.accelerator.is_available(), **tracker_settings(recipe))
-    try:
-        # does it divide across these processes?
-        BatchPlan.of(recipe.training, accelerator.num_processes, recipe.generation.samples_per_prompt)
-    except ValueError as exc:
-        raise loaded.error("training", str(exc)) from None
+    plan_of(loaded, accelerator.num_processes)  # does it divide across these processes?
     metrics = _train(loaded, options, accelerator)
     finish_outputs(loaded, options, metrics)  # every process waits here; the main one writes
     # DDP's reducer must be freed before the process group is destroyed (at the command's end), or the process hangs
