@@ -286,7 +286,7 @@ def test_ppo_two_processes_gloo(tmp_path, tiny_model_dir, tiny_reward_dir, data_
                "-m", "rlhf_pipeline", "ppo", str(path)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "micro-batch 2 per process" in done.stderr and "2 process(es)" in done.stderr
+    assert "= 4 per process x 2 processes;" in done.stderr and "(2 per process, in 1 micro-batch)" in done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 8 and metrics["episodes"] == 16
     assert len(log_rows(out)) == 2
