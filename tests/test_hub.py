@@ -14,9 +14,9 @@ from conftest import FAST_TRAINING, TOKEN, _use_hub, run_cli, stage_recipe, writ
 from hub_server import HubServer
 from huggingface_hub import ModelCard
 
-from rlhf_pipeline import hub as hub_module
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.hub import model_card, push_if_configured, push_run
+from rlhf_pipeline.hub import push_if_configured, push_run, skip_reason
+from rlhf_pipeline.model_card import model_card
 
 PPO_REPO = "rlhf-test/tiny-ppo"
 GIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -414,7 +414,7 @@ def test_card_of_a_lora_adapter_reward_model(tmp_path):
     assert meta["base_model_relation"] == "adapter"
     assert 'AutoPeftModelForSequenceClassification.from_pretrained("org/rm")' in card
     assert "[openai-community/gpt2](https://hub.example/openai-community/gpt2)" in card
-    assert "(https://hub.example/datasets/Anthropic/hh-rlhf)" in card
+    assert "(https://hub.example/datasets/Anthropic/hh-rlhf) on the Hub (data dir `harmless-base`)" in card
     assert "| eval_accuracy | 0.6875 |" in card
 
 
@@ -423,13 +423,14 @@ def test_card_of_a_pretraining_run_from_scratch(tmp_path):
               "model": {"name_or_path": None, "init": {"model_type": "gpt2", "n_layer": 2, "n_embd": 32,
                                                       "n_positions": 64}},
               "tokenizer": {"name_or_path": None, "train": {"vocab_size": 400}},
-              "data": {"files": {"train": ["corpus.jsonl"]}}}
+              "data": {"files": {"train": "corpus.jsonl"}}}
     run = _finished_run(tmp_path / "pretrain", recipe, {"eval_loss": 2.5, "num_parameters": 932608})
     card = model_card(run, endpoint="https://hub.example")
     meta = _front_matter(card)
     assert "base_model" not in meta and "base_model_relation" not in meta  # nothing it derives from
     assert meta["pipeline_tag"] == "text-generation"
     assert "initialised from scratch" in card and "byte-level BPE" in card
+    assert "- **data:** local files, not published (train: `corpus.jsonl`)" in card
     assert "layers 2, width 3, context 16, vocabulary 4" in card  # from config.json; the Hub counts parameters
     assert [(r.metric_type, r.metric_value) for r in _results(meta)] == [("eval_loss", 2.5)]
     assert f'AutoModelForCausalLM.from_pretrained("{run}")' in card
@@ -446,18 +447,29 @@ def test_card_names_the_policy_optimisation_method(tmp_path, estimator, says):
 
 
 def test_importing_the_module_stays_light():
-    code = ("import sys, rlhf_pipeline.hub; heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') "
-            "if m in sys.modules]; print(heavy)")
+    code = ("import sys, rlhf_pipeline.hub, rlhf_pipeline.model_card; heavy = [m for m in ('torch', 'transformers', "
+            "'huggingface_hub', 'jinja2') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_selection_rules():
-    assert hub_module._file_reason("optimizer.pt").startswith("pickle")
-    assert hub_module._file_reason("pytorch_model.bin").startswith("pickle")
-    assert hub_module._file_reason("merges.txt") is None and hub_module._file_reason("tokenizer.model") is None
-    assert hub_module._dir_reason("checkpoint-500") == "training checkpoints"
-    assert hub_module._dir_reason("wandb") == "experiment-tracker logs"
+    assert skip_reason("optimizer.pt").startswith("pickle") and skip_reason("Model.PTH").startswith("pickle")
+    assert skip_reason("pytorch_model.bin").startswith("pickle")
+    assert skip_reason("merges.txt") is None and skip_reason("tokenizer.model") is None
+    assert skip_reason("checkpoint-500") == "training checkpoints"
+    assert skip_reason("wandb") == "experiment-tracker logs"
+    assert skip_reason("readme.md") == "replaced by the generated model card"
+
+
+def test_card_code_blocks_hold_backticks(tmp_path):
+    """Whatever a prompt, a sample or the recipe holds, it stays inside its code block: the fence is longer."""
+    run = _finished_run(tmp_path / "sft", {"stage": "sft", "output_dir": "x", "model": {"name_or_path": "gpt2"},
+                                           "note": "a ```` b"}, {"eval_loss": 1.0})
+    _write(run / "samples.jsonl", json.dumps({"prompt": "say ``` now", "response": "`x`"}) + "\n")
+    card = model_card(run, endpoint="https://hub.example")
+    assert "`````yaml\n" in card and "````json\n" in card and "````python\n" in card
+    assert 'inputs = tokenizer("say ``` now", return_tensors="pt")' in card
 
 
 def test_card_of_a_run_without_weights(tmp_path):
