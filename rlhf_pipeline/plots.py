@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from rlhf_pipeline import runs
 
 
 def pyplot():
@@ -17,8 +18,7 @@ def pyplot():
 
 def plot_ppo_curves(log_path: Path, png_path: Path) -> Path | None:
     """Score (and gold), KL, and response length / EOS rate per update, from a PPO log.jsonl."""
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()] \
-        if Path(log_path).exists() else []
+    rows = runs.read_jsonl(Path(log_path))
     if not rows:
         return None
     plt = pyplot()

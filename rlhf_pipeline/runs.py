@@ -329,6 +329,28 @@ def prune_checkpoints(checkpoints: list[Path], keep: int | None) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # files
 # ---------------------------------------------------------------------------------------------------------------
+def read_json(file: Path) -> Any:
+    """A JSON file's data; None when it is missing or cannot be read."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(file: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file that are JSON objects, without a line torn by a kill mid-write (none when the
+    file is missing)."""
+    try:
+        lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return [row for row in rows if isinstance(row, dict)]
+
+
 def read_metrics(output_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(output_dir) / METRICS_FILE).read_text())
 

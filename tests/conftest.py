@@ -216,14 +216,19 @@ def write_pipeline_recipes(root: Path, data_dir: Path, training: dict[str, Any],
 TOKEN = "hf_TeStToKeN_do_not_leak_8d3f1a"
 
 
-def _use_hub(monkeypatch, server=None) -> None:
+def _use_hub(monkeypatch, server=None, cache: Path | None = None) -> None:
     """Point huggingface_hub at the stand-in: HF_ENDPOINT is read when huggingface_hub is imported, so the
-    module constants it was copied into are patched too; the tests' conftest sets HF_HUB_OFFLINE=1."""
+    module constants it was copied into are patched too; the tests' conftest sets HF_HUB_OFFLINE=1. Downloads
+    (`hf_hub_download`, `ModelCard.load`) go to `cache`, never the user's own."""
     from huggingface_hub import constants
 
     if server is not None:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    if cache is not None:
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
@@ -234,10 +239,10 @@ def _use_hub(monkeypatch, server=None) -> None:
 
 
 @pytest.fixture
-def hub(monkeypatch):
+def hub(monkeypatch, tmp_path):
     """The stand-in Hub, accepting only TOKEN; *.safetensors go through the LFS batch API, as on the real Hub."""
     from hub_server import HubServer
 
     with HubServer(token=TOKEN, lfs_patterns=("*.safetensors",)) as server:
-        _use_hub(monkeypatch, server)
+        _use_hub(monkeypatch, server, cache=tmp_path / "hf-cache")
         yield server

@@ -13,6 +13,12 @@ send, and records everything it receives:
   PUT  /__lfs/{oid}                               this upload URL (checked against its sha256)
   POST /api/models/{ns}/{name}/commit/{rev}       the ndjson commit: header, file (base64), lfsFile, deletedFile
   GET  /api/models/{ns}/{name}[/revision/{rev}]   repo info (sha, private, siblings)
+  HEAD|GET /{ns}/{name}/resolve/{rev}/{path}      a file, as `hf_hub_download` (and so `ModelCard.load`) fetches it:
+                                                  X-Repo-Commit, ETag (git blob sha1), Content-Length; an LFS file
+                                                  answers 302 to the stand-in CDN with X-Linked-Etag (sha256) and
+                                                  X-Linked-Size, as the Hub does
+  GET  /__lfs/{oid}                               the stand-in CDN, reached as `localhost` (another host than the
+                                                  Hub's 127.0.0.1, so the client sends it no token)
 
 Large files go through Xet when `hf_xet` is installed and the Hub answers "lfs"; this server has no Xet storage, so a
 test that asks for LFS must disable Xet (`huggingface_hub.constants.HF_HUB_DISABLE_XET = True`).
@@ -91,7 +97,7 @@ class HubServer:
         return self.repos[repo_id].files(revision)
 
     # ---------------------------------------------------------------------------------------------------------
-    # handlers: each returns (status, json body, extra headers)
+    # handlers: each returns (status, body: JSON data or the bytes of a file, extra headers)
     # ---------------------------------------------------------------------------------------------------------
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes):
         with self._lock:
@@ -100,6 +106,9 @@ class HubServer:
             self.authorizations.append(headers.get("authorization"))
         if path.startswith("/__lfs/") and method == "PUT":  # a pre-signed storage URL: no Authorization header
             return self._lfs_put(path.removeprefix("/__lfs/"), body)
+        if path.startswith("/__lfs/") and method == "GET":  # the CDN: likewise
+            data = self.lfs_objects.get(path.removeprefix("/__lfs/"))
+            return (200, data, {}) if data is not None else (404, {"error": "no such object"}, {})
         if self.token is not None and headers.get("authorization") != f"Bearer {self.token}":
             return 401, {"error": "Invalid credentials in Authorization header"}, {}
         parts = [unquote(p) for p in path.strip("/").split("/")]
@@ -110,6 +119,8 @@ class HubServer:
         if method == "POST" and len(parts) == 6 and parts[1].endswith(".git") \
                 and parts[2:] == ["info", "lfs", "objects", "batch"]:
             return self._lfs_batch(f"{parts[0]}/{parts[1].removesuffix('.git')}", json.loads(body))
+        if len(parts) >= 5 and parts[0] != "api" and parts[2] == "resolve" and method in ("HEAD", "GET"):
+            return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
         if len(parts) >= 4 and parts[:2] == ["api", "models"]:
             repo = self.repos.get(f"{parts[2]}/{parts[3]}")
             if repo is None:
@@ -243,6 +254,24 @@ class HubServer:
         return 200, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": sha, "private": bool(repo.private),
                      "siblings": [{"rfilename": p} for p in sorted(repo.trees[sha])]}, {}
 
+    def _resolve(self, repo_id: str, revision: str, path: str):
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
+        sha = repo.branches.get(revision, revision)
+        if sha not in repo.trees:
+            return 404, {"error": f"Invalid rev id: {revision}"}, {"X-Error-Code": "RevisionNotFound"}
+        headers = {"X-Repo-Commit": sha}
+        if path not in repo.trees[sha]:
+            return 404, {"error": f"Entry not found: {path}"}, {**headers, "X-Error-Code": "EntryNotFound"}
+        data = repo.trees[sha][path]
+        if path in repo.lfs_paths[sha]:
+            oid = hashlib.sha256(data).hexdigest()
+            cdn = self.url.replace("127.0.0.1", "localhost")
+            return 302, {}, {**headers, "Location": f"{cdn}/__lfs/{oid}", "X-Linked-Etag": f'"{oid}"',
+                             "X-Linked-Size": str(len(data))}
+        return 200, data, {**headers, "ETag": f'"{git_blob_sha1(data)}"'}
+
     def _new_sha(self) -> str:
         self._counter += 1
         return hashlib.sha1(f"stand-in commit {self._counter}".encode()).hexdigest()
@@ -259,16 +288,18 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 status, payload, extra = hub.handle(self.command, urlsplit(self.path).path, headers, body)
             except Exception as exc:  # noqa: BLE001 - a bug in the stand-in: answer 500 with the reason, not hang
                 status, payload, extra = 500, {"error": f"stand-in Hub error: {exc!r}"}, {}
-            data = json.dumps(payload).encode()
+            raw = isinstance(payload, bytes)
+            data = payload if raw else json.dumps(payload).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "application/octet-stream" if raw else "application/json")
             self.send_header("Content-Length", str(len(data)))
             for key, value in extra.items():
                 self.send_header(key, value)
             if status >= 400 and "error" in payload:
                 self.send_header("X-Error-Message", payload["error"])
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
         def _body(self) -> bytes:
             if self.headers.get("transfer-encoding", "").lower() == "chunked":
@@ -284,7 +315,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("content-length") or 0)
             return self.rfile.read(length) if length else b""
 
-        do_GET = do_POST = do_PUT = do_DELETE = _serve
+        do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _serve
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet
             pass

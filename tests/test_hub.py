@@ -14,9 +14,9 @@ from conftest import FAST_TRAINING, TOKEN, _use_hub, run_cli, stage_recipe, writ
 from hub_server import HubServer
 from huggingface_hub import ModelCard
 
-from rlhf_pipeline import hub as hub_module
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.hub import model_card, push_if_configured, push_run
+from rlhf_pipeline.hub import push_if_configured, push_run, skip_reason
+from rlhf_pipeline.model_card import model_card
 
 PPO_REPO = "rlhf-test/tiny-ppo"
 GIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -132,6 +132,12 @@ def _front_matter(card: str) -> dict:
     return ModelCard(card).data.to_dict()
 
 
+def _hub_card(repo_id: str) -> ModelCard:
+    """The repo's model card as a user reads it: `ModelCard.load`, which downloads README.md from the (stand-in)
+    Hub with `hf_hub_download` and parses its metadata."""
+    return ModelCard.load(repo_id)
+
+
 def _results(meta: dict) -> list:
     """The card's model-index, as huggingface_hub's EvalResult objects."""
     from huggingface_hub import ModelCardData
@@ -189,12 +195,22 @@ def test_the_token_goes_only_into_the_authorization_header(hub, ppo_run, upstrea
         for name, content in _snapshot(root).items():
             assert needle not in content, f"{root / name} holds the token"
 
+    # downloading: the Hub gets the token, the CDN an LFS file is redirected to does not
+    from huggingface_hub import hf_hub_download
+
+    weights = Path(hf_hub_download(PPO_REPO, "model.safetensors"))
+    assert weights.read_bytes() == (ppo_run / "model.safetensors").read_bytes()
+    downloads = [(method, path, auth) for (method, path), auth in zip(hub.requests, hub.authorizations)
+                 if "/resolve/" in path or (method == "GET" and path.startswith("/__lfs/"))]
+    assert [(method, auth) for method, _, auth in downloads] == [("HEAD", f"Bearer {TOKEN}"), ("GET", None)]
+
 
 def test_the_card_describes_the_run(hub, ppo_run, upstream):
     push_run(ppo_run, PPO_REPO)
     card = hub.uploaded(PPO_REPO)["README.md"].decode()
+    assert str(_hub_card(PPO_REPO)) == card  # what a user downloads, and it parses back to itself
 
-    meta = _front_matter(card)
+    meta = _hub_card(PPO_REPO).data.to_dict()
     assert meta["library_name"] == "transformers"
     assert meta["tags"][:4] == ["rlhf-pipeline", "trl", "rlhf", "ppo"]
     assert meta["pipeline_tag"] == "text-generation"
@@ -234,13 +250,14 @@ def test_the_card_describes_the_run(hub, ppo_run, upstream):
     assert "| transformers | 5.24.0 |" in card
 
 
-def test_a_second_push_to_the_same_repo(monkeypatch, ppo_run, upstream):
+def test_a_second_push_to_the_same_repo(monkeypatch, tmp_path, ppo_run, upstream):
     """create_repo(exist_ok=True): the repo exists the second time; only changed files make a new commit."""
     from huggingface_hub import HfApi
 
     with HubServer(token=TOKEN) as server:  # every file as a regular (base64) commit operation
-        _use_hub(monkeypatch, server)
+        _use_hub(monkeypatch, server, cache=tmp_path / "hf-cache")
         first = push_run(ppo_run, PPO_REPO, private=False)
+        assert _hub_card(PPO_REPO).data.license is None
         assert server.repos[PPO_REPO].private is False
 
         # unchanged: nothing to commit, the head stays
@@ -249,11 +266,14 @@ def test_a_second_push_to_the_same_repo(monkeypatch, ppo_run, upstream):
         assert [c.get("visibility") for c in server.created] == ["public", "private"]
         assert server.repos[PPO_REPO].private is False  # an existing repo keeps its visibility
 
-        # changed: a new commit with the new content
+        # changed: a new commit with the new content; the card read back from the Hub is the new one
         _write(ppo_run / "eval.json", json.dumps({"win_rate": 0.9}))
-        third = push_run(ppo_run, PPO_REPO, commit_message="Re-evaluate")
+        third = push_run(ppo_run, PPO_REPO, commit_message="Re-evaluate", license="mit")
         assert third.commit_sha != first.commit_sha
         assert server.uploaded(PPO_REPO)["eval.json"] == b'{"win_rate": 0.9}'
+        card = _hub_card(PPO_REPO)
+        assert card.data.license == "mit" and "| win_rate | 0.9 |" in card.text
+        assert {r.metric_type: r.metric_value for r in card.data.eval_results}["win_rate"] == 0.9
         assert server.repos[PPO_REPO].commits[-1]["summary"] == "Re-evaluate"
         assert json.loads((ppo_run / "hub.json").read_text())["commit_sha"] == third.commit_sha
 
@@ -280,14 +300,13 @@ def test_downstream_card_links_to_a_run_pushed_earlier(hub, tmp_path):
     reward = _finished_run(tmp_path / "reward", {"stage": "reward", "output_dir": "y",
                                                  "model": {"name_or_path": str(sft)}}, {"eval_accuracy": 0.75})
     push_run(reward, "rlhf-test/reward")
-    card = hub.uploaded("rlhf-test/reward")["README.md"].decode()
-    assert _front_matter(card)["base_model"] == "rlhf-test/sft"
-    assert _front_matter(card)["pipeline_tag"] == "text-classification"
-    assert f"({hub.url}/rlhf-test/sft)" in card
-    assert hub.repos["rlhf-test/sft"].branches["main"][:12] in card  # the commit it came from
-    sft_card = hub.uploaded("rlhf-test/sft")["README.md"].decode()
-    assert _front_matter(sft_card)["base_model"] == "gpt2" and _front_matter(sft_card)["datasets"] == ["org/demos"]
-    assert f"({hub.url}/gpt2)" in sft_card and f"({hub.url}/datasets/org/demos)" in sft_card
+    card = _hub_card("rlhf-test/reward")
+    assert (card.data.base_model, card.data.pipeline_tag) == ("rlhf-test/sft", "text-classification")
+    assert f"({hub.url}/rlhf-test/sft)" in card.text
+    assert hub.repos["rlhf-test/sft"].branches["main"][:12] in card.text  # the commit it came from
+    sft_card = _hub_card("rlhf-test/sft")
+    assert (sft_card.data.base_model, sft_card.data.datasets) == ("gpt2", ["org/demos"])
+    assert f"({hub.url}/gpt2)" in sft_card.text and f"({hub.url}/datasets/org/demos)" in sft_card.text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -395,7 +414,7 @@ def test_card_of_a_lora_adapter_reward_model(tmp_path):
     assert meta["base_model_relation"] == "adapter"
     assert 'AutoPeftModelForSequenceClassification.from_pretrained("org/rm")' in card
     assert "[openai-community/gpt2](https://hub.example/openai-community/gpt2)" in card
-    assert "(https://hub.example/datasets/Anthropic/hh-rlhf)" in card
+    assert "(https://hub.example/datasets/Anthropic/hh-rlhf) on the Hub (data dir `harmless-base`)" in card
     assert "| eval_accuracy | 0.6875 |" in card
 
 
@@ -404,13 +423,14 @@ def test_card_of_a_pretraining_run_from_scratch(tmp_path):
               "model": {"name_or_path": None, "init": {"model_type": "gpt2", "n_layer": 2, "n_embd": 32,
                                                       "n_positions": 64}},
               "tokenizer": {"name_or_path": None, "train": {"vocab_size": 400}},
-              "data": {"files": {"train": ["corpus.jsonl"]}}}
+              "data": {"files": {"train": "corpus.jsonl"}}}
     run = _finished_run(tmp_path / "pretrain", recipe, {"eval_loss": 2.5, "num_parameters": 932608})
     card = model_card(run, endpoint="https://hub.example")
     meta = _front_matter(card)
     assert "base_model" not in meta and "base_model_relation" not in meta  # nothing it derives from
     assert meta["pipeline_tag"] == "text-generation"
     assert "initialised from scratch" in card and "byte-level BPE" in card
+    assert "- **data:** local files, not published (train: `corpus.jsonl`)" in card
     assert "layers 2, width 3, context 16, vocabulary 4" in card  # from config.json; the Hub counts parameters
     assert [(r.metric_type, r.metric_value) for r in _results(meta)] == [("eval_loss", 2.5)]
     assert f'AutoModelForCausalLM.from_pretrained("{run}")' in card
@@ -427,18 +447,29 @@ def test_card_names_the_policy_optimisation_method(tmp_path, estimator, says):
 
 
 def test_importing_the_module_stays_light():
-    code = ("import sys, rlhf_pipeline.hub; heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') "
-            "if m in sys.modules]; print(heavy)")
+    code = ("import sys, rlhf_pipeline.hub, rlhf_pipeline.model_card; heavy = [m for m in ('torch', 'transformers', "
+            "'huggingface_hub', 'jinja2') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_selection_rules():
-    assert hub_module._file_reason("optimizer.pt").startswith("pickle")
-    assert hub_module._file_reason("pytorch_model.bin").startswith("pickle")
-    assert hub_module._file_reason("merges.txt") is None and hub_module._file_reason("tokenizer.model") is None
-    assert hub_module._dir_reason("checkpoint-500") == "training checkpoints"
-    assert hub_module._dir_reason("wandb") == "experiment-tracker logs"
+    assert skip_reason("optimizer.pt").startswith("pickle") and skip_reason("Model.PTH").startswith("pickle")
+    assert skip_reason("pytorch_model.bin").startswith("pickle")
+    assert skip_reason("merges.txt") is None and skip_reason("tokenizer.model") is None
+    assert skip_reason("checkpoint-500") == "training checkpoints"
+    assert skip_reason("wandb") == "experiment-tracker logs"
+    assert skip_reason("readme.md") == "replaced by the generated model card"
+
+
+def test_card_code_blocks_hold_backticks(tmp_path):
+    """Whatever a prompt, a sample or the recipe holds, it stays inside its code block: the fence is longer."""
+    run = _finished_run(tmp_path / "sft", {"stage": "sft", "output_dir": "x", "model": {"name_or_path": "gpt2"},
+                                           "note": "a ```` b"}, {"eval_loss": 1.0})
+    _write(run / "samples.jsonl", json.dumps({"prompt": "say ``` now", "response": "`x`"}) + "\n")
+    card = model_card(run, endpoint="https://hub.example")
+    assert "`````yaml\n" in card and "````json\n" in card and "````python\n" in card
+    assert 'inputs = tokenizer("say ``` now", return_tensors="pt")' in card
 
 
 def test_card_of_a_run_without_weights(tmp_path):
@@ -460,7 +491,7 @@ def test_the_pushed_card_metadata_field_by_field(hub, tmp_path):
     run = _finished_run(tmp_path / "sft", recipe, {"train_loss": 1.5, "eval_loss": 2.0, "eval_perplexity": 7.389,
                                                    "eval_pairs_too_long": 0, "saved": "full"})
     push_run(run, "rlhf-test/sft", license="mit")
-    data = ModelCard(hub.uploaded("rlhf-test/sft")["README.md"].decode()).data
+    data = _hub_card("rlhf-test/sft").data
 
     assert data.base_model == "gpt2" and data.base_model_relation == "finetune"
     assert data.datasets == ["org/demos"] and data.license == "mit"
@@ -479,7 +510,7 @@ def test_the_pushed_card_metadata_field_by_field(hub, tmp_path):
 
 def test_the_ppo_card_model_index(hub, ppo_run, upstream):
     push_run(ppo_run, PPO_REPO)
-    results = _results(_front_matter(hub.uploaded(PPO_REPO)["README.md"].decode()))
+    results = _hub_card(PPO_REPO).data.eval_results
     assert {r.metric_type: r.metric_value for r in results} == {
         "eval_score_before": 0.43723064661026, "eval_score_after": 3.300278663635254, "eval_kl": 4.0298,
         "win_rate": 0.8125, "judge.agreement": 0.75}
@@ -518,7 +549,7 @@ def test_a_push_deletes_what_the_run_no_longer_has(hub, tmp_path):
     assert result.deleted == sorted(["model.safetensors", "config.json", "generation_config.json",
                                      "tokenizer_config.json", "chat_template.jinja"])
     assert len(hub.repos["rlhf-test/sft"].commits) == commits + 1  # uploads and deletions in one commit
-    assert ModelCard(files["README.md"].decode()).data.base_model_relation == "adapter"
+    assert _hub_card("rlhf-test/sft").data.base_model_relation == "adapter"
 
     # a file deleted from the run disappears from the repo; the pickles and checkpoints it holds never arrive
     (adapter / "notes" / "report.md").unlink()
@@ -555,7 +586,7 @@ def test_an_adapter_on_a_pushed_base_names_the_base_repo(hub, tmp_path, branch):
     assert pushed["revision"] == branch  # PEFT loads the base from this branch; None: main
     assert pushed["r"] == 4 and pushed["peft_type"] == "LORA"
     assert (adapter / "adapter_config.json").read_bytes() == local  # the run dir keeps its own
-    data = ModelCard(hub.uploaded("rlhf-test/adapter")["README.md"].decode()).data
+    data = _hub_card("rlhf-test/adapter").data
     assert (data.base_model, data.base_model_relation, data.library_name) == ("rlhf-test/base", "adapter", "peft")
 
 
@@ -587,7 +618,7 @@ def test_base_repo_id_names_the_base(hub, tmp_path):
     files = hub.uploaded("rlhf-test/adapter")
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "rlhf-test/base"
     assert (adapter / "adapter_config.json").read_bytes() == local
-    data = ModelCard(files["README.md"].decode()).data
+    data = _hub_card("rlhf-test/adapter").data
     assert (data.base_model, data.license) == ("rlhf-test/base", "apache-2.0")
     assert "rlhf-test/base" in files["README.md"].decode().split("## How to use", 1)[1]
 
@@ -616,7 +647,7 @@ def test_push_to_hub_pushes_the_finished_run(hub, tmp_path, tiny_model_dir, data
     assert hub.repos["rlhf-test/cli-sft"].private is True
     record = json.loads((tmp_path / "out" / "hub.json").read_text())
     assert record["repo_id"] == "rlhf-test/cli-sft"
-    assert "sft" in ModelCard(files["README.md"].decode()).data.tags
+    assert "sft" in _hub_card("rlhf-test/cli-sft").data.tags
 
 
 def test_push_to_hub_checks_the_repo_id_before_training(hub, tmp_path, tiny_model_dir, data_dir):

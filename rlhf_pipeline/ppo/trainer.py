@@ -589,17 +589,6 @@ def score(scorer: Callable[[Rollout], torch.Tensor], rollout: Rollout, where: st
 
 
 def read_log(output_dir: str | Path) -> list[dict]:
-    return read_jsonl(Path(output_dir) / LOG_FILE)
+    from rlhf_pipeline import runs
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines log, without a line torn by a kill mid-write (the last one, unparseable)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+    return runs.read_jsonl(Path(output_dir) / LOG_FILE)

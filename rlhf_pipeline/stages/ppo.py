@@ -280,12 +280,12 @@ def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------------------
 def _truncate_logs(output_dir: Path, updates_done: int) -> None:
     """Drop log rows written after the checkpoint (they will be written again), and a last line torn by a kill."""
-    from rlhf_pipeline.ppo.trainer import LOG_FILE, SAMPLES_FILE, read_jsonl
+    from rlhf_pipeline.ppo.trainer import LOG_FILE, SAMPLES_FILE
 
     for name, key in ((LOG_FILE, "train/update"), (SAMPLES_FILE, "update")):
         path = output_dir / name
         if path.exists():
-            kept = [row for row in read_jsonl(path) if row.get(key, 0) <= updates_done]
+            kept = [row for row in runs.read_jsonl(path) if row.get(key, 0) <= updates_done]
             runs.atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
