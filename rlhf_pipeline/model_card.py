@@ -109,9 +109,8 @@ def _card_data(recipe: dict[str, Any], stage: str, lineage: list[Source], adapte
             *(["lora"] if adapter is not None else [])]
     # "merge" on the Hub means several models merged into one; LoRA weights merged into their base are a fine-tune
     relation = ("adapter" if adapter is not None else "finetune") if base else None
-    dataset = (recipe.get("data") or {}).get("dataset")
     return ModelCardData(base_model=base, base_model_relation=relation, license=license, tags=tags, pipeline_tag=task,
-                         datasets=[str(dataset)] if dataset and is_hub_id(str(dataset)) else None,
+                         datasets=hub_datasets(recipe.get("data") or {}) or None,
                          library_name=("peft" if adapter is not None else "transformers") if has_model else None,
                          model_name=name if results else None, eval_results=results or None)
 
@@ -203,17 +202,43 @@ def _source(role: str, name: str, revision: str | None, endpoint: str) -> Source
 
 def _data_text(recipe: dict[str, Any], endpoint: str) -> str:
     data = recipe.get("data") or {}
-    dataset, files = data.get("dataset"), data.get("files")
+    dataset, files, mixture = data.get("dataset"), data.get("files"), data.get("datasets")
     if dataset:
         extras = [f"{key.replace('_', ' ')} {code(data[key])}" for key in ("subset", "data_dir", "revision",
                                                                               "train_split") if data.get(key)]
-        where = (f"[{dataset}]({endpoint}/datasets/{dataset}) on the Hub" if is_hub_id(str(dataset))
-                 else f"the dataset {code(dataset)}")
-        return where + (f" ({', '.join(extras)})" if extras else "")
+        return _dataset_link(str(dataset), endpoint) + (f" ({', '.join(extras)})" if extras else "")
     if isinstance(files, dict) and files:
         parts = [f"{split}: {', '.join(code(p) for p in _as_list(paths))}" for split, paths in files.items()]
         return "local files, not published (" + "; ".join(parts) + ")"
+    if isinstance(mixture, list) and mixture:  # TRL's `datasets:` shape: one line per entry
+        entries = []
+        for entry in mixture:
+            source = (_dataset_link(str(entry["path"]), endpoint) if entry.get("path") not in (None, *BUILDERS)
+                      else "local files " + ", ".join(code(p) for p in _as_list(entry.get("data_files"))))
+            extras = [f"{key.replace('_', ' ')} {code(entry[key])}"
+                      for key in ("name", "data_dir", "revision", "split", "fraction") if entry.get(key)]
+            entries.append(source + (f" ({', '.join(extras)})" if extras else ""))
+        return "a mixture of " + "; ".join(entries)
     return "not recorded"
+
+
+BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # `datasets` builders that read local files, not Hub ids
+
+
+def _dataset_link(name: str, endpoint: str) -> str:
+    return f"[{name}]({endpoint}/datasets/{name}) on the Hub" if _is_hub_dataset(name) else f"the dataset {code(name)}"
+
+
+def _is_hub_dataset(name: str) -> bool:
+    return name not in BUILDERS and not Path(name).expanduser().exists() and is_hub_id(name)
+
+
+def hub_datasets(data: dict[str, Any]) -> list[str]:
+    """The Hub datasets a recipe's `data:` reads: `dataset`, or the `path` of each mixture entry (for the card's
+    `datasets` metadata; local files and builders such as `json` are left out)."""
+    mixture = [entry.get("path") for entry in data.get("datasets") or [] if isinstance(entry, dict)]
+    names = [data.get("dataset"), *mixture]
+    return list(dict.fromkeys(str(n) for n in names if n and _is_hub_dataset(str(n))))
 
 
 def pushed_to(run_dir: Path) -> dict[str, Any] | None:

@@ -436,6 +436,21 @@ def test_card_of_a_pretraining_run_from_scratch(tmp_path):
     assert f'AutoModelForCausalLM.from_pretrained("{run}")' in card
 
 
+def test_card_of_a_run_on_a_dataset_mixture(tmp_path):
+    """TRL's `datasets:` shape: every Hub entry goes into the metadata, local files and builders do not."""
+    mixture = [{"path": "trl-lib/Capybara", "split": "train[:10%]", "fraction": 0.75},
+               {"path": "json", "data_files": "own.jsonl", "split": "train", "fraction": 0.25},
+               {"data_files": ["more.jsonl"], "split": "train"}]
+    run = _finished_run(tmp_path / "sft", {"stage": "sft", "output_dir": "x",
+                                           "model": {"name_or_path": "openai-community/gpt2"},
+                                           "data": {"datasets": mixture}}, {"eval_loss": 2.0})
+    card = model_card(run, repo_id="org/sft", endpoint="https://hub.example")
+    assert _front_matter(card)["datasets"] == ["trl-lib/Capybara"]
+    assert ("a mixture of [trl-lib/Capybara](https://hub.example/datasets/trl-lib/Capybara) on the Hub (split "
+            "`train[:10%]`, fraction `0.75`); local files `own.jsonl` (split `train`, fraction `0.25`); local files "
+            "`more.jsonl` (split `train`)") in card
+
+
 @pytest.mark.parametrize("estimator, says", [("gae", "optimised with PPO"), ("rloo", "optimised with RLOO"),
                                              ("grpo", "optimised with GRPO")])
 def test_card_names_the_policy_optimisation_method(tmp_path, estimator, says):
