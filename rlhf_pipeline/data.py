@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from rlhf_pipeline.errors import did_you_mean
 from rlhf_pipeline.recipe.load import LoadedRecipe
-from rlhf_pipeline.recipe.schema import data_format, split_names
+from rlhf_pipeline.recipe.schema import BUILDERS, data_format, split_names
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -80,22 +80,25 @@ def load_splits(loaded: LoadedRecipe, key: str = "data") -> tuple[Dataset, Datas
 
 
 def _load_split(loaded: LoadedRecipe, split: str, key: str, field: str) -> Dataset:
-    import datasets
-
     data = getattr(loaded.recipe, key)
     if data.files:
         return _read_local(loaded, data.files, split, None, f"{key}.files", f"{key}.{field}", data.sample_by)
+    return _load_dataset(loaded, data.dataset, split, f"{key}.dataset", f"{key}.{field}", name=data.subset,
+                         data_dir=data.data_dir, revision=data.revision)
+
+
+def _load_dataset(loaded: LoadedRecipe, path: str, split: str, path_key: str, split_key: str, **options) -> Dataset:
+    """`datasets.load_dataset` on a Hub dataset (or a local dataset dir); a failure names the recipe key to fix."""
+    import datasets
+
     try:
-        return datasets.load_dataset(data.dataset, name=data.subset, data_dir=data.data_dir, revision=data.revision,
-                                     split=split)
+        return datasets.load_dataset(path, split=split, **options)
     except ValueError as exc:
         if "split" in str(exc).lower() or "instruction" in str(exc).lower():
-            raise loaded.error(f"{key}.{field}", f"{data.dataset!r} has no split {split!r}: {_first_line(exc)}") \
-                from None
-        raise loaded.error(f"{key}.dataset", f"cannot load {data.dataset!r}: {_first_line(exc)}") from None
+            raise loaded.error(split_key, f"{path!r} has no split {split!r}: {_first_line(exc)}") from None
+        raise loaded.error(path_key, f"cannot load {path!r}: {_first_line(exc)}") from None
     except Exception as exc:  # not found, offline, gated: say which dataset and why
-        raise loaded.error(f"{key}.dataset", f"cannot load Hub dataset {data.dataset!r}: {_first_line(exc)}") \
-            from None
+        raise loaded.error(path_key, f"cannot load dataset {path!r}: {_first_line(exc)}") from None
 
 
 def _read_local(loaded: LoadedRecipe, files: dict[str, list[str]], split: str, builder: str | None, files_key: str,
@@ -159,24 +162,12 @@ def _load_mixture(loaded: LoadedRecipe, key: str) -> Dataset:
 
 
 def _load_entry(loaded: LoadedRecipe, entry, where: str, sample_by: str | None) -> Dataset:
-    import datasets
 
     if entry.data_files is not None and (entry.path is None or entry.path in BUILDERS):
         return _read_local(loaded, entry.data_files, entry.split, entry.path, f"{where}.data_files", f"{where}.split",
                            sample_by)
-    try:
-        return datasets.load_dataset(entry.path, name=entry.name, data_dir=entry.data_dir, data_files=entry.data_files,
-                                     revision=entry.revision, split=entry.split)
-    except ValueError as exc:
-        if "split" in str(exc).lower() or "instruction" in str(exc).lower():
-            raise loaded.error(f"{where}.split", f"{entry.path!r} has no split {entry.split!r}: {_first_line(exc)}") \
-                from None
-        raise loaded.error(f"{where}.path", f"cannot load {entry.path!r}: {_first_line(exc)}") from None
-    except Exception as exc:  # not found, offline, gated: say which dataset and why
-        raise loaded.error(f"{where}.path", f"cannot load dataset {entry.path!r}: {_first_line(exc)}") from None
-
-
-BUILDERS = {"json", "csv", "parquet", "text"}
+    return _load_dataset(loaded, entry.path, entry.split, f"{where}.path", f"{where}.split", name=entry.name,
+                         data_dir=entry.data_dir, data_files=entry.data_files, revision=entry.revision)
 
 
 def _onto_roles(loaded: LoadedRecipe, dataset: Dataset, entry, key: str, where: str) -> tuple[Dataset, set[str]]:

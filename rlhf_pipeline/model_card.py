@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 from rlhf_pipeline import runs
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.recipe.schema import BUILDERS
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
 HUB_FILE = "hub.json"  # written by a push: the repo, commit and revision the run went to
@@ -220,9 +221,6 @@ def _data_text(recipe: dict[str, Any], endpoint: str) -> str:
             entries.append(source + (f" ({', '.join(extras)})" if extras else ""))
         return "a mixture of " + "; ".join(entries)
     return "not recorded"
-
-
-BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # `datasets` builders that read local files, not Hub ids
 
 
 def _dataset_link(name: str, endpoint: str) -> str:

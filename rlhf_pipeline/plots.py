@@ -16,6 +16,14 @@ def pyplot():
     return plt
 
 
+def save(figure, png_path: Path) -> Path:
+    """Lay out, write and close a figure."""
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=110)
+    pyplot().close(figure)
+    return png_path
+
+
 def plot_ppo_curves(log_path: Path, png_path: Path) -> Path | None:
     """Score (and gold), KL, and response length / EOS rate per update, from a PPO log.jsonl."""
     rows = runs.read_jsonl(Path(log_path))
@@ -43,10 +51,7 @@ def plot_ppo_curves(log_path: Path, png_path: Path) -> Path | None:
     for axis in axes:
         axis.set_xlabel("update")
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=110)
-    plt.close(figure)
-    return png_path
+    return save(figure, png_path)
 
 
 def plot_dpo_curves(log_history: list[dict], png_path: Path) -> Path | None:
@@ -70,10 +75,7 @@ def plot_dpo_curves(log_history: list[dict], png_path: Path) -> Path | None:
         axis.grid(alpha=0.3)
         axis.legend(loc="best")
     axes[1].set_ylim(-0.05, 1.05)
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=110)
-    plt.close(figure)
-    return png_path
+    return save(figure, png_path)
 
 
 def plot_reward_scores(chosen: list[float], rejected: list[float], png_path: Path) -> Path | None:
@@ -98,7 +100,4 @@ def plot_reward_scores(chosen: list[float], rejected: list[float], png_path: Pat
     for axis in axes:
         axis.set_ylabel("pairs")
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=110)
-    plt.close(figure)
-    return png_path
+    return save(figure, png_path)

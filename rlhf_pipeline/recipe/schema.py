@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+BUILDERS = frozenset(DATA_SUFFIXES.values())  # a mixture entry's `path` that names a builder reads its data_files
 
 
 class Section(BaseModel):
