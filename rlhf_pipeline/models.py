@@ -203,6 +203,21 @@ def load_config(loaded: LoadedRecipe, model: ModelSection, key: str = "model.nam
         raise loaded.error(key, f"cannot load a model from {model.name_or_path!r}: {_short(exc)}") from None
 
 
+def check_lora_vocabulary(loaded: LoadedRecipe, lora: LoraSection | None, tokenizer: PreTrainedTokenizerBase,
+                          config: Any) -> None:
+    """LoRA freezes the embeddings, so tokens the tokenizer has and the model lacks (ChatML's markers, which
+    `tokenizer.chat_template: chatml` adds) would get new embedding rows that never train, and that an adapter would
+    not even save. peft's trainable tokens would train them, but TRL 1.16's trainers run the LM head fused, which
+    cannot take peft's wrapped head. Refused before the weights load."""
+    vocabulary = getattr(config.get_text_config(), "vocab_size", None)
+    if lora is None or vocabulary is None or len(tokenizer) <= vocabulary:
+        return
+    new = ", ".join(tokenizer.convert_ids_to_tokens(list(range(vocabulary, len(tokenizer)))))
+    raise loaded.error("peft", f"the tokenizer has tokens the model has no embedding for ({new}); with LoRA their "
+                               "new embedding rows would never train. Add them in a full fine-tuning run (this "
+                               "stage without `peft:`), then use LoRA from that model on")
+
+
 def _load_base_plus_adapter(adapter_dir: str, auto_class: Any, kwargs: dict[str, Any]) -> PreTrainedModel:
     """A LoRA adapter directory: its base model (named in adapter_config.json) with the adapter merged in, so that
     the result trains like any model."""

@@ -279,6 +279,23 @@ def test_sft_conversational_with_built_in_chatml(tmp_path, tiny_model_dir, data_
     assert example[0] == start and end in example and tokenizer.decode(example).startswith("<|im_start|>user\n")
 
 
+def test_lora_that_would_leave_new_tokens_untrained_is_refused(tmp_path, tiny_model_dir, data_dir):
+    """ChatML's markers get new embedding rows, which LoRA would never train: refused before the weights load, with
+    what to do; LoRA from a model that already has them (a full fine-tune with ChatML) runs."""
+    data = {"files": str(data_dir / "chat.jsonl"), "eval_size": 8}
+    out = tmp_path / "refused"
+    recipe = write_recipe(tmp_path / "lora.yaml", stage_recipe("sft", out, tiny_model_dir, data,
+                                                               tokenizer={"chat_template": "chatml"}, peft={"r": 4}))
+    result = run_cli("sft", recipe)
+    assert result.exit_code == 2, result.output
+    assert ("peft: the tokenizer has tokens the model has no embedding for (<|im_start|>, <|im_end|>); with LoRA "
+            "their new embedding rows would never train") in result.output
+    assert "without `peft:`" in result.output and "Traceback" not in result.output and not out.exists()
+    with_markers, _ = run_stage("sft", tmp_path / "full", tiny_model_dir, data, tokenizer={"chat_template": "chatml"})
+    _, metrics = run_stage("sft", tmp_path / "lora", with_markers, data, peft={"r": 4})
+    assert metrics["saved"] == "merged"
+
+
 def test_sft_packing(tmp_path, tiny_model_dir, data_dir, monkeypatch):
     spy = TrainerSpy(monkeypatch, "sft")
     training = {**FAST_TRAINING, "packing": True}

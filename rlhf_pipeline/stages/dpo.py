@@ -54,7 +54,9 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.model)
     if isinstance(train[0]["prompt"], list) and not tokenizer.chat_template:
         raise loaded.error("tokenizer.chat_template", models.NO_TEMPLATE)
-    args = training_config(loaded, DPOConfig, models.load_config(loaded, recipe.model))  # before the weights load
+    config = models.load_config(loaded, recipe.model)
+    models.check_lora_vocabulary(loaded, recipe.peft, tokenizer, config)
+    args = training_config(loaded, DPOConfig, config)  # before the weights load
     model = models.load_pretrained(loaded, recipe.model)
     models.align_special_tokens(model, tokenizer)
     peft_config = models.lora_config(recipe.peft, "CAUSAL_LM", model) if recipe.peft else None

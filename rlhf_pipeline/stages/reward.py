@@ -60,7 +60,9 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
 
     # 2. tokenizer and model (a one-score sequence classifier on top of the base)
     tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.model)
-    args = training_config(loaded, RewardConfig, models.load_config(loaded, recipe.model))  # before the weights load
+    config = models.load_config(loaded, recipe.model)
+    models.check_lora_vocabulary(loaded, recipe.peft, tokenizer, config)
+    args = training_config(loaded, RewardConfig, config)  # before the weights load
     model = models.load_pretrained(loaded, recipe.model, kind="reward")
     models.align_special_tokens(model, tokenizer)
     peft_config = models.lora_config(recipe.peft, "SEQ_CLS", model) if recipe.peft else None
