@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The sharded engines on one GPU (called by bench/gpu_check.sh after its tiny pipeline, or alone): rlhf sft and rlhf
 # ppo launched with recipes/accelerate/fsdp.yaml (FSDP2, one process: every code path of the sharded run but the
-# cross-GPU traffic), then, when DeepSpeed imports, rlhf sft with zero2.yaml and zero3.yaml (and rlhf ppo with zero2.yaml, refused). Each part is timed, its
-# exit code and metrics go to $OUT/engines_check.json; a part that fails does not stop the next.
+# cross-GPU traffic), then, when DeepSpeed imports, rlhf sft with zero2.yaml and zero3.yaml and rlhf ppo with
+# zero2.yaml. Each part is timed, its exit code and metrics go to $OUT/engines_check.json; a part that fails does not
+# stop the next.
 #
 #   bash bench/engines_check.sh TINY_RUNS     # TINY_RUNS: a finished tiny pipeline's output dir (pretrain, sft, reward)
 set -uo pipefail
@@ -50,9 +51,10 @@ if "$PY" -c "import deepspeed" 2>/dev/null; then
             recipes/tiny/sft.yaml --set "model.name_or_path=$TINY/pretrain" --set training.max_steps=30 "${DATA[@]}" \
             --output-dir "$WORK/zero$stage-sft"
     done
-    part zero2-ppo-refused 60 "${LAUNCH[@]}" --config_file recipes/accelerate/zero2.yaml -m rlhf_pipeline ppo \
+    part zero2-ppo 150 "${LAUNCH[@]}" --config_file recipes/accelerate/zero2.yaml -m rlhf_pipeline ppo \
         recipes/tiny/ppo.yaml --set "policy.name_or_path=$TINY/sft" --set "reward.model=$TINY/reward" \
-        --output-dir "$WORK/zero2-ppo"
+        --set training.total_episodes=256 --set training.mixed_precision=bf16 --set training.eval_prompts=64 \
+        --set training.save_every=2 --output-dir "$WORK/zero2-ppo"
 else
     echo "engines: DeepSpeed does not import here: the ZeRO parts were not run"
 fi

@@ -430,13 +430,13 @@ def plan_recipe(loaded: LoadedRecipe, dist: Distribution, device_memory: int | N
 
 def launch_refusals(loaded: LoadedRecipe, dist: Distribution) -> list[str]:
     """What the stage itself refuses about this launch (the rules of `stages.common.engine_refusals`), said before
-    planning it. PPO under DeepSpeed is an error: there is nothing to plan."""
+    planning it. PPO under ZeRO-3 is an error: there is nothing to plan."""
     from rlhf_pipeline.stages.common import engine_refusals
 
     engine = "fsdp" if dist.fsdp else "deepspeed" if dist.deepspeed else None
     zero = int(dist.strategy[-1]) if dist.deepspeed else None
     refusals = engine_refusals(loaded, engine, zero, dist.fsdp_version if dist.fsdp else None, dist.device == "gpu")
-    if loaded.stage == "ppo" and dist.deepspeed:
+    if loaded.stage == "ppo" and zero == 3:
         raise UserError(f"--accelerate-config: {refusals[0][1]}")
     return [f"{key}: {reason}" if key else reason for key, reason in refusals]
 
@@ -609,11 +609,17 @@ def _dpo_reference(loaded: LoadedRecipe, facts: ModelFacts, dtype: str, box: lis
                      "frozen", 0, dtype, gelu_ops=_gelu_ops(facts))
 
 
-def _scorer(loaded: LoadedRecipe, key: str, box: list, prepared: bool = False) -> HeldModel:
+def _scorer(loaded: LoadedRecipe, key: str, box: list, prepared: bool = False, dtype: str | None = None) -> HeldModel:
     source = getattr(loaded.recipe, key)
     facts = require_model(loaded, f"{key}.model", source.model, box)
-    return HeldModel(key, facts.source, facts.shape, "score", "frozen", 0, _dtype(source.dtype, facts),
+    return HeldModel(key, facts.source, facts.shape, "score", "frozen", 0, dtype or _dtype(source.dtype, facts),
                      prepared=prepared, gelu_ops=_gelu_ops(facts))
+
+
+def _deepspeed_frozen_dtype(dist: Distribution, mixed_precision: str) -> str | None:
+    """Under DeepSpeed with bf16 / fp16, trl's prepare_deepspeed gives the frozen models an inference engine that
+    casts them to that precision (ppo.modules.prepare_frozen)."""
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision) if dist.deepspeed else None
 
 
 def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
@@ -636,19 +642,21 @@ def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
     else:
         policy = HeldModel("policy", facts.source, facts.shape, "lm", "all", 0, dtype, extra_parameters=extra,
                            gelu_ops=1)
+    frozen_dtype = _deepspeed_frozen_dtype(dist, cfg.mixed_precision)
     if recipe.reference.name_or_path:
         ref = require_model(loaded, "reference.name_or_path", recipe.reference.name_or_path, box)
-        reference = HeldModel("reference", ref.source, ref.shape, "lm", "frozen", 0, _dtype(recipe.policy.dtype, ref),
-                              prepared=dist.fsdp, gelu_ops=1)
+        reference = HeldModel("reference", ref.source, ref.shape, "lm", "frozen", 0,
+                              frozen_dtype or _dtype(recipe.policy.dtype, ref), prepared=dist.fsdp, gelu_ops=1)
     elif recipe.peft is None:
         reference = HeldModel("reference", f"a frozen copy of the policy ({recipe.policy.name_or_path})",
-                              facts.shape, "lm", "frozen", 0, dtype, prepared=dist.fsdp, gelu_ops=1)
+                              facts.shape, "lm", "frozen", 0, frozen_dtype or dtype, prepared=dist.fsdp, gelu_ops=1)
     else:
         reference = None
     # frozen models: sharded like the policy under FSDP (ppo.modules.prepare_frozen), else whole on every device
-    reward = _scorer(loaded, "reward", box, prepared=dist.fsdp) if recipe.reward.model else None
-    gold = (_scorer(loaded, "gold", box, prepared=dist.fsdp) if recipe.gold is not None and recipe.gold.model
-            else None)
+    reward = (_scorer(loaded, "reward", box, prepared=dist.fsdp, dtype=frozen_dtype) if recipe.reward.model
+              else None)
+    gold = (_scorer(loaded, "gold", box, prepared=dist.fsdp, dtype=frozen_dtype)
+            if recipe.gold is not None and recipe.gold.model else None)
     value = None
     if value_mode == "separate":
         name, key = _value_start(recipe, reward)

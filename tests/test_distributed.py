@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli, write_pipeline_recipes, write_recipe
+from conftest import REPO, ppo_recipe, run_cli, write_pipeline_recipes, write_recipe
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 TRL_STAGES = ("pretrain", "sft", "reward")
@@ -132,13 +132,53 @@ def test_fsdp2_policy_generates_and_saves_whole(tmp_path):
     assert "rank 0: ok" in done.stdout and "rank 1: ok" in done.stdout
 
 
+def test_ppo_under_deepspeed_zero2_equals_ddp_and_resumes(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
+    """PPO under DeepSpeed ZeRO-2 (2 processes on DeepSpeed's CPU accelerator, over gloo): the engine steps at the
+    boundary of the 2 accumulated micro-batches, clips, and shards the optimizer state, and the run ends with the
+    weights of the same run under DDP; a checkpoint (the engine's own, through Accelerate's save_state) resumes to
+    the uninterrupted run's weights bit for bit."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from safetensors.torch import load_file
+
+    def run(name: str, env: dict[str, str], *extra: str) -> Path:
+        out = tmp_path / name
+        recipe = ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)}, data_dir, save_every=1,
+                            max_grad_norm=0.5)
+        recipe = write_recipe(tmp_path / f"{name}.yaml", recipe)
+        done = torchrun(REPO / "rlhf_pipeline" / "__main__.py", ["ppo", str(recipe), *extra], tmp_path, env,
+                        timeout=300)
+        assert done.returncode == 0, done.stderr[-6000:]
+        return out
+
+    zero2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "DS_ACCELERATOR": "cpu"}
+    ddp, deepspeed = run("ddp", {}), run("zero2", zero2)
+    expected, got = load_file(ddp / "model.safetensors"), load_file(deepspeed / "model.safetensors")
+    assert all(torch.allclose(expected[k], got[k], atol=1e-5) for k in expected)
+    assert not all(torch.equal(expected[k], load_file(tiny_model_dir / "model.safetensors").get(k, expected[k]))
+                   for k in expected)  # it trained
+    rows = [[json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (ddp, deepspeed)]
+    for ddp_row, ds_row in zip(*rows):
+        for key in ("loss/policy", "loss/value", "policy/grad_norm"):
+            assert ds_row[key] == pytest.approx(ddp_row[key], rel=1e-4, abs=1e-6), key
+
+    checkpoint = deepspeed / "checkpoints" / "update-000001"
+    assert (checkpoint / "pytorch_model").is_dir()  # the engine's sharded optimizer state
+    (deepspeed / "metrics.json").unlink()  # now an unfinished run whose last checkpoint is update 1
+    run("zero2", zero2, "--resume")
+    resumed = load_file(deepspeed / "model.safetensors")
+    assert all(torch.equal(got[k], resumed[k]) for k in got), "a resumed run must equal the uninterrupted one"
+
+
 @pytest.mark.parametrize("env, gpu, args, message", [
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, False, ["sft", "recipes/tiny/sft.yaml"],
      "which Accelerate runs only on GPUs"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, False,
      ["reward", "recipes/tiny/reward.yaml"], "DeepSpeed ZeRO-2 (the Accelerate config's distributed_type)"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, True,
-     ["ppo", "recipes/tiny/ppo.yaml"], "not DeepSpeed yet"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, True,
+     ["ppo", "recipes/tiny/ppo.yaml"], "not ZeRO-3"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, False,
+     ["ppo", "recipes/tiny/ppo.yaml"], "rlhf ppo also on DeepSpeed's CPU accelerator, DS_ACCELERATOR=cpu"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, True,
      ["ppo", "recipes/tiny/ppo.yaml", "--set", "training.save_every=4"], "under FSDP are not supported"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, True, ["ppo", "recipes/tiny/ppo.yaml"], "needs FSDP2"),
@@ -149,8 +189,8 @@ def test_fsdp2_policy_generates_and_saves_whole(tmp_path):
 ])
 def test_engines_a_stage_cannot_honour_are_refused_before_loading(monkeypatch, tmp_path, env, gpu, args, message):
     """A launch asking for FSDP or DeepSpeed on a machine without GPUs (Accelerate would silently run plain data
-    parallel), PPO under DeepSpeed or FSDP1, PPO checkpoints under FSDP, and a merged LoRA save of sharded weights:
-    exit 2 with the reason, before any model is loaded, nothing written."""
+    parallel; PPO may use DeepSpeed's CPU accelerator), PPO under ZeRO-3 or FSDP1, PPO checkpoints under FSDP, and a
+    merged LoRA save of sharded weights: exit 2 with the reason, before any model is loaded, nothing written."""
     import torch
 
     for key, value in env.items():

@@ -367,7 +367,7 @@ def test_not_fitting_warns_with_the_knobs():
     assert all(k["peak_bytes"] < plan["memory"]["peak_bytes"] for k in plan["knobs"])
 
 
-def test_sharding_lowers_the_peak_and_ppo_refuses_deepspeed():
+def test_sharding_lowers_the_peak_and_ppo_refuses_zero3():
     plans = {name: plan_json("recipes/gpt2-hh/sft.yaml", "--accelerate-config", f"recipes/accelerate/{name}.yaml")
              for name in ("single_gpu", "ddp", "zero2", "zero3", "fsdp")}
     peaks = {name: plan["memory"]["peak_bytes"] for name, plan in plans.items()}
@@ -377,8 +377,11 @@ def test_sharding_lowers_the_peak_and_ppo_refuses_deepspeed():
     # ZeRO-3 keeps up to 1e9 parameters gathered (DeepSpeed's default): the whole of GPT-2, in bf16
     gathered = plans["zero3"]["memory"]["phases"]["forward/backward"]["model weights gathered to compute (zero3)"]
     assert gathered == KNOWN["gpt2"].parameters * 2
-    result = run_cli("plan", "recipes/gpt2-hh/ppo.yaml", "--accelerate-config", "recipes/accelerate/zero2.yaml")
-    assert result.exit_code == 2 and "not DeepSpeed" in result.output
+    result = run_cli("plan", "recipes/gpt2-hh/ppo.yaml", "--accelerate-config", "recipes/accelerate/zero3.yaml")
+    assert result.exit_code == 2 and "not ZeRO-3" in result.output
+    zero2 = plan_json("recipes/gpt2-hh/ppo.yaml", "--accelerate-config", "recipes/accelerate/zero2.yaml")
+    policy = next(m for m in zero2["models"] if m["role"] == "policy")
+    assert zero2["refusals"] == [] and policy["optimizer_bytes"] < policy["weights_bytes"] * 2  # state split 8 ways
     fsdp = plan_json("recipes/gpt2-hh/ppo.yaml", "--accelerate-config", "recipes/accelerate/fsdp.yaml")
     assert "training.save_every" in fsdp["refusals"][0]  # the recipe saves checkpoints: refused under sharding
     reference = next(m for m in fsdp["models"] if m["role"] == "reference")

@@ -361,11 +361,16 @@ def policy_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
     """A frozen model (reference, reward, gold) ready for inference under the launch's engine, as TRL prepares them:
-    sharded like the trained model under FSDP (`trl.models.prepare_fsdp`), on the device otherwise."""
+    sharded like the trained model under FSDP (`trl.models.prepare_fsdp`), an inference engine under DeepSpeed
+    (`trl.models.prepare_deepspeed`: whole weights in the run's precision under ZeRO-1/2), on the device otherwise."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
         from trl.models import prepare_fsdp
 
         return prepare_fsdp(model, accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from trl.models import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
     return model.to(accelerator.device)

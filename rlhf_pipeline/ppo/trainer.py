@@ -95,6 +95,12 @@ class PPOTrainer:
         # the fused kernel (one op for every tensor; CPU and CUDA): a small model's step costs a fifth as long
         fused = accelerator.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(groups, eps=config.adam_eps, weight_decay=config.weight_decay, fused=fused)
+        # DeepSpeed (ZeRO-1/2) steps inside `backward`, once every `gradient_accumulation_steps` micro-batches, and
+        # scales each micro-batch's loss by 1 / that count (told in stages/ppo.py: `deepspeed_settings`): it takes
+        # the optimizer steps of the loop below, and `_loss_scale` undoes its scaling (our losses are already
+        # normalised by the whole mini-batch's tokens)
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self._loss_scale = float(config.gradient_accumulation_steps) if self.deepspeed else 1.0
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if accelerator.device.type == "cpu":
             keep_freed_memory()
@@ -350,17 +356,24 @@ class PPOTrainer:
                 for micro in range(plan.gradient_accumulation_steps):
                     index = mini_index[micro * plan.micro_batch_size:(micro + 1) * plan.micro_batch_size]
                     last_micro = micro == plan.gradient_accumulation_steps - 1
-                    sync = nullcontext() if last_micro else self.accelerator.no_sync(self.model)
+                    if self.deepspeed:  # the engine reduces and steps at the boundary that accumulate() marks:
+                        sync = self.accelerator.accumulate(self.model)  # every gradient_accumulation_steps-th
+                    else:
+                        sync = nullcontext() if last_micro else self.accelerator.no_sync(self.model)
                     with sync:
                         part = self._micro_step(rollout, index, old_logprobs, old_values, ref_logprobs, advantages,
                                                 returns, mask, tokens, temperature, kl_coef)
                     for key, value in part.items():
                         step_stats[key] = step_stats.get(key, 0.0) + value
-                if cfg.max_grad_norm is not None:
+                grad_norm = None
+                if cfg.max_grad_norm is not None:  # under DeepSpeed the engine clipped when it stepped: None here
                     grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                    step_stats["policy/grad_norm"] = float(grad_norm)
-                self.optimizer.step()
+                self.optimizer.step()  # under DeepSpeed a no-op: the engine stepped in the last backward
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.deepspeed and cfg.max_grad_norm is not None:
+                    grad_norm = self.model.get_global_grad_norm()
+                if grad_norm is not None:
+                    step_stats["policy/grad_norm"] = float(grad_norm)
                 steps += 1
                 for key, value in step_stats.items():
                     totals[key] = totals.get(key, 0.0) + value
@@ -402,7 +415,7 @@ class PPOTrainer:
         if cfg.entropy_coef > 0:
             entropy = core.masked_sum(core.entropy_of(logits, temperature), m) / tokens
             loss = loss - cfg.entropy_coef * entropy
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss * self._loss_scale)
         stats.update({
             "loss/total": loss.item(),
             "policy/approx_kl": float(pg.approx_kl) * share,

@@ -78,37 +78,41 @@ def check_engine(loaded: LoadedRecipe) -> None:
 
     engine = sharding_engine()
     version = int(os.environ.get("FSDP_VERSION", "1")) if engine == "fsdp" else None
-    refusals = engine_refusals(loaded, engine, zero_stage(), version, torch.accelerator.is_available())
+    refusals = engine_refusals(loaded, engine, zero_stage(), version, torch.accelerator.is_available(),
+                               deepspeed_cpu=os.environ.get("DS_ACCELERATOR") == "cpu")
     if refusals:
         key, reason = refusals[0]
         raise loaded.error(key, reason) if key else UserError(reason)
 
 
 def engine_refusals(loaded: LoadedRecipe, engine: str | None, zero: int | None, fsdp_version: int | None,
-                    gpu: bool) -> list[tuple[str | None, str]]:
+                    gpu: bool, deepspeed_cpu: bool = False) -> list[tuple[str | None, str]]:
     """What a stage refuses about a launch under `engine` ("fsdp", "deepspeed" or None), as (the recipe key at
     fault or None, the reason): FSDP or DeepSpeed on a machine without GPUs (Accelerate runs them only on a GPU
-    backend: it would silently fall back to plain data parallel); what `rlhf ppo` does not run under (DeepSpeed,
-    FSDP1, checkpoints under either); and a merged LoRA save where the weights are sharded (FSDP, ZeRO-3): no process
-    holds them whole to fold the adapter in. The stage stops at the first (`check_engine`); `rlhf plan` lists them.
-    Imports no torch."""
+    backend: it would silently fall back to plain data parallel), except `rlhf ppo` under DeepSpeed's CPU accelerator
+    (`deepspeed_cpu`: DS_ACCELERATOR=cpu); what `rlhf ppo` does not run under (ZeRO-3, FSDP1, checkpoints under
+    FSDP); and a merged LoRA save where the weights are sharded (FSDP, ZeRO-3): no process holds them whole to fold
+    the adapter in. The stage stops at the first (`check_engine`); `rlhf plan` lists them. Imports no torch."""
     if engine is None:
         return []
     name = "FSDP" if engine == "fsdp" else f"DeepSpeed ZeRO-{zero if zero is not None else '?'}"
     refusals: list[tuple[str | None, str]] = []
-    if loaded.stage == "ppo" and engine == "deepspeed":
-        refusals.append((None, "rlhf ppo runs under DDP and FSDP, not DeepSpeed yet: its loop accumulates gradients "
-                               "and steps the optimizer itself, while DeepSpeed's engine steps inside backward and "
-                               "rescales each loss by its own count, and that combination has not been run on a GPU; "
-                               "to shard a PPO run, launch it with recipes/accelerate/fsdp.yaml"))
-    if not gpu:
+    if loaded.stage == "ppo" and engine == "deepspeed" and zero == 3:
+        refusals.append((None, "rlhf ppo runs under DDP, FSDP and DeepSpeed ZeRO-1/2, not ZeRO-3 (its generation "
+                               "would gather the weights layer by layer at every token); to shard the weights of a "
+                               "PPO run, launch it with recipes/accelerate/fsdp.yaml, or zero2.yaml to shard the "
+                               "optimizer state and gradients"))
+    ppo_on_deepspeed_cpu = loaded.stage == "ppo" and engine == "deepspeed" and deepspeed_cpu
+    if not gpu and not ppo_on_deepspeed_cpu:
+        # the TRL stages' Trainer runs on CPU with Accelerate's cpu=True, under which Accelerate drops DeepSpeed
         refusals.append((None, f"this launch asks for {name} (the Accelerate config's distributed_type), which "
-                               "Accelerate runs only on GPUs; on CPU launch plain data parallel instead: torchrun "
+                               "Accelerate runs only on GPUs (rlhf ppo also on DeepSpeed's CPU accelerator, "
+                               "DS_ACCELERATOR=cpu); on CPU launch plain data parallel instead: torchrun "
                                f"--standalone --nproc_per_node N -m rlhf_pipeline {loaded.stage} RECIPE"))
     if loaded.stage == "ppo" and engine == "fsdp" and fsdp_version != 2:
         refusals.append((None, "rlhf ppo under FSDP needs FSDP2 (fsdp_version: 2 in the Accelerate config, as in "
                                "recipes/accelerate/fsdp.yaml)"))
-    if loaded.stage == "ppo" and loaded.recipe.training.save_every:
+    if loaded.stage == "ppo" and engine == "fsdp" and loaded.recipe.training.save_every:
         # the checkpoints are Accelerate's save_state, whose sharded path (torch.distributed.checkpoint) no test here
         # has run: Accelerate selects FSDP only on GPUs, and the CPU test machines have none
         refusals.append(("training.save_every", f"checkpoints of a PPO run under {name} are not supported yet "

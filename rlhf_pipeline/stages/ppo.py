@@ -24,6 +24,7 @@ from rlhf_pipeline.stages.common import (
     interrupted,
     quiet_library_warnings,
     say,
+    sharding_engine,
     start_outputs,
     stop_requested,
 )
@@ -37,17 +38,18 @@ CURVES_FILE = "ppo_curves.png"
 
 
 def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
-    import torch
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     recipe = loaded.recipe
     if not (recipe.data.eval_split or recipe.data.eval_size):
         raise loaded.error("data", "PPO reports scores on held-out prompts: set `eval_split` or `eval_size`")
     quiet_library_warnings()
-    # cpu=True on machines without an accelerator, so that several processes (torchrun) meet over gloo
-    accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision,
-                              cpu=not torch.accelerator.is_available(), **tracker_settings(recipe))
-    plan_of(loaded, accelerator.num_processes)  # does it divide across these processes?
+    accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision, **engine_settings(recipe),
+                              **tracker_settings(recipe))
+    plan = plan_of(loaded, accelerator.num_processes)  # does it divide across these processes?
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(deepspeed_settings(plan, recipe.training))
     metrics = _train(loaded, options, accelerator)
     finish_outputs(loaded, options, metrics)  # every process waits here; the main one writes
     # DDP's reducer must be freed before the process group is destroyed (at the command's end), or the process hangs
@@ -216,6 +218,34 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
         plot_ppo_curves(output_dir / "log.jsonl", output_dir / CURVES_FILE)
         say("ppo", _summary(metrics))
     return metrics
+
+
+def engine_settings(recipe) -> dict[str, Any]:
+    """How the Accelerator meets the launch. Without GPUs: cpu=True, so that several processes (torchrun) meet over
+    gloo; but DeepSpeed on its CPU accelerator (DS_ACCELERATOR=cpu) needs cpu=False and gloo named (Accelerate
+    runs DeepSpeed only when not told cpu). Under DeepSpeed, which accumulates gradients itself, the count of
+    micro-batches per optimizer step."""
+    import torch
+    from accelerate.utils import InitProcessGroupKwargs
+
+    gpu = torch.accelerator.is_available()
+    if sharding_engine() != "deepspeed":
+        return {"cpu": not gpu}
+    settings: dict[str, Any] = {"gradient_accumulation_steps": recipe.training.gradient_accumulation_steps}
+    if not gpu:
+        settings["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    return settings
+
+
+def deepspeed_settings(plan, training) -> dict[str, Any]:
+    """What DeepSpeed's engine must be told, as no dataloader passes through `accelerator.prepare`: the micro-batch,
+    how many make an optimizer step (the engine steps inside `backward` at that boundary), the clipping (the engine
+    clips), and our torch AdamW (ZeRO shards its state like any optimizer's). Set before any model is prepared: trl's
+    prepare_deepspeed builds the frozen models' inference engines from the same config."""
+    return {"train_micro_batch_size_per_gpu": plan.micro_batch_size,
+            "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+            "train_batch_size": plan.micro_batch_size * plan.gradient_accumulation_steps * plan.num_processes,
+            "gradient_clipping": training.max_grad_norm or 0.0, "zero_allow_untested_optimizer": True}
 
 
 # -------------------------------------------------------------------------------------------------------------
