@@ -275,10 +275,23 @@ def start_run(plan: RunPlan, stage: str, resolved_recipe_yaml: str) -> Path:
 def finish_run(plan: RunPlan, metrics: dict[str, Any]) -> Path:
     """Write metrics.json last and atomically (its presence marks the run finished); a staged run then takes the
     output dir's place. Returns the finished run's metrics path."""
+    ordinary_modes(plan.work)
     write_metrics(plan.work, metrics)
     if plan.staged:
         promote(plan.work, plan.output_dir)
     return plan.output_dir / METRICS_FILE
+
+
+def ordinary_modes(run_dir: Path) -> None:
+    """Give every file of a run the ordinary mode (0666 less the umask; execute bits kept): libraries that write
+    through a temporary file (safetensors' save, for one) leave mkstemp's 0600, which hides a model from the other
+    users of a shared machine."""
+    for path in Path(run_dir).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            mode = path.stat().st_mode & 0o777
+            wanted = (0o666 & ~_UMASK) | (mode & 0o111 & ~_UMASK)
+            if mode != wanted:
+                os.chmod(path, wanted)
 
 
 def write_metrics(output_dir: str | Path, metrics: dict[str, Any]) -> Path:

@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import os
+import stat
 from pathlib import Path
 
 import datasets  # noqa: F401  (imported before any CliRunner call: see test_bad_recipes.py)
@@ -50,6 +51,10 @@ def check_run_dir(out: Path, stage: str, has_eval: bool = True) -> dict:
 
     names = {p.name for p in out.iterdir()}
     assert TOKENIZER_FILES <= names, names
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # safetensors' own save leaves 0600
     assert {"recipe.resolved.yaml", "metrics.json"} <= names
     assert "training_args.bin" not in names
     pickles = [p for p in out.rglob("*") if p.suffix in PICKLE_SUFFIXES]
