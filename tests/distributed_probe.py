@@ -45,6 +45,7 @@ def install() -> None:
         RECORD["trainers"][stage_of(self.args.output_dir)] = {
             "rows": len(self.train_dataset), "per_device_batch": self.args.per_device_train_batch_size,
             "world_size": self.args.world_size, "steps": self.state.global_step, "epochs": self.args.num_train_epochs,
+            "engine": str(self.accelerator.distributed_type),
             "first_batch": RECORD.pop("_first_batch", None)}
         return result
 

@@ -18,18 +18,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, ppo_recipe, run_cli, write_pipeline_recipes, write_recipe
+from conftest import REPO, ppo_recipe, run_cli, stage_recipe, write_pipeline_recipes, write_recipe
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 TRL_STAGES = ("pretrain", "sft", "reward")
 
 
 def torchrun(script: Path, args: list[str], cwd: Path, env: dict[str, str], processes: int = 2,
-             timeout: float = 600) -> subprocess.CompletedProcess:
-    """`script` under torchrun with 2 CPU processes; on a timeout the whole process group is killed (torchrun's
-    workers too, which would otherwise hang on in a barrier) and the test fails."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               str(script), *args]
+             timeout: float = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`script` under torchrun (or the `launcher` command) with 2 CPU processes; on a timeout the whole process
+    group is killed (torchrun's workers too, which would otherwise hang on in a barrier) and the test fails."""
+    launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                            str(processes)]
+    command = [*launcher, str(script), *args]
     with subprocess.Popen(command, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as proc:
         try:
@@ -133,26 +134,28 @@ def test_fsdp2_policy_generates_and_saves_whole(tmp_path):
 
 
 def test_ppo_under_deepspeed_zero2_equals_ddp_and_resumes(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
-    """PPO under DeepSpeed ZeRO-2 (2 processes on DeepSpeed's CPU accelerator, over gloo): the engine steps at the
-    boundary of the 2 accumulated micro-batches, clips, and shards the optimizer state, and the run ends with the
-    weights of the same run under DDP; a checkpoint (the engine's own, through Accelerate's save_state) resumes to
-    the uninterrupted run's weights bit for bit."""
+    """PPO under DeepSpeed ZeRO-2 (`accelerate launch --config_file recipes/accelerate/zero2.yaml`, 2 processes on
+    DeepSpeed's CPU accelerator, over gloo): the engine steps at the boundary of the 2 accumulated micro-batches,
+    clips, and shards the optimizer state, and the run ends with the weights of the same run under DDP; a checkpoint
+    (the engine's own, through Accelerate's save_state) resumes to the uninterrupted run's weights bit for bit."""
     pytest.importorskip("deepspeed")
     import torch
     from safetensors.torch import load_file
 
-    def run(name: str, env: dict[str, str], *extra: str) -> Path:
+    def run(name: str, *extra: str) -> Path:
         out = tmp_path / name
         recipe = ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)}, data_dir, save_every=1,
                             max_grad_norm=0.5)
         recipe = write_recipe(tmp_path / f"{name}.yaml", recipe)
-        done = torchrun(REPO / "rlhf_pipeline" / "__main__.py", ["ppo", str(recipe), *extra], tmp_path, env,
-                        timeout=300)
+        launcher = None if name == "ddp" else [
+            sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+            str(REPO / "recipes" / "accelerate" / "zero2.yaml"), "--num_processes", "2", "--mixed_precision", "no"]
+        done = torchrun(REPO / "rlhf_pipeline" / "__main__.py", ["ppo", str(recipe), *extra], tmp_path,
+                        {"DS_ACCELERATOR": "cpu"}, timeout=300, launcher=launcher)
         assert done.returncode == 0, done.stderr[-6000:]
         return out
 
-    zero2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "DS_ACCELERATOR": "cpu"}
-    ddp, deepspeed = run("ddp", {}), run("zero2", zero2)
+    ddp, deepspeed = run("ddp"), run("zero2")
     expected, got = load_file(ddp / "model.safetensors"), load_file(deepspeed / "model.safetensors")
     assert all(torch.allclose(expected[k], got[k], atol=1e-5) for k in expected)
     assert not all(torch.equal(expected[k], load_file(tiny_model_dir / "model.safetensors").get(k, expected[k]))
@@ -165,9 +168,52 @@ def test_ppo_under_deepspeed_zero2_equals_ddp_and_resumes(tmp_path, tiny_model_d
     checkpoint = deepspeed / "checkpoints" / "update-000001"
     assert (checkpoint / "pytorch_model").is_dir()  # the engine's sharded optimizer state
     (deepspeed / "metrics.json").unlink()  # now an unfinished run whose last checkpoint is update 1
-    run("zero2", zero2, "--resume")
+    run("zero2", "--resume")
     resumed = load_file(deepspeed / "model.safetensors")
     assert all(torch.equal(got[k], resumed[k]) for k in got), "a resumed run must equal the uninterrupted one"
+
+
+def test_sft_under_deepspeed_zero2_and_zero3_through_accelerate_launch(tiny_model_dir, data_dir, tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/zero{2,3}.yaml` on DeepSpeed's CPU accelerator (2
+    processes, gloo): the Trainer runs under DeepSpeed, data-parallel (half the steps of one process, different
+    batches), process 1 writes nothing, and the saved model (under ZeRO-3 gathered from the shards) equals the same
+    run under DDP."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = stage_recipe("sft", tmp_path / "unused", tiny_model_dir, {"files": str(data_dir / "sft.jsonl")},
+                          training={"num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 1.0e-3,
+                                    "logging_steps": 1, "bf16": False, "disable_tqdm": True})
+    path = write_recipe(tmp_path / "sft.yaml", recipe)
+
+    def run(name: str, config: str | None) -> tuple[dict, dict, Path]:
+        probes, out = tmp_path / f"probes-{name}", tmp_path / name
+        probes.mkdir()
+        launcher = None if config is None else [
+            sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+            str(REPO / "recipes" / "accelerate" / config), "--num_processes", "2", "--mixed_precision", "no"]
+        env = {"RLHF_PROBE_DIR": str(probes), "DS_ACCELERATOR": "cpu"}
+        done = torchrun(REPO / "tests" / "distributed_probe.py", ["sft", str(path), "--output-dir", str(out)],
+                        tmp_path, env, timeout=300, launcher=launcher)
+        assert done.returncode == 0, done.stderr[-6000:]
+        main, other = (json.loads((probes / f"rank-{rank}.json").read_text()) for rank in (0, 1))
+        return main["trainers"][name], other, out
+
+    ddp, _, ddp_out = run("ddp", None)
+    expected = load_file(ddp_out / "model.safetensors")
+    for name in ("zero2", "zero3"):
+        trainer, other, out = run(name, f"{name}.yaml")
+        assert trainer["engine"] == "DistributedType.DEEPSPEED" and trainer["world_size"] == 2
+        assert trainer["steps"] == ddp["steps"] == math.ceil(trainer["rows"] / 8) < math.ceil(trainer["rows"] / 4)
+        assert trainer["first_batch"] != other["trainers"][name]["first_batch"]
+        assert other["wrote"] == []
+        got = load_file(out / "model.safetensors")
+        # the Trainer's DeepSpeed save writes the tied output head as a key of its own (the same values)
+        tied = got.pop("lm_head.weight", None)
+        assert tied is None or torch.equal(tied, got["transformer.wte.weight"])
+        assert set(got) == set(expected)
+        assert all(torch.allclose(got[k], expected[k], atol=1e-5) for k in expected), name
 
 
 @pytest.mark.parametrize("env, gpu, args, message", [
@@ -178,7 +224,7 @@ def test_ppo_under_deepspeed_zero2_equals_ddp_and_resumes(tmp_path, tiny_model_d
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, True,
      ["ppo", "recipes/tiny/ppo.yaml"], "not ZeRO-3"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, False,
-     ["ppo", "recipes/tiny/ppo.yaml"], "rlhf ppo also on DeepSpeed's CPU accelerator, DS_ACCELERATOR=cpu"),
+     ["ppo", "recipes/tiny/ppo.yaml"], "DeepSpeed also on DeepSpeed's CPU accelerator, DS_ACCELERATOR=cpu"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, True,
      ["ppo", "recipes/tiny/ppo.yaml", "--set", "training.save_every=4"], "under FSDP are not supported"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, True, ["ppo", "recipes/tiny/ppo.yaml"], "needs FSDP2"),

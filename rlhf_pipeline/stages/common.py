@@ -50,6 +50,17 @@ def is_main_process() -> bool:
     return distributed_state().is_main_process
 
 
+def deepspeed_on_cpu() -> bool:
+    """A DeepSpeed launch on DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, on a machine without GPUs): the
+    processes meet over gloo. Accelerate runs DeepSpeed only when not told `cpu`, so it is told the backend instead."""
+    import os
+
+    import torch
+
+    return (sharding_engine() == "deepspeed" and os.environ.get("DS_ACCELERATOR") == "cpu"
+            and not torch.accelerator.is_available())
+
+
 def sharding_engine() -> str | None:
     """The engine `accelerate launch` asked for: "fsdp", "deepspeed" or None (one process or DDP), read from the
     environment it sets for every process."""
@@ -79,7 +90,7 @@ def check_engine(loaded: LoadedRecipe) -> None:
     engine = sharding_engine()
     version = int(os.environ.get("FSDP_VERSION", "1")) if engine == "fsdp" else None
     refusals = engine_refusals(loaded, engine, zero_stage(), version, torch.accelerator.is_available(),
-                               deepspeed_cpu=os.environ.get("DS_ACCELERATOR") == "cpu")
+                               deepspeed_cpu=deepspeed_on_cpu())
     if refusals:
         key, reason = refusals[0]
         raise loaded.error(key, reason) if key else UserError(reason)
@@ -89,7 +100,7 @@ def engine_refusals(loaded: LoadedRecipe, engine: str | None, zero: int | None, 
                     gpu: bool, deepspeed_cpu: bool = False) -> list[tuple[str | None, str]]:
     """What a stage refuses about a launch under `engine` ("fsdp", "deepspeed" or None), as (the recipe key at
     fault or None, the reason): FSDP or DeepSpeed on a machine without GPUs (Accelerate runs them only on a GPU
-    backend: it would silently fall back to plain data parallel), except `rlhf ppo` under DeepSpeed's CPU accelerator
+    backend: it would silently fall back to plain data parallel), except DeepSpeed on its CPU accelerator
     (`deepspeed_cpu`: DS_ACCELERATOR=cpu); what `rlhf ppo` does not run under (ZeRO-3, FSDP1, checkpoints under
     FSDP); and a merged LoRA save where the weights are sharded (FSDP, ZeRO-3): no process holds them whole to fold
     the adapter in. The stage stops at the first (`check_engine`); `rlhf plan` lists them. Imports no torch."""
@@ -102,11 +113,9 @@ def engine_refusals(loaded: LoadedRecipe, engine: str | None, zero: int | None, 
                                "would gather the weights layer by layer at every token); to shard the weights of a "
                                "PPO run, launch it with recipes/accelerate/fsdp.yaml, or zero2.yaml to shard the "
                                "optimizer state and gradients"))
-    ppo_on_deepspeed_cpu = loaded.stage == "ppo" and engine == "deepspeed" and deepspeed_cpu
-    if not gpu and not ppo_on_deepspeed_cpu:
-        # the TRL stages' Trainer runs on CPU with Accelerate's cpu=True, under which Accelerate drops DeepSpeed
+    if not gpu and not (engine == "deepspeed" and deepspeed_cpu):
         refusals.append((None, f"this launch asks for {name} (the Accelerate config's distributed_type), which "
-                               "Accelerate runs only on GPUs (rlhf ppo also on DeepSpeed's CPU accelerator, "
+                               "Accelerate runs only on GPUs (DeepSpeed also on DeepSpeed's CPU accelerator, "
                                "DS_ACCELERATOR=cpu); on CPU launch plain data parallel instead: torchrun "
                                f"--standalone --nproc_per_node N -m rlhf_pipeline {loaded.stage} RECIPE"))
     if loaded.stage == "ppo" and engine == "fsdp" and fsdp_version != 2:
@@ -347,8 +356,9 @@ def training_config(loaded: LoadedRecipe, config_class: type, model=None):
     if not gpu:
         defaults["bf16"] = False  # TRL defaults to bf16, which a CPU run rejects or slows down
         # several CPU processes (torchrun) meet over gloo only when the Trainer's Accelerate state is asked for CPU:
-        # without it, each process would train its own copy on all the data
-        defaults["use_cpu"] = True
+        # without it, each process would train its own copy on all the data. DeepSpeed's CPU accelerator is the
+        # exception: Accelerate drops DeepSpeed when told cpu, so it is told gloo instead
+        defaults.update({"use_cpu": False, "ddp_backend": "gloo"} if deepspeed_on_cpu() else {"use_cpu": True})
     has_max_length = "max_length" in {f.name for f in dataclasses.fields(config_class)}
     if model is not None and has_max_length:
         defaults["max_length"] = context_length(model)

@@ -20,6 +20,7 @@ from rlhf_pipeline.recipe.schema import ModelSection, RewardSource
 from rlhf_pipeline.stages.common import (
     RunOptions,
     context_length,
+    deepspeed_on_cpu,
     finish_outputs,
     interrupted,
     quiet_library_warnings,
@@ -228,11 +229,10 @@ def engine_settings(recipe) -> dict[str, Any]:
     import torch
     from accelerate.utils import InitProcessGroupKwargs
 
-    gpu = torch.accelerator.is_available()
     if sharding_engine() != "deepspeed":
-        return {"cpu": not gpu}
+        return {"cpu": not torch.accelerator.is_available()}
     settings: dict[str, Any] = {"gradient_accumulation_steps": recipe.training.gradient_accumulation_steps}
-    if not gpu:
+    if deepspeed_on_cpu():
         settings["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     return settings
 
