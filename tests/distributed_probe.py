@@ -1,14 +1,13 @@
 """The rlhf CLI, run in one process of a torchrun launch, recording what this process did for
 tests/test_distributed.py: every Trainer's data and steps, the first batch it trained on, a digest of the trained
 weights when each stage ends (on every process, before the main one saves), and every run file it wrote. The record
-goes to $RLHF_PROBE_DIR/rank-<RANK>.json when the process exits.
+goes to $RLHF_PROBE_DIR/rank-<RANK>.json when the command returns.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_probe.py pipeline RECIPE
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
@@ -102,8 +101,10 @@ def dump() -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     install()
-    atexit.register(dump)
     from rlhf_pipeline.cli import main
 
     sys.argv = ["rlhf", *sys.argv[1:]]
-    main()
+    try:
+        main()
+    finally:  # before the interpreter's own teardown, which a launcher may cut short (see TEARDOWN_ABORT)
+        dump()

@@ -42,6 +42,18 @@ def torchrun(script: Path, args: list[str], cwd: Path, env: dict[str, str], proc
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
+# DeepSpeed's CPU path now and then aborts a process as it exits, after the run has finished and every result is
+# written (seen once in CI, in a fresh environment; never in 10 local launches): a C++ thread left joinable at
+# interpreter exit ("terminate called without an active exception"). Such a launch is accepted, and only such a one.
+TEARDOWN_ABORT = "terminate called without an active exception"
+DEEPSPEED_CPU = {"DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore::FutureWarning"}  # torch's c10d deprecations
+
+
+def finished(done: subprocess.CompletedProcess, out: Path) -> bool:
+    """The launch succeeded, or its run finished (metrics.json) and only the exit aborted (TEARDOWN_ABORT)."""
+    return done.returncode == 0 or (TEARDOWN_ABORT in done.stderr and (out / "metrics.json").is_file())
+
+
 def launch(args: list[str], probe_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
     """The CLI under torchrun, each process recording what it did (tests/distributed_probe.py)."""
     return torchrun(REPO / "tests" / "distributed_probe.py", args, cwd, {"RLHF_PROBE_DIR": str(probe_dir)})
@@ -151,8 +163,8 @@ def test_ppo_under_deepspeed_zero2_equals_ddp_and_resumes(tmp_path, tiny_model_d
             sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
             str(REPO / "recipes" / "accelerate" / "zero2.yaml"), "--num_processes", "2", "--mixed_precision", "no"]
         done = torchrun(REPO / "rlhf_pipeline" / "__main__.py", ["ppo", str(recipe), *extra], tmp_path,
-                        {"DS_ACCELERATOR": "cpu"}, timeout=300, launcher=launcher)
-        assert done.returncode == 0, done.stderr[-6000:]
+                        DEEPSPEED_CPU, timeout=300, launcher=launcher)
+        assert finished(done, out), done.stderr[-6000:]
         return out
 
     ddp, deepspeed = run("ddp"), run("zero2")
@@ -193,10 +205,10 @@ def test_sft_under_deepspeed_zero2_and_zero3_through_accelerate_launch(tiny_mode
         launcher = None if config is None else [
             sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
             str(REPO / "recipes" / "accelerate" / config), "--num_processes", "2", "--mixed_precision", "no"]
-        env = {"RLHF_PROBE_DIR": str(probes), "DS_ACCELERATOR": "cpu"}
+        env = {"RLHF_PROBE_DIR": str(probes), **DEEPSPEED_CPU}
         done = torchrun(REPO / "tests" / "distributed_probe.py", ["sft", str(path), "--output-dir", str(out)],
                         tmp_path, env, timeout=300, launcher=launcher)
-        assert done.returncode == 0, done.stderr[-6000:]
+        assert finished(done, out), done.stderr[-6000:]
         main, other = (json.loads((probes / f"rank-{rank}.json").read_text()) for rank in (0, 1))
         return main["trainers"][name], other, out
 
