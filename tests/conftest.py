@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,18 @@ FAST_TRAINING = {
 def _run_from_repo_root(monkeypatch):
     """Recipes name paths relative to the current directory, as users run them from the repository root."""
     monkeypatch.chdir(REPO)
+
+
+# A torchrun worker on CPU (gloo) now and then aborts as its interpreter exits, after its work is done and written:
+# "terminate called without an active exception", a C++ thread left joinable at exit. Seen in about 1 of 16
+# launches of tests/fsdp_whole_weights.py (pure torch), with or without DeepSpeed installed, and once in an
+# `rlhf sft` launch under ZeRO-3. A launch whose only failure is that abort counts as having run; each test then
+# checks every result the run was to write.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def launch_ran(done: subprocess.CompletedProcess) -> bool:
+    return done.returncode == 0 or TEARDOWN_ABORT in done.stderr
 
 
 def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:

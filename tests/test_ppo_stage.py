@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, ppo_recipe, run_cli, weights, write_recipe
+from conftest import REPO, launch_ran, ppo_recipe, run_cli, weights, write_recipe
 from safetensors.torch import load_file
 
 LOGGED_EVERY_UPDATE = {
@@ -285,7 +285,7 @@ def test_ppo_two_processes_gloo(tmp_path, tiny_model_dir, tiny_reward_dir, data_
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "rlhf_pipeline", "ppo", str(path)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert launch_ran(done), done.stdout[-3000:] + done.stderr[-3000:]
     assert "= 4 per process x 2 processes;" in done.stderr and "(2 per process, in 1 micro-batch)" in done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 8 and metrics["episodes"] == 16
@@ -297,7 +297,7 @@ def test_ppo_two_processes_gloo(tmp_path, tiny_model_dir, tiny_reward_dir, data_
     straight = weights(out)
     (out / "metrics.json").unlink()  # now an unfinished run whose last checkpoint is update 1
     again = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert launch_ran(again) and (out / "metrics.json").is_file(), again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming from update-000001 (1 of 2 updates)" in again.stderr
     resumed = weights(out)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), "a resumed run must equal the uninterrupted one"
