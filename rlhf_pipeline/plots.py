@@ -78,26 +78,35 @@ def plot_dpo_curves(log_history: list[dict], png_path: Path) -> Path | None:
     return save(figure, png_path)
 
 
+def shared_bins(values: list[float], count: int = 30) -> list[float]:
+    """Equal-width histogram bins spanning `values`, so that several histograms drawn over them compare."""
+    low, high = min(values), max(values)
+    if high == low:
+        high = low + 1.0
+    return [low + (high - low) * i / count for i in range(count + 1)]
+
+
 def plot_reward_scores(chosen: list[float], rejected: list[float], png_path: Path) -> Path | None:
-    """A reward model on its held-out pairs: the score distributions of chosen and rejected responses, and the
-    distribution of the margin (chosen - rejected; right of 0 is a correctly ranked pair)."""
+    """A reward model on its held-out pairs: the score distributions of chosen and rejected responses (over the same
+    bins), and the distribution of the margin (chosen - rejected; right of 0 is a correctly ranked pair)."""
     if not chosen:
         return None
     plt = pyplot()
     margins = [c - r for c, r in zip(chosen, rejected)]
     accuracy = sum(m > 0 for m in margins) / len(margins)
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    bins = min(40, max(10, len(chosen) // 5))
+    bins = shared_bins(chosen + rejected)
     axes[0].hist(chosen, bins=bins, alpha=0.6, label="chosen")
     axes[0].hist(rejected, bins=bins, alpha=0.6, label="rejected")
-    axes[0].set_title("held-out scores")
-    axes[0].set_xlabel("reward model score")
+    axes[0].set_title("Held-out pairs: chosen vs rejected scores")
+    axes[0].set_xlabel("reward-model score")
     axes[0].legend(loc="best")
-    axes[1].hist(margins, bins=bins, color="tab:green", alpha=0.8)
+    axes[1].hist(margins, bins=shared_bins(margins), color="tab:green", alpha=0.8)
     axes[1].axvline(0.0, color="black", linewidth=1)
     axes[1].set_title(f"margin chosen - rejected (accuracy {accuracy:.3f}, {len(margins)} pairs)")
     axes[1].set_xlabel("score margin")
+    axes[0].set_ylabel("responses")
+    axes[1].set_ylabel("pairs")
     for axis in axes:
-        axis.set_ylabel("pairs")
         axis.grid(alpha=0.3)
     return save(figure, png_path)

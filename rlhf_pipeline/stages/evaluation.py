@@ -81,10 +81,13 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
         reward_results, reward_scores = evaluate_reward_model(*reward_setup)
         results.update(reward_results)
         if main:
-            plots[REWARD_PNG] = _plot_reward_scores(reward_scores, output_dir / REWARD_PNG)
+            from rlhf_pipeline.plots import plot_reward_scores
+
+            if plot_reward_scores(reward_scores["chosen"], reward_scores["rejected"], output_dir / REWARD_PNG):
+                plots[REWARD_PNG] = "held-out chosen vs rejected score distributions, and their margins"
 
     # 4. report
-    if is_main_process():
+    if main:
         report = {"metrics": results, "samples": samples, "plots": plots}
         runs.atomic_write_text(output_dir / EVAL_FILE, json.dumps(report, indent=1))
         runs.atomic_write_text(output_dir / REPORT_FILE, markdown_report(loaded, results, samples, plots))
@@ -358,23 +361,21 @@ def _ppo_log(recipe) -> Path | None:
 
 
 def _plot_score_distributions(scores: dict[str, list[float]], names: list[str], path: Path) -> str:
-    from rlhf_pipeline.plots import pyplot
+    from rlhf_pipeline.plots import pyplot, save, shared_bins
 
     plt = pyplot()
     panels = [("", "reward-model score")] + ([("_gold", "gold score")] if "baseline_gold" in scores else [])
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
     for axis, (suffix, label) in zip(axes[0], panels):
         shown = ["baseline", *names]
-        bins = _bins([v for name in shown for v in scores[f"{name}{suffix}"]])
+        bins = shared_bins([v for name in shown for v in scores[f"{name}{suffix}"]])
         for name in shown:
             axis.hist(scores[f"{name}{suffix}"], bins=bins, alpha=0.5 if len(shown) <= 2 else 0.35, label=name)
         axis.set_xlabel(label)
         axis.set_ylabel("responses")
         axis.legend(fontsize=8)
         axis.set_title(f"{label}: {' vs '.join(shown)}" if len(shown) <= 3 else f"{label} per model")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save(figure, path)
     return "score distributions of the baseline and " + ("the policy" if names == ["policy"] else "each policy")
 
 
@@ -383,7 +384,7 @@ def plot_overoptimisation(run_dirs: dict[str, Path], results: dict[str, Any], na
     policy's training trajectory (PPO-family runs log gold and KL every update; drawn as moving means over SMOOTHING
     updates) and its held-out point, beside the baseline. When the reward model is over-optimised, its score keeps
     rising with KL while gold turns down."""
-    from rlhf_pipeline.plots import pyplot
+    from rlhf_pipeline.plots import pyplot, save
     from rlhf_pipeline.ppo.trainer import read_log
 
     plt = pyplot()
@@ -409,35 +410,8 @@ def plot_overoptimisation(run_dirs: dict[str, Path], results: dict[str, Any], na
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="best")
     figure.suptitle("Over-optimisation view (Gao et al. 2022)", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save(figure, path)
     return "gold and reward-model score against sqrt(KL): training trajectories and held-out points"
-
-
-def _plot_reward_scores(scores: dict[str, list[float]], path: Path) -> str:
-    from rlhf_pipeline.plots import pyplot
-
-    plt = pyplot()
-    figure, axis = plt.subplots(figsize=(6.5, 3.8))
-    bins = _bins(scores["chosen"] + scores["rejected"])
-    axis.hist(scores["chosen"], bins=bins, alpha=0.6, label="chosen")
-    axis.hist(scores["rejected"], bins=bins, alpha=0.6, label="rejected")
-    axis.set_xlabel("reward-model score")
-    axis.set_ylabel("responses")
-    axis.set_title("Held-out pairs: chosen vs rejected scores")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return "held-out chosen vs rejected score distributions"
-
-
-def _bins(values: list[float], count: int = 30) -> list[float]:
-    low, high = min(values), max(values)
-    if high == low:
-        high = low + 1.0
-    return [low + (high - low) * i / count for i in range(count + 1)]
 
 
 # -------------------------------------------------------------------------------------------------------------
