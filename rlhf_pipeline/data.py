@@ -162,7 +162,6 @@ def _load_mixture(loaded: LoadedRecipe, key: str) -> Dataset:
 
 
 def _load_entry(loaded: LoadedRecipe, entry, where: str, sample_by: str | None) -> Dataset:
-
     if entry.data_files is not None and (entry.path is None or entry.path in BUILDERS):
         return _read_local(loaded, entry.data_files, entry.split, entry.path, f"{where}.data_files", f"{where}.split",
                            sample_by)
@@ -176,23 +175,9 @@ def _onto_roles(loaded: LoadedRecipe, dataset: Dataset, entry, key: str, where: 
     own = entry.columns is not None
     mapping = entry.columns if own else getattr(loaded.recipe, key).columns
     roles = list(type(mapping).model_fields)
-    available = dataset.column_names
-    sources: dict[str, str] = {}
-    for role in roles:
-        source = getattr(mapping, role)
-        if source is None:
-            if role in available:
-                sources[role] = role
-            continue
-        if source not in available:
-            raise loaded.error(f"{where if own else key}.columns.{role}",
-                               f"{where} has no column {source!r} (it has: {', '.join(available)})"
-                               f"{did_you_mean(source, available)}")
-        sources[role] = source
-    others = [c for c in available if c not in roles and c not in sources.values()]
-    dataset = dataset.select_columns(list(dict.fromkeys([*sources.values(), *others])))
-    renames = {source: role for role, source in sources.items() if source != role}
-    return (dataset.rename_columns(renames) if renames else dataset), set(sources)
+    sources = _role_sources(loaded, mapping, dataset.column_names, roles, f"{where if own else key}.columns", where)
+    others = [c for c in dataset.column_names if c not in roles and c not in sources.values()]
+    return _renamed_to_roles(dataset, sources, others), set(sources)
 
 
 def _cut_to_fractions(parts: list[Dataset], fractions: list[float]) -> list[Dataset]:
@@ -266,28 +251,34 @@ def _first_line(exc: BaseException) -> str:
 def select_columns(loaded: LoadedRecipe, dataset: Dataset, split: str, required: Sequence[str],
                    optional: Sequence[str] = (), key: str = "data") -> Dataset:
     """Keep the columns of the given roles, renamed to the role names (`data.columns` maps role -> column)."""
-    mapped = column_mapping(getattr(loaded.recipe, key))
-    available = dataset.column_names
+    sources = _role_sources(loaded, column_mapping(getattr(loaded.recipe, key)), dataset.column_names,
+                            (*required, *optional), f"{key}.columns", f"the {split} data", required)
+    return _renamed_to_roles(dataset, sources)
+
+
+def _role_sources(loaded: LoadedRecipe, mapping, available: Sequence[str], roles: Sequence[str], columns_key: str,
+                  what: str, required: Sequence[str] = ()) -> dict[str, str]:
+    """Role -> the column that fills it: the one `mapping` names (which must exist), else a column named like the
+    role; a `required` role filled by neither is an error at `columns_key`."""
     sources: dict[str, str] = {}
-    for role in (*required, *optional):
-        source = getattr(mapped, role, None)
+    for role in roles:
+        source = getattr(mapping, role, None)
         if source is not None:
             if source not in available:
-                raise loaded.error(
-                    f"{key}.columns.{role}",
-                    f"the {split} data has no column {source!r} (it has: {', '.join(available)})"
-                    f"{did_you_mean(source, available)}",
-                )
+                raise loaded.error(f"{columns_key}.{role}", f"{what} has no column {source!r} (it has: "
+                                                            f"{', '.join(available)}){did_you_mean(source, available)}")
             sources[role] = source
         elif role in available:
             sources[role] = role
         elif role in required:
-            raise loaded.error(
-                f"{key}.columns",
-                f"the {split} data has no `{role}` column (it has: {', '.join(available)}); "
-                f"map one with `{key}.columns.{role}: <column>`",
-            )
-    dataset = dataset.select_columns(list(dict.fromkeys(sources.values())))
+            raise loaded.error(columns_key, f"{what} has no `{role}` column (it has: {', '.join(available)}); map "
+                                            f"one with `{columns_key}.{role}: <column>`")
+    return sources
+
+
+def _renamed_to_roles(dataset: Dataset, sources: dict[str, str], others: Sequence[str] = ()) -> Dataset:
+    """The role columns (renamed to their roles) and `others`, nothing else."""
+    dataset = dataset.select_columns(list(dict.fromkeys([*sources.values(), *others])))
     renames = {source: role for role, source in sources.items() if source != role}
     return dataset.rename_columns(renames) if renames else dataset
 
