@@ -21,11 +21,11 @@ from typing import Any, NamedTuple
 
 from rlhf_pipeline import runs
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.models import ADAPTER_CONFIG
 from rlhf_pipeline.recipe.schema import BUILDERS
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
 HUB_FILE = "hub.json"  # written by a push: the repo, commit and revision the run went to
-ADAPTER_CONFIG = "adapter_config.json"
 EVAL_FILE = "eval.json"
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
 SAMPLES_FILE = "samples.jsonl"

@@ -180,11 +180,19 @@ def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "caus
     # relative path would only resolve from this working directory
     source = str(Path(model.name_or_path).resolve()) if Path(model.name_or_path).is_dir() else model.name_or_path
     try:
-        if (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():
+        if is_adapter_dir(source):
             return _load_base_plus_adapter(source, auto_class, kwargs)
         return create_model_from_path(source, auto_class, **kwargs)
     except (OSError, ValueError) as exc:
         raise loaded.error(key, f"cannot load a model from {model.name_or_path!r}: {_short(exc)}") from None
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """A LoRA adapter saved without its base: adapter_config.json (which names the base), no config.json."""
+    return (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file()
 
 
 def load_config(loaded: LoadedRecipe, model: ModelSection, key: str = "model.name_or_path"):
@@ -194,9 +202,8 @@ def load_config(loaded: LoadedRecipe, model: ModelSection, key: str = "model.nam
 
     check_local_source(loaded, model.name_or_path, key)
     source = model.name_or_path
-    adapter = Path(source) / "adapter_config.json"
-    if adapter.is_file() and not (Path(source) / "config.json").is_file():
-        source = json.loads(adapter.read_text()).get("base_model_name_or_path") or source
+    if is_adapter_dir(source):
+        source = json.loads((Path(source) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or source
     try:
         return AutoConfig.from_pretrained(source, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as exc:

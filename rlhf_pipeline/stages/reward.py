@@ -126,12 +126,13 @@ def check_agreement(metrics: dict[str, Any], chosen: torch.Tensor, rejected: tor
     batches = -(-len(margin) // batch_size)
     slack = {"eval_accuracy": 1e-6 + near_ties / smallest / batches,
              "eval_margin": 1e-4 * max(float(margin.abs().mean()), 1.0)}
+    agrees = {key: abs(value - metrics[key]) <= slack[key] for key, value in ours.items()}
     for key, value in ours.items():
-        if abs(value - metrics[key]) > slack[key]:
+        if not agrees[key]:
             say("reward", f"WARNING: RewardTrainer's {key} {metrics[key]:.6f} differs from the per-pair scores' "
                           f"{value:.6f}: the scorer PPO and `rlhf eval` use does not read the model as training did. "
                           "Please report this with the recipe.")
-    metrics["eval_scoring_agrees"] = all(abs(v - metrics[k]) <= slack[k] for k, v in ours.items())
+    metrics["eval_scoring_agrees"] = all(agrees.values())
 
 
 def write_pair_scores(output_dir: Path, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
