@@ -163,8 +163,6 @@ def plan(recipe_path: Path, overrides: Sequence[str], processes: int | None, dev
          accelerate_config: Path | None, as_json: bool) -> str:
     """`rlhf plan`: the derived numbers, FLOPs and peak memory per device of a stage recipe, or of each stage of a
     pipeline recipe, without loading a weight (rlhf_pipeline/planning.py, plan_recipe.py)."""
-    import json
-
     from rlhf_pipeline import planning
     from rlhf_pipeline.plan_recipe import Registry, plan_recipe, render
     from rlhf_pipeline.plan_recipe import as_json as plan_json

@@ -293,7 +293,7 @@ def _run_pipeline(pipeline: LoadedRecipe, plans: list[StagePlan], options: Optio
         decisions = decided_by_main(lambda: _decisions(pipeline, plans, options))
     root = Path(pipeline.recipe.output_dir)
     state_path = root / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
+    state = read_state(state_path)
     main = runs.is_main_process()
     rows: list[tuple[str, str, str, str]] = []
     for plan, (decision, reason) in zip(plans, decisions):
@@ -342,8 +342,7 @@ def _decisions(pipeline: LoadedRecipe, plans: list[StagePlan], options: Options)
             if not runs.is_finished(earlier.output_dir):
                 raise UserError(f"{flag} {stage}: the {earlier.name} output ({earlier.output_dir}) is missing or "
                                 f"unfinished; run the pipeline without {flag} first")
-    state_path = Path(pipeline.recipe.output_dir) / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
+    state = read_state(Path(pipeline.recipe.output_dir) / STATE_FILE)
     upstream_will_change = False
     decisions = []
     for plan in plans:
@@ -423,6 +422,11 @@ def _changes_since_started(plan: StagePlan, state: dict, upstream_will_change: b
 def _changed_inputs(plan: StagePlan, recorded: dict) -> list[str]:
     """The local inputs whose fingerprint differs from what the stage recorded."""
     return [path for path in local_inputs(plan.loaded) if recorded["inputs"].get(path) != fingerprint(path)]
+
+
+def read_state(state_path: Path) -> dict:
+    """What pipeline.json records of each stage's last run (empty before the first)."""
+    return json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
 
 
 def _record(state: dict, state_path: Path, plan: StagePlan, inputs: dict[str, str], finished: bool = True) -> None:
