@@ -464,9 +464,15 @@ def no_grad_forward_bytes(model: HeldModel, rows: int, length: int, precision: P
     return rows * length * per_token + (rows * length * length * precision.compute if padded else 0)
 
 
+def whole_bytes(model: HeldModel, precision: Precision) -> int:
+    """A sharded model's weights gathered whole, in the precision it computes in."""
+    return model.parameters * (precision.compute if precision.autocast != "no" else model.dtype_bytes)
+
+
 def gathered_bytes(model: HeldModel, precision: Precision, dist: Distribution) -> int:
     """Weights a sharded model gathers to compute: FSDP full shard one wrapped unit (a block, or the embeddings)
-    plus the one prefetched; SHARD_GRAD_OP the whole model; ZeRO-3 up to stage3_max_live_parameters."""
+    plus the one prefetched; SHARD_GRAD_OP the whole model, and so does a frozen model under FSDP (trl's
+    `prepare_fsdp` shards it as one unit); ZeRO-3 up to stage3_max_live_parameters."""
     if not model.prepared or dist.ways("weights") == 1:
         return 0
     shape = model.shape
@@ -475,7 +481,7 @@ def gathered_bytes(model: HeldModel, precision: Precision, dist: Distribution) -
     root = model.parameters - shape.n_layer * block
     if dist.strategy == "zero3":
         return min(model.parameters, ZERO3_MAX_LIVE_PARAMETERS) * c
-    if dist.strategy == "fsdp-grad-op":
+    if dist.strategy == "fsdp-grad-op" or not model.trained:
         return model.parameters * c
     return (max(block, root) + block) * c
 
@@ -622,6 +628,7 @@ def trl_memory(spec: TrlSpec, dist: Distribution) -> MemoryPlan:
     if spec.reference is not None:  # DPO: the reference's forward runs while the policy's activations are held
         extra.append(Term("reference forward (no grad)",
                           no_grad_forward_bytes(spec.reference, rows, spec.length, p) +
+                          gathered_bytes(spec.reference, p, dist) +
                           loss_head_bytes("trl-fused", head_positions, model.shape.vocab_size, p, dist,
                                           backward=False)))
     phases = _training_phases([(model, states[0][1], saved)], extra, spec.accumulation, p, dist)
@@ -632,7 +639,12 @@ def trl_memory(spec: TrlSpec, dist: Distribution) -> MemoryPlan:
                                                 no_grad_forward_bytes(model, eval_rows, spec.length, p) + head)]))
     if spec.generation:
         prompts, prompt_len, response = spec.generation
-        phases.append(_generation_phase("evaluation (sampling)", model, prompts, prompt_len, response, p, dist))
+        # sharded weights (FSDP, ZeRO-3) are held whole for the generation evaluation (ppo.modules.gathered)
+        sharded = [m for m in (model, spec.reference) if m is not None and m.prepared]
+        whole = ([Term("policy and reference weights gathered whole", sum(whole_bytes(m, p) for m in sharded))]
+                 if dist.ways("weights") > 1 and sharded else None)
+        phases.append(_generation_phase("evaluation (sampling)", model, prompts, prompt_len, response, p, dist,
+                                        whole))
     notes = []
     if checkpointing:
         notes.append("activations: gradient checkpointing on (each block recomputed in backward: +1 forward)")
@@ -694,8 +706,8 @@ def ppo_memory(spec: PpoSpec, dist: Distribution) -> MemoryPlan:
                 + head)
 
     # under FSDP our PPO gathers the trained models whole for generation, scoring and evaluation (whole_weights)
-    whole = [Term("trained weights gathered whole (FSDP)", sum(m.parameters for m in trained) *
-                  (p.compute if p.autocast != "no" else policy.dtype_bytes))] if dist.fsdp else []
+    whole = [Term("trained weights gathered whole (FSDP)", sum(whole_bytes(m, p) for m in trained))] if dist.fsdp \
+        else []
     phases = [_generation_phase("generation", policy, spec.rollouts, spec.prompt, response, p, dist, whole)]
     chunk = min(spec.forward_batch, spec.rollouts)
     logits = chunk * response * vocab
@@ -715,15 +727,20 @@ def ppo_memory(spec: PpoSpec, dist: Distribution) -> MemoryPlan:
     phases += _training_phases([(m, s, saved(m)) for m, s in states if m in trained], [], spec.accumulation, p,
                                dist)
     rows = min(spec.eval_batch, max(spec.eval_batch, 1))
-    evaluation = _generation_phase("evaluation", policy, rows, spec.prompt, response, p, dist, whole)
+    # ... and the frozen models too for the evaluation, whose processes may hold different numbers of prompts
+    frozen_whole = sum(gathered_bytes(m, p, dist) for m in frozen)
+    evaluation = _generation_phase("evaluation", policy, rows, spec.prompt, response, p, dist,
+                                   whole + ([Term("reference, reward and gold weights gathered whole (FSDP)",
+                                                  frozen_whole)] if dist.fsdp and frozen_whole else []))
     evaluation.terms.append(Term(f"log-probabilities, {LOGPROB_CHUNK} rows at a time",
                                  loss_head_bytes("ppo-lm", min(LOGPROB_CHUNK, rows) * response, vocab, p, dist,
                                                  backward=False)))
     phases.append(evaluation)
     notes = []
     if dist.fsdp:
-        notes.append("under FSDP our PPO shards the reference, reward and gold models like the policy, and gathers "
-                     "the trained models whole for generation, scoring and evaluation")
+        notes.append("under FSDP our PPO shards the reference, reward and gold models (each one unit, as trl's "
+                     "prepare_fsdp does), gathers each whole while it computes, and gathers the trained models whole "
+                     "for generation, scoring and evaluation")
     if checkpointing:
         notes.append("activations: gradient checkpointing on (each block recomputed in backward: +1 forward)")
     return MemoryPlan(states, static, phases, p, dist, notes)

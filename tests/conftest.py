@@ -48,8 +48,8 @@ def _run_from_repo_root(monkeypatch):
 
 # A torchrun worker on CPU (gloo) now and then aborts as its interpreter exits, after its work is done and written:
 # "terminate called without an active exception", a C++ thread left joinable at exit. Seen in about 1 of 16
-# launches of tests/fsdp_whole_weights.py (pure torch), with or without DeepSpeed installed, and once in an
-# `rlhf sft` launch under ZeRO-3. A launch whose only failure is that abort counts as having run; each test then
+# launches of a pure-torch FSDP2 script, with or without DeepSpeed installed, and once in an `rlhf sft` launch under
+# ZeRO-3. A launch whose only failure is that abort counts as having run; each test then
 # checks every result the run was to write.
 TEARDOWN_ABORT = "terminate called without an active exception"
 

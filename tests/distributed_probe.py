@@ -19,9 +19,14 @@ RECORD: dict = {"rank": RANK, "trainers": {}, "weights": {}, "wrote": []}
 
 
 def digest(model) -> str:
-    """Bit-exact fingerprint of a model's parameters and buffers."""
+    """Bit-exact fingerprint of a model's parameters and buffers (gathered whole when sharded: every process calls
+    it)."""
+    from torch.distributed.tensor import DTensor
+
     hasher = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
         hasher.update(name.encode())
         hasher.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
     return hasher.hexdigest()
@@ -98,13 +103,17 @@ def dump() -> None:
     Path(os.environ["RLHF_PROBE_DIR"], f"rank-{RANK}.json").write_text(json.dumps(RECORD, indent=1))
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+def main() -> None:
     install()
-    from rlhf_pipeline.cli import main
+    from rlhf_pipeline.cli import main as rlhf
 
     sys.argv = ["rlhf", *sys.argv[1:]]
     try:
-        main()
+        rlhf()
     finally:  # before the interpreter's own teardown, which a launcher may cut short (see TEARDOWN_ABORT)
         dump()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

@@ -127,97 +127,162 @@ def test_a_refused_run_stops_every_process_with_one_message(epoch_pipeline, tiny
     assert second.stderr.count("holds a finished run") == 1, second.stderr[-3000:]
 
 
-def test_fsdp2_policy_generates_and_saves_whole(tmp_path):
-    """FSDP2 runs on CPU with gloo in torch (Accelerate selects FSDP only on GPUs): a fully_shard-ed policy, gathered
-    by `ppo.modules.whole_weights`, generates token for token as the unsharded one, its gathered state dict saves the
-    same weights, and it is sharded and trainable afterwards (tests/fsdp_whole_weights.py, in both processes)."""
-    done = torchrun(REPO / "tests" / "fsdp_whole_weights.py", [str(tmp_path)], tmp_path, {}, timeout=300)
-    assert launch_ran(done), done.stderr[-5000:]
-    assert "rank 0: ok" in done.stdout and "rank 1: ok" in done.stdout
+# ---------------------------------------------------------------------------------------------------------------
+# the sharded engines, launched with recipes/accelerate/*.yaml: FSDP through tests/fsdp_on_cpu.py (Accelerate selects
+# FSDP only on GPUs; the shim changes that selection and nothing else), DeepSpeed on its CPU accelerator. Each run is
+# compared with the same run under DDP (torchrun).
+# ---------------------------------------------------------------------------------------------------------------
+ENGINE_TYPES = {"ddp": "DistributedType.MULTI_CPU", "fsdp": "DistributedType.FSDP",
+                "zero2": "DistributedType.DEEPSPEED", "zero3": "DistributedType.DEEPSPEED"}
 
 
-def test_ppo_under_deepspeed_zero2_equals_ddp_and_resumes(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
-    """PPO under DeepSpeed ZeRO-2 (`accelerate launch --config_file recipes/accelerate/zero2.yaml`, 2 processes on
-    DeepSpeed's CPU accelerator, over gloo): the engine steps at the boundary of the 2 accumulated micro-batches,
-    clips, and shards the optimizer state, and the run ends with the weights of the same run under DDP; a checkpoint
-    (the engine's own, through Accelerate's save_state) resumes to the uninterrupted run's weights bit for bit."""
-    pytest.importorskip("deepspeed")
+def launch_under(engine: str, args: list[str], probe_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI under 2 processes and `engine` ("ddp": torchrun; "fsdp", "zero2", "zero3": `accelerate launch` with
+    that config of recipes/accelerate/), each process recording what it did (tests/distributed_probe.py)."""
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    env = {"RLHF_PROBE_DIR": str(probe_dir), **(DEEPSPEED_CPU if engine.startswith("zero") else {})}
+    script = REPO / "tests" / ("fsdp_on_cpu.py" if engine == "fsdp" else "distributed_probe.py")
+    launcher = None if engine == "ddp" else [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+        str(REPO / "recipes" / "accelerate" / f"{engine}.yaml"), "--num_processes", "2", "--mixed_precision", "no"]
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    return torchrun(script, args, cwd, env, timeout=300, launcher=launcher)
+
+
+def same_weights(expected: Path, got: Path, atol: float = 1e-5) -> None:
     import torch
     from safetensors.torch import load_file
 
-    def run(name: str, *extra: str) -> Path:
-        out = tmp_path / name
-        recipe = ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)}, data_dir, save_every=1,
-                            max_grad_norm=0.5)
-        recipe = write_recipe(tmp_path / f"{name}.yaml", recipe)
-        launcher = None if name == "ddp" else [
-            sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-            str(REPO / "recipes" / "accelerate" / "zero2.yaml"), "--num_processes", "2", "--mixed_precision", "no"]
-        done = torchrun(REPO / "rlhf_pipeline" / "__main__.py", ["ppo", str(recipe), *extra], tmp_path,
-                        DEEPSPEED_CPU, timeout=300, launcher=launcher)
-        assert launch_ran(done) and (out / "metrics.json").is_file(), done.stderr[-6000:]
-        return out
-
-    ddp, deepspeed = run("ddp"), run("zero2")
-    expected, got = load_file(ddp / "model.safetensors"), load_file(deepspeed / "model.safetensors")
-    assert all(torch.allclose(expected[k], got[k], atol=1e-5) for k in expected)
-    assert not all(torch.equal(expected[k], load_file(tiny_model_dir / "model.safetensors").get(k, expected[k]))
-                   for k in expected)  # it trained
-    rows = [[json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (ddp, deepspeed)]
-    for ddp_row, ds_row in zip(*rows):
-        for key in ("loss/policy", "loss/value", "policy/grad_norm"):
-            assert ds_row[key] == pytest.approx(ddp_row[key], rel=1e-4, abs=1e-6), key
-
-    checkpoint = deepspeed / "checkpoints" / "update-000001"
-    assert (checkpoint / "pytorch_model").is_dir()  # the engine's sharded optimizer state
-    (deepspeed / "metrics.json").unlink()  # now an unfinished run whose last checkpoint is update 1
-    run("zero2", "--resume")
-    resumed = load_file(deepspeed / "model.safetensors")
-    assert all(torch.equal(got[k], resumed[k]) for k in got), "a resumed run must equal the uninterrupted one"
+    expected, got = load_file(expected / "model.safetensors"), load_file(got / "model.safetensors")
+    # the Trainer's sharded save (FSDP, DeepSpeed) writes GPT-2's tied output head as a key of its own (same values)
+    for weights in (expected, got):
+        tied = weights.pop("lm_head.weight", None)
+        assert tied is None or torch.equal(tied, weights["transformer.wte.weight"])
+    assert set(got) == set(expected)
+    worst = max(float((expected[k] - got[k]).abs().max()) for k in expected)
+    assert worst <= atol, f"largest difference {worst:g}"
 
 
-def test_sft_under_deepspeed_zero2_and_zero3_through_accelerate_launch(tiny_model_dir, data_dir, tmp_path):
-    """`accelerate launch --config_file recipes/accelerate/zero{2,3}.yaml` on DeepSpeed's CPU accelerator (2
-    processes, gloo): the Trainer runs under DeepSpeed, data-parallel (half the steps of one process, different
-    batches), process 1 writes nothing, and the saved model (under ZeRO-3 gathered from the shards) equals the same
-    run under DDP."""
-    pytest.importorskip("deepspeed")
+def trl_stage_recipe(stage: str, root: Path, model: Path, data_dir: Path) -> Path:
+    """One epoch of `stage` at 4 rows per process, so that its step count tells how the data was split."""
+    training = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
+                "learning_rate": 1.0e-3, "logging_steps": 1, "disable_tqdm": True}
+    pairs = {"files": {"train": str(data_dir / "prefs.jsonl"), "test": str(data_dir / "prefs-test.jsonl")},
+             "eval_split": "test"}
+    if stage == "sft":
+        recipe = stage_recipe("sft", root / "unused", model, {"files": str(data_dir / "sft.jsonl")}, training=training)
+    elif stage == "reward":
+        recipe = stage_recipe("reward", root / "unused", model, pairs, training=training)
+    else:  # 5 evaluation prompts, 2 at a time: 3 and 2 per process, so the processes run 2 and 1 batches
+        recipe = stage_recipe("dpo", root / "unused", model, pairs, training={**training, "beta": 0.5},
+                              gold={"function": "rlhf_pipeline.tiny.annotator:gold_score"},
+                              generation={"response_length": 8}, evaluation={"prompts": 5, "batch_size": 2})
+    return write_recipe(root / f"{stage}.yaml", recipe)
+
+
+@pytest.fixture(scope="module")
+def trl_stage_runs(tmp_path_factory, tiny_model_dir, data_dir):
+    """Each (stage, engine) run once for the module: (process 0's record, process 1's record, output dir)."""
+    root = tmp_path_factory.mktemp("trl-stages")
+    runs: dict[tuple[str, str], tuple[dict, dict, Path]] = {}
+
+    def run(stage: str, engine: str) -> tuple[dict, dict, Path]:
+        if (stage, engine) not in runs:
+            recipe = trl_stage_recipe(stage, root, tiny_model_dir, data_dir)
+            out, probes = root / f"{stage}-{engine}", root / f"probes-{stage}-{engine}"
+            done = launch_under(engine, [stage, str(recipe), "--output-dir", str(out)], probes, root)
+            assert launch_ran(done) and (out / "metrics.json").is_file(), done.stderr[-6000:]
+            records = [json.loads((probes / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+            runs[stage, engine] = (*records, out)
+        return runs[stage, engine]
+
+    return run
+
+
+@pytest.mark.parametrize("stage, engine", [("sft", "fsdp"), ("sft", "zero2"), ("sft", "zero3"), ("reward", "fsdp"),
+                                           ("reward", "zero3"), ("dpo", "fsdp"), ("dpo", "zero3")])
+def test_trl_stages_under_each_engine_equal_ddp(trl_stage_runs, stage, engine):
+    """sft, reward and dpo launched with recipes/accelerate/{fsdp,zero2,zero3}.yaml (2 processes): the Trainer runs
+    under that engine, data-parallel (half the optimizer steps of one process, different batches in each), with the
+    same weights in both processes, process 1 writes nothing, and the saved model (gathered from the shards) and the
+    held-out numbers equal the same run under DDP. DPO's generation evaluation runs on uneven shards (3 and 2
+    prompts), its sharded models held whole."""
+    for name in ("ddp", engine):
+        main, other, out = trl_stage_runs(stage, name)
+        trainer, twin = main["trainers"][out.name], other["trainers"][out.name]
+        assert trainer["engine"] == ENGINE_TYPES[name] and trainer["world_size"] == 2
+        assert trainer["steps"] == twin["steps"] == math.ceil(trainer["rows"] / 8) < math.ceil(trainer["rows"] / 4)
+        assert trainer["first_batch"] != twin["first_batch"], "both processes saw the same batch"
+        assert main["weights"][stage] == other["weights"][stage]
+        assert other["wrote"] == [], other["wrote"][:5]
+        assert json.loads((out / "metrics.json").read_text())["train_steps"] == trainer["steps"]
+
+    (*_, ddp), (*_, sharded) = trl_stage_runs(stage, "ddp"), trl_stage_runs(stage, engine)
+    same_weights(ddp, sharded)
+    expected, got = (json.loads((out / "metrics.json").read_text()) for out in (ddp, sharded))
+    keys = {"sft": [], "reward": ["eval_loss", "eval_accuracy", "eval_margin", "eval_ties"],
+            "dpo": ["eval_loss", "eval_kl", "eval_kl_before", "eval_response_length_after"]}[stage]
+    for key in ["train_loss", *keys]:
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), key
+    if stage == "dpo":
+        assert got["eval_prompts"] == 5 and "eval_gold_after" in got
+        assert (sharded / "eval_samples.jsonl").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tmp_path_factory, tiny_model_dir, tiny_reward_dir, data_dir):
+    """A PPO run (checkpoint after each update) by engine, made once for the module: its output dir."""
+    root = tmp_path_factory.mktemp("ppo-engines")
+    runs: dict[str, Path] = {}
+
+    def run(engine: str, *extra: str) -> Path:
+        out = root / engine
+        if engine not in runs or extra:
+            # 2 accumulated micro-batches, clipping; 5 held-out prompts, 2 at a time: 2 and 1 batches per process
+            recipe = ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)}, data_dir, save_every=1,
+                                max_grad_norm=0.5, eval_prompts=5, eval_batch_size=2)
+            path = write_recipe(root / f"{engine}.yaml", recipe)
+            done = launch_under(engine, ["ppo", str(path), *extra], root / f"probes-{engine}", root)
+            assert launch_ran(done) and (out / "metrics.json").is_file(), done.stderr[-6000:]
+            runs[engine] = out
+        return runs[engine]
+
+    return run
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero2"])
+def test_ppo_under_fsdp_and_zero2_equals_ddp_and_resumes(ppo_runs, tiny_model_dir, engine):
+    """PPO launched with recipes/accelerate/fsdp.yaml (FSDP2: the trained models sharded; the reference and reward
+    models sharded by trl's prepare_fsdp and held whole while they compute) or zero2.yaml (DeepSpeed: the engine
+    steps at the boundary of the 2 accumulated micro-batches, clips, and shards the optimizer state): the run ends
+    with the weights, losses and grad norms of the same run under DDP, its held-out evaluation runs on uneven shards,
+    and a checkpoint (Accelerate's save_state: FSDP's gathered state dicts, DeepSpeed's engine files) resumes to the
+    uninterrupted run's weights bit for bit."""
     import torch
     from safetensors.torch import load_file
 
-    recipe = stage_recipe("sft", tmp_path / "unused", tiny_model_dir, {"files": str(data_dir / "sft.jsonl")},
-                          training={"num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 1.0e-3,
-                                    "logging_steps": 1, "bf16": False, "disable_tqdm": True})
-    path = write_recipe(tmp_path / "sft.yaml", recipe)
+    ddp, sharded = ppo_runs("ddp"), ppo_runs(engine)
+    same_weights(ddp, sharded)
+    assert not all(torch.equal(v, load_file(tiny_model_dir / "model.safetensors").get(k, v))
+                   for k, v in load_file(ddp / "model.safetensors").items())  # it trained
+    rows = [[json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (ddp, sharded)]
+    assert len(rows[0]) == len(rows[1]) == 2
+    for ddp_row, row in zip(*rows):
+        for key in ("loss/policy", "loss/value", "policy/grad_norm", "objective/kl"):
+            assert row[key] == pytest.approx(ddp_row[key], rel=1e-4, abs=1e-6), key
+    expected, got = (json.loads((out / "metrics.json").read_text()) for out in (ddp, sharded))
+    for key in ("eval_score_before", "eval_score_after", "eval_kl"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
 
-    def run(name: str, config: str | None) -> tuple[dict, dict, Path]:
-        probes, out = tmp_path / f"probes-{name}", tmp_path / name
-        probes.mkdir()
-        launcher = None if config is None else [
-            sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-            str(REPO / "recipes" / "accelerate" / config), "--num_processes", "2", "--mixed_precision", "no"]
-        env = {"RLHF_PROBE_DIR": str(probes), **DEEPSPEED_CPU}
-        done = torchrun(REPO / "tests" / "distributed_probe.py", ["sft", str(path), "--output-dir", str(out)],
-                        tmp_path, env, timeout=300, launcher=launcher)
-        assert launch_ran(done) and (out / "metrics.json").is_file(), done.stderr[-6000:]
-        main, other = (json.loads((probes / f"rank-{rank}.json").read_text()) for rank in (0, 1))
-        return main["trainers"][name], other, out
-
-    ddp, _, ddp_out = run("ddp", None)
-    expected = load_file(ddp_out / "model.safetensors")
-    for name in ("zero2", "zero3"):
-        trainer, other, out = run(name, f"{name}.yaml")
-        assert trainer["engine"] == "DistributedType.DEEPSPEED" and trainer["world_size"] == 2
-        assert trainer["steps"] == ddp["steps"] == math.ceil(trainer["rows"] / 8) < math.ceil(trainer["rows"] / 4)
-        assert trainer["first_batch"] != other["trainers"][name]["first_batch"]
-        assert other["wrote"] == []
-        got = load_file(out / "model.safetensors")
-        # the Trainer's DeepSpeed save writes the tied output head as a key of its own (the same values)
-        tied = got.pop("lm_head.weight", None)
-        assert tied is None or torch.equal(tied, got["transformer.wte.weight"])
-        assert set(got) == set(expected)
-        assert all(torch.allclose(got[k], expected[k], atol=1e-5) for k in expected), name
-
+    checkpoint = sharded / "checkpoints" / "update-000001"
+    engine_files = {"fsdp": "pytorch_model_fsdp.bin", "zero2": "pytorch_model"}[engine]
+    assert (checkpoint / engine_files).exists() and (checkpoint / "optimizer.bin").exists() == (engine == "fsdp")
+    finished = load_file(sharded / "model.safetensors")
+    (sharded / "metrics.json").unlink()  # now an unfinished run whose last checkpoint is update 1
+    ppo_runs(engine, "--resume")
+    resumed = load_file(sharded / "model.safetensors")
+    assert all(torch.equal(finished[k], resumed[k]) for k in finished), "a resumed run must equal the uninterrupted one"
 
 @pytest.mark.parametrize("env, gpu, args, message", [
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, False, ["sft", "recipes/tiny/sft.yaml"],
@@ -228,18 +293,14 @@ def test_sft_under_deepspeed_zero2_and_zero3_through_accelerate_launch(tiny_mode
      ["ppo", "recipes/tiny/ppo.yaml"], "not ZeRO-3"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, False,
      ["ppo", "recipes/tiny/ppo.yaml"], "DeepSpeed also on DeepSpeed's CPU accelerator, DS_ACCELERATOR=cpu"),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, True,
-     ["ppo", "recipes/tiny/ppo.yaml", "--set", "training.save_every=4"], "under FSDP are not supported"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, True, ["ppo", "recipes/tiny/ppo.yaml"], "needs FSDP2"),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, True,
-     ["ppo", "recipes/tiny/ppo.yaml", "--set", "training.save_every=4"], "training.save_every"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, True,
      ["sft", "recipes/tiny/sft.yaml", "--set", "peft.r=4"], "peft.save"),
 ])
 def test_engines_a_stage_cannot_honour_are_refused_before_loading(monkeypatch, tmp_path, env, gpu, args, message):
     """A launch asking for FSDP or DeepSpeed on a machine without GPUs (Accelerate would silently run plain data
-    parallel; PPO may use DeepSpeed's CPU accelerator), PPO under ZeRO-3 or FSDP1, PPO checkpoints under FSDP, and a
-    merged LoRA save of sharded weights: exit 2 with the reason, before any model is loaded, nothing written."""
+    parallel; PPO may use DeepSpeed's CPU accelerator), PPO under ZeRO-3 or FSDP1, and a merged LoRA save of sharded
+    weights: exit 2 with the reason, before any model is loaded, nothing written."""
     import torch
 
     for key, value in env.items():
@@ -250,31 +311,3 @@ def test_engines_a_stage_cannot_honour_are_refused_before_loading(monkeypatch, t
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
-
-
-def test_dpo_under_two_processes(tiny_model_dir, data_dir, tmp_path):
-    """rlhf dpo (TRL's DPOTrainer) under 2 processes: half the steps of one process, different batches, the same
-    weights in both, one writer; its held-out generation evaluation runs sharded (7 prompts: 4 and 3)."""
-    out = tmp_path / "dpo"
-    recipe = write_recipe(tmp_path / "dpo.yaml", {
-        "stage": "dpo", "seed": 0, "output_dir": str(out), "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"files": {"train": str(data_dir / "prefs.jsonl"), "test": str(data_dir / "prefs-test.jsonl")},
-                 "eval_split": "test"},
-        "gold": {"function": "rlhf_pipeline.tiny.annotator:gold_score"}, "generation": {"response_length": 8},
-        "evaluation": {"prompts": 7, "batch_size": 2},
-        "training": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
-                     "learning_rate": 1.0e-3, "beta": 0.5, "logging_steps": 1}})
-    probes = tmp_path / "probes"
-    probes.mkdir()
-    done = launch(["dpo", str(recipe)], probes, tmp_path)
-    assert launch_ran(done), done.stderr[-8000:]
-    main, other = (json.loads((probes / f"rank-{rank}.json").read_text()) for rank in (0, 1))
-    trainer, twin = main["trainers"]["dpo"], other["trainers"]["dpo"]
-    assert trainer["steps"] == twin["steps"] == math.ceil(trainer["rows"] / 8) < math.ceil(trainer["rows"] / 4)
-    assert trainer["first_batch"] != twin["first_batch"]
-    assert main["weights"]["dpo"] == other["weights"]["dpo"]
-    assert other["wrote"] == []
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train_steps"] == trainer["steps"]
-    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
-    assert len(samples) >= 1 and "eval_gold_after" in metrics and metrics["eval_prompts"] == 7

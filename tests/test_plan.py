@@ -383,10 +383,15 @@ def test_sharding_lowers_the_peak_and_ppo_refuses_zero3():
     policy = next(m for m in zero2["models"] if m["role"] == "policy")
     assert zero2["refusals"] == [] and policy["optimizer_bytes"] < policy["weights_bytes"] * 2  # state split 8 ways
     fsdp = plan_json("recipes/gpt2-hh/ppo.yaml", "--accelerate-config", "recipes/accelerate/fsdp.yaml")
-    assert "training.save_every" in fsdp["refusals"][0]  # the recipe saves checkpoints: refused under sharding
+    assert fsdp["refusals"] == []  # checkpoints (save_every) included
     reference = next(m for m in fsdp["models"] if m["role"] == "reference")
     assert reference["weights_bytes"] == KNOWN["gpt2"].parameters * 4 // 8  # PPO shards it under FSDP
-    assert "trained weights gathered whole (FSDP)" in fsdp["memory"]["phases"]["generation"]
+    phases = fsdp["memory"]["phases"]
+    assert "trained weights gathered whole (FSDP)" in phases["generation"]
+    # one unit (trl's prepare_fsdp), gathered whole while it computes, and for the evaluation with the reward model
+    assert phases["scoring"]["reference weights gathered to compute"] == KNOWN["gpt2"].parameters * 2  # bf16
+    frozen = sum(m["parameters"] for m in fsdp["models"] if m["role"] in ("reference", "reward"))
+    assert phases["evaluation"]["reference, reward and gold weights gathered whole (FSDP)"] == frozen * 2
 
 
 def test_pipeline_plans_each_stage():

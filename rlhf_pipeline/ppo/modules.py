@@ -117,7 +117,10 @@ def sample_rollout(policy: nn.Module, tokenizer, prompts: Prompts, generation, d
                    autocast: Callable = nullcontext) -> Rollout:
     """Sample one response per prompt (HF generate with its KV cache), truncated after the first EOS.
 
-    top_k=0 and top_p=1.0 by default: PPO's log-probabilities are those of the full softmax at `temperature`."""
+    top_k=0 and top_p=1.0 by default: PPO's log-probabilities are those of the full softmax at `temperature`.
+    Sharded weights must be held whole (`gathered`): generation then needs no other process, and is told so
+    (`synced_gpus=False`; transformers would otherwise keep every process stepping until all are done, and hang
+    when their numbers of batches differ, as in a held-out evaluation's uneven shards)."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=generation.response_length, do_sample=True,
@@ -129,7 +132,8 @@ def sample_rollout(policy: nn.Module, tokenizer, prompts: Prompts, generation, d
     was_training = policy.training
     policy.eval()
     with autocast():
-        output = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+        output = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config,
+                                 synced_gpus=False)
     policy.train(was_training)
     response, response_mask, finished = truncate_after_eos(output[:, query.shape[1]:], tokenizer.eos_token_id,
                                                            tokenizer.pad_token_id)
@@ -229,7 +233,17 @@ class PolicyAndValue(nn.Module):
         else:
             value_hidden = response_hidden(self.value_model, input_ids, attention_mask, response_start)
             values = score_head_of(self.value_model)(value_hidden).squeeze(-1)
+        if values is not None:
+            values = values.clone()  # not a view of the head's output: FSDP2 warns of a view returned by a forward
         return logits, values
+
+    def tie_weights(self) -> None:
+        """Tie each model's output head to its input embeddings again (GPT-2's tied head). Accelerate calls this
+        after its FSDP preparation moved the weights through the `meta` device (`fsdp_cpu_ram_efficient_loading`),
+        which unties them: without it the policy's head would train as a matrix of its own."""
+        for model in (self.policy, self.value_model):
+            if model is not None:
+                model.tie_weights()
 
     def value_parameters(self) -> list[nn.Parameter]:
         source = self.value_head if self.value_head is not None else self.value_model
@@ -269,6 +283,11 @@ class ModelScorer:
         else:
             prompts, responses = rollout.prompts.texts, rollout.responses
         return self.reward_model.score(prompts, responses)
+
+
+def scorer_model(scorer) -> nn.Module | None:
+    """The reward model a scorer runs; None for a Python function (or no scorer)."""
+    return scorer.reward_model.model if isinstance(scorer, ModelScorer) else None
 
 
 class FunctionScorer:
@@ -344,12 +363,46 @@ def whole_weights(model: nn.Module, reshard_after_forward: bool = True):
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
+    # transformers' Trainer registers `generate` as an FSDP forward method (an attribute of the instance): its hooks
+    # re-shard the root unit when generation ends, whatever reshard_after_forward says. Everything being gathered
+    # here, the class's own method runs instead
+    registered = model.__dict__.pop("generate", None) if units else None
     try:
         yield
     finally:
+        if registered is not None:
+            model.generate = registered
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(reshard_after_forward and unit is not model, recurse=False)
+
+
+@contextmanager
+def gathered(accelerator, *models: nn.Module | None):
+    """Each of `models` (None skipped) held whole for the length of the block, where code calls a model's parts
+    directly (the trunk, then a head) or runs a share of the work that differs between processes (the held-out
+    evaluation's uneven shards: a forward that gathered shards itself would wait on a process that has finished).
+    Under FSDP each is gathered by `whole_weights`; under DeepSpeed ZeRO-3 its partitioned parameters are gathered
+    by TRL's `unwrap_model_for_generation` (pass the engine, whose hooks it lifts); otherwise nothing is done.
+    Every process must enter it."""
+    from contextlib import ExitStack
+
+    from accelerate.utils import DistributedType
+
+    engine = accelerator.distributed_type
+    zero3 = engine == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    with ExitStack() as stack:
+        for model in models:
+            if model is None:
+                continue
+            if engine == DistributedType.FSDP:
+                reshard = bool(accelerator.state.fsdp_plugin.reshard_after_forward)
+                stack.enter_context(whole_weights(model, reshard))
+            elif zero3:
+                from trl.models import unwrap_model_for_generation
+
+                stack.enter_context(unwrap_model_for_generation(model, accelerator))
+        yield
 
 
 def policy_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -37,11 +37,12 @@ from rlhf_pipeline.ppo.modules import (
     PolicyAndValue,
     Prompts,
     Rollout,
+    gathered,
     prepare_frozen,
     reference_logits,
     sample_rollout,
+    scorer_model,
     seeded,
-    whole_weights,
 )
 from rlhf_pipeline.ppo.plan import BatchPlan
 from rlhf_pipeline.recipe.schema import GenerationSection, PpoTraining
@@ -137,6 +138,7 @@ class PPOTrainer:
                     scorer.progress.epoch = update * plan.prompts_per_update / len(self.prompts)
 
             with self.whole_weights():  # FSDP: gathered once for the rollout's generation and forward passes
+                # (the reference, when it scores them)
                 # 2. sample responses, truncate after the first EOS
                 rollout = self.sample(prompts)
                 t_generated = time.perf_counter()
@@ -222,12 +224,11 @@ class PPOTrainer:
         bar.close()
         return self.state
 
-    def whole_weights(self):
-        """Under FSDP, the trained model gathered whole for a block that calls its parts directly (`whole_weights` in
-        modules.py); nothing to do otherwise. Every process must enter it."""
-        if self.accelerator.distributed_type != DistributedType.FSDP:
-            return nullcontext()
-        return whole_weights(self.model, bool(self.accelerator.state.fsdp_plugin.reshard_after_forward))
+    def whole_weights(self, *frozen):
+        """The trained model and the `frozen` models held whole for a block that calls their parts directly
+        (`gathered` in modules.py: FSDP gathers a unit only when its own forward runs). Every process must enter
+        it."""
+        return gathered(self.accelerator, self.model, *frozen)
 
     # -----------------------------------------------------------------------------------------------------------
     # 1. prompts
@@ -272,17 +273,18 @@ class PPOTrainer:
         size = self.config.forward_batch_size or rollout.query.shape[0]
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref": [], "entropy": []}
         input_ids, attention_mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
-        for begin in range(0, input_ids.shape[0], size):
-            chunk = slice(begin, begin + size)
-            ids, mask, tokens = input_ids[chunk], attention_mask[chunk], rollout.response[chunk]
-            with self.accelerator.autocast():
-                logits, values = model(ids, mask, start)
-                ref_logits = reference_logits(self.reference, model.policy, ids, mask, start)
-            parts["logprobs"].append(core.logprobs_of(logits, tokens, temperature))
-            parts["entropy"].append(core.entropy_of(logits, temperature))
-            if values is not None:
-                parts["values"].append(values.float())
-            parts["ref"].append(core.logprobs_of(ref_logits, tokens, temperature))
+        with gathered(self.accelerator, self.reference):  # FSDP: whole, as its trunk and head are called apart
+            for begin in range(0, input_ids.shape[0], size):
+                chunk = slice(begin, begin + size)
+                ids, mask, tokens = input_ids[chunk], attention_mask[chunk], rollout.response[chunk]
+                with self.accelerator.autocast():
+                    logits, values = model(ids, mask, start)
+                    ref_logits = reference_logits(self.reference, model.policy, ids, mask, start)
+                parts["logprobs"].append(core.logprobs_of(logits, tokens, temperature))
+                parts["entropy"].append(core.entropy_of(logits, temperature))
+                if values is not None:
+                    parts["values"].append(values.float())
+                parts["ref"].append(core.logprobs_of(ref_logits, tokens, temperature))
         joined = {k: torch.cat(v) if v else None for k, v in parts.items()}
         return joined["logprobs"], joined["values"], joined["ref"], joined["entropy"]
 
@@ -496,7 +498,9 @@ class PPOTrainer:
         from rlhf_pipeline.held_out import evaluate_generation
 
         model = self.accelerator.unwrap_model(self.model)
-        with self.whole_weights():
+        # the reward models too: processes may hold different numbers of prompts, and a sharded model's own
+        # forward would wait on a process that has none left
+        with self.whole_weights(self.reference, scorer_model(self.scorer), scorer_model(self.gold)):
             return evaluate_generation(model.policy, self.reference, self.tokenizer, prompts, self.generation,
                                        self.accelerator, seed=seed, batch_size=self.config.eval_batch_size,
                                        scorer=self.scorer, gold=self.gold)

@@ -121,12 +121,6 @@ def engine_refusals(loaded: LoadedRecipe, engine: str | None, zero: int | None, 
     if loaded.stage == "ppo" and engine == "fsdp" and fsdp_version != 2:
         refusals.append((None, "rlhf ppo under FSDP needs FSDP2 (fsdp_version: 2 in the Accelerate config, as in "
                                "recipes/accelerate/fsdp.yaml)"))
-    if loaded.stage == "ppo" and engine == "fsdp" and loaded.recipe.training.save_every:
-        # the checkpoints are Accelerate's save_state, whose sharded path (torch.distributed.checkpoint) no test here
-        # has run: Accelerate selects FSDP only on GPUs, and the CPU test machines have none
-        refusals.append(("training.save_every", f"checkpoints of a PPO run under {name} are not supported yet "
-                                                "(Accelerate's save_state of the sharded weights and optimizer has not "
-                                                "been run with this loop): remove save_every, or launch under DDP"))
     lora = getattr(loaded.recipe, "peft", None)
     if lora is not None and lora.save == "merged" and (engine == "fsdp" or zero == 3):
         refusals.append(("peft.save", f"under {name} the weights are sharded across processes and no process can "

@@ -165,6 +165,7 @@ def load_reference(loaded: LoadedRecipe, tokenizer):
 def _evaluator(loaded: LoadedRecipe, trainer, tokenizer, prompts, scorer, gold):
     """One held-out generation pass of the trainer's current policy (the same seed every time)."""
     from rlhf_pipeline.held_out import evaluate_generation
+    from rlhf_pipeline.ppo.modules import gathered, scorer_model
 
     recipe = loaded.recipe
 
@@ -174,10 +175,12 @@ def _evaluator(loaded: LoadedRecipe, trainer, tokenizer, prompts, scorer, gold):
         reference = unwrap(trainer.ref_model) if trainer.ref_model is not None else None
         was_training = policy.training
         policy.eval()  # no dropout in the log-probabilities either, whatever training.disable_dropout says
-        try:
-            return evaluate_generation(policy, reference, tokenizer, prompts, recipe.generation, trainer.accelerator,
-                                       seed=recipe.seed + 100_003, batch_size=recipe.evaluation.batch_size,
-                                       scorer=scorer, gold=gold)
+        try:  # sharded models (FSDP, ZeRO-3) held whole: the evaluation calls their parts, on uneven shards
+            with gathered(trainer.accelerator, trainer.model_wrapped, trainer.ref_model, scorer_model(scorer),
+                          scorer_model(gold)):
+                return evaluate_generation(policy, reference, tokenizer, prompts, recipe.generation,
+                                           trainer.accelerator, seed=recipe.seed + 100_003,
+                                           batch_size=recipe.evaluation.batch_size, scorer=scorer, gold=gold)
         finally:
             policy.train(was_training)
 

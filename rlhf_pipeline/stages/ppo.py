@@ -162,15 +162,15 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
     from accelerate.utils import DistributedType
     from transformers import set_seed
 
-    from rlhf_pipeline.ppo.modules import ModelScorer, policy_state_dict, prepare_frozen
+    from rlhf_pipeline.ppo.modules import policy_state_dict, prepare_frozen, scorer_model
 
     recipe = loaded.recipe
     set_seed(recipe.seed)
     setup = build(loaded, accelerator.device)
     tokenizer, eval_prompts = setup.tokenizer, setup.eval_prompts
     for scorer in (setup.scorer, setup.gold):  # frozen reward models, sharded like the policy under FSDP
-        if isinstance(scorer, ModelScorer):
-            scorer.reward_model.model = prepare_frozen(scorer.reward_model.model, accelerator)
+        if scorer_model(scorer) is not None:
+            scorer.reward_model.model = prepare_frozen(scorer_model(scorer), accelerator)
 
     # 3. trainer
     trainer = make_trainer(loaded, setup, accelerator)
