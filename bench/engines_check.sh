@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The sharded engines on one GPU (called by bench/gpu_check.sh after its tiny pipeline, or alone): rlhf sft and rlhf
-# ppo launched with recipes/accelerate/fsdp.yaml (FSDP2, one process: every code path of the sharded run but the
-# cross-GPU traffic), then, when DeepSpeed imports, rlhf sft with zero2.yaml and zero3.yaml and rlhf ppo with
-# zero2.yaml. Each part is timed, its exit code and metrics go to $OUT/engines_check.json; a part that fails does not
+# The sharded engines on one GPU (called by bench/gpu_check.sh after its tiny pipeline, or alone): rlhf sft, rlhf ppo
+# (with checkpoints) and rlhf dpo launched with recipes/accelerate/fsdp.yaml (FSDP2, one process: every code path of
+# the sharded run but the cross-GPU traffic), then, when DeepSpeed imports, rlhf sft with zero2.yaml and zero3.yaml
+# and rlhf ppo with zero2.yaml. Each part is timed, its exit code and metrics go to $OUT/engines_check.json; a part that fails does not
 # stop the next.
 #
 #   bash bench/engines_check.sh TINY_RUNS     # TINY_RUNS: a finished tiny pipeline's output dir (pretrain, sft, reward)
@@ -44,7 +44,11 @@ part fsdp-sft 120 "${LAUNCH[@]}" --config_file recipes/accelerate/fsdp.yaml -m r
     --set "model.name_or_path=$TINY/pretrain" --set training.max_steps=30 "${DATA[@]}" --output-dir "$WORK/fsdp-sft"
 part fsdp-ppo 150 "${LAUNCH[@]}" --config_file recipes/accelerate/fsdp.yaml -m rlhf_pipeline ppo recipes/tiny/ppo.yaml \
     --set "policy.name_or_path=$TINY/sft" --set "reward.model=$TINY/reward" --set training.total_episodes=256 \
-    --set training.mixed_precision=bf16 --set training.eval_prompts=64 --output-dir "$WORK/fsdp-ppo"
+    --set training.mixed_precision=bf16 --set training.eval_prompts=64 --set training.save_every=2 \
+    --output-dir "$WORK/fsdp-ppo"
+part fsdp-dpo 150 "${LAUNCH[@]}" --config_file recipes/accelerate/fsdp.yaml -m rlhf_pipeline dpo recipes/tiny/dpo.yaml \
+    --set "model.name_or_path=$TINY/sft" --set training.max_steps=30 --set evaluation.prompts=64 "${DATA[@]}" \
+    --output-dir "$WORK/fsdp-dpo"
 if "$PY" -c "import deepspeed" 2>/dev/null; then
     for stage in 2 3; do
         part "zero$stage-sft" 150 "${LAUNCH[@]}" --config_file "recipes/accelerate/zero$stage.yaml" -m rlhf_pipeline sft \

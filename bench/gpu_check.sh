@@ -11,8 +11,9 @@
 # Part 2: bench/flops.py --device cuda --dtype bf16: the bf16 matmul rate and the GPT-2-small PPO benchmark:
 #         episodes/s, torch.cuda.max_memory_allocated, each phase's model FLOP/s as a fraction of the measured bf16
 #         matmul rate and of the GPU's nominal dense bf16 peak.
-# Part 3: bench/engines_check.sh: rlhf sft and ppo under fsdp.yaml, sft under zero2/zero3.yaml and ppo under zero2.yaml
-#         when DeepSpeed imports, on part 1's models (GPU_CHECK_ENGINES=0 skips it; $OUT/engines_check.json).
+# Part 3: bench/engines_check.sh: rlhf sft, ppo and dpo under fsdp.yaml, sft under zero2/zero3.yaml and ppo under
+#         zero2.yaml when DeepSpeed imports, on part 1's models (GPU_CHECK_ENGINES=0 skips it; engines_check.json).
+#         Alone, with the tiny pipeline's models kept: bash bench/engines_check.sh TINY_RUNS (under 10 minutes).
 # Then a summary. Nothing is fetched (HF_HUB_OFFLINE); the programs run as `python3 -m rlhf_pipeline` and
 # `python3 bench/flops.py` (no entry point, no venv). Everything it keeps goes to ${OUT:-/tmp/gpu_check}: two files,
 # gpu_check.log (all output) and gpu_check.json (versions, each part's status, times and figures). Scratch (the

@@ -100,7 +100,8 @@ def install() -> None:
 
 def dump() -> None:
     RECORD.pop("_first_batch", None)
-    Path(os.environ["RLHF_PROBE_DIR"], f"rank-{RANK}.json").write_text(json.dumps(RECORD, indent=1))
+    if os.environ.get("RLHF_PROBE_DIR"):
+        Path(os.environ["RLHF_PROBE_DIR"], f"rank-{RANK}.json").write_text(json.dumps(RECORD, indent=1))
 
 
 def main() -> None:

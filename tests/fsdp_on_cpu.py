@@ -2,15 +2,18 @@
 
 Accelerate selects FSDP only for GPU-like backends (`AcceleratorState`: MULTI_GPU, MULTI_XPU, ...; never MULTI_CPU),
 and `rlhf` refuses an FSDP launch without GPUs for that reason. torch's FSDP2 (`fully_shard`) itself runs on CPU over
-gloo. This shim changes Accelerate's device selection and nothing else: the launched processes are told they are
-"GPU" processes whose device is the CPU and whose backend is gloo, so that Accelerate chooses FSDP as it would on
-GPUs. Everything after that is the real code: Accelerate's FSDP2 preparation (`fsdp2_prepare_model`, the optimizer
-rebuilt on the sharded parameters), torch's `fully_shard`, the gathered full state dict a run saves, Accelerate's
-`save_state` / `load_state` of sharded weights and optimizer (torch.distributed.checkpoint), TRL's `prepare_fsdp`,
-and our PPO loop. What it cannot show is cross-GPU traffic and mixed precision (the runs are fp32).
+gloo. This shim changes Accelerate's device selection (and lifts rlhf's refusal, which exists because of it) and
+nothing else: the launched processes are told they are "GPU" processes whose device is the CPU and whose backend is
+gloo, so that Accelerate chooses FSDP as it would on GPUs. Everything after that is the real code: Accelerate's FSDP2
+preparation (`fsdp2_prepare_model`, the optimizer rebuilt on the sharded parameters), torch's `fully_shard`, the
+gathered full state dict a run saves, Accelerate's `save_state` / `load_state` of the sharded weights and optimizer,
+TRL's `prepare_fsdp`, the Trainer's FSDP support, and our PPO loop. What it cannot show is what only GPUs have:
+NCCL, GPU kernels, one device per process.
 
     accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no \\
-        tests/fsdp_on_cpu.py ppo RECIPE    # with RLHF_PROBE_DIR set
+        tests/fsdp_on_cpu.py ppo RECIPE
+
+The CLI runs under tests/distributed_probe.py, which records what each process did in $RLHF_PROBE_DIR when set.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def install() -> None:
     common.engine_refusals = engine_refusals
 
 
-if __name__ == "__main__":  # the CLI recorded by tests/distributed_probe.py (RLHF_PROBE_DIR)
+if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     install()
     import distributed_probe
