@@ -137,8 +137,9 @@ class PPOTrainer:
                     scorer.progress.global_step = self.state.optimizer_steps
                     scorer.progress.epoch = update * plan.prompts_per_update / len(self.prompts)
 
-            with self.whole_weights():  # FSDP: gathered once for the rollout's generation and forward passes
-                # (the reference, when it scores them)
+            # FSDP: the trained model gathered once for the rollout's generation and forward passes (the reference
+            # while it scores them, in _score_tokens)
+            with self.whole_weights():
                 # 2. sample responses, truncate after the first EOS
                 rollout = self.sample(prompts)
                 t_generated = time.perf_counter()
