@@ -251,38 +251,46 @@ def ppo_runs(tmp_path_factory, tiny_model_dir, tiny_reward_dir, data_dir):
     return run
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "zero2"])
-def test_ppo_under_fsdp_and_zero2_equals_ddp_and_resumes(ppo_runs, tiny_model_dir, engine):
-    """PPO launched with recipes/accelerate/fsdp.yaml (FSDP2: the trained models sharded; the reference and reward
-    models sharded by trl's prepare_fsdp and held whole while they compute) or zero2.yaml (DeepSpeed: the engine
-    steps at the boundary of the 2 accumulated micro-batches, clips, and shards the optimizer state): the run ends
-    with the weights, losses and grad norms of the same run under DDP, its held-out evaluation runs on uneven shards,
-    and a checkpoint (Accelerate's save_state: FSDP's gathered state dicts, DeepSpeed's engine files) resumes to the
-    uninterrupted run's weights bit for bit."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2"])
+def test_ppo_under_each_engine_equals_ddp_and_resumes(ppo_runs, tiny_model_dir, engine):
+    """PPO under 2 processes: DDP (torchrun: each process samples half of every rollout batch), and launched with
+    recipes/accelerate/fsdp.yaml (FSDP2: the trained models sharded; the reference and reward models sharded by
+    trl's prepare_fsdp and held whole while they compute) or zero2.yaml (DeepSpeed: the engine steps at the boundary
+    of the 2 accumulated micro-batches, clips, and shards the optimizer state). Each ends with the weights, losses,
+    grad norms and held-out numbers of the DDP run; the held-out evaluation runs on uneven shards; and a checkpoint
+    (Accelerate's save_state, with one RNG file per process: FSDP's gathered state dicts, DeepSpeed's engine files)
+    resumes to the uninterrupted run's weights bit for bit."""
     import torch
     from safetensors.torch import load_file
 
-    ddp, sharded = ppo_runs("ddp"), ppo_runs(engine)
-    same_weights(ddp, sharded)
+    ddp, run = ppo_runs("ddp"), ppo_runs(engine)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 8 and metrics["episodes"] == 16
     assert not all(torch.equal(v, load_file(tiny_model_dir / "model.safetensors").get(k, v))
                    for k, v in load_file(ddp / "model.safetensors").items())  # it trained
-    rows = [[json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (ddp, sharded)]
-    assert len(rows[0]) == len(rows[1]) == 2
-    for ddp_row, row in zip(*rows):
-        for key in ("loss/policy", "loss/value", "policy/grad_norm", "objective/kl"):
-            assert row[key] == pytest.approx(ddp_row[key], rel=1e-4, abs=1e-6), key
-    expected, got = (json.loads((out / "metrics.json").read_text()) for out in (ddp, sharded))
-    for key in ("eval_score_before", "eval_score_after", "eval_kl"):
-        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    if engine != "ddp":
+        same_weights(ddp, run)
+        rows = [[json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (ddp, run)]
+        assert len(rows[0]) == len(rows[1]) == 2
+        for ddp_row, row in zip(*rows):
+            for key in ("loss/policy", "loss/value", "policy/grad_norm", "objective/kl"):
+                assert row[key] == pytest.approx(ddp_row[key], rel=1e-4, abs=1e-6), key
+        expected = json.loads((ddp / "metrics.json").read_text())
+        for key in ("eval_score_before", "eval_score_after", "eval_kl"):
+            assert metrics[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
 
-    checkpoint = sharded / "checkpoints" / "update-000001"
-    engine_files = {"fsdp": "pytorch_model_fsdp.bin", "zero2": "pytorch_model"}[engine]
-    assert (checkpoint / engine_files).exists() and (checkpoint / "optimizer.bin").exists() == (engine == "fsdp")
-    finished = load_file(sharded / "model.safetensors")
-    (sharded / "metrics.json").unlink()  # now an unfinished run whose last checkpoint is update 1
+    checkpoint = run / "checkpoints" / "update-000001"
+    engine_files = {"ddp": "model.safetensors", "fsdp": "pytorch_model_fsdp.bin", "zero2": "pytorch_model"}[engine]
+    assert (checkpoint / engine_files).exists()
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {p.name for p in
+                                                                                    checkpoint.iterdir()}
+    finished = load_file(run / "model.safetensors")
+    (run / "metrics.json").unlink()  # now an unfinished run whose last checkpoint is update 1
     ppo_runs(engine, "--resume")
-    resumed = load_file(sharded / "model.safetensors")
+    resumed = load_file(run / "model.safetensors")
     assert all(torch.equal(finished[k], resumed[k]) for k in finished), "a resumed run must equal the uninterrupted one"
+    assert [json.loads(line)["train/update"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+
 
 @pytest.mark.parametrize("env, gpu, args, message", [
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, False, ["sft", "recipes/tiny/sft.yaml"],

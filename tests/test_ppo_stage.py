@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, launch_ran, ppo_recipe, run_cli, weights, write_recipe
+from conftest import REPO, ppo_recipe, run_cli, weights, write_recipe
 from safetensors.torch import load_file
 
 LOGGED_EVERY_UPDATE = {
@@ -272,36 +269,6 @@ def test_ppo_bad_recipes(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir, ch
     assert result.exit_code == 2, result.output
     assert key in result.output and "Traceback" not in result.output
     assert not out.exists()
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
-def test_ppo_two_processes_gloo(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
-    """Two CPU processes under torchrun + Accelerate (gloo): each samples half of every rollout batch. The checkpoint
-    after update 1 (Accelerate's save_state: one RNG file per process) resumes, under DDP, to the same weights."""
-    out = tmp_path / "ppo"
-    path = write_recipe(tmp_path / "ppo.yaml", ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)},
-                                                          data_dir, gradient_accumulation_steps=1, save_every=1))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "rlhf_pipeline", "ppo", str(path)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert launch_ran(done), done.stdout[-3000:] + done.stderr[-3000:]
-    assert "= 4 per process x 2 processes;" in done.stderr and "(2 per process, in 1 micro-batch)" in done.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["optimizer_steps"] == 8 and metrics["episodes"] == 16
-    assert len(log_rows(out)) == 2
-    checkpoint = out / "checkpoints" / "update-000001"
-    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {p.name for p in
-                                                                                    checkpoint.iterdir()}
-
-    straight = weights(out)
-    (out / "metrics.json").unlink()  # now an unfinished run whose last checkpoint is update 1
-    again = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert launch_ran(again) and (out / "metrics.json").is_file(), again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming from update-000001 (1 of 2 updates)" in again.stderr
-    resumed = weights(out)
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight), "a resumed run must equal the uninterrupted one"
-    assert [r["train/update"] for r in log_rows(out)] == [1, 2]
 
 
 def test_ppo_reports_to_tensorboard(tmp_path, tiny_model_dir, data_dir):
