@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, launch_ran, ppo_recipe, run_cli, stage_recipe, write_pipeline_recipes, write_recipe
+from conftest import (
+    REPO,
+    launch_ran,
+    ppo_recipe,
+    run_cli,
+    stage_recipe,
+    weights,
+    write_pipeline_recipes,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 TRL_STAGES = ("pretrain", "sft", "reward")
@@ -152,13 +161,12 @@ def launch_under(engine: str, args: list[str], probe_dir: Path, cwd: Path) -> su
 
 def same_weights(expected: Path, got: Path, atol: float = 1e-5) -> None:
     import torch
-    from safetensors.torch import load_file
 
-    expected, got = load_file(expected / "model.safetensors"), load_file(got / "model.safetensors")
+    expected, got = weights(expected), weights(got)
     # the Trainer's sharded save (FSDP, DeepSpeed) writes GPT-2's tied output head as a key of its own (same values)
-    for weights in (expected, got):
-        tied = weights.pop("lm_head.weight", None)
-        assert tied is None or torch.equal(tied, weights["transformer.wte.weight"])
+    for tensors in (expected, got):
+        tied = tensors.pop("lm_head.weight", None)
+        assert tied is None or torch.equal(tied, tensors["transformer.wte.weight"])
     assert set(got) == set(expected)
     worst = max(float((expected[k] - got[k]).abs().max()) for k in expected)
     assert worst <= atol, f"largest difference {worst:g}"
@@ -261,13 +269,11 @@ def test_ppo_under_each_engine_equals_ddp_and_resumes(ppo_runs, tiny_model_dir, 
     (Accelerate's save_state, with one RNG file per process: FSDP's gathered state dicts, DeepSpeed's engine files)
     resumes to the uninterrupted run's weights bit for bit."""
     import torch
-    from safetensors.torch import load_file
 
     ddp, run = ppo_runs("ddp"), ppo_runs(engine)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 8 and metrics["episodes"] == 16
-    assert not all(torch.equal(v, load_file(tiny_model_dir / "model.safetensors").get(k, v))
-                   for k, v in load_file(ddp / "model.safetensors").items())  # it trained
+    assert not all(torch.equal(v, weights(tiny_model_dir).get(k, v)) for k, v in weights(ddp).items())  # it trained
     if engine != "ddp":
         same_weights(ddp, run)
         rows = [[json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (ddp, run)]
@@ -284,10 +290,10 @@ def test_ppo_under_each_engine_equals_ddp_and_resumes(ppo_runs, tiny_model_dir, 
     assert (checkpoint / engine_files).exists()
     assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {p.name for p in
                                                                                     checkpoint.iterdir()}
-    finished = load_file(run / "model.safetensors")
+    finished = weights(run)
     (run / "metrics.json").unlink()  # now an unfinished run whose last checkpoint is update 1
     ppo_runs(engine, "--resume")
-    resumed = load_file(run / "model.safetensors")
+    resumed = weights(run)
     assert all(torch.equal(finished[k], resumed[k]) for k in finished), "a resumed run must equal the uninterrupted one"
     assert [json.loads(line)["train/update"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
 

@@ -169,8 +169,8 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
     setup = build(loaded, accelerator.device)
     tokenizer, eval_prompts = setup.tokenizer, setup.eval_prompts
     for scorer in (setup.scorer, setup.gold):  # frozen reward models, sharded like the policy under FSDP
-        if scorer_model(scorer) is not None:
-            scorer.reward_model.model = prepare_frozen(scorer_model(scorer), accelerator)
+        if (model := scorer_model(scorer)) is not None:
+            scorer.reward_model.model = prepare_frozen(model, accelerator)
 
     # 3. trainer
     trainer = make_trainer(loaded, setup, accelerator)
