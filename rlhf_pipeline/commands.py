@@ -245,13 +245,20 @@ def check_tracker_packages(loaded: LoadedRecipe) -> None:
 
 
 def check_local_files(loaded: LoadedRecipe) -> None:
-    """Local data files must exist (model paths need not: they may be written by an earlier stage)."""
+    """Local data files must exist (model paths need not: they may be written by an earlier stage); a LoRA adapter
+    the stage starts from must be one its own adapter can be folded with (`models.check_adapter_chain`)."""
     from rlhf_pipeline.data import check_data_files
+    from rlhf_pipeline.models import check_adapter_chain
 
     for key in ("data", "preferences"):
         section = getattr(loaded.recipe, key, None)
         if section is not None and (getattr(section, "files", None) or getattr(section, "datasets", None)):
             check_data_files(loaded, key)
+    for key in ("model", "policy"):
+        section = getattr(loaded.recipe, key, None)
+        if getattr(section, "name_or_path", None):
+            check_adapter_chain(loaded, getattr(loaded.recipe, "peft", None), section.name_or_path,
+                                f"{key}.name_or_path")
 
 
 def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -> str:

@@ -225,6 +225,88 @@ def check_lora_vocabulary(loaded: LoadedRecipe, lora: LoraSection | None, tokeni
                                "stage without `peft:`), then use LoRA from that model on")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA on a LoRA: a stage that starts from an adapter directory (an SFT run saved with `peft.save: adapter`) trains on
+# the base with that adapter merged in. A new adapter saved from it would name the base alone, and reload without the
+# first adapter's delta; so the saved adapter is rewritten to hold both (`fold_start_adapter`).
+# ---------------------------------------------------------------------------------------------------------------
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def start_adapter(name_or_path: str) -> Path | None:
+    """The adapter directory a stage starts from (its base model with the adapter merged in), or None."""
+    return Path(name_or_path).resolve() if is_adapter_dir(name_or_path) else None
+
+
+def check_adapter_chain(loaded: LoadedRecipe, lora: LoraSection | None, name_or_path: str, key: str) -> None:
+    """A LoRA saved as an adapter on top of a starting adapter is folded with it (`fold_start_adapter`), which takes a
+    plain LoRA adapter: refuse, before anything loads, a start that cannot be folded."""
+    start = start_adapter(name_or_path)
+    if lora is None or lora.save != "adapter" or start is None:
+        return
+    config = json.loads((start / ADAPTER_CONFIG).read_text())
+    unfoldable = [name for name, bad in (
+        ("a non-LoRA method", config.get("peft_type") != "LORA"), ("DoRA", config.get("use_dora")),
+        ("LoRA biases", config.get("lora_bias")), ("per-module ranks", config.get("rank_pattern")),
+        ("per-module alphas", config.get("alpha_pattern")), ("modules to save", config.get("modules_to_save")),
+        ("trainable tokens", config.get("trainable_token_indices")),
+        ("layer selection", config.get("layers_to_transform")),
+        ("adapter weights in another format", not (start / ADAPTER_WEIGHTS).is_file()),
+    ) if bad]
+    if unfoldable:
+        raise loaded.error("peft.save", f"{name_or_path} is an adapter with {', '.join(unfoldable)}, which cannot be "
+                                        "folded into the adapter this stage saves (it would reload without it); set "
+                                        "`peft.save: merged`, or start from that adapter merged into its base")
+
+
+def fold_start_adapter(saved_dir: str | Path, start: Path) -> None:
+    """Rewrite the LoRA adapter saved in `saved_dir`, trained on (base + the adapter in `start`, merged), as one
+    adapter on the base that holds both deltas: for every module, s1 B1 A1 + s2 B2 A2 = [s1 B1 | s2 B2] [A1 ; A2],
+    a LoRA of rank r1 + r2 with scaling 1 (lora_alpha = r), exact; a module only one adapter targets gets zero rows in
+    the other's half. What else the saved adapter holds (a reward model's score head, `modules_to_save`) is kept.
+    `adapter_config.json` names the same base as before, the root base model."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    saved_dir = Path(saved_dir)
+    configs = [json.loads((folder / ADAPTER_CONFIG).read_text()) for folder in (start, saved_dir)]
+    weights = [load_file(str(folder / ADAPTER_WEIGHTS)) for folder in (start, saved_dir)]
+
+    def factors(tensors: dict, config: dict) -> dict[str, tuple]:
+        """module key -> (A, scaled B)."""
+        found = {}
+        for name, a in tensors.items():
+            if name.endswith(_LORA_A):
+                module = name[: -len(_LORA_A)]
+                rank = a.shape[0]
+                scale = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
+                found[module] = (a, tensors[module + _LORA_B] * scale)
+        return found
+
+    parts = [factors(t, c) for t, c in zip(weights, configs)]
+    ranks = [next(iter(p.values()))[0].shape[0] if p else 0 for p in parts]
+    folded: dict = {name: t for name, t in weights[1].items() if not name.endswith((_LORA_A, _LORA_B))}
+    for module in sorted(set(parts[0]) | set(parts[1])):
+        present = next(p[module] for p in parts if module in p)
+        fan_in, fan_out, dtype = present[0].shape[1], present[1].shape[0], weights[1][next(iter(weights[1]))].dtype
+        a_rows, b_columns = [], []
+        for part, rank in zip(parts, ranks):
+            a, b = part.get(module, (torch.zeros(rank, fan_in), torch.zeros(fan_out, rank)))
+            a_rows.append(a.float())
+            b_columns.append(b.float())
+        folded[module + _LORA_A] = torch.cat(a_rows, 0).to(dtype).contiguous()
+        folded[module + _LORA_B] = torch.cat(b_columns, 1).to(dtype).contiguous()
+    total, prefix = sum(ranks), "base_model.model."
+    modules = sorted(m.removeprefix(prefix) for m in set(parts[0]) | set(parts[1]))
+    config = {**configs[1], "r": total, "lora_alpha": total, "use_rslora": False, "rank_pattern": {},
+              "alpha_pattern": {}, "target_modules": modules}
+    save_file(folded, str(saved_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (saved_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _load_base_plus_adapter(adapter_dir: str, auto_class: Any, kwargs: dict[str, Any]) -> PreTrainedModel:
     """A LoRA adapter directory: its base model (named in adapter_config.json) with the adapter merged in, so that
     the result trains like any model."""
@@ -249,9 +331,34 @@ def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         if config is None:
             continue
         config.pad_token_id = tokenizer.pad_token_id
-        config.eos_token_id = tokenizer.eos_token_id
+        stops = config.eos_token_id
+        # an instruct checkpoint's several stop tokens (end of turn, end of text) stay when they include the EOS
+        if not (isinstance(stops, list) and tokenizer.eos_token_id in stops):
+            config.eos_token_id = tokenizer.eos_token_id
         if tokenizer.bos_token_id is not None:
             config.bos_token_id = tokenizer.bos_token_id
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """No dropout anywhere in `model` (PPO: it would make the old and new log-probabilities of the same tokens
+    differ [N+]): every `nn.Dropout` (LoRA's included), and the probabilities that models keep as plain numbers for
+    functional dropout or for dropping whole layers, which a module's `train()` mode turns on: OPT's `dropout`,
+    `attention_dropout` and `layerdrop`, Llama's and Qwen's `attention_dropout`, and their config's values."""
+    from torch import nn
+
+    def zeroed(holder: object) -> None:
+        for name, value in vars(holder).items():
+            if isinstance(value, float) and ("dropout" in name or "pdrop" in name or name == "layerdrop"):
+                setattr(holder, name, 0.0)
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        zeroed(module)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for part in (config, config.get_text_config()):
+                zeroed(part)
 
 
 def fuse_gelu(model: torch.nn.Module) -> int:
@@ -288,10 +395,11 @@ def lora_config(section: LoraSection, task_type: str, model: PreTrainedModel):
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, output_dir: str | Path,
-               lora: LoraSection | None, state_dict: dict | None = None) -> str:
+               lora: LoraSection | None, state_dict: dict | None = None, start: Path | None = None) -> str:
     """Save weights (safetensors) and tokenizer. A LoRA model is merged first unless `lora.save == 'adapter'`.
     `state_dict`: the weights to write instead of the model's own (gathered whole when the model is sharded; not
-    for a merge, which folds the live weights). Returns what was saved: 'full', 'merged' or 'adapter'."""
+    for a merge, which folds the live weights). `start`: the adapter the model started from (`start_adapter`), folded
+    into a saved adapter. Returns what was saved: 'full', 'merged' or 'adapter'."""
     from peft import PeftModel
 
     saved = "full"
@@ -305,6 +413,8 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     if state_dict is not None and saved == "full":
         state_dict = without_tied_copies(model, state_dict)
     model.save_pretrained(output_dir, state_dict=state_dict)
+    if saved == "adapter" and start is not None:
+        fold_start_adapter(output_dir, start)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     return saved

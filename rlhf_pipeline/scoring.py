@@ -32,6 +32,23 @@ def reward_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: Any, response: 
     return list(tokenizer(text=text)["input_ids"])
 
 
+def sequence_overhead(tokenizer: PreTrainedTokenizerBase, conversational: bool) -> int:
+    """How many tokens the sequence `reward_input_ids` builds adds to the prompt's tokens (as the policy's prompts
+    are tokenized: `stages.ppo.tokenize_prompts`) and the response's own: the EOS appended to plain text, or what a
+    chat template writes after the assistant's message (ChatML: `<|im_end|>` and a newline). Measured on a probe."""
+    if conversational:
+        prompt: Any = [{"role": "user", "content": "Hi"}]
+        response: Any = [{"role": "assistant", "content": "Hello there"}]
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+        response_ids = tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+    else:
+        prompt, response = "Hi", " hello there"
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return max(len(reward_input_ids(tokenizer, prompt, response)) - len(prompt_ids) - len(response_ids), 0)
+
+
 def score_sequences(model: PreTrainedModel, sequences: Sequence[Sequence[int]], pad_token_id: int,
                     batch_size: int = 64, desc: str | None = None) -> torch.Tensor:
     """The reward model's own output for each token sequence (right-padded as RewardTrainer's collator pads,

@@ -1,7 +1,8 @@
 """The networks PPO trains and queries, and the rollout they share.
 
-Every forward pass here reads only the response positions' hidden states through the LM / value / score heads: a
-logits tensor over the whole prompt would cost batch x length x vocabulary floats for nothing.
+Every forward pass here computes logits at the response positions alone (the model's own forward with
+`logits_to_keep`, so that whatever it does after its LM head is applied): a logits tensor over the whole prompt would
+cost batch x length x vocabulary floats for nothing.
 """
 
 from __future__ import annotations
@@ -112,26 +113,51 @@ def truncate_after_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: 
     return torch.where(mask, response, torch.full_like(response, pad_token_id)), mask.float(), finished
 
 
+def rollout_generation_config(generation, tokenizer):
+    """The sampling settings of a rollout, every one from the recipe's `generation:` section: the policy samples from
+    softmax(logits / temperature), top-k / top-p filtered as asked (top_k=0 and top_p=1.0 by default: the full
+    softmax), for at most response_length tokens, stopping at the tokenizer's EOS. The same settings are saved as the
+    trained policy's generation_config.json, so that sampling from it draws from the distribution PPO trained."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=generation.response_length, do_sample=True,
+                            temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id)
+
+
+@contextmanager
+def own_generation_config(model: nn.Module, config):
+    """`model` (a transformers model, in a peft wrapper or not) with `config` as its generation config for the block.
+    transformers fills every field a `generate(generation_config=...)` leaves unset from the checkpoint's own
+    generation_config.json: an instruct checkpoint's repetition_penalty, min_new_tokens, no_repeat_ngram_size, min_p,
+    bad-words or suppress lists would shape the samples, while PPO's log-probabilities are those of the plain softmax
+    at the recipe's temperature. With the checkpoint's file out of the way, only transformers' neutral defaults
+    fill the rest."""
+    core = _core(model)
+    saved = core.generation_config
+    core.generation_config = config
+    try:
+        yield
+    finally:
+        core.generation_config = saved
+
+
 @torch.no_grad()
 def sample_rollout(policy: nn.Module, tokenizer, prompts: Prompts, generation, device,
                    autocast: Callable = nullcontext) -> Rollout:
-    """Sample one response per prompt (HF generate with its KV cache), truncated after the first EOS.
+    """Sample one response per prompt (HF generate with its KV cache), truncated after the first EOS, with the
+    recipe's sampling settings alone (`rollout_generation_config`, whatever the checkpoint's generation config says).
 
-    top_k=0 and top_p=1.0 by default: PPO's log-probabilities are those of the full softmax at `temperature`.
     Sharded weights must be held whole (`gathered`): generation then needs no other process, and is told so
     (`synced_gpus=False`; transformers would otherwise keep every process stepping until all are done, and hang
     when their numbers of batches differ, as in a held-out evaluation's uneven shards)."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=generation.response_length, do_sample=True,
-                              temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                              use_cache=True)
+    config = rollout_generation_config(generation, tokenizer)
     query, query_mask = left_pad(prompts.ids, tokenizer.pad_token_id)
     query, query_mask = query.to(device), query_mask.to(device)
     was_training = policy.training
     policy.eval()
-    with autocast():
+    with autocast(), own_generation_config(policy, config):
         output = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config,
                                  synced_gpus=False)
     policy.train(was_training)
@@ -153,8 +179,8 @@ def sequence_logprobs(model: nn.Module, rollout: Rollout, temperature: float, au
     sums = []
     with torch.no_grad(), autocast(), (model.disable_adapter() if adapter_disabled else nullcontext()):
         for rows in torch.arange(input_ids.shape[0], device=device).split(chunk):
-            hidden = response_hidden(model, input_ids[rows], attention_mask[rows], rollout.response_start)
-            logprobs = logprobs_of(lm_head_of(model)(hidden), response[rows], temperature)
+            logits, _ = response_outputs(model, input_ids[rows], attention_mask[rows], rollout.response_start)
+            logprobs = logprobs_of(logits, response[rows], temperature)
             sums.append(masked_sum(logprobs, mask[rows], dim=1))
     return torch.cat(sums)
 
@@ -175,10 +201,6 @@ def trunk_of(model: nn.Module) -> nn.Module:
     return _core(model).base_model
 
 
-def lm_head_of(model: nn.Module) -> nn.Module:
-    return _core(model).get_output_embeddings()
-
-
 def score_head_of(model: nn.Module) -> nn.Module:
     core = _core(model)
     head = getattr(core, "score", None)
@@ -188,9 +210,24 @@ def score_head_of(model: nn.Module) -> nn.Module:
     return head
 
 
+def response_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
+                     hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, last hidden states) at the positions that predict each response token (response_start - 1 ...
+    end - 1): [B, R, V] and, when `hidden`, [B, R, H] (else None). The causal LM's own forward, its logits computed at
+    those positions alone (`logits_to_keep`): whatever the model does after its LM head (Gemma-2's
+    final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling) is applied, as in the `generate` that
+    sampled the tokens. The last hidden state is the trunk's output (after its final norm), what the LM head reads."""
+    keep = input_ids.shape[1] - response_start + 1
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   use_cache=False, logits_to_keep=keep, output_hidden_states=hidden)
+    states = output.hidden_states[-1][:, response_start - 1 : -1] if hidden else None
+    return output.logits[:, :-1], states
+
+
 def response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     response_start: int) -> torch.Tensor:
-    """Hidden states that predict each response token: positions response_start - 1 ... end - 1."""
+    """A trunk's hidden states that predict each response token: positions response_start - 1 ... end - 1 (a
+    separate value model reads its score head there)."""
     hidden = trunk_of(model)(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
     return hidden[:, response_start - 1 : -1]
@@ -224,8 +261,8 @@ class PolicyAndValue(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits, values) at the response positions: [B, R, V] and [B, R] (None without a critic)."""
-        hidden = response_hidden(self.policy, input_ids, attention_mask, response_start)
-        logits = lm_head_of(self.policy)(hidden)
+        logits, hidden = response_outputs(self.policy, input_ids, attention_mask, response_start,
+                                          hidden=self.value_head is not None)
         if self.value_head is not None:
             values = self.value_head(hidden.float()).squeeze(-1)
         elif self.value_model is None:
@@ -257,9 +294,9 @@ def reference_logits(reference: nn.Module | None, policy: nn.Module, input_ids: 
                      attention_mask: torch.Tensor, response_start: int) -> torch.Tensor:
     """Logits of the frozen reference: a separate model, or (reference None) the LoRA policy with its adapter off."""
     if reference is not None:
-        return lm_head_of(reference)(response_hidden(reference, input_ids, attention_mask, response_start))
+        return response_outputs(reference, input_ids, attention_mask, response_start)[0]
     with policy.disable_adapter():
-        return lm_head_of(policy)(response_hidden(policy, input_ids, attention_mask, response_start))
+        return response_outputs(policy, input_ids, attention_mask, response_start)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -418,7 +418,8 @@ def _whole_run_loss(trainer: Trainer, session_loss: float, checkpoint: Path | No
 
 
 def save_trained(trainer: Trainer, loaded: LoadedRecipe, lora=None) -> str:
-    """Save the trained model and tokenizer to the output dir: 'full', 'merged' (LoRA folded in) or 'adapter'."""
+    """Save the trained model and tokenizer to the output dir: 'full', 'merged' (LoRA folded in) or 'adapter' (with
+    the adapter the model started from folded in: `models.fold_start_adapter`)."""
     from peft import PeftModel
 
     from rlhf_pipeline import models
@@ -431,11 +432,14 @@ def save_trained(trainer: Trainer, loaded: LoadedRecipe, lora=None) -> str:
         wait_for_everyone()
         return "merged"
     trainer.save_model(output_dir)  # distributed-aware; also saves the tokenizer (processing_class)
+    saved = "adapter" if isinstance(model, PeftModel) else "full"
     if is_main_process():
         # a pickle of the TrainingArguments: the resolved recipe already records them, and outputs stay pickle-free
         (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
+        if saved == "adapter" and (start := models.start_adapter(loaded.recipe.model.name_or_path)) is not None:
+            models.fold_start_adapter(output_dir, start)
     wait_for_everyone()
-    return "adapter" if isinstance(model, PeftModel) else "full"
+    return saved
 
 
 def check_context(loaded: LoadedRecipe, key: str, length: int | None, model) -> None:

@@ -56,14 +56,15 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
         raise loaded.error("tokenizer.chat_template", models.NO_TEMPLATE)
     config = models.load_config(loaded, recipe.model)
     models.check_lora_vocabulary(loaded, recipe.peft, tokenizer, config)
+    models.check_adapter_chain(loaded, recipe.peft, recipe.model.name_or_path, "model.name_or_path")
     args = training_config(loaded, DPOConfig, config)  # before the weights load
     model = models.load_pretrained(loaded, recipe.model)
     models.align_special_tokens(model, tokenizer)
     peft_config = models.lora_config(recipe.peft, "CAUSAL_LM", model) if recipe.peft else None
     reference, reference_kind = load_reference(loaded, tokenizer)
-    eval_prompts = evaluation_prompts(loaded, held_out, tokenizer, context_length(model, cap=None))
     scorer = build_scorer(loaded, recipe.reward, "reward", args.device) if recipe.reward else None
     gold = build_scorer(loaded, recipe.gold, "gold", args.device) if recipe.gold else None
+    eval_prompts = evaluation_prompts(loaded, held_out, tokenizer, context_length(model, cap=None), (scorer, gold))
     say("dpo", f"{len(train)} train pairs, {len(held_out)} held-out ({prompt_kind} prompt); "
                f"{'LoRA r=' + str(recipe.peft.r) if recipe.peft else 'full fine-tuning'}; reference {reference_kind}; "
                f"beta {args.beta:g}, loss {'+'.join(args.loss_type)}; {len(eval_prompts or [])} evaluation prompts")
@@ -123,22 +124,20 @@ def preference_pairs(loaded: LoadedRecipe, split, name: str):
     return explicit_pairs(loaded, pairs, name, "data"), "implicit"
 
 
-def evaluation_prompts(loaded: LoadedRecipe, held_out, tokenizer, context: int):
-    """The prompts of the held-out pairs, in order, at most `evaluation.prompts` of them, that leave room in the
-    model's context for a whole response; None when the generation evaluation is off."""
-    from rlhf_pipeline.stages.ppo import tokenize_prompts
+def evaluation_prompts(loaded: LoadedRecipe, held_out, tokenizer, context: int, scorers: tuple = ()):
+    """The prompts of the held-out pairs, in order, at most `evaluation.prompts` of them, that leave room for a whole
+    response in the model's context and the reward models' (`stages.ppo.prompt_limit`); None when the generation
+    evaluation is off."""
+    from rlhf_pipeline.stages.ppo import prompt_limit, tokenize_prompts
 
-    settings, response_length = loaded.recipe.evaluation, loaded.recipe.generation.response_length
+    settings = loaded.recipe.evaluation
     if settings.prompts == 0:
         return None
-    limit = min(settings.max_prompt_length, context - response_length - 1)
-    if limit < 1:
-        raise loaded.error("generation.response_length", f"{response_length} tokens (and an EOS) leave no room for a "
-                                                         f"prompt in the model's context of {context} tokens")
-    prompts = tokenize_prompts(loaded, held_out["prompt"], tokenizer, limit, "held-out",
-                               "evaluation.max_prompt_length")
+    prompts = held_out["prompt"]
+    limit = prompt_limit(loaded, tokenizer, context, settings.max_prompt_length, scorers,
+                         conversational=len(prompts) > 0 and isinstance(prompts[0], list))
+    prompts = tokenize_prompts(loaded, prompts, tokenizer, limit, "held-out", "evaluation.max_prompt_length")
     return prompts.select(list(range(min(settings.prompts, len(prompts)))))
-
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -78,11 +78,15 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
 
     recipe, cfg = loaded.recipe, loaded.recipe.training
 
-    # 1. data: tokenized prompts that leave room for a response in the policy's context
+    models.check_adapter_chain(loaded, recipe.peft, recipe.policy.name_or_path, "policy.name_or_path")
+
+    # 1. data: tokenized prompts that leave room for a response in the policy's and the reward models' contexts
     tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.policy, model_key="policy.name_or_path")
     policy = models.load_pretrained(loaded, recipe.policy, key="policy.name_or_path")
+    scorer = build_scorer(loaded, recipe.reward, "reward", device)
+    gold = build_scorer(loaded, recipe.gold, "gold", device) if recipe.gold else None
     train_prompts, eval_prompts = load_prompts(loaded, tokenizer, context_length(policy, cap=None),
-                                               eval_limit=cfg.eval_prompts)
+                                               eval_limit=cfg.eval_prompts, scorers=(scorer, gold))
 
     # 2. models
     if len(tokenizer) > policy.get_input_embeddings().num_embeddings:  # the reference and critic would not match it
@@ -96,7 +100,7 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
         from peft import get_peft_model
 
         policy = get_peft_model(policy, models.lora_config(recipe.peft, "CAUSAL_LM", policy))
-    _disable_dropout(policy)  # after LoRA: its adapters bring dropout layers of their own
+    models.disable_dropout(policy)  # after LoRA: its adapters bring dropout layers of their own
     models.fuse_gelu(policy)
     reference = None
     if recipe.reference.name_or_path:
@@ -107,8 +111,6 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
         reference = _frozen(models.load_pretrained(loaded, recipe.policy, key="policy.name_or_path"))
     if reference is not None:
         models.fuse_gelu(reference)
-    scorer = build_scorer(loaded, recipe.reward, "reward", device)
-    gold = build_scorer(loaded, recipe.gold, "gold", device) if recipe.gold else None
     value_model, value_source = None, "a head on the policy's trunk (shared)"
     critic = cfg.advantage_estimator == "gae"
     if not critic:
@@ -122,7 +124,7 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
             from peft import get_peft_model
 
             value_model = get_peft_model(value_model, models.lora_config(recipe.peft, "SEQ_CLS", value_model))
-        _disable_dropout(value_model)
+        models.disable_dropout(value_model)
         models.fuse_gelu(value_model)
     return PpoSetup(tokenizer, train_prompts, eval_prompts, PolicyAndValue(policy, value_model, critic), reference,
                     scorer, gold, value_source)
@@ -162,7 +164,7 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
     from accelerate.utils import DistributedType
     from transformers import set_seed
 
-    from rlhf_pipeline.ppo.modules import policy_state_dict, prepare_frozen, scorer_model
+    from rlhf_pipeline.ppo.modules import policy_state_dict, prepare_frozen, rollout_generation_config, scorer_model
 
     recipe = loaded.recipe
     set_seed(recipe.seed)
@@ -211,7 +213,10 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
         gathered = policy_state_dict(accelerator.get_state_dict(trainer.model))
     if accelerator.is_main_process:
         saved = models.save_model(accelerator.unwrap_model(trainer.model).policy, tokenizer, output_dir, recipe.peft,
-                                  state_dict=gathered)
+                                  state_dict=gathered, start=models.start_adapter(recipe.policy.name_or_path))
+        # what the policy was trained to sample with, so that sampling from the saved model draws from it (with an
+        # adapter too: the file documents it there, and GenerationConfig.from_pretrained reads it)
+        rollout_generation_config(recipe.generation, tokenizer).save_pretrained(output_dir)
         write_eval_samples(output_dir, before, after)
         metrics = ppo_metrics(output_dir, before, after, state, trainer.plan, saved)
         from rlhf_pipeline.plots import plot_ppo_curves
@@ -322,18 +327,14 @@ def _truncate_logs(output_dir: Path, updates_done: int) -> None:
 # -------------------------------------------------------------------------------------------------------------
 # data
 # -------------------------------------------------------------------------------------------------------------
-def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data", eval_limit: int | None = None):
+def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data", eval_limit: int | None = None,
+                 scorers: tuple = ()):
     """Tokenized training and held-out prompts from the `key` section. Preference data without a prompt column gives
     its shared prefix as the prompt (see `implicit_prompts`). Prompts longer than `max_prompt_length` tokens, or than
-    what leaves room in the model's `context` for a whole response and the EOS a reward model reads after it, are
-    left out (and counted)."""
+    what leaves room for a whole response (`prompt_limit`) in the policy's `context` and in the reward models' of
+    `scorers`, are left out (and counted)."""
 
     section = getattr(loaded.recipe, key)
-    response_length = loaded.recipe.generation.response_length
-    limit = min(section.max_prompt_length, context - response_length - 1)
-    if limit < 1:
-        raise loaded.error("generation.response_length", f"{response_length} tokens (and an EOS) leave no room for a "
-                                                         f"prompt in the model's context of {context} tokens")
     train, held_out = data_io.load_splits(loaded, key)
     tokenized = []
     for split, name in ((train, "training"), (held_out, "held-out")):
@@ -348,6 +349,8 @@ def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data
             columns = {c: split[c] for c in split.column_names if c != prompt_column}
             split = data_io.select_columns(loaded, split, name, ["prompt"], key=key)  # names a missing column
             prompts = split["prompt"]
+        limit = prompt_limit(loaded, tokenizer, context, section.max_prompt_length, scorers,
+                             conversational=len(prompts) > 0 and isinstance(prompts[0], list))
         tokenized.append(tokenize_prompts(loaded, prompts, tokenizer, limit, name, f"{key}.max_prompt_length",
                                           columns))
     train_prompts, eval_prompts = tokenized
@@ -356,15 +359,49 @@ def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data
     return train_prompts, eval_prompts
 
 
+def prompt_limit(loaded: LoadedRecipe, tokenizer, context: int, max_prompt_length: int, scorers: tuple = (),
+                 conversational: bool = False) -> int:
+    """The longest prompt, in the policy's tokens, that leaves room for a whole response of
+    `generation.response_length` tokens: in the policy's `context` (and an EOS), and in the context of every reward
+    model among `scorers` (None and reward functions skipped) with what its sequence adds to the prompt and the
+    response: the EOS RewardTrainer appends to plain text, or the chat template's end of the assistant's turn
+    (`scoring.sequence_overhead`). At most `max_prompt_length`."""
+    from rlhf_pipeline.ppo.modules import ModelScorer
+    from rlhf_pipeline.scoring import sequence_overhead
+
+    response_length = loaded.recipe.generation.response_length
+    room = [(context - response_length - 1, "the policy's", context)]
+    for scorer in scorers:
+        if isinstance(scorer, ModelScorer):
+            reward = scorer.reward_model
+            extra = sequence_overhead(reward.tokenizer, conversational)
+            room.append((reward.context - response_length - extra, "the reward model's", reward.context))
+    limit, whose, size = min(room)
+    if limit < 1:
+        raise loaded.error("generation.response_length", f"{response_length} tokens (and the tokens that end a "
+                                                         f"response) leave no room for a prompt in {whose} context "
+                                                         f"of {size} tokens")
+    return min(max_prompt_length, limit)
+
+
 def tokenize_prompts(loaded: LoadedRecipe, prompts: list, tokenizer, limit: int, name: str, limit_key: str,
                      columns: dict[str, list] | None = None):
     """`Prompts` from prompt texts (or conversations, through the chat template), leaving out (and counting) those
-    longer than `limit` tokens or empty. `columns`: the data's other columns, row for row, kept with their prompts."""
+    longer than `limit` tokens or empty. `columns`: the data's other columns, row for row, kept with their prompts.
+
+    Tokenized as TRL's trainers tokenize a prompt (SFTTrainer's prompt-completion data, GRPOTrainer's prompts): a
+    text with the tokenizer's special tokens (the BOS that Llama, Gemma and OPT tokenizers put first, as SFT trained
+    with it), a conversation through `apply_chat_template(..., add_generation_prompt=True, tokenize=True)` (the
+    template writes its own BOS, if any)."""
     from rlhf_pipeline.ppo.modules import Prompts
 
     texts = [_prompt_text(p, tokenizer, loaded) for p in prompts]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    keep = [i for i, seq in enumerate(ids) if 0 < len(seq) <= limit]
+    if isinstance(prompts[0], str):
+        ids = tokenizer(texts)["input_ids"]
+    else:
+        ids = [list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]) for p in prompts]
+    keep = [i for i, seq in enumerate(ids) if 0 < len(seq) <= limit and texts[i]]
     if len(keep) < len(ids):
         say(loaded.stage, f"left out {len(ids) - len(keep)} of {len(ids)} {name} prompts longer than {limit} "
                           "tokens (or empty)")
@@ -453,13 +490,6 @@ def _frozen(model):
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def _disable_dropout(model) -> None:
-    """No dropout in PPO: it would make the old and new log-probabilities of the same tokens differ [N+]."""
-    from trl.trainer.utils import disable_dropout_in_model
-
-    disable_dropout_in_model(model)
 
 
 # -------------------------------------------------------------------------------------------------------------
