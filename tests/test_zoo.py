@@ -1,0 +1,377 @@
+"""Every stage on every model family a user brings (tests/zoo.py): GPT-2 with its real tokenizer, Llama, Qwen2,
+GPT-NeoX, OPT, Gemma-2 (soft-capped logits) and a Qwen2-style instruct checkpoint with a chat template and a
+generation_config.json of its own.
+
+Each family runs sft -> reward -> ppo (gae, full) -> rloo (LoRA, saved as an adapter) -> grpo (LoRA, merged) -> dpo
+(LoRA, saved as an adapter) -> eval -> push, and every PPO-family run is checked against what the libraries
+themselves compute: the scores against the reward model's own forward on the sequence RewardTrainer builds, the
+log-probabilities against the policy's own forward (soft-capping included), the saved model against the policy in
+memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST_TRAINING, run_cli, write_jsonl, write_recipe
+from zoo import FAMILIES, INSTRUCT_SAMPLING, build
+
+PLAIN = tuple(f for f in FAMILIES if f != "instruct")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, tiny_world) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("zoo")
+    texts = [r["text"] for r in tiny_world["corpus"]]
+    return {family: build(family, root, texts) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def zoo_data(tmp_path_factory, tiny_world) -> dict[str, dict[str, Path]]:
+    """The tiny world's data, small, in plain text and in TRL's conversational format."""
+    root = tmp_path_factory.mktemp("zoo-data")
+    w = tiny_world
+
+    def user(text):
+        return [{"role": "user", "content": text.strip()}]
+
+    def assistant(text):
+        return [{"role": "assistant", "content": text.strip()}]
+
+    plain = {"sft": write_jsonl(root / "sft.jsonl", w["sft"][:32]),
+             "prefs": write_jsonl(root / "prefs.jsonl", w["preferences-train"][:32]),
+             "prefs-test": write_jsonl(root / "prefs-test.jsonl", w["preferences-test"][:8]),
+             "prompts": write_jsonl(root / "prompts.jsonl", w["prompts-train"][:16]),
+             "prompts-test": write_jsonl(root / "prompts-test.jsonl", w["prompts-test"][:8])}
+    chat = {"sft": write_jsonl(root / "chat-sft.jsonl", [{"messages": user(r["prompt"]) + assistant(r["completion"])}
+                                                        for r in w["sft"][:32]]),
+            "prefs": write_jsonl(root / "chat-prefs.jsonl", [
+                {"prompt": user(r["prompt"]), "chosen": assistant(r["chosen"]), "rejected": assistant(r["rejected"])}
+                for r in w["preferences-train"][:32]]),
+            "prefs-test": write_jsonl(root / "chat-prefs-test.jsonl", [
+                {"prompt": user(r["prompt"]), "chosen": assistant(r["chosen"]), "rejected": assistant(r["rejected"])}
+                for r in w["preferences-test"][:8]]),
+            "prompts": write_jsonl(root / "chat-prompts.jsonl", [{"prompt": user(r["prompt"])}
+                                                                 for r in w["prompts-train"][:16]]),
+            "prompts-test": write_jsonl(root / "chat-prompts-test.jsonl", [{"prompt": user(r["prompt"])}
+                                                                           for r in w["prompts-test"][:8]])}
+    return {"plain": plain, "chat": chat}
+
+
+def _split(files: dict[str, Path], train: str, test: str) -> dict:
+    return {"files": {"train": str(files[train]), "test": str(files[test])}, "eval_split": "test"}
+
+
+def _run(tmp_path: Path, name: str, recipe: dict) -> Path:
+    path = write_recipe(tmp_path / f"{name}.yaml", recipe)
+    result = run_cli(recipe["stage"], path)
+    assert result.exit_code == 0, f"{name}: {result.output}"
+    return Path(recipe["output_dir"])
+
+
+def ppo_settings(**changes) -> dict:
+    settings = {"total_episodes": 8, "rollout_batch_size": 4, "num_mini_batches": 1, "ppo_epochs": 1,
+                "learning_rate": 3.0e-3, "eval_prompts": 4, "eval_batch_size": 4, "sample_every": 1,
+                "num_samples": 2}
+    settings.update(changes)
+    return settings
+
+
+class ScoreLog:
+    """Every (rollout, scores) the PPO trainer's scorers return, for checking them against the reward model."""
+
+    def __init__(self, monkeypatch):
+        from rlhf_pipeline.ppo import trainer
+
+        self.calls: list[tuple] = []
+        original = trainer.score
+
+        def recording(scorer, rollout, where):
+            scores = original(scorer, rollout, where)
+            self.calls.append((scorer, rollout, scores.clone()))
+            return scores
+
+        monkeypatch.setattr(trainer, "score", recording)
+
+
+def check_scores_equal_reward_model(log: ScoreLog, reward_dir: Path, tmp_path: Path) -> int:
+    """Every reward-model score PPO used equals the reward model's own forward, one unpadded sequence at a time, on
+    the token ids a real RewardTrainer builds from (prompt, response): chat template and appended EOS included."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from rlhf_pipeline.ppo.modules import ModelScorer
+
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    rows, expected = [], []
+    for scorer, rollout, scores in log.calls:
+        if not isinstance(scorer, ModelScorer):
+            continue
+        for i, response in enumerate(rollout.responses):
+            if rollout.prompts.messages is not None:
+                prompt, completion = rollout.prompts.messages[i], [{"role": "assistant", "content": response}]
+            else:
+                prompt, completion = rollout.prompts.texts[i], response
+            rows.append({"prompt": prompt, "chosen": completion, "rejected": completion})
+            expected.append(float(scores[i]))
+    assert rows
+    args = RewardConfig(output_dir=str(tmp_path / "rt"), report_to="none", bf16=False, max_length=None,
+                        dataloader_pin_memory=False, use_cpu=True)
+    built = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer).train_dataset["chosen_ids"]
+    with torch.no_grad():
+        own = [float(model(input_ids=torch.tensor([ids])).logits[0, 0]) for ids in built]
+    assert own == pytest.approx(expected, abs=1e-4)
+    return len(rows)
+
+
+def samples_as_trained(out: Path, family: str) -> None:
+    """A user who loads the trained policy and calls `generate` with what it saved (generation_config.json) draws
+    exactly what PPO's rollouts drew: the same tokens under the same seed (the zoo's PPO runs sample 6 tokens at
+    temperature 0.7, the full softmax). A saved model loads the file itself; an adapter loads its base's, so the
+    adapter's own is set as the model's generation config, as the README says."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from rlhf_pipeline.ppo.modules import left_pad, sample_rollout, seeded, truncate_after_eos
+    from rlhf_pipeline.recipe.schema import GenerationSection
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    if (out / "adapter_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(out)
+    prompts = _prompts(family, tokenizer)
+    query, mask = left_pad(prompts.ids, tokenizer.pad_token_id)
+    with seeded(5, torch.device("cpu")), torch.no_grad():
+        theirs = model.generate(input_ids=query, attention_mask=mask)[:, query.shape[1]:]
+    with seeded(5, torch.device("cpu")):
+        ours = sample_rollout(model, tokenizer, prompts, GenerationSection(response_length=6, temperature=0.7),
+                              torch.device("cpu"))
+    assert torch.equal(truncate_after_eos(theirs, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], ours.response)
+
+
+def reload_equals_policy(out: Path, policy_logits: torch.Tensor, probe: torch.Tensor) -> None:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(out).eval()(probe).logits
+    assert torch.allclose(reloaded, policy_logits, atol=1e-5), (reloaded - policy_logits).abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_stage_on_every_family(family, zoo, zoo_data, tmp_path, monkeypatch, hub):
+    from rlhf_pipeline import models
+
+    checkpoint = zoo[family]
+    chat = family == "instruct"
+    files = zoo_data["chat" if chat else "plain"]
+    training = dict(FAST_TRAINING, max_steps=2)
+    runs = tmp_path / "runs"
+
+    # SFT and a reward model, full fine-tuning
+    sft = _run(tmp_path, "sft", {"stage": "sft", "seed": 0, "output_dir": str(runs / "sft"),
+                                 "model": {"name_or_path": str(checkpoint)},
+                                 "data": {"files": str(files["sft"]), "eval_size": 4}, "training": training})
+    reward = _run(tmp_path, "reward", {"stage": "reward", "seed": 0, "output_dir": str(runs / "reward"),
+                                       "model": {"name_or_path": str(sft)},
+                                       "data": _split(files, "prefs", "prefs-test"), "training": training})
+
+    # what each policy held in memory when it was saved, to compare with what reloads
+    probe = torch.tensor([[3, 17, 42, 99, 7, 5]])
+    saved_logits: list[torch.Tensor] = []
+    original_save = models.save_model
+
+    def save_and_remember(model, *args, **kwargs):
+        with torch.no_grad():
+            saved_logits.append(model(probe).logits.clone())
+        return original_save(model, *args, **kwargs)
+
+    monkeypatch.setattr(models, "save_model", save_and_remember)
+    scores = ScoreLog(monkeypatch)
+
+    def ppo(name, estimator, peft=None, **settings):
+        recipe = {"stage": "ppo", "seed": 0, "output_dir": str(runs / name), "policy": {"name_or_path": str(sft)},
+                  "reward": {"model": str(reward)}, "data": _split(files, "prompts", "prompts-test"),
+                  "generation": {"response_length": 6, "samples_per_prompt": 1 if estimator == "gae" else 2},
+                  "training": ppo_settings(advantage_estimator=estimator, **settings)}
+        if peft:
+            recipe["peft"] = peft
+        return _run(tmp_path, name, recipe)
+
+    # PPO (critic, shared value head), one epoch of one mini-batch: each update's step sees the rollout policy itself
+    out = ppo("ppo", "gae")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["policy/ratio"] == pytest.approx(1.0, abs=1e-6) and row["policy/approx_kl"] == pytest.approx(0)
+    reload_equals_policy(out, saved_logits[-1], probe)
+    saved_config = json.loads((out / "generation_config.json").read_text())
+    assert {k: saved_config.get(k) for k in ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens")} == {
+        "do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6}
+    assert not {"repetition_penalty", "min_new_tokens", "no_repeat_ngram_size"} & set(saved_config)
+    samples_as_trained(out, family)
+    assert check_scores_equal_reward_model(scores, reward, tmp_path) >= 8 + 4 + 4  # rollouts and both evaluations
+
+    # RLOO with LoRA saved as an adapter, GRPO with LoRA merged: both reload to the policy that was trained
+    for name, estimator, save in (("rloo", "rloo", "adapter"), ("grpo", "grpo", "merged")):
+        out = ppo(name, estimator, peft={"r": 4, "alpha": 8, "save": save})
+        assert (out / "adapter_config.json").is_file() == (save == "adapter")
+        reload_equals_policy(out, saved_logits[-1], probe)
+        samples_as_trained(out, family)
+
+    # DPO with LoRA saved as an adapter
+    dpo = _run(tmp_path, "dpo", {"stage": "dpo", "seed": 0, "output_dir": str(runs / "dpo"),
+                                 "model": {"name_or_path": str(sft)}, "data": _split(files, "prefs", "prefs-test"),
+                                 "peft": {"r": 4, "alpha": 8, "save": "adapter"}, "reward": {"model": str(reward)},
+                                 "generation": {"response_length": 6}, "evaluation": {"prompts": 4},
+                                 "training": training})
+    assert (dpo / "adapter_config.json").is_file()
+
+    # rlhf eval: the policies against the SFT model
+    evaluation = _run(tmp_path, "eval", {
+        "stage": "eval", "seed": 0, "output_dir": str(runs / "eval"),
+        "policies": {"ppo": {"name_or_path": str(runs / "ppo")}, "rloo": {"name_or_path": str(runs / "rloo")},
+                     "dpo": {"name_or_path": str(dpo)}},
+        "baseline": {"name_or_path": str(sft)}, "reward": {"model": str(reward)},
+        "data": _split(files, "prompts", "prompts-test"), "preferences": _split(files, "prefs", "prefs-test"),
+        "generation": {"response_length": 6}, "num_prompts": 4})
+    results = json.loads((evaluation / "eval.json").read_text())["metrics"]
+    assert {"ppo", "rloo", "dpo"} <= {key.split("/")[0] for key in results} or results
+
+    # push the PPO policy to the stand-in Hub
+    result = run_cli("push", runs / "ppo", "--repo-id", f"tester/{family}-ppo")
+    assert result.exit_code == 0, result.output
+    assert "model.safetensors" in hub.uploaded(f"tester/{family}-ppo")
+
+
+def test_instruct_sampling_fields_do_not_change_rollouts(zoo, zoo_data, tmp_path):
+    """The same seed gives the same tokens whether or not the policy's generation_config.json carries sampling
+    fields (INSTRUCT_SAMPLING: repetition_penalty, min_new_tokens, top_k, ...)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from rlhf_pipeline.ppo.modules import Prompts, sample_rollout, seeded
+    from rlhf_pipeline.recipe.schema import GenerationSection
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo["instruct"])
+    model = AutoModelForCausalLM.from_pretrained(zoo["instruct"]).eval()
+    assert model.generation_config.repetition_penalty == INSTRUCT_SAMPLING["repetition_penalty"]
+    texts = ["the plot was", "review of Kelto :", "my thoughts on", "critic notes", "the ending", "a western",
+             "the cast", "my review"]
+    messages = [[{"role": "user", "content": t}] for t in texts]
+    ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+           for m in messages]
+    prompts = Prompts([tokenizer.decode(i) for i in ids], ids, messages)
+    generation = GenerationSection(response_length=16, temperature=1.0)
+
+    def sample():
+        with seeded(7, torch.device("cpu")):
+            return sample_rollout(model, tokenizer, prompts, generation, torch.device("cpu")).response
+
+    with_fields = sample()
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(sample(), with_fields)
+
+
+def _prompts(family: str, tokenizer):
+    from rlhf_pipeline.ppo.modules import Prompts
+
+    texts = ["review of Kelto , a documentary by Serosen Claor :", "my thoughts on the satire Ancornor :",
+             "critic notes for Belval :"]
+    if family != "instruct":
+        return Prompts(texts, tokenizer(texts)["input_ids"])
+    messages = [[{"role": "user", "content": t}] for t in texts]
+    ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+           for m in messages]
+    return Prompts([tokenizer.decode(i) for i in ids], ids, messages)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_are_those_generate_sampled_from(family, zoo):
+    """PPO's log-probabilities (the policy's, the LoRA-disabled reference's, the held-out evaluation's) equal
+    log softmax(logits / T) of the very logits `generate` sampled each token from: the model's own forward, after
+    what it does past its LM head (Gemma-2's soft-capping, which the bare head would skip)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_pipeline import models
+    from rlhf_pipeline.ppo.core import logprobs_of, masked_sum
+    from rlhf_pipeline.ppo.modules import (
+        PolicyAndValue,
+        Rollout,
+        left_pad,
+        own_generation_config,
+        reference_logits,
+        rollout_generation_config,
+        seeded,
+        sequence_logprobs,
+        truncate_after_eos,
+        trunk_of,
+    )
+    from rlhf_pipeline.recipe.schema import GenerationSection, LoraSection
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo[family])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    policy = AutoModelForCausalLM.from_pretrained(zoo[family]).eval()
+    prompts = _prompts(family, tokenizer)
+    generation = GenerationSection(response_length=8, temperature=0.7)
+    config = rollout_generation_config(generation, tokenizer)
+    query, query_mask = left_pad(prompts.ids, tokenizer.pad_token_id)
+    with seeded(3, torch.device("cpu")), own_generation_config(policy, config), torch.no_grad():
+        out = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config,
+                              output_logits=True, return_dict_in_generate=True)
+    response, mask, finished = truncate_after_eos(out.sequences[:, query.shape[1]:], tokenizer.eos_token_id,
+                                                  tokenizer.pad_token_id)
+    rollout = Rollout(query, query_mask, response, mask, finished, prompts)
+    sampled_from = logprobs_of(torch.stack(out.logits, 1)[:, : response.shape[1]], response, 0.7)
+
+    with torch.no_grad():
+        logits, values = PolicyAndValue(policy)(rollout.input_ids, rollout.attention_mask, rollout.response_start)
+        ours = logprobs_of(logits, response, 0.7)
+        assert torch.allclose(ours * mask, sampled_from * mask, atol=1e-5), (ours - sampled_from).abs().max()
+        summed = sequence_logprobs(policy, rollout, 0.7)
+        assert torch.allclose(summed, masked_sum(sampled_from, mask, dim=1), atol=1e-4)
+        lora = get_peft_model(policy, models.lora_config(LoraSection(r=2), "CAUSAL_LM", policy))
+        reference = reference_logits(None, lora, rollout.input_ids, rollout.attention_mask, rollout.response_start)
+        assert torch.allclose(logprobs_of(reference, response, 0.7) * mask, sampled_from * mask, atol=1e-5)
+        if family == "gemma2":  # the bare LM head on the trunk's output misses the soft-capping
+            trunk = trunk_of(policy)(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask)
+            bare = policy.get_output_embeddings()(trunk.last_hidden_state[:, rollout.response_start - 1: -1])
+            assert (logprobs_of(bare, response, 0.7) - sampled_from).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_gelu_only_where_the_model_runs_gpt2s_gelu(family, zoo):
+    """fuse_gelu swaps GPT-2's `gelu_new` modules for PyTorch's fused tanh GELU (the same function) and touches
+    nothing in the other families, whose activations differ (exact erf GELU, SiLU, gelu_pytorch_tanh)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_pipeline.models import fuse_gelu
+
+    model = AutoModelForCausalLM.from_pretrained(zoo[family]).eval()
+    probe = torch.tensor([[3, 17, 42, 99, 7, 5]])
+    with torch.no_grad():
+        before = model(probe).logits
+        replaced = fuse_gelu(model)
+        after = model(probe).logits
+    assert replaced == (2 if family == "gpt2" else 0)
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", PLAIN)
+def test_ppo_prompts_are_tokenized_as_trl_tokenizes_them(family, zoo):
+    """A plain prompt starts with the BOS its tokenizer adds (Llama, Gemma, OPT), as SFTTrainer trained on it; a
+    conversation is the chat template's tokens, ending with the assistant's turn header."""
+    from transformers import AutoTokenizer
+
+    from rlhf_pipeline.stages.ppo import tokenize_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo[family])
+    text = "review of Kelto , a documentary by Serosen Claor :"
+    prompts = tokenize_prompts(None, [text], tokenizer, 64, "training", "data.max_prompt_length")
+    assert prompts.ids == [tokenizer(text=text)["input_ids"]]
+    assert (prompts.ids[0][0] == tokenizer.bos_token_id) == (family in ("llama", "opt", "gemma2"))
