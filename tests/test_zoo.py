@@ -375,3 +375,92 @@ def test_ppo_prompts_are_tokenized_as_trl_tokenizes_them(family, zoo):
     prompts = tokenize_prompts(None, [text], tokenizer, 64, "training", "data.max_prompt_length")
     assert prompts.ids == [tokenizer(text=text)["input_ids"]]
     assert (prompts.ids[0][0] == tokenizer.bos_token_id) == (family in ("llama", "opt", "gemma2"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lora_on_an_sft_adapter_reloads_to_the_trained_model(family, zoo, zoo_data, tmp_path, monkeypatch):
+    """SFT saved as a LoRA adapter, then PPO (rloo), DPO and a reward model, each with a LoRA of its own saved as an
+    adapter: each saved adapter holds both deltas and reloads (AutoModelFor...from_pretrained, base fetched by name)
+    to the model that was trained, not to the base plus its own adapter alone. GPT-2's Conv1D layers and Llama's
+    linear ones."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_pipeline import models
+    from rlhf_pipeline.stages import common, dpo
+    from rlhf_pipeline.stages import reward as reward_stage
+
+    files, training, runs = zoo_data["plain"], dict(FAST_TRAINING, max_steps=2, learning_rate=3e-2), tmp_path / "runs"
+    lora = {"r": 4, "alpha": 8, "save": "adapter"}
+    sft = _run(tmp_path, "sft", {"stage": "sft", "seed": 0, "output_dir": str(runs / "sft"),
+                                 "model": {"name_or_path": str(zoo[family])}, "peft": lora,
+                                 "data": {"files": str(files["sft"]), "eval_size": 4}, "training": training})
+    assert (sft / "adapter_config.json").is_file()
+
+    probe = torch.tensor([[3, 17, 42, 99, 7, 5]])
+    trained: list[torch.Tensor] = []
+
+    def remember(model):
+        with torch.no_grad():
+            trained.append(model.eval()(probe).logits.clone())
+
+    def save_model(model, *args, **kwargs):
+        remember(model)
+        return original_save_model(model, *args, **kwargs)
+
+    def save_trained(trainer, *args, **kwargs):
+        remember(trainer.model)
+        return original_save_trained(trainer, *args, **kwargs)
+
+    original_save_model, original_save_trained = models.save_model, common.save_trained
+    monkeypatch.setattr(models, "save_model", save_model)
+    for stage in (dpo, reward_stage):
+        monkeypatch.setattr(stage, "save_trained", save_trained)
+
+    ppo = _run(tmp_path, "rloo", {
+        "stage": "ppo", "seed": 0, "output_dir": str(runs / "rloo"), "policy": {"name_or_path": str(sft)},
+        "reward": {"function": "rlhf_pipeline.tiny.annotator:gold_score"}, "peft": {**lora, "r": 2},
+        "data": _split(files, "prompts", "prompts-test"),
+        "generation": {"response_length": 6, "samples_per_prompt": 2},
+        "training": ppo_settings(advantage_estimator="rloo", learning_rate=3e-2)})
+    dpo_run = _run(tmp_path, "dpo", {"stage": "dpo", "seed": 0, "output_dir": str(runs / "dpo"),
+                                     "model": {"name_or_path": str(sft)}, "peft": lora, "evaluation": {"prompts": 0},
+                                     "data": _split(files, "prefs", "prefs-test"), "training": training})
+    reward = _run(tmp_path, "reward", {"stage": "reward", "seed": 0, "output_dir": str(runs / "reward"),
+                                       "model": {"name_or_path": str(sft)}, "peft": lora,
+                                       "data": _split(files, "prefs", "prefs-test"), "training": training})
+    with torch.no_grad():
+        sft_only = AutoModelForCausalLM.from_pretrained(sft).eval()(probe).logits
+        for out, logits, auto, extra in ((ppo, trained[0], AutoModelForCausalLM, {}),
+                                         (dpo_run, trained[1], AutoModelForCausalLM, {}),
+                                         (reward, trained[2], AutoModelForSequenceClassification, {"num_labels": 1})):
+            config = json.loads((out / "adapter_config.json").read_text())
+            assert Path(config["base_model_name_or_path"]) == zoo[family]  # the root base, which the Hub can name
+            reloaded = auto.from_pretrained(out, **extra).eval()(probe).logits
+            assert torch.allclose(reloaded, logits, atol=1e-5), (out.name, (reloaded - logits).abs().max())
+        base = AutoModelForCausalLM.from_pretrained(zoo[family]).eval()(probe).logits
+        assert not torch.allclose(sft_only, base, atol=1e-3)  # the SFT delta that a lost fold would drop
+        ranks = {json.loads((out / "adapter_config.json").read_text())["r"] for out in (ppo, dpo_run, reward)}
+        assert ranks == {4 + 2, 4 + 4}
+
+
+def test_an_adapter_that_cannot_be_folded_is_refused_before_training(zoo, zoo_data, tmp_path):
+    """A DoRA start with `peft.save: adapter` is refused by --dry-run and by the run, naming the key and what to do;
+    `peft.save: merged` runs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = tmp_path / "dora"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(zoo["llama"]),
+                   LoraConfig(r=2, use_dora=True, target_modules="all-linear")).save_pretrained(start)
+    AutoTokenizer.from_pretrained(zoo["llama"]).save_pretrained(start)
+    recipe = {"stage": "dpo", "seed": 0, "output_dir": str(tmp_path / "dpo"), "model": {"name_or_path": str(start)},
+              "peft": {"r": 2, "save": "adapter"}, "evaluation": {"prompts": 0},
+              "data": _split(zoo_data["plain"], "prefs", "prefs-test"), "training": dict(FAST_TRAINING, max_steps=1)}
+    path = write_recipe(tmp_path / "dpo.yaml", recipe)
+    for flags in (["--dry-run"], []):
+        result = run_cli("dpo", path, *flags)
+        assert result.exit_code == 2, result.output
+        assert "peft.save" in result.output and "DoRA" in result.output and "peft.save: merged" in result.output
+        assert not (tmp_path / "dpo").exists()
+    recipe["peft"]["save"] = "merged"
+    _run(tmp_path, "dpo-merged", recipe)

@@ -50,6 +50,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     if not (recipe.data.eval_split or recipe.data.eval_size):
         raise loaded.error("data", "the reward stage reports held-out accuracy: set `eval_split` or `eval_size`")
     begin(loaded)
+    models.check_adapter_chain(loaded, recipe.peft, recipe.model.name_or_path, "model.name_or_path")
 
     # 1. data
     train, held_out = data_io.load_splits(loaded)
@@ -62,7 +63,6 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     tokenizer = models.load_tokenizer(loaded, recipe.tokenizer, recipe.model)
     config = models.load_config(loaded, recipe.model)
     models.check_lora_vocabulary(loaded, recipe.peft, tokenizer, config)
-    models.check_adapter_chain(loaded, recipe.peft, recipe.model.name_or_path, "model.name_or_path")
     args = training_config(loaded, RewardConfig, config)  # before the weights load
     model = models.load_pretrained(loaded, recipe.model, kind="reward")
     models.align_special_tokens(model, tokenizer)

@@ -31,6 +31,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
 
     recipe = loaded.recipe
     begin(loaded)
+    models.check_adapter_chain(loaded, recipe.peft, recipe.model.name_or_path, "model.name_or_path")
 
     # 1. data
     train, held_out = data_io.load_splits(loaded)
@@ -45,7 +46,6 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
         raise loaded.error("tokenizer.chat_template", models.NO_TEMPLATE)
     config = models.load_config(loaded, recipe.model)
     models.check_lora_vocabulary(loaded, recipe.peft, tokenizer, config)
-    models.check_adapter_chain(loaded, recipe.peft, recipe.model.name_or_path, "model.name_or_path")
     args = training_config(loaded, SFTConfig, config)  # before the weights load
     model = models.load_pretrained(loaded, recipe.model)
     models.align_special_tokens(model, tokenizer)
