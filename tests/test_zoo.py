@@ -464,3 +464,40 @@ def test_an_adapter_that_cannot_be_folded_is_refused_before_training(zoo, zoo_da
         assert not (tmp_path / "dpo").exists()
     recipe["peft"]["save"] = "merged"
     _run(tmp_path, "dpo-merged", recipe)
+
+
+def test_prompt_budget_leaves_room_for_the_chat_templates_end_of_turn(zoo, tmp_path):
+    """A chat model with a short context as policy and reward model: every prompt PPO keeps leaves room, in the
+    reward model's sequence (the chat template over prompt and response), for a whole response and the template's
+    end of turn (`<|im_end|>` and a newline), so that no full-length response can overflow the reward model; and
+    no prompt that fits is left out. The budget without the end of turn kept prompts one token too long."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_pipeline.ppo.modules import ModelScorer
+    from rlhf_pipeline.recipe.load import load_recipe
+    from rlhf_pipeline.scoring import RewardModel
+    from rlhf_pipeline.stages.ppo import load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo["instruct"])
+    words = "the plot was clever and the cast was superb yet the ending felt rushed".split()
+    rows = [{"prompt": [{"role": "user", "content": " ".join(words[:n])}]} for n in range(1, len(words) + 1)]
+    lengths = [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]) for r in rows]
+    response_length, end_of_turn = 12, 2
+    context = lengths[len(rows) // 2] + response_length + end_of_turn  # the middle prompt fits exactly
+    short = tmp_path / "short"
+    config = AutoConfig.from_pretrained(zoo["instruct"], max_position_embeddings=context)
+    AutoModelForCausalLM.from_pretrained(zoo["instruct"], config=config).save_pretrained(short)
+    tokenizer.save_pretrained(short)
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    recipe = {"stage": "ppo", "output_dir": str(tmp_path / "out"), "policy": {"name_or_path": str(short)},
+              "reward": {"model": str(short)}, "data": {"files": {"train": str(data), "test": str(data)},
+                                                        "eval_split": "test"},
+              "generation": {"response_length": response_length}}
+    loaded = load_recipe(write_recipe(tmp_path / "ppo.yaml", recipe), expected_stage="ppo")
+    reward = RewardModel(AutoModelForSequenceClassification.from_pretrained(short, num_labels=1).eval(), tokenizer)
+    prompts, _ = load_prompts(loaded, tokenizer, context, scorers=(ModelScorer(reward),))
+    assert sorted(len(ids) for ids in prompts.ids) == sorted(n for n in lengths if n <= lengths[len(rows) // 2])
+    longest_response = " the" * response_length  # the most text a response can be, its EOS dropped
+    assert len(tokenizer(longest_response, add_special_tokens=False)["input_ids"]) == response_length
+    reward.score(prompts.messages, [[{"role": "assistant", "content": longest_response}]] * len(prompts))
