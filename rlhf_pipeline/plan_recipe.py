@@ -542,7 +542,11 @@ def _dtype(section_dtype: str, facts: ModelFacts) -> str:
 
 
 def _gelu_ops(facts: ModelFacts, fused: bool = False) -> int:
-    return 1 if fused or facts.activation != "gelu_new" else 4
+    """What the MLP's activation saves beside its output (HeldModel.gelu_ops): ReLU nothing, GPT-2's `gelu_new`
+    four tensors (six ops) unless PPO fused it (models.fuse_gelu), a one-op activation its input."""
+    if facts.activation == "relu":
+        return 0
+    return 4 if facts.activation == "gelu_new" and not fused else 1
 
 
 def _lora(peft, shape: ModelShape, head: str) -> tuple[int, int]:
@@ -712,18 +716,20 @@ def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
     if recipe.peft is not None:
         trainable, lora_inputs = _lora(recipe.peft, facts.shape, "lm")
         policy = HeldModel("policy", facts.source, facts.shape, "lm", "lora", trainable + extra, dtype,
-                           extra_parameters=extra, gelu_ops=1, lora_inputs=lora_inputs)
+                           extra_parameters=extra, gelu_ops=_gelu_ops(facts, fused=True), lora_inputs=lora_inputs)
     else:
         policy = HeldModel("policy", facts.source, facts.shape, "lm", "all", 0, dtype, extra_parameters=extra,
-                           gelu_ops=1)
+                           gelu_ops=_gelu_ops(facts, fused=True))
     frozen_dtype = _deepspeed_frozen_dtype(dist, cfg.mixed_precision)
     if recipe.reference.name_or_path:
         ref = require_model(loaded, "reference.name_or_path", recipe.reference.name_or_path, box)
         reference = HeldModel("reference", ref.source, ref.shape, "lm", "frozen", 0,
-                              frozen_dtype or _dtype(recipe.policy.dtype, ref), prepared=dist.fsdp, gelu_ops=1)
+                              frozen_dtype or _dtype(recipe.policy.dtype, ref), prepared=dist.fsdp,
+                              gelu_ops=_gelu_ops(ref, fused=True))
     elif recipe.peft is None:
         reference = HeldModel("reference", f"a frozen copy of the policy ({recipe.policy.name_or_path})",
-                              facts.shape, "lm", "frozen", 0, frozen_dtype or dtype, prepared=dist.fsdp, gelu_ops=1)
+                              facts.shape, "lm", "frozen", 0, frozen_dtype or dtype, prepared=dist.fsdp,
+                              gelu_ops=_gelu_ops(facts, fused=True))
     else:
         reference = None
     # frozen models: sharded like the policy under FSDP (ppo.modules.prepare_frozen), else whole on every device
@@ -737,10 +743,11 @@ def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
         vf = require_model(loaded, key, name, box, "score")
         if recipe.peft is not None:
             trainable, lora_inputs = _lora(recipe.peft, vf.shape, "score")
-            value = HeldModel("value", vf.source, vf.shape, "score", "lora", trainable, dtype, gelu_ops=1,
-                              lora_inputs=lora_inputs)
+            value = HeldModel("value", vf.source, vf.shape, "score", "lora", trainable, dtype,
+                              gelu_ops=_gelu_ops(vf, fused=True), lora_inputs=lora_inputs)
         else:
-            value = HeldModel("value", vf.source, vf.shape, "score", "all", 0, dtype, gelu_ops=1)
+            value = HeldModel("value", vf.source, vf.shape, "score", "all", 0, dtype,
+                              gelu_ops=_gelu_ops(vf, fused=True))
 
     response = gen.response_length
     context = facts.shape.n_positions

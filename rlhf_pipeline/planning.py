@@ -354,7 +354,7 @@ class HeldModel:
     trainable: int = 0  # trained parameters (LoRA: the adapters, plus a classifier's score head)
     dtype: str = "float32"
     prepared: bool = True  # passed to accelerator.prepare, so ZeRO-3 / FSDP shard it
-    gelu_ops: int = 1  # tensors the MLP activation saves for backward: 1 (one op), 4 (gelu_new as six ops)
+    gelu_ops: int = 1  # tensors the MLP activation saves beside its output: 0 (ReLU), 1 (one op), 4 (gelu_new)
     dropout: float = 0.0  # residual dropout active while it trains
     lora_dropout: float = 0.0  # dropout on the LoRA inputs, active while it trains
     lora_inputs: int = 0  # elements per token and layer that the LoRA adapters read (their dropout copies)
@@ -467,13 +467,14 @@ def block_activation_bytes(model: HeldModel, rows: int, length: int, precision: 
 
 def mlp_hidden_bytes(model: HeldModel, precision: Precision, dist: Distribution) -> int:
     """Bytes saved per element of the MLP's hidden layer: its input to the activation and the activation's output
-    (2 x c) with a one-op GELU; GPT-2's `gelu_new` (six tensor ops) saves three more tensors, at c bytes, except
-    under CUDA autocast, where `pow` runs in fp32 (its input is saved as an fp32 copy) and the tanh and its sum stay
-    fp32: 4 + 4 + c + 4 + c bytes. A gated MLP (act(gate) x up) also saves the up projection and the product."""
+    (2 x c) with a one-op GELU (ReLU: its output only, c); GPT-2's `gelu_new` (six tensor ops) saves three more
+    tensors, at c bytes, except under CUDA autocast, where `pow` runs in fp32 (its input is saved as an fp32 copy) and
+    the tanh and its sum stay fp32: 4 + 4 + c + 4 + c bytes. A gated MLP (act(gate) x up) also saves the up
+    projection and the product."""
     c = precision.compute
     gated = 2 * c if model.shape.gated_mlp else 0
-    if model.gelu_ops == 1:
-        return 2 * c + gated
+    if model.gelu_ops <= 1:  # ReLU saves only its output (the next matmul's input)
+        return (1 + model.gelu_ops) * c + gated
     if precision.autocast != "no" and dist.device == "gpu":
         return 12 + 2 * c + gated
     return 5 * c + gated
@@ -530,7 +531,7 @@ def no_grad_forward_bytes(model: HeldModel, rows: int, length: int, precision: P
     layer-norm output, the MLP's hidden layer and the activation's temporaries) plus that layer's L x L mask."""
     shape = model.shape
     d, f = shape.n_embd, shape.mlp_width
-    hidden = (2 if model.gelu_ops == 1 else 4) + (1 if shape.gated_mlp else 0)  # gated: gate, up, their product
+    hidden = (2 if model.gelu_ops <= 1 else 4) + (1 if shape.gated_mlp else 0)  # gated: gate, up, their product
     per_token = 2 * d * precision.weights + hidden * f * precision.compute
     return rows * length * per_token + (rows * length * length * precision.compute if padded else 0)
 
@@ -637,16 +638,19 @@ def _deepspeed_bytes(model: HeldModel, precision: Precision) -> int:
 
 
 def _zero3_terms(models: list[HeldModel], precision: Precision, dist: Distribution) -> list[Term]:
-    """ZeRO-3's own buffers: a reduce bucket per trained model (its engine's optimizer), and the small parameters it
-    keeps whole on every device (stage3_param_persistence_threshold) instead of sharded."""
+    """ZeRO-3's own buffers: the reduce bucket of the engine that trains (one: a stage's trained models are prepared
+    as one module), and the small parameters it keeps whole on every device (stage3_param_persistence_threshold)
+    instead of sharded."""
     terms = []
+    trained = next((m for m in models if m.prepared and m.trained), None)
+    if trained is not None and dist.zero.contiguous_gradients:
+        elements = dist.zero.reduce_bucket(trained.shape.n_embd)
+        terms.append(Term(f"DeepSpeed reduce bucket ({elements:.3g} elements)",
+                          elements * _deepspeed_bytes(trained, precision)))
     for model in models:
         if not model.prepared:
             continue
         c = _deepspeed_bytes(model, precision)
-        if model.trained and dist.zero.contiguous_gradients:
-            elements = dist.zero.reduce_bucket(model.shape.n_embd)
-            terms.append(Term(f"{model.role} DeepSpeed reduce bucket ({elements:.3g} elements)", elements * c))
         threshold = dist.zero.persistence(model.shape.n_embd)
         persistent = sum(size * count for size, count in model.shape.parameter_sizes() if size < threshold)
         if persistent and dist.processes > 1:
@@ -679,18 +683,16 @@ def _training_phases(trained: list[tuple[HeldModel, ModelState, int]], extra_for
         gathered = gathered_bytes(model, precision, dist)
         if gathered:
             terms.append(Term(f"{model.role} weights gathered to compute ({dist.strategy})", gathered))
-        buckets = zero12_bucket_bytes(model, precision, dist)
-        if buckets:
-            stage = int(dist.strategy[-1])
-            count = "2 x " if dist.zero.overlapping(stage) else ""
-            terms.append(Term(f"{model.role} DeepSpeed reduce bucket ({count}"
-                              f"{dist.zero.reduce_bucket(model.shape.n_embd):.3g} elements"
-                              f"{', overlap_comm' if count else ''})", buckets))
         if accumulation == 1 and model.trains == "all":
             # backward begins at the output head, whose gradient (the tied embedding: V x d) comes first
             head = model.shape.vocab_size * model.shape.n_embd if model.head == "lm" else model.shape.n_embd
             terms.append(Term(f"{model.role} output-head gradient",
                               math.ceil(head * state.grads / model.trainable_parameters)))
+    buckets = zero12_bucket_bytes(trained[0][0], precision, dist)  # one engine: the trained models are one module
+    if buckets:
+        count = "2 x " if dist.zero.overlapping(int(dist.strategy[-1])) else ""
+        terms.append(Term(f"DeepSpeed reduce bucket ({count}{dist.zero.reduce_bucket(trained[0][0].shape.n_embd):.3g} "
+                          f"elements{', overlap_comm' if count else ''})", buckets))
     if accumulation > 1 and grads:
         terms.append(Term(f"gradients (accumulated over {accumulation} micro-batches)", grads))
     terms += extra_forward
