@@ -1,12 +1,12 @@
 """The arithmetic of `rlhf plan`: batch sizes, FLOPs and peak memory per device, from shapes and settings alone.
 
-No torch, no weights: every function here is plain arithmetic on a `ModelShape` (rlhf_pipeline/model_shape.py) and
-a few numbers, so that a plan answers in a fraction of a second and each term can be checked by hand
+No torch, no weights: every function here is plain arithmetic on a `ModelShape` (rlhf_pipeline/model_shape.py, which
+counts any architecture's parameters exactly) and a few numbers, so that each term can be checked by hand
 (tests/test_plan.py). What a recipe says is turned into these numbers by `plan_recipe.py`.
 
-The memory model, in one place (bytes per device; `d` = n_embd, `f` = MLP width, `a` = heads, `L` = padded
-sequence length, `V` = vocabulary, `c` = bytes of a value computed by a matmul: 2 under bf16/fp16 autocast, else the
-weights' dtype):
+The memory model, in one place (bytes per device; `d` = hidden size, `f` = MLP width, `a` = heads, `q` = the
+queries' width (heads x head_dim), `kv` = the keys' width (key/value heads x head_dim), `L` = padded sequence length,
+`V` = vocabulary, `c` = bytes of a value computed by a matmul: 2 under bf16/fp16 autocast, else the weights' dtype):
 
 - weights: parameters x bytes of the stored dtype (fp32: 4). Autocast keeps fp32 weights; while a model trains under
   autocast, a 16-bit copy of its weights is alive too (autocast caches the casts of trained weights, and saves the
@@ -17,21 +17,28 @@ weights' dtype):
 - sharding (Accelerate config): ZeRO-1 splits the optimizer state, ZeRO-2 also the gradients, ZeRO-3 and FSDP full
   shard also the weights, each over the processes; DeepSpeed under mixed precision keeps 16-bit weights and
   gradients and 12 bytes of optimizer state per parameter (fp32 master copy + AdamW; the ZeRO paper's accounting).
-  A sharded model gathers weights to compute: FSDP one wrapped unit at a time (a GPT-2 block, or the embeddings)
-  plus the one prefetched; ZeRO-3 keeps up to `stage3_max_live_parameters` (default 1e9) gathered.
+  A sharded model gathers weights to compute: FSDP one wrapped unit at a time (a decoder layer, or the embeddings)
+  plus the one prefetched; ZeRO-3 keeps up to `stage3_max_live_parameters` (default 1e9) gathered. DeepSpeed's own
+  buffers (`ZeroSettings`): ZeRO-1/2 a reduce bucket of `reduce_bucket_size` elements (5e8 by default; two with
+  overlap_comm) during each backward, ZeRO-3 one for the whole run and its small parameters whole on every device.
 - activations saved for backward, per token and layer (what autograd saves in transformers 5's GPT-2 with SDPA
-  attention, which stores no L x L scores, counted with saved-tensor hooks): 2d at the weights' dtype (the two
-  layer-norm inputs) plus, at `c` bytes, 6d (q, k, v and the three matmul inputs of width d) and the MLP's hidden
-  layer: 2f with a one-op GELU, 5f with GPT-2's `gelu_new` written as six tensor ops (PPO fuses it; TRL stages do
-  not; under CUDA autocast three of those are fp32: `mlp_hidden_bytes`); `a` log-sum-exp floats; padded batches add
-  one L x L additive mask per layer and row; dropout its masks. Backward adds about two MLP-wide gradients.
-  Gradient checkpointing keeps only each block's input (d) plus one block recomputed in full.
+  attention, which stores no L x L scores, counted with saved-tensor hooks): the layer-norm inputs at the weights'
+  dtype (d each; an RMSNorm also keeps its normalized input) plus, at `c` bytes, 2d + 2q + 2kv (the two norms'
+  outputs, the queries and the attention output, keys and values; with a padding mask transformers repeats the
+  key/value heads, kv = q) and the MLP's hidden layer: 2f with a one-op GELU (ReLU: f), 5f with GPT-2's `gelu_new`
+  written as six tensor ops (PPO fuses it; TRL stages do not; under CUDA autocast three of those are fp32:
+  `mlp_hidden_bytes`), 2f more for a gated MLP; `a` log-sum-exp floats; padded batches add one L x L additive mask
+  per layer and row; dropout its masks. Backward adds about two MLP-wide gradients. Gradient checkpointing keeps
+  only each block's input (d) plus one block recomputed in full. Measured on GPT-2; other architectures carried over
+  by width and marked approximate in the plan (tests/test_plan.py compares five families on a CPU).
 - the loss head (often the largest term for GPT-2: V = 50,257): see `loss_head_bytes`.
-- generation: the KV cache, 2 x n_layer x d x tokens x `c`, plus one prefill layer's transients.
+- generation: the KV cache, 2 x kv x the token-layers the cache keeps x `c` (a sliding-window layer keeps its window:
+  `ModelShape.cached_tokens`), plus one prefill layer's transients.
 
 Peak = what is always there (weights, optimizer state, DDP buckets; on a GPU, cuBLAS workspaces) + the largest phase
 (generation, scoring, forward/backward, optimizer step, evaluation). Not counted: the Python runtime and libraries,
-data held in host memory, the CUDA context, allocator fragmentation, and communication buffers.
+data held in host memory, the CUDA context, allocator fragmentation, and communication buffers other than DeepSpeed's
+reduce buckets; hence a plan "fits" only under FIT_FRACTION of the device.
 """
 
 from __future__ import annotations
