@@ -359,8 +359,10 @@ def _count(model, text, model_type: str, classifier: int | None) -> ModelShape:
     embedding = model.get_input_embeddings()
     tied = head is not None and embedding is not None and head.weight is embedding.weight
     heads = text.num_attention_heads
-    kv_heads = (getattr(text, "num_key_value_heads", None) or getattr(text, "num_kv_heads", None)
-                or (1 if getattr(text, "multi_query", False) else heads))
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        kv_heads = 1  # multi-query attention (Falcon, GPT-BigCode): one key/value head
+    else:
+        kv_heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_kv_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or d // heads
     measured = Measured(
         causal_lm=sum(p.numel() for p in model.parameters()), classifier=classifier,
