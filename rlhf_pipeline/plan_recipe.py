@@ -199,9 +199,9 @@ def require_model(loaded: LoadedRecipe, key: str, name: str, registry_box: list,
         raise loaded.error(key, f"cannot plan {name!r}: {exc}") from None
     if facts is None:
         if HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
-            known = ", ".join(sorted(k for k in HUB_CONFIGS if "/" not in k))
+            known = ", ".join(sorted(k for k in HUB_CONFIGS if not k.startswith(("openai-community/", "distilbert/"))))
             raise loaded.error(key, f"cannot tell the shape of {name!r} without its config.json: it is not in the "
-                                    f"local Hugging Face cache, not built in ({known}, Qwen/Qwen2.5-0.5B, ...), and "
+                                    f"local Hugging Face cache, not built in ({known}), and "
                                     f"no recipe beside this one writes it. Fetch the config alone with `hf download "
                                     f"{name} config.json` and plan again, or plan with --set {key}=<a local model "
                                     "directory>")
