@@ -14,7 +14,7 @@ from conftest import REPO, run_cli, stage_recipe, write_recipe
 
 from rlhf_pipeline import planning
 from rlhf_pipeline.errors import RecipeError, UserError
-from rlhf_pipeline.model_shape import KNOWN, ModelShape
+from rlhf_pipeline.model_shape import HUB_CONFIGS, KNOWN, ModelShape
 from rlhf_pipeline.planning import Distribution, HeldModel, Precision
 
 GIB = 1024**3
@@ -468,9 +468,7 @@ def test_plan_imports_no_torch(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # other architectures, DeepSpeed's buffers, the fit margin, Hub ids
 # ---------------------------------------------------------------------------------------------------------------
-QWEN25_05B = {"model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
-              "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True,
-              "max_position_embeddings": 32768, "torch_dtype": "bfloat16"}
+QWEN25_05B = HUB_CONFIGS["Qwen/Qwen2.5-0.5B"]  # its config.json (tests/test_model_shape.py checks the count)
 
 
 @pytest.fixture
