@@ -190,8 +190,9 @@ def plan(recipe_path: Path, overrides: Sequence[str], processes: int | None, dev
             f"planned); peak per device: {summary}; the largest: {worst[0]}")
     if memory is not None:
         misfits = [name for name, p in plans if p.fits is False]
-        head += (f"; does NOT fit in {planning.format_bytes(memory)}: {', '.join(misfits)}" if misfits
-                 else f"; every stage fits in {planning.format_bytes(memory)}")
+        margin = f" (under {100 * planning.FIT_FRACTION:.0f} % of it)"
+        head += (f"; does NOT fit in {planning.format_bytes(memory)}{margin}: {', '.join(misfits)}" if misfits
+                 else f"; every stage fits in {planning.format_bytes(memory)}{margin}")
     return "\n\n".join([head] + [f"== {name} ==\n{render(p)}" for name, p in plans])
 
 

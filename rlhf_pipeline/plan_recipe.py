@@ -1,9 +1,10 @@
 """`rlhf plan`: from a recipe to the inputs of the plan arithmetic (`planning.py`), and the report.
 
-Nothing is loaded: a model's shape comes from its config.json when it is on disk, from the built-in table for the
-GPT-2 family on the Hub, or, for a path an earlier stage will write, from the recipe that writes it (a recipe beside
-this one, or the pipeline's wiring); the data are counted, and measured with the tokenizer when both are local.
-Imports no torch, transformers or datasets.
+No weight is loaded: a model's shape comes from its config.json (a local directory, the local Hugging Face cache, a
+built-in table of a few Hub models), or, for a path an earlier stage will write, from the recipe that writes it (a
+recipe beside this one, or the pipeline's wiring); the data are counted, and measured with the tokenizer when both
+are local. GPT-2 plans import no torch, transformers or datasets; another architecture is built on the meta device
+(model_shape.measure), which imports torch and transformers.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline import planning
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.model_shape import KNOWN, ModelShape
+from rlhf_pipeline.model_shape import HUB_CONFIGS, ModelShape, UnplannableModel
 from rlhf_pipeline.planning import (
     GIB,
     Distribution,
@@ -94,21 +96,46 @@ def _key(path: str) -> str:
     return os.path.normpath(os.path.abspath(os.path.expanduser(str(path))))
 
 
-def model_facts(name: str, registry: Registry | None = None, _seen: tuple[str, ...] = ()) -> ModelFacts | None:
-    """A model's shape and config facts: config.json on disk, a LoRA adapter's base, the built-in table, or the
-    recipe that will write it. None when none of these knows it."""
+def config_facts(config: dict, source: str, directory: Path | None = None) -> ModelFacts:
+    """A model's facts from its config.json dict (`source`: where it was read, for messages): the shape (raises
+    UnplannableModel for what cannot be counted), dtype, MLP activation, residual dropout; `directory` holds its
+    tokenizer when tokenizer.json is there."""
+    try:
+        shape = ModelShape.from_config(config)
+    except KeyError as exc:
+        raise UserError(f"{source}: {exc.args[0]}") from None
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    activation = config.get("activation_function") or config.get("hidden_act") or "gelu_new"
+    dropout = next((config[k] for k in ("resid_pdrop", "hidden_dropout", "hidden_dropout_prob", "dropout")
+                    if isinstance(config.get(k), (int, float))), 0.0)
+    tokenizer = str(directory) if directory is not None and (directory / "tokenizer.json").is_file() else None
+    return ModelFacts(shape, source, str(dtype), str(activation), float(dropout), tokenizer)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")  # a Hub repo id
+
+
+def cached_config(name: str, revision: str | None = None) -> Path | None:
+    """A Hub model's config.json in the local Hugging Face cache (as `from_pretrained` left it), or None."""
+    if Path(name).expanduser().exists() or not HUB_ID.fullmatch(name):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+    except (ImportError, ValueError):  # no huggingface_hub, or a name that is no repo id
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def model_facts(name: str, registry: Registry | None = None, _seen: tuple[str, ...] = (),
+                revision: str | None = None) -> ModelFacts | None:
+    """A model's shape and config facts: config.json on disk, a LoRA adapter's base, the built-in table, the local
+    Hugging Face cache, or the recipe that will write it. None when none of these knows it."""
     path = Path(name).expanduser()
     config_file = path / "config.json"
     if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        try:
-            shape = ModelShape.from_config(config)
-        except KeyError as exc:
-            raise UserError(f"{config_file}: {exc.args[0]}") from None
-        dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-        return ModelFacts(shape, str(config_file), str(dtype), str(config.get("activation_function", "gelu_new")),
-                          float(config.get("resid_pdrop", config.get("hidden_dropout_prob", 0.0)) or 0.0),
-                          str(path) if (path / "tokenizer.json").is_file() else None)
+        return config_facts(json.loads(config_file.read_text()), str(config_file), path)
     adapter = path / "adapter_config.json"
     if adapter.is_file():
         base = json.loads(adapter.read_text()).get("base_model_name_or_path")
@@ -117,8 +144,12 @@ def model_facts(name: str, registry: Registry | None = None, _seen: tuple[str, .
             tokenizer = str(path) if (path / "tokenizer.json").is_file() else facts.tokenizer
             return replace(facts, source=f"{adapter} -> {facts.source}", tokenizer=tokenizer)
         return None
-    if name in KNOWN:
-        return ModelFacts(KNOWN[name], f"built-in table ({name})", "float32", "gelu_new", 0.1)
+    if name in HUB_CONFIGS:
+        return config_facts(HUB_CONFIGS[name], f"built-in table ({name})")
+    cached = cached_config(name, revision)
+    if cached is not None:
+        return config_facts(json.loads(cached.read_text()), f"{name} (config.json in the local Hugging Face cache)",
+                            cached.parent)
     writer = registry.writer(name) if registry is not None else None
     if writer is None or _key(name) in _seen:
         return None
@@ -152,19 +183,34 @@ def _vocabulary(tokenizer, registry: Registry | None, seen: tuple[str, ...]) -> 
     return None
 
 
-def require_model(loaded: LoadedRecipe, key: str, name: str, registry_box: list) -> ModelFacts:
-    """model_facts, or a clear error naming the recipe key. The registry of neighbouring recipes is built on first
-    need (`registry_box` holds it)."""
-    facts = model_facts(name)
+def require_model(loaded: LoadedRecipe, key: str, name: str, registry_box: list, head: str = "lm") -> ModelFacts:
+    """model_facts, or a clear error naming the recipe key: a model nothing local describes, one `rlhf plan` cannot
+    count (remote code, an encoder-decoder), a reward or value model (`head` "score") of an architecture without a
+    sequence classifier. The registry of neighbouring recipes is built on first need (`registry_box` holds it)."""
+    section = getattr(loaded.recipe, key.split(".")[0], None)
+    revision = getattr(section, "revision", None)
+    try:
+        facts = model_facts(name, revision=revision)
+        if facts is None:
+            if not registry_box:
+                registry_box.append(Registry.around(loaded.path))
+            facts = model_facts(name, registry_box[0], revision=revision)
+    except UnplannableModel as exc:
+        raise loaded.error(key, f"cannot plan {name!r}: {exc}") from None
     if facts is None:
-        if not registry_box:
-            registry_box.append(Registry.around(loaded.path))
-        facts = model_facts(name, registry_box[0])
-    if facts is None:
-        known = ", ".join(sorted(k for k in KNOWN if "/" not in k))
-        raise loaded.error(key, f"cannot tell the shape of {name!r} without loading it: it has no config.json, is not "
-                                f"one of the built-in GPT-2 models ({known}), and no recipe beside this one writes "
-                                f"it. Plan once it exists, or plan with --set {key}=<a local model or one of those>")
+        if HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
+            known = ", ".join(sorted(k for k in HUB_CONFIGS if not k.startswith(("openai-community/", "distilbert/"))))
+            raise loaded.error(key, f"cannot tell the shape of {name!r} without its config.json: it is not in the "
+                                    f"local Hugging Face cache, not built in ({known}), and "
+                                    f"no recipe beside this one writes it. Fetch the config alone with `hf download "
+                                    f"{name} config.json` and plan again, or plan with --set {key}=<a local model "
+                                    "directory>")
+        raise loaded.error(key, f"cannot tell the shape of {name!r} without loading it: it has no config.json and no "
+                                f"recipe beside this one writes it. Plan once it exists, or plan with --set "
+                                f"{key}=<a local model directory or a Hub id>")
+    if head == "score" and facts.shape.classifier_parameters is None:
+        raise loaded.error(key, f"transformers has no sequence-classification class for {facts.shape.model_type} "
+                                f"({name}): it cannot be a reward or value model")
     return facts
 
 
@@ -406,7 +452,14 @@ class Plan:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.device_memory is None or self.memory is None else self.memory.peak <= self.device_memory
+        """Whether the peak stays under planning.FIT_FRACTION of --device-memory (None without it)."""
+        if self.device_memory is None or self.memory is None:
+            return None
+        return self.memory.peak <= planning.fit_limit(self.device_memory)
+
+    @property
+    def approximate(self) -> list[str]:
+        return [note for note in self.notes if note.startswith("approximate")]
 
 
 def plan_recipe(loaded: LoadedRecipe, dist: Distribution, device_memory: int | None = None,
@@ -423,9 +476,30 @@ def plan_recipe(loaded: LoadedRecipe, dist: Distribution, device_memory: int | N
                                     f"pipeline of them), not `{loaded.stage}`")
     plan.device_memory = device_memory
     plan.refusals = refusals
+    plan.notes += architecture_notes([model for model, _ in plan.memory.models])
     if plan.fits is False:
-        plan.knobs, plan.combination = _knobs(plan, device_memory)
+        plan.knobs, plan.combination = _knobs(plan, planning.fit_limit(device_memory))
     return plan
+
+
+def architecture_notes(models: list[HeldModel]) -> list[str]:
+    """What the plan can only approximate about the models' architectures, and how it counts sliding windows."""
+    notes = []
+    types = sorted({m.shape.model_type for m in models if not m.shape.gpt2})
+    if types:
+        notes.append(f"approximate: the activations of {', '.join(types)} layers (the per-token terms were measured "
+                     "on GPT-2's blocks and are carried over by width: query and key/value heads, RMSNorm's "
+                     "normalized input, a gated MLP's two more tensors); their parameters, KV cache and FLOPs are "
+                     "counted on the model transformers builds from the config")
+    shapes = list(dict.fromkeys(m.shape for m in models))
+    for shape in shapes:
+        notes += [f"approximate ({shape.model_type}): {text}" for text in shape.approximate]
+        windows = shape.sliding_layers
+        if windows:
+            notes.append(f"{shape.model_type}: {len(windows)} of {shape.n_layer} layers keep a sliding window of "
+                         f"{max(windows)} tokens in the KV cache (transformers' DynamicCache), counted so; their "
+                         "attention FLOPs are counted in full")
+    return notes
 
 
 def launch_refusals(loaded: LoadedRecipe, dist: Distribution) -> list[str]:
@@ -468,7 +542,11 @@ def _dtype(section_dtype: str, facts: ModelFacts) -> str:
 
 
 def _gelu_ops(facts: ModelFacts, fused: bool = False) -> int:
-    return 1 if fused or facts.activation != "gelu_new" else 4
+    """What the MLP's activation saves beside its output (HeldModel.gelu_ops): ReLU nothing, GPT-2's `gelu_new`
+    four tensors (six ops) unless PPO fused it (models.fuse_gelu), a one-op activation its input."""
+    if facts.activation == "relu":
+        return 0
+    return 4 if facts.activation == "gelu_new" and not fused else 1
 
 
 def _lora(peft, shape: ModelShape, head: str) -> tuple[int, int]:
@@ -493,7 +571,7 @@ def _plan_trl(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
                                                          "loading it (no local tokenizer.json)")
         facts = replace(facts, source="model.init")
     else:
-        facts = require_model(loaded, "model.name_or_path", model_section.name_or_path, box)
+        facts = require_model(loaded, "model.name_or_path", model_section.name_or_path, box, head)
     dtype = _dtype(model_section.dtype, facts)
     precision = trl_precision(loaded, dtype, dist)
     peft = getattr(recipe, "peft", None)
@@ -611,7 +689,7 @@ def _dpo_reference(loaded: LoadedRecipe, facts: ModelFacts, dtype: str, box: lis
 
 def _scorer(loaded: LoadedRecipe, key: str, box: list, prepared: bool = False, dtype: str | None = None) -> HeldModel:
     source = getattr(loaded.recipe, key)
-    facts = require_model(loaded, f"{key}.model", source.model, box)
+    facts = require_model(loaded, f"{key}.model", source.model, box, "score")
     return HeldModel(key, facts.source, facts.shape, "score", "frozen", 0, dtype or _dtype(source.dtype, facts),
                      prepared=prepared, gelu_ops=_gelu_ops(facts))
 
@@ -638,18 +716,20 @@ def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
     if recipe.peft is not None:
         trainable, lora_inputs = _lora(recipe.peft, facts.shape, "lm")
         policy = HeldModel("policy", facts.source, facts.shape, "lm", "lora", trainable + extra, dtype,
-                           extra_parameters=extra, gelu_ops=1, lora_inputs=lora_inputs)
+                           extra_parameters=extra, gelu_ops=_gelu_ops(facts, fused=True), lora_inputs=lora_inputs)
     else:
         policy = HeldModel("policy", facts.source, facts.shape, "lm", "all", 0, dtype, extra_parameters=extra,
-                           gelu_ops=1)
+                           gelu_ops=_gelu_ops(facts, fused=True))
     frozen_dtype = _deepspeed_frozen_dtype(dist, cfg.mixed_precision)
     if recipe.reference.name_or_path:
         ref = require_model(loaded, "reference.name_or_path", recipe.reference.name_or_path, box)
         reference = HeldModel("reference", ref.source, ref.shape, "lm", "frozen", 0,
-                              frozen_dtype or _dtype(recipe.policy.dtype, ref), prepared=dist.fsdp, gelu_ops=1)
+                              frozen_dtype or _dtype(recipe.policy.dtype, ref), prepared=dist.fsdp,
+                              gelu_ops=_gelu_ops(ref, fused=True))
     elif recipe.peft is None:
         reference = HeldModel("reference", f"a frozen copy of the policy ({recipe.policy.name_or_path})",
-                              facts.shape, "lm", "frozen", 0, frozen_dtype or dtype, prepared=dist.fsdp, gelu_ops=1)
+                              facts.shape, "lm", "frozen", 0, frozen_dtype or dtype, prepared=dist.fsdp,
+                              gelu_ops=_gelu_ops(facts, fused=True))
     else:
         reference = None
     # frozen models: sharded like the policy under FSDP (ppo.modules.prepare_frozen), else whole on every device
@@ -660,13 +740,14 @@ def _plan_ppo(loaded: LoadedRecipe, dist: Distribution, box: list) -> Plan:
     value = None
     if value_mode == "separate":
         name, key = _value_start(recipe, reward)
-        vf = require_model(loaded, key, name, box)
+        vf = require_model(loaded, key, name, box, "score")
         if recipe.peft is not None:
             trainable, lora_inputs = _lora(recipe.peft, vf.shape, "score")
-            value = HeldModel("value", vf.source, vf.shape, "score", "lora", trainable, dtype, gelu_ops=1,
-                              lora_inputs=lora_inputs)
+            value = HeldModel("value", vf.source, vf.shape, "score", "lora", trainable, dtype,
+                              gelu_ops=_gelu_ops(vf, fused=True), lora_inputs=lora_inputs)
         else:
-            value = HeldModel("value", vf.source, vf.shape, "score", "all", 0, dtype, gelu_ops=1)
+            value = HeldModel("value", vf.source, vf.shape, "score", "all", 0, dtype,
+                              gelu_ops=_gelu_ops(vf, fused=True))
 
     response = gen.response_length
     context = facts.shape.n_positions
@@ -753,9 +834,9 @@ def _model_text(model: HeldModel, facts: ModelFacts | None) -> str:
     shape = model.shape
     trains = {"all": "full fine-tuning", "lora": f"LoRA, {format_count(model.trainable)} trainable",
               "frozen": "frozen"}[model.trains]
-    source = model.source
-    return (f"{source}: {shape.n_layer} layers x {shape.n_embd} wide, vocabulary {shape.vocab_size:,}, context "
-            f"{shape.n_positions}; {format_count(model.parameters)} parameters ({model.dtype}); {trains}")
+    counted = "closed form" if shape.gpt2 else "counted on the meta device"
+    return (f"{model.source}: {shape.describe()}; {format_count(model.parameters)} parameters ({counted}; "
+            f"{model.dtype}); {trains}")
 
 
 def _data_text(data: DataFacts, unit: str = "rows") -> str:
@@ -875,9 +956,9 @@ def _options(spec: Any, dist: Distribution) -> list[tuple[str, str, Any, Distrib
     return options
 
 
-def _knobs(plan: Plan, device_memory: int) -> tuple[list[Knob], list[Knob]]:
+def _knobs(plan: Plan, limit: int) -> tuple[list[Knob], list[Knob]]:
     """The knobs that lower the peak, each on its own, and a combination found greedily (the most effective change
-    first) until it fits."""
+    first) until it fits (peaks at `limit` bytes or less)."""
     compute = planning.trl_memory if isinstance(plan.spec, TrlSpec) else planning.ppo_memory
 
     def best_per_kind(spec, dist, exclude=()):
@@ -885,7 +966,7 @@ def _knobs(plan: Plan, device_memory: int) -> tuple[list[Knob], list[Knob]]:
         best: dict[str, Knob] = {}
         changed: dict[str, tuple[Any, Distribution]] = {}
         for kind, label, new_spec, new_dist in _options(spec, dist):
-            if kind in exclude or (kind in best and best[kind].peak <= device_memory):
+            if kind in exclude or (kind in best and best[kind].peak <= limit):
                 continue
             memory = compute(new_spec, new_dist)
             if kind not in best or memory.peak < best[kind].peak:
@@ -897,7 +978,7 @@ def _knobs(plan: Plan, device_memory: int) -> tuple[list[Knob], list[Knob]]:
     single = sorted((k for k in singles.values() if k.peak < plan.memory.peak), key=lambda k: k.peak)
     combination: list[Knob] = []
     spec, dist, used, peak = plan.spec, plan.distribution, set(), plan.memory.peak
-    while peak > device_memory:
+    while peak > limit:
         best, changed = best_per_kind(spec, dist, exclude=used)
         if not best:
             break
@@ -962,23 +1043,27 @@ def render(plan: Plan) -> str:
             if term.bytes:
                 lines.append(f"        {term.what}: {format_bytes(term.bytes)}")
     verdict = ""
+    limit = planning.fit_limit(plan.device_memory) if plan.device_memory is not None else None
     if plan.device_memory is not None:
-        verdict = (f"; fits in {format_bytes(plan.device_memory)}" if plan.fits else
-                   f"; does NOT fit in {format_bytes(plan.device_memory)}")
+        share = f"{100 * memory.peak / plan.device_memory:.0f} % of it"
+        margin = f"under {100 * planning.FIT_FRACTION:.0f} % ({format_bytes(limit)}): a margin for what is not counted"
+        verdict = (f"; fits in {format_bytes(plan.device_memory)} ({share}; a fit is {margin})" if plan.fits else
+                   f"; does NOT fit in {format_bytes(plan.device_memory)} ({share}; a fit is {margin})")
     lines.append(f"    peak: {format_bytes(memory.peak)} ({peak_phase.name}){verdict}")
     if plan.fits is False:
-        lines.append(f"warning: the estimated peak, {format_bytes(memory.peak)} per device, exceeds --device-memory "
-                     f"{format_bytes(plan.device_memory)}. Knobs to turn, each on its own (the peak it gives, and "
+        lines.append(f"warning: the estimated peak, {format_bytes(memory.peak)} per device, exceeds "
+                     f"{100 * planning.FIT_FRACTION:.0f} % of --device-memory {format_bytes(plan.device_memory)} "
+                     f"({format_bytes(limit)}). Knobs to turn, each on its own (the peak it gives, and "
                      "where the peak then is):")
         for knob in plan.knobs:
-            mark = "fits" if knob.peak <= plan.device_memory else "still too much"
+            mark = "fits" if knob.peak <= limit else "still too much"
             lines.append(f"    {knob.label}: {format_bytes(knob.peak)} ({knob.phase}; {mark})")
         if not plan.knobs:
             lines.append("    none of the usual knobs lowers it: more devices with a sharded config, or a smaller "
                          "model")
-        if len(plan.combination) > 1 or (plan.combination and plan.combination[-1].peak > plan.device_memory):
+        if len(plan.combination) > 1 or (plan.combination and plan.combination[-1].peak > limit):
             last = plan.combination[-1]
-            verdict = "fits" if last.peak <= plan.device_memory else "still does not fit"
+            verdict = "fits" if last.peak <= limit else "still does not fit"
             lines.append(f"  together: {'; then '.join(k.label for k in plan.combination)}: "
                          f"{format_bytes(last.peak)} ({last.phase}; {verdict})")
     lines.append("assumptions")
@@ -1010,7 +1095,8 @@ def as_json(plan: Plan) -> dict[str, Any]:
         "models": [{"role": m.role, "source": m.source, "parameters": m.parameters, "trains": m.trains,
                     "trainable_parameters": m.trainable if m.trains == "lora" else (
                         m.parameters if m.trains == "all" else 0),
-                    "dtype": m.dtype, "weights_bytes": s.weights, "gradient_bytes": s.grads,
+                    "architecture": m.shape.model_type, "dtype": m.dtype, "weights_bytes": s.weights,
+                    "gradient_bytes": s.grads, "kv_width": m.shape.kv_width,
                     "optimizer_bytes": s.optimizer} for m, s in memory.models],
         "numbers": plan.numbers,
         "flops": {"per": plan.flops_unit, **plan.flops, "total": sum(plan.flops.values()),
@@ -1023,9 +1109,11 @@ def as_json(plan: Plan) -> dict[str, Any]:
             "peak_gib": round(memory.peak / GIB, 3),
         },
         "device_memory_bytes": plan.device_memory,
+        "fit_limit_bytes": planning.fit_limit(plan.device_memory) if plan.device_memory is not None else None,
         "fits": plan.fits,
         "knobs": [{"change": k.label, "peak_bytes": k.peak, "peak_phase": k.phase} for k in plan.knobs],
         "combination": [{"change": k.label, "peak_bytes": k.peak, "peak_phase": k.phase} for k in plan.combination],
         "notes": plan.notes,
+        "approximate": plan.approximate,
         "refusals": plan.refusals,
     }

@@ -1,12 +1,12 @@
 """The arithmetic of `rlhf plan`: batch sizes, FLOPs and peak memory per device, from shapes and settings alone.
 
-No torch, no weights: every function here is plain arithmetic on a `ModelShape` (rlhf_pipeline/model_shape.py) and
-a few numbers, so that a plan answers in a fraction of a second and each term can be checked by hand
+No torch, no weights: every function here is plain arithmetic on a `ModelShape` (rlhf_pipeline/model_shape.py, which
+counts any architecture's parameters exactly) and a few numbers, so that each term can be checked by hand
 (tests/test_plan.py). What a recipe says is turned into these numbers by `plan_recipe.py`.
 
-The memory model, in one place (bytes per device; `d` = n_embd, `f` = MLP width, `a` = heads, `L` = padded
-sequence length, `V` = vocabulary, `c` = bytes of a value computed by a matmul: 2 under bf16/fp16 autocast, else the
-weights' dtype):
+The memory model, in one place (bytes per device; `d` = hidden size, `f` = MLP width, `a` = heads, `q` = the
+queries' width (heads x head_dim), `kv` = the keys' width (key/value heads x head_dim), `L` = padded sequence length,
+`V` = vocabulary, `c` = bytes of a value computed by a matmul: 2 under bf16/fp16 autocast, else the weights' dtype):
 
 - weights: parameters x bytes of the stored dtype (fp32: 4). Autocast keeps fp32 weights; while a model trains under
   autocast, a 16-bit copy of its weights is alive too (autocast caches the casts of trained weights, and saves the
@@ -17,21 +17,28 @@ weights' dtype):
 - sharding (Accelerate config): ZeRO-1 splits the optimizer state, ZeRO-2 also the gradients, ZeRO-3 and FSDP full
   shard also the weights, each over the processes; DeepSpeed under mixed precision keeps 16-bit weights and
   gradients and 12 bytes of optimizer state per parameter (fp32 master copy + AdamW; the ZeRO paper's accounting).
-  A sharded model gathers weights to compute: FSDP one wrapped unit at a time (a GPT-2 block, or the embeddings)
-  plus the one prefetched; ZeRO-3 keeps up to `stage3_max_live_parameters` (default 1e9) gathered.
+  A sharded model gathers weights to compute: FSDP one wrapped unit at a time (a decoder layer, or the embeddings)
+  plus the one prefetched; ZeRO-3 keeps up to `stage3_max_live_parameters` (default 1e9) gathered. DeepSpeed's own
+  buffers (`ZeroSettings`): ZeRO-1/2 a reduce bucket of `reduce_bucket_size` elements (5e8 by default; two with
+  overlap_comm) during each backward, ZeRO-3 one for the whole run and its small parameters whole on every device.
 - activations saved for backward, per token and layer (what autograd saves in transformers 5's GPT-2 with SDPA
-  attention, which stores no L x L scores, counted with saved-tensor hooks): 2d at the weights' dtype (the two
-  layer-norm inputs) plus, at `c` bytes, 6d (q, k, v and the three matmul inputs of width d) and the MLP's hidden
-  layer: 2f with a one-op GELU, 5f with GPT-2's `gelu_new` written as six tensor ops (PPO fuses it; TRL stages do
-  not; under CUDA autocast three of those are fp32: `mlp_hidden_bytes`); `a` log-sum-exp floats; padded batches add
-  one L x L additive mask per layer and row; dropout its masks. Backward adds about two MLP-wide gradients.
-  Gradient checkpointing keeps only each block's input (d) plus one block recomputed in full.
+  attention, which stores no L x L scores, counted with saved-tensor hooks): the layer-norm inputs at the weights'
+  dtype (d each; an RMSNorm also keeps its normalized input) plus, at `c` bytes, 2d + 2q + 2kv (the two norms'
+  outputs, the queries and the attention output, keys and values; with a padding mask transformers repeats the
+  key/value heads, kv = q) and the MLP's hidden layer: 2f with a one-op GELU (ReLU: f), 5f with GPT-2's `gelu_new`
+  written as six tensor ops (PPO fuses it; TRL stages do not; under CUDA autocast three of those are fp32:
+  `mlp_hidden_bytes`), 2f more for a gated MLP; `a` log-sum-exp floats; padded batches add one L x L additive mask
+  per layer and row; dropout its masks. Backward adds about two MLP-wide gradients. Gradient checkpointing keeps
+  only each block's input (d) plus one block recomputed in full. Measured on GPT-2; other architectures carried over
+  by width and marked approximate in the plan (tests/test_plan.py compares five families on a CPU).
 - the loss head (often the largest term for GPT-2: V = 50,257): see `loss_head_bytes`.
-- generation: the KV cache, 2 x n_layer x d x tokens x `c`, plus one prefill layer's transients.
+- generation: the KV cache, 2 x kv x the token-layers the cache keeps x `c` (a sliding-window layer keeps its window:
+  `ModelShape.cached_tokens`), plus one prefill layer's transients.
 
 Peak = what is always there (weights, optimizer state, DDP buckets; on a GPU, cuBLAS workspaces) + the largest phase
 (generation, scoring, forward/backward, optimizer step, evaluation). Not counted: the Python runtime and libraries,
-data held in host memory, the CUDA context, allocator fragmentation, and communication buffers.
+data held in host memory, the CUDA context, allocator fragmentation, and communication buffers other than DeepSpeed's
+reduce buckets; hence a plan "fits" only under FIT_FRACTION of the device.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ KIB, MIB, GIB, TIB = 1024, 1024**2, 1024**3, 1024**4
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": KIB, "mib": MIB, "gib": GIB, "tib": TIB}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-ZERO3_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's default stage3_max_live_parameters
+FIT_FRACTION = 0.9  # "fits" only when the estimated peak stays below this fraction of --device-memory
 TOKEN_TILE, VOCAB_TILE = 4096, 32768  # TRL's fused LM head: [tokens, vocabulary] tiles of the logits
 REWARD_SCORING_BATCH = 64  # rows per reward-model forward (rlhf_pipeline.scoring.RewardModel)
 LOGPROB_CHUNK = 16  # rows per forward in the held-out evaluation (ppo.modules.sequence_logprobs)
@@ -97,12 +104,49 @@ def format_flops(n: float) -> str:
     return f"{n:.0f} FLOP"
 
 
+def fit_limit(device_memory: int) -> int:
+    """The most a plan may peak at to be called a fit on a device of `device_memory` bytes: FIT_FRACTION of it,
+    a margin for what the estimate leaves out (the runtime, the CUDA context, fragmentation) and for its error."""
+    return int(FIT_FRACTION * device_memory)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Accelerate configs: how the processes split the work
 # ---------------------------------------------------------------------------------------------------------------
 FSDP_V1_STRATEGIES = {"1": "fsdp-full", "FULL_SHARD": "fsdp-full", "2": "fsdp-grad-op", "SHARD_GRAD_OP": "fsdp-grad-op",
                       "3": "ddp", "NO_SHARD": "ddp", "4": "fsdp-hybrid", "HYBRID_SHARD": "fsdp-hybrid",
                       "5": "fsdp-hybrid", "HYBRID_SHARD_ZERO2": "fsdp-hybrid"}
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """What DeepSpeed ZeRO allocates beyond the sharded model state, from the `zero_optimization` section of a
+    DeepSpeed config (DeepSpeed's defaults where it is silent; "auto", which transformers' Trainer and Accelerate
+    resolve from the model's hidden size h, is kept as "auto" and resolved per model: `resolve`).
+
+    ZeRO-1/2 (stage_1_and_2.py): with contiguous_gradients (default on) every backward allocates a flat buffer of
+    reduce_bucket_size elements at the gradients' dtype, two with overlap_comm (default off below stage 3), freed when
+    the backward's reduction ends. allgather_bucket_size allocates nothing where the communication backend gathers
+    into a tensor (NCCL: `all_gather_into_tensor` writes into the flat 16-bit weights in place).
+    ZeRO-3 (stage3.py): one reduce buffer of reduce_bucket_size, for the whole run; parameters smaller than
+    stage3_param_persistence_threshold stay whole on every device; up to stage3_max_live_parameters gathered at once
+    (prefetched ones included)."""
+
+    reduce_bucket_size: int | str = 500_000_000  # elements; "auto": h x h
+    overlap_comm: bool | None = None  # None: DeepSpeed's default, on for ZeRO-3 only
+    contiguous_gradients: bool = True
+    allgather_bucket_size: int = 500_000_000
+    persistence_threshold: int | str = 100_000  # stage3_param_persistence_threshold; "auto": 10 x h
+    max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters
+
+    def reduce_bucket(self, hidden: int) -> int:
+        return hidden * hidden if self.reduce_bucket_size == "auto" else int(self.reduce_bucket_size)
+
+    def persistence(self, hidden: int) -> int:
+        return 10 * hidden if self.persistence_threshold == "auto" else int(self.persistence_threshold)
+
+    def overlapping(self, stage: int) -> bool:
+        return stage == 3 if self.overlap_comm is None else self.overlap_comm
 
 
 @dataclass(frozen=True)
@@ -123,6 +167,7 @@ class Distribution:
     activation_checkpointing: bool = False  # FSDP's own (fsdp_activation_checkpointing)
     fsdp_version: int = 2
     source: str = "no Accelerate config: one process"
+    zero: ZeroSettings = ZeroSettings()  # DeepSpeed's buffers (read only under DeepSpeed)
 
     @property
     def deepspeed(self) -> bool:
@@ -196,6 +241,10 @@ def read_accelerate_config(path: str | Path, processes: int | None = None) -> Di
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
     kind = str(config.get("distributed_type", "NO")).upper()
     n = int(processes or config.get("num_processes") or 1)
+    if kind == "NO" and n > 1:  # `accelerate launch` then runs its simple launcher (the file's own count: validated)
+        raise UserError(f"--processes {n}: {path} has distributed_type NO, under which `accelerate launch` runs one "
+                        f"process, not {n}; for {n} processes plan with a multi-process config "
+                        "(recipes/accelerate/ddp.yaml, or FSDP / DeepSpeed), or without --accelerate-config")
     machines = int(config.get("num_machines") or 1)
     cpu = bool(config.get("use_cpu")) or kind == "MULTI_CPU"
     mixed = config.get("mixed_precision")
@@ -217,12 +266,14 @@ def read_accelerate_config(path: str | Path, processes: int | None = None) -> Di
                             **common)
     if kind == "DEEPSPEED":
         ds = dict(config.get("deepspeed_config") or {})
-        ds.update(_deepspeed_file(ds.get("deepspeed_config_file")))
+        zero = _deepspeed_file(ds.get("deepspeed_config_file"))
+        ds.update(zero.pop("accelerate", {}))
         stage = int(ds.get("zero_stage", 2))
         if stage == 0:
             return Distribution("ddp" if n > 1 else "single", **common)
         return Distribution(f"zero{stage}", offload_optimizer=_offloaded(ds.get("offload_optimizer_device")),
-                            offload_params=stage == 3 and _offloaded(ds.get("offload_param_device")), **common)
+                            offload_params=stage == 3 and _offloaded(ds.get("offload_param_device")),
+                            zero=ZeroSettings(**zero), **common)
     return Distribution("ddp" if n > 1 else "single", **common)
 
 
@@ -234,8 +285,17 @@ def _offloaded(device: Any) -> bool:
     return str(device or "none").lower() in ("cpu", "nvme")
 
 
+# DeepSpeed's zero_optimization keys (and their stage3_ spellings) -> ZeroSettings fields
+ZERO_KEYS = {"reduce_bucket_size": "reduce_bucket_size", "overlap_comm": "overlap_comm",
+             "contiguous_gradients": "contiguous_gradients", "allgather_bucket_size": "allgather_bucket_size",
+             "stage3_param_persistence_threshold": "persistence_threshold",
+             "param_persistence_threshold": "persistence_threshold",
+             "stage3_max_live_parameters": "max_live_parameters", "max_live_parameters": "max_live_parameters"}
+
+
 def _deepspeed_file(name: Any) -> dict[str, Any]:
-    """zero_stage and offload devices from a DeepSpeed JSON config, when the Accelerate config names one."""
+    """From a DeepSpeed JSON config, when the Accelerate config names one: the ZeroSettings fields it sets, and under
+    "accelerate" the zero_stage and offload devices (the Accelerate config's own key names)."""
     import json
 
     if not name or not Path(str(name)).is_file():
@@ -244,12 +304,23 @@ def _deepspeed_file(name: Any) -> dict[str, Any]:
         zero = json.loads(Path(str(name)).read_text()).get("zero_optimization") or {}
     except (ValueError, AttributeError):
         return {}
-    out: dict[str, Any] = {}
+    accelerate: dict[str, Any] = {}
     if "stage" in zero:
-        out["zero_stage"] = zero["stage"]
+        accelerate["zero_stage"] = zero["stage"]
     for key, target in (("offload_optimizer", "offload_optimizer_device"), ("offload_param", "offload_param_device")):
         if isinstance(zero.get(key), dict):
-            out[target] = zero[key].get("device")
+            accelerate[target] = zero[key].get("device")
+    out: dict[str, Any] = {"accelerate": accelerate}
+    for key, field_name in ZERO_KEYS.items():
+        value = zero.get(key)
+        if value is None:
+            continue
+        if field_name in ("overlap_comm", "contiguous_gradients"):
+            out[field_name] = _truthy(value)
+        elif value == "auto" and field_name in ("reduce_bucket_size", "persistence_threshold"):
+            out[field_name] = "auto"
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[field_name] = int(value)
     return out
 
 
@@ -290,7 +361,7 @@ class HeldModel:
     trainable: int = 0  # trained parameters (LoRA: the adapters, plus a classifier's score head)
     dtype: str = "float32"
     prepared: bool = True  # passed to accelerator.prepare, so ZeRO-3 / FSDP shard it
-    gelu_ops: int = 1  # tensors the MLP activation saves for backward: 1 (one op), 4 (gelu_new as six ops)
+    gelu_ops: int = 1  # tensors the MLP activation saves beside its output: 0 (ReLU), 1 (one op), 4 (gelu_new)
     dropout: float = 0.0  # residual dropout active while it trains
     lora_dropout: float = 0.0  # dropout on the LoRA inputs, active while it trains
     lora_inputs: int = 0  # elements per token and layer that the LoRA adapters read (their dropout copies)
@@ -298,7 +369,14 @@ class HeldModel:
 
     @property
     def parameters(self) -> int:
-        return self.shape.parameters + (self.shape.n_embd if self.head == "score" else 0) + self.extra_parameters
+        """The causal LM's parameters, or the sequence classifier's (a score head instead of the LM head), plus a
+        value head on the trunk."""
+        if self.head == "score":
+            counted = self.shape.classifier_parameters
+            if counted is None:
+                raise ValueError(f"transformers has no sequence classifier for {self.shape.model_type}")
+            return counted + self.extra_parameters
+        return self.shape.parameters + self.extra_parameters
 
     @property
     def trainable_parameters(self) -> int:
@@ -313,30 +391,24 @@ class HeldModel:
         return self.trains != "frozen"
 
 
-GPT2_LINEAR = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-def lora_modules(target_modules: Any) -> list[str]:
-    """The GPT-2 block's linear layers a peft `target_modules` selects ("all-linear": all four; a list of names
-    matches a module whose path is the name or ends in "." + name, as peft matches them)."""
+def lora_targets(shape: ModelShape, target_modules: Any) -> list[tuple[str, int, int]]:
+    """The linear layers a peft `target_modules` adapts, as peft matches them: "all-linear" every linear layer but the
+    output head; a list of names a module whose full name is one of them or ends in "." + one of them."""
+    layers = shape.linear_layers()
     if target_modules == "all-linear":
-        return list(GPT2_LINEAR)
+        return list(layers)
     names = [str(n) for n in target_modules]
-    return [m for m in GPT2_LINEAR if any(m == n or m.endswith("." + n) or n.endswith("." + m) for n in names)]
+    return [layer for layer in layers if any(layer[0] == n or layer[0].endswith("." + n) for n in names)]
 
 
 def lora_parameters(shape: ModelShape, r: int, target_modules: Any) -> int:
-    """Parameters of LoRA adapters of rank r: r x (inputs + outputs) per adapted layer, in every block."""
-    d, f = shape.n_embd, shape.mlp_width
-    sizes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, f), "mlp.c_proj": (f, d)}
-    return shape.n_layer * sum(r * (sizes[m][0] + sizes[m][1]) for m in lora_modules(target_modules))
+    """Parameters of LoRA adapters of rank r: r x (inputs + outputs) per adapted layer."""
+    return sum(r * (n_in + n_out) for _, n_in, n_out in lora_targets(shape, target_modules))
 
 
 def lora_input_elements(shape: ModelShape, target_modules: Any) -> int:
-    """Elements per token and layer that the adapted layers read (what LoRA dropout copies)."""
-    d, f = shape.n_embd, shape.mlp_width
-    sizes = {"attn.c_attn": d, "attn.c_proj": d, "mlp.c_fc": d, "mlp.c_proj": f}
-    return sum(sizes[m] for m in lora_modules(target_modules))
+    """Elements per token and decoder layer that the adapted layers read (what LoRA dropout copies)."""
+    return round(sum(n_in for _, n_in, _ in lora_targets(shape, target_modules)) / shape.n_layer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,16 +455,18 @@ def block_activation_bytes(model: HeldModel, rows: int, length: int, precision: 
     """Bytes one forward pass over `rows` sequences of `length` tokens saves for backward, through the trunk
     (the loss head is `loss_head_bytes`). See the module docstring for the per-token, per-layer terms."""
     shape = model.shape
-    d, f, a = shape.n_embd, shape.mlp_width, shape.n_head
+    d, f, a, q = shape.n_embd, shape.mlp_width, shape.n_head, shape.attention_width
+    kv = q if padded else shape.kv_width  # with a padding mask transformers repeats the key/value heads for SDPA
     tokens = rows * length
     residual, c = precision.weights, precision.compute
-    per_token = 2 * d * residual + 6 * d * c + mlp_hidden_bytes(model, precision, dist) * f + a * 4
+    norms = shape.norms_per_layer * d * residual * (2 if shape.rms_norm else 1)  # RMSNorm: + the normalized input
+    per_token = norms + (2 * d + 2 * q + 2 * kv) * c + mlp_hidden_bytes(model, precision, dist) * f + a * 4
     if train_dropout and model.dropout > 0:  # two residual dropouts; a GPU keeps a bool mask, the CPU a float one
         per_token += 2 * d * (1 if dist.device == "gpu" else c)
     if train_dropout and model.lora_dropout > 0:  # the dropped-out copies of the adapters' inputs, and their masks
         per_token += model.lora_inputs * (c + (1 if dist.device == "gpu" else c))
     per_layer = tokens * per_token + (rows * length * length * c if padded else 0)
-    outside = tokens * 2 * d * residual  # the final layer norm's input and output
+    outside = tokens * (3 if shape.rms_norm else 2) * d * residual  # the final norm's input and output
     if checkpointing:  # each block's input, plus one block recomputed during backward
         return shape.n_layer * tokens * d * residual + per_layer + outside
     return shape.n_layer * per_layer + outside
@@ -400,15 +474,17 @@ def block_activation_bytes(model: HeldModel, rows: int, length: int, precision: 
 
 def mlp_hidden_bytes(model: HeldModel, precision: Precision, dist: Distribution) -> int:
     """Bytes saved per element of the MLP's hidden layer: its input to the activation and the activation's output
-    (2 x c) with a one-op GELU; GPT-2's `gelu_new` (six tensor ops) saves three more tensors, at c bytes, except
-    under CUDA autocast, where `pow` runs in fp32 (its input is saved as an fp32 copy) and the tanh and its sum stay
-    fp32: 4 + 4 + c + 4 + c bytes."""
+    (2 x c) with a one-op GELU (ReLU: its output only, c); GPT-2's `gelu_new` (six tensor ops) saves three more
+    tensors, at c bytes, except under CUDA autocast, where `pow` runs in fp32 (its input is saved as an fp32 copy) and
+    the tanh and its sum stay fp32: 4 + 4 + c + 4 + c bytes. A gated MLP (act(gate) x up) also saves the up
+    projection and the product."""
     c = precision.compute
-    if model.gelu_ops == 1:
-        return 2 * c
+    gated = 2 * c if model.shape.gated_mlp else 0
+    if model.gelu_ops <= 1:  # ReLU saves only its output (the next matmul's input)
+        return (1 + model.gelu_ops) * c + gated
     if precision.autocast != "no" and dist.device == "gpu":
-        return 12 + 2 * c
-    return 5 * c
+        return 12 + 2 * c + gated
+    return 5 * c + gated
 
 
 def backward_working_bytes(model: HeldModel, rows: int, length: int, precision: Precision) -> int:
@@ -449,9 +525,11 @@ def loss_head_bytes(kind: str, tokens: int, vocab: int, precision: Precision, di
     raise ValueError(f"unknown loss head {kind!r}")
 
 
-def kv_cache_bytes(shape: ModelShape, rows: int, length: int, precision: Precision) -> int:
-    """Keys and values of every layer for `rows` sequences of `length` tokens."""
-    return 2 * shape.n_layer * shape.n_embd * rows * length * precision.compute
+def kv_cache_bytes(shape: ModelShape, rows: int, length: int, precision: Precision, prompt: int = 0) -> int:
+    """Keys and values of every layer for `rows` sequences of `length` tokens (`prompt` of them prefilled): the
+    key/value heads' width (grouped-query attention caches fewer heads than it queries), a sliding-window layer its
+    window (ModelShape.cached_tokens)."""
+    return 2 * shape.kv_width * shape.cached_tokens(length, prompt) * rows * precision.compute
 
 
 def no_grad_forward_bytes(model: HeldModel, rows: int, length: int, precision: Precision,
@@ -460,7 +538,8 @@ def no_grad_forward_bytes(model: HeldModel, rows: int, length: int, precision: P
     layer-norm output, the MLP's hidden layer and the activation's temporaries) plus that layer's L x L mask."""
     shape = model.shape
     d, f = shape.n_embd, shape.mlp_width
-    per_token = 2 * d * precision.weights + (2 if model.gelu_ops == 1 else 4) * f * precision.compute
+    hidden = (2 if model.gelu_ops <= 1 else 4) + (1 if shape.gated_mlp else 0)  # gated: gate, up, their product
+    per_token = 2 * d * precision.weights + hidden * f * precision.compute
     return rows * length * per_token + (rows * length * length * precision.compute if padded else 0)
 
 
@@ -477,10 +556,10 @@ def gathered_bytes(model: HeldModel, precision: Precision, dist: Distribution) -
         return 0
     shape = model.shape
     c = precision.compute if precision.autocast != "no" else model.dtype_bytes
-    block = (4 * shape.n_embd**2 + 2 * shape.n_embd * shape.mlp_width) + 9 * shape.n_embd + shape.mlp_width
+    block = shape.block_parameters
     root = model.parameters - shape.n_layer * block
     if dist.strategy == "zero3":
-        return min(model.parameters, ZERO3_MAX_LIVE_PARAMETERS) * c
+        return min(model.parameters, dist.zero.max_live_parameters) * c
     if dist.strategy == "fsdp-grad-op" or not model.trained:
         return model.parameters * c
     return (max(block, root) + block) * c
@@ -555,7 +634,46 @@ def _static_terms(models: list[HeldModel], precision: Precision, dist: Distribut
         buckets = sum(s.grads for m, s in states if m.prepared)
         if buckets:
             static.append(Term("DDP gradient buckets", buckets))
+    if dist.strategy == "zero3":
+        static += _zero3_terms(models, precision, dist)
     return states, static
+
+
+def _deepspeed_bytes(model: HeldModel, precision: Precision) -> int:
+    """Bytes of an element of DeepSpeed's weights and gradient buffers: 16-bit under mixed precision."""
+    return precision.compute if precision.autocast != "no" else model.dtype_bytes
+
+
+def _zero3_terms(models: list[HeldModel], precision: Precision, dist: Distribution) -> list[Term]:
+    """ZeRO-3's own buffers: the reduce bucket of the engine that trains (one: a stage's trained models are prepared
+    as one module), and the small parameters it keeps whole on every device (stage3_param_persistence_threshold)
+    instead of sharded."""
+    terms = []
+    trained = next((m for m in models if m.prepared and m.trained), None)
+    if trained is not None and dist.zero.contiguous_gradients:
+        elements = dist.zero.reduce_bucket(trained.shape.n_embd)
+        terms.append(Term(f"DeepSpeed reduce bucket ({elements:.3g} elements)",
+                          elements * _deepspeed_bytes(trained, precision)))
+    for model in models:
+        if not model.prepared:
+            continue
+        c = _deepspeed_bytes(model, precision)
+        threshold = dist.zero.persistence(model.shape.n_embd)
+        persistent = sum(size * count for size, count in model.shape.parameter_sizes() if size < threshold)
+        if persistent and dist.processes > 1:
+            terms.append(Term(f"{model.role} parameters under {threshold:.3g} elements, kept whole (ZeRO-3)",
+                              math.ceil(persistent * c * (1 - 1 / dist.ways("weights")))))
+    return terms
+
+
+def zero12_bucket_bytes(model: HeldModel, precision: Precision, dist: Distribution) -> int:
+    """ZeRO-1/2's reduce buckets, allocated for each backward: reduce_bucket_size elements, twice with overlap_comm
+    (see ZeroSettings)."""
+    if dist.strategy not in ("zero1", "zero2") or not model.trained or not dist.zero.contiguous_gradients:
+        return 0
+    stage = int(dist.strategy[-1])
+    buffers = 2 if dist.zero.overlapping(stage) else 1
+    return buffers * dist.zero.reduce_bucket(model.shape.n_embd) * _deepspeed_bytes(model, precision)
 
 
 def _training_phases(trained: list[tuple[HeldModel, ModelState, int]], extra_forward: list[Term],
@@ -577,12 +695,17 @@ def _training_phases(trained: list[tuple[HeldModel, ModelState, int]], extra_for
             head = model.shape.vocab_size * model.shape.n_embd if model.head == "lm" else model.shape.n_embd
             terms.append(Term(f"{model.role} output-head gradient",
                               math.ceil(head * state.grads / model.trainable_parameters)))
+    buckets = zero12_bucket_bytes(trained[0][0], precision, dist)  # one engine: the trained models are one module
+    if buckets:
+        count = "2 x " if dist.zero.overlapping(int(dist.strategy[-1])) else ""
+        terms.append(Term(f"DeepSpeed reduce bucket ({count}{dist.zero.reduce_bucket(trained[0][0].shape.n_embd):.3g} "
+                          f"elements{', overlap_comm' if count else ''})", buckets))
     if accumulation > 1 and grads:
         terms.append(Term(f"gradients (accumulated over {accumulation} micro-batches)", grads))
     terms += extra_forward
     step = [Term("gradients", grads)]
     for model, state, _ in trained:
-        if model.trains == "all" and model.head == "lm":
+        if model.trains == "all" and model.head == "lm" and model.shape.tied:
             # the tied embedding: its gradient is added into the output head's at the end of backward
             step.append(Term(f"{model.role} embedding gradient, added into the tied output head's",
                              math.ceil(model.shape.vocab_size * model.shape.n_embd * state.grads /
@@ -660,7 +783,7 @@ def _generation_phase(name: str, policy: HeldModel, rows: int, prompt: int, resp
         [Term("weights gathered to sample", gathered_bytes(policy, p, dist))] if gathered_bytes(policy, p, dist)
         else [])
     return Phase(name, [
-        Term(f"KV cache ({rows} x {length} tokens)", kv_cache_bytes(policy.shape, rows, length, p)),
+        Term(f"KV cache ({rows} x {length} tokens)", kv_cache_bytes(policy.shape, rows, length, p, prompt)),
         Term(f"prefill ({rows} x {prompt} prompt tokens)", no_grad_forward_bytes(policy, rows, prompt, p)),
         Term("sampling logits", rows * policy.shape.vocab_size * 4 * 4),
         *gathered,
