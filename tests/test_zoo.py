@@ -202,25 +202,30 @@ def test_every_stage_on_every_family(family, zoo, zoo_data, tmp_path, monkeypatc
             recipe["peft"] = peft
         return _run(tmp_path, name, recipe)
 
-    # PPO (critic, shared value head), one epoch of one mini-batch: each update's step sees the rollout policy itself
+    def ratio_is_one(out: Path) -> None:
+        """One epoch of one mini-batch: each update's step sees the rollout policy itself."""
+        for row in (json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()):
+            assert row["policy/ratio"] == pytest.approx(1.0, abs=1e-6) and row["policy/approx_kl"] == pytest.approx(0)
+
+    # PPO with a critic (a value head on the policy), full fine-tuning
     out = ppo("ppo", "gae")
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    for row in rows:
-        assert row["policy/ratio"] == pytest.approx(1.0, abs=1e-6) and row["policy/approx_kl"] == pytest.approx(0)
+    ratio_is_one(out)
     reload_equals_policy(out, saved_logits[-1], probe)
     saved_config = json.loads((out / "generation_config.json").read_text())
     assert {k: saved_config.get(k) for k in ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens")} == {
         "do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6}
     assert not {"repetition_penalty", "min_new_tokens", "no_repeat_ngram_size"} & set(saved_config)
     samples_as_trained(out, family)
-    assert check_scores_equal_reward_model(scores, reward, tmp_path) >= 8 + 4 + 4  # rollouts and both evaluations
 
     # RLOO with LoRA saved as an adapter, GRPO with LoRA merged: both reload to the policy that was trained
     for name, estimator, save in (("rloo", "rloo", "adapter"), ("grpo", "grpo", "merged")):
         out = ppo(name, estimator, peft={"r": 4, "alpha": 8, "save": save})
         assert (out / "adapter_config.json").is_file() == (save == "adapter")
+        ratio_is_one(out)
         reload_equals_policy(out, saved_logits[-1], probe)
         samples_as_trained(out, family)
+    # every score of the three runs: 8 episodes and two evaluations of 4 prompts each
+    assert check_scores_equal_reward_model(scores, reward, tmp_path) == 3 * (8 + 4 + 4)
 
     # DPO with LoRA saved as an adapter
     dpo = _run(tmp_path, "dpo", {"stage": "dpo", "seed": 0, "output_dir": str(runs / "dpo"),
