@@ -137,7 +137,7 @@ def samples_as_trained(out: Path, family: str) -> None:
     adapter's own is set as the model's generation config, as the README says."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from rlhf_pipeline.ppo.modules import left_pad, sample_rollout, seeded, truncate_after_eos
+    from rlhf_pipeline.ppo.modules import left_pad, sample_rollout, seeded, stop_token_ids, truncate_after_eos
     from rlhf_pipeline.recipe.schema import GenerationSection
 
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -151,7 +151,14 @@ def samples_as_trained(out: Path, family: str) -> None:
     with seeded(5, torch.device("cpu")):
         ours = sample_rollout(model, tokenizer, prompts, GenerationSection(response_length=6, temperature=0.7),
                               torch.device("cpu"))
-    assert torch.equal(truncate_after_eos(theirs, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], ours.response)
+    stops = stop_token_ids(model, tokenizer)
+    assert torch.equal(truncate_after_eos(theirs, stops, tokenizer.pad_token_id)[0], ours.response)
+
+
+def tokenizer_of(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def reload_equals_policy(out: Path, policy_logits: torch.Tensor, probe: torch.Tensor) -> None:
@@ -214,6 +221,8 @@ def test_every_stage_on_every_family(family, zoo, zoo_data, tmp_path, monkeypatc
     saved_config = json.loads((out / "generation_config.json").read_text())
     assert {k: saved_config.get(k) for k in ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens")} == {
         "do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6}
+    stops = [tokenizer_of(sft).eos_token_id, *([tokenizer_of(sft).pad_token_id] if chat else [])]
+    assert saved_config["eos_token_id"] == (stops if chat else stops[0])  # the instruct model's end of text too
     assert not {"repetition_penalty", "min_new_tokens", "no_repeat_ngram_size"} & set(saved_config)
     samples_as_trained(out, family)
 
@@ -250,6 +259,31 @@ def test_every_stage_on_every_family(family, zoo, zoo_data, tmp_path, monkeypatc
     result = run_cli("push", runs / "ppo", "--repo-id", f"tester/{family}-ppo")
     assert result.exit_code == 0, result.output
     assert "model.safetensors" in hub.uploaded(f"tester/{family}-ppo")
+
+
+def test_every_stop_token_the_model_declares_ends_a_response(zoo):
+    """A response ends at the tokenizer's EOS or at any other end-of-sequence id the model's generation config
+    declares (an instruct model's end of turn), as TRL's GRPO trainer has it; here nearly every token is declared, so
+    every response ends early, at one of them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_pipeline.ppo.modules import sample_rollout, seeded, stop_token_ids
+    from rlhf_pipeline.recipe.schema import GenerationSection
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo["instruct"])
+    model = AutoModelForCausalLM.from_pretrained(zoo["instruct"]).eval()
+    prompts = _prompts("instruct", tokenizer)
+    generation = GenerationSection(response_length=12, temperature=1.0)
+    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    declared = [tokenizer.eos_token_id, *range(20, len(tokenizer))]
+    model.generation_config.eos_token_id = declared
+    with seeded(1, torch.device("cpu")):
+        rollout = sample_rollout(model, tokenizer, prompts, generation, torch.device("cpu"))
+    assert rollout.finished.all()
+    for response, mask in zip(rollout.response, rollout.response_mask):
+        length = int(mask.sum())
+        assert length < 12 and int(response[length - 1]) in declared
+        assert all(int(t) not in declared for t in response[: length - 1])
 
 
 def test_instruct_sampling_fields_do_not_change_rollouts(zoo, zoo_data, tmp_path):

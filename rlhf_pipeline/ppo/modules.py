@@ -103,9 +103,11 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def truncate_after_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: int):
-    """Keep each response up to and including its first EOS; pad the rest. Works when pad == EOS too."""
-    is_eos = response == eos_token_id
+def truncate_after_eos(response: torch.Tensor, eos_token_id: int | list[int], pad_token_id: int):
+    """Keep each response up to and including its first EOS (any of them, given several stop tokens); pad the rest.
+    Works when pad == EOS too."""
+    stops = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+    is_eos = torch.isin(response, torch.tensor(stops, device=response.device))
     finished = is_eos.any(1)
     length = response.shape[1]
     last = torch.where(finished, is_eos.int().argmax(1), torch.full_like(finished, length - 1, dtype=torch.long))
@@ -113,17 +115,28 @@ def truncate_after_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: 
     return torch.where(mask, response, torch.full_like(response, pad_token_id)), mask.float(), finished
 
 
-def rollout_generation_config(generation, tokenizer):
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS, and every other end-of-sequence id the model's generation
+    config declares (an instruct model's end of turn, e.g. Gemma's `<end_of_turn>` beside `<eos>`), as TRL's GRPO
+    trainer takes them. These define where the model's answers end; how it samples comes from the recipe alone."""
+    declared = _core(model).generation_config.eos_token_id
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    return [tokenizer.eos_token_id, *(i for i in declared if i != tokenizer.eos_token_id)]
+
+
+def rollout_generation_config(generation, tokenizer, stops: list[int] | None = None):
     """The sampling settings of a rollout, every one from the recipe's `generation:` section: the policy samples from
     softmax(logits / temperature), top-k / top-p filtered as asked (top_k=0 and top_p=1.0 by default: the full
-    softmax), for at most response_length tokens, stopping at the tokenizer's EOS. The same settings are saved as the
-    trained policy's generation_config.json, so that sampling from it draws from the distribution PPO trained."""
+    softmax), for at most response_length tokens, stopping at the first of `stops` (`stop_token_ids`; default the
+    tokenizer's EOS). The same settings are saved as the trained policy's generation_config.json, so that sampling
+    from it draws from the distribution PPO trained."""
     from transformers import GenerationConfig
 
+    stops = stops or [tokenizer.eos_token_id]
     return GenerationConfig(max_new_tokens=generation.response_length, do_sample=True,
                             temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                            bos_token_id=tokenizer.bos_token_id)
+                            eos_token_id=stops if len(stops) > 1 else stops[0],
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
 
 
 @contextmanager
@@ -146,13 +159,15 @@ def own_generation_config(model: nn.Module, config):
 @torch.no_grad()
 def sample_rollout(policy: nn.Module, tokenizer, prompts: Prompts, generation, device,
                    autocast: Callable = nullcontext) -> Rollout:
-    """Sample one response per prompt (HF generate with its KV cache), truncated after the first EOS, with the
-    recipe's sampling settings alone (`rollout_generation_config`, whatever the checkpoint's generation config says).
+    """Sample one response per prompt (HF generate with its KV cache), truncated after the first stop token
+    (`stop_token_ids`), with the recipe's sampling settings alone (`rollout_generation_config`, whatever else the
+    checkpoint's generation config says).
 
     Sharded weights must be held whole (`gathered`): generation then needs no other process, and is told so
     (`synced_gpus=False`; transformers would otherwise keep every process stepping until all are done, and hang
     when their numbers of batches differ, as in a held-out evaluation's uneven shards)."""
-    config = rollout_generation_config(generation, tokenizer)
+    stops = stop_token_ids(policy, tokenizer)
+    config = rollout_generation_config(generation, tokenizer, stops)
     query, query_mask = left_pad(prompts.ids, tokenizer.pad_token_id)
     query, query_mask = query.to(device), query_mask.to(device)
     was_training = policy.training
@@ -161,8 +176,7 @@ def sample_rollout(policy: nn.Module, tokenizer, prompts: Prompts, generation, d
         output = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config,
                                  synced_gpus=False)
     policy.train(was_training)
-    response, response_mask, finished = truncate_after_eos(output[:, query.shape[1]:], tokenizer.eos_token_id,
-                                                           tokenizer.pad_token_id)
+    response, response_mask, finished = truncate_after_eos(output[:, query.shape[1]:], stops, tokenizer.pad_token_id)
     responses = tokenizer.batch_decode(response, skip_special_tokens=True)
     return Rollout(query, query_mask, response, response_mask, finished.cpu(), prompts, responses)
 

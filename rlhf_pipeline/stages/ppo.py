@@ -164,7 +164,13 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
     from accelerate.utils import DistributedType
     from transformers import set_seed
 
-    from rlhf_pipeline.ppo.modules import policy_state_dict, prepare_frozen, rollout_generation_config, scorer_model
+    from rlhf_pipeline.ppo.modules import (
+        policy_state_dict,
+        prepare_frozen,
+        rollout_generation_config,
+        scorer_model,
+        stop_token_ids,
+    )
 
     recipe = loaded.recipe
     set_seed(recipe.seed)
@@ -212,11 +218,13 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
     if accelerator.distributed_type == DistributedType.FSDP:  # every process takes part; the main one writes
         gathered = policy_state_dict(accelerator.get_state_dict(trainer.model))
     if accelerator.is_main_process:
-        saved = models.save_model(accelerator.unwrap_model(trainer.model).policy, tokenizer, output_dir, recipe.peft,
-                                  state_dict=gathered, start=models.start_adapter(recipe.policy.name_or_path))
+        policy = accelerator.unwrap_model(trainer.model).policy
+        stops = stop_token_ids(policy, tokenizer)
+        saved = models.save_model(policy, tokenizer, output_dir, recipe.peft, state_dict=gathered,
+                                  start=models.start_adapter(recipe.policy.name_or_path))
         # what the policy was trained to sample with, so that sampling from the saved model draws from it (with an
         # adapter too: the file documents it there, and GenerationConfig.from_pretrained reads it)
-        rollout_generation_config(recipe.generation, tokenizer).save_pretrained(output_dir)
+        rollout_generation_config(recipe.generation, tokenizer, stops).save_pretrained(output_dir)
         write_eval_samples(output_dir, before, after)
         metrics = ppo_metrics(output_dir, before, after, state, trainer.plan, saved)
         from rlhf_pipeline.plots import plot_ppo_curves
