@@ -120,15 +120,15 @@ def _policy_setup(loaded: LoadedRecipe, device):
     candidates = {name: causal_lm(section, "policy" if recipe.policy is not None else f"policies.{name}")
                   for name, section in sections.items()}
     baseline = causal_lm(recipe.baseline, "baseline")
+    scorer = build_scorer(loaded, recipe.reward, "reward", device)
+    gold = build_scorer(loaded, recipe.gold, "gold", device) if recipe.gold else None
     context = min(context_length(m, cap=None) for m in [baseline, *candidates.values()])
-    _, prompts = load_prompts(loaded, tokenizer, context, eval_limit=recipe.num_prompts)
+    _, prompts = load_prompts(loaded, tokenizer, context, eval_limit=recipe.num_prompts, scorers=(scorer, gold))
     if recipe.reference.name_or_path:
         reference = causal_lm(models.section_for(recipe.baseline, recipe.reference.name_or_path, recipe.reference),
                               "reference")
     else:
         reference = baseline
-    scorer = build_scorer(loaded, recipe.reward, "reward", device)
-    gold = build_scorer(loaded, recipe.gold, "gold", device) if recipe.gold else None
     return tokenizer, prompts, candidates, baseline, reference, scorer, gold, device
 
 
