@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -339,26 +339,38 @@ def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             config.bos_token_id = tokenizer.bos_token_id
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
+def disable_dropout(model: torch.nn.Module) -> Callable[[], None]:
     """No dropout anywhere in `model` (PPO: it would make the old and new log-probabilities of the same tokens
     differ [N+]): every `nn.Dropout` (LoRA's included), and the probabilities that models keep as plain numbers for
     functional dropout or for dropping whole layers, which a module's `train()` mode turns on: OPT's `dropout`,
-    `attention_dropout` and `layerdrop`, Llama's and Qwen's `attention_dropout`, and their config's values."""
+    `attention_dropout` and `layerdrop`, Llama's and Qwen's `attention_dropout`, and their config's values (GPT-Neo
+    reads its config's as it runs). Returns a function that puts the config's values back, so that the saved
+    config is the checkpoint's own."""
     from torch import nn
 
-    def zeroed(holder: object) -> None:
-        for name, value in vars(holder).items():
-            if isinstance(value, float) and ("dropout" in name or "pdrop" in name or name == "layerdrop"):
+    changed: list[tuple[object, str, float]] = []
+
+    def zero(holder: object, remember: bool) -> None:
+        for name, value in list(vars(holder).items()):
+            if isinstance(value, float) and value and ("dropout" in name or "pdrop" in name or name == "layerdrop"):
+                if remember:
+                    changed.append((holder, name, value))
                 setattr(holder, name, 0.0)
 
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-        zeroed(module)
+        zero(module, remember=False)
         config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
+        if config is not None and hasattr(config, "get_text_config"):
             for part in (config, config.get_text_config()):
-                zeroed(part)
+                zero(part, remember=True)
+
+    def restore() -> None:
+        for holder, name, value in changed:
+            setattr(holder, name, value)
+
+    return restore
 
 
 def fuse_gelu(model: torch.nn.Module) -> int:

@@ -155,6 +155,11 @@ def samples_as_trained(out: Path, family: str) -> None:
     assert torch.equal(truncate_after_eos(theirs, stops, tokenizer.pad_token_id)[0], ours.response)
 
 
+def dropout_settings(path: Path) -> dict:
+    config = json.loads((path / "config.json").read_text())
+    return {k: v for k, v in config.items() if "dropout" in k or "pdrop" in k or k == "layerdrop"}
+
+
 def tokenizer_of(path: Path):
     from transformers import AutoTokenizer
 
@@ -218,6 +223,7 @@ def test_every_stage_on_every_family(family, zoo, zoo_data, tmp_path, monkeypatc
     out = ppo("ppo", "gae")
     ratio_is_one(out)
     reload_equals_policy(out, saved_logits[-1], probe)
+    assert dropout_settings(out) == dropout_settings(sft)  # off while PPO ran, the checkpoint's own when saved
     saved_config = json.loads((out / "generation_config.json").read_text())
     assert {k: saved_config.get(k) for k in ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens")} == {
         "do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6}

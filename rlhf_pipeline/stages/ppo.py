@@ -70,6 +70,7 @@ class PpoSetup:
     scorer: Any
     gold: Any
     value_source: str  # where the value function starts, for the log
+    restore_dropout: Any  # puts the policy config's dropout values back before it is saved
 
 
 def build(loaded: LoadedRecipe, device) -> PpoSetup:
@@ -100,7 +101,7 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
         from peft import get_peft_model
 
         policy = get_peft_model(policy, models.lora_config(recipe.peft, "CAUSAL_LM", policy))
-    models.disable_dropout(policy)  # after LoRA: its adapters bring dropout layers of their own
+    restore_dropout = models.disable_dropout(policy)  # after LoRA: its adapters bring dropout layers of their own
     models.fuse_gelu(policy)
     reference = None
     if recipe.reference.name_or_path:
@@ -127,7 +128,7 @@ def build(loaded: LoadedRecipe, device) -> PpoSetup:
         models.disable_dropout(value_model)
         models.fuse_gelu(value_model)
     return PpoSetup(tokenizer, train_prompts, eval_prompts, PolicyAndValue(policy, value_model, critic), reference,
-                    scorer, gold, value_source)
+                    scorer, gold, value_source, restore_dropout)
 
 
 def value_start(recipe, reward_tokenizer, policy_tokenizer) -> tuple[str, str, str, Any]:
@@ -219,6 +220,7 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
         gathered = policy_state_dict(accelerator.get_state_dict(trainer.model))
     if accelerator.is_main_process:
         policy = accelerator.unwrap_model(trainer.model).policy
+        setup.restore_dropout()  # the saved config is the checkpoint's own
         stops = stop_token_ids(policy, tokenizer)
         saved = models.save_model(policy, tokenizer, output_dir, recipe.peft, state_dict=gathered,
                                   start=models.start_adapter(recipe.policy.name_or_path))
