@@ -438,3 +438,40 @@ def test_trainer_stages_and_ppo_with_different_mixed_precision(pipeline_dir, tin
     from accelerate.state import AcceleratorState
 
     assert AcceleratorState().mixed_precision == "no"  # PPO's own, as `rlhf ppo` alone would run
+
+
+def printed_command(output: str, after: str) -> list[str]:
+    """The `rlhf ...` command a message printed between backquotes after `after`, split as a shell would."""
+    start = output.index(after) + len(after)
+    return shlex.split(output[output.index("`", start) + 1:output.index("`", output.index("`", start) + 1)])
+
+
+def test_runs_the_pipeline_did_not_make_are_kept_and_the_hints_work_as_printed(pipeline_dir):
+    """A single-stage run in a stage's dir is never replaced unasked: a finished one with another recipe, or an
+    interrupted replacement, stops the pipeline with the commands that resolve it, which work as printed."""
+    pipeline = few_stages(pipeline_dir, "pretrain", "sft")
+    sft = pipeline_dir / "runs" / "sft"
+    assert run_cli("pipeline", pipeline).exit_code == 0
+    own = ["--set", "training.learning_rate=0.005", "--set", "training.save_steps=1"]
+    assert run_cli("sft", sft / "recipe.resolved.yaml", "--overwrite", *own).exit_code == 0
+    refused = run_cli("pipeline", pipeline)
+    assert refused.exit_code == 2 and "holds a finished run that this pipeline did not make" in refused.output
+    command = printed_command(refused.output, "replace it with ")
+    assert command == ["rlhf", "pipeline", str(pipeline), "--from", "sft"]
+    replaced = run_cli(*command[1:])
+    assert replaced.exit_code == 0 and statuses(replaced.output) == {"pretrain": "skipped", "sft": "ran"}
+
+    stopped = interrupt("ctrl-c-at", 2, "sft", sft / "recipe.resolved.yaml", "--overwrite", *own)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    staged = pipeline_dir / "runs" / ".sft.next"
+    before = snapshot(staged)
+    edit = ["--set", "stages.sft.set.training.learning_rate=0.002"]
+    refused = run_cli("pipeline", pipeline, *edit)
+    assert refused.exit_code == 2 and f"{staged} holds an interrupted run (checkpoint checkpoint-2) that this " \
+        "pipeline did not start" in refused.output, refused.output
+    assert snapshot(staged) == before
+    command = printed_command(refused.output, "finish it with ")
+    assert command == ["rlhf", "sft", str(staged / "recipe.resolved.yaml"), "--resume", "--overwrite"]
+    finished = run_cli(*command[1:])
+    assert finished.exit_code == 0, finished.output
+    assert resolved(sft)["training"]["learning_rate"] == 0.005 and not staged.exists()
