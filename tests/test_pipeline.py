@@ -366,6 +366,15 @@ def test_an_interrupted_or_refused_rerun_is_never_up_to_date(pipeline_dir):
     again = run_cli("pipeline", pipeline, *edit)
     assert again.exit_code == 0 and set(statuses(again.output).values()) == {"skipped"}, again.output
 
+    # an interrupted rerun that nothing will resume (the edit was undone) is removed, not left with its checkpoints
+    other = ["--set", "stages.sft.set={training.save_steps: 1, training.learning_rate: 0.003}"]
+    assert interrupt("ctrl-c-at", 2, "pipeline", pipeline, *other).returncode == 130
+    assert (staged / "checkpoint-2" / ".rlhf-complete").is_file()
+    undone = run_cli("pipeline", pipeline, *edit)
+    assert undone.exit_code == 0 and set(statuses(undone.output).values()) == {"skipped"}, undone.output
+    assert f"sft: removed the interrupted run in {staged}: nothing will resume it" in undone.output
+    assert not staged.exists() and resolved(sft)["training"]["learning_rate"] == 0.002
+
 
 def test_a_swap_interrupted_in_a_stage_is_recovered_before_deciding(pipeline_dir):
     """A kill between the two renames of a swap leaves the sft run as `.sft.old`: the pipeline completes the swap
