@@ -443,18 +443,21 @@ def promote(staged: Path, final: Path) -> None:
 def _discard(retired: Path) -> None:
     """Delete a replaced run. One that cannot be deleted (a file the user may not remove, a run nested in it) is
     moved aside with a warning instead, so that it never blocks the next command on this output dir."""
-    try:
-        remove_run(retired)
-    except (OSError, UserError) as exc:
-        aside = retired.with_name(f"{retired.name}-{uuid.uuid4().hex[:8]}")
-        reason = getattr(exc, "strerror", None) or str(exc)
+    reason = _undeletable(retired)
+    if not reason:
         try:
-            os.replace(retired, aside)
-        except OSError as error:
-            raise UserError(f"cannot delete the replaced run {retired} ({reason}) nor move it aside "
-                            f"({error.strerror}): remove it by hand") from None
-        print(f"warning: could not delete the replaced run {retired} ({reason}); it was moved to {aside}: delete it "
-              "by hand", file=sys.stderr, flush=True)
+            _delete(retired)
+            return
+        except OSError as exc:
+            reason = _os_reason(exc)
+    aside = retired.with_name(f"{retired.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(retired, aside)
+    except OSError as error:
+        raise UserError(f"cannot delete the replaced run {retired} ({reason}) nor move it aside ({error.strerror}): "
+                        "remove it by hand") from None
+    print(f"warning: could not delete the replaced run {retired} ({reason}); it was moved to {aside}: delete it by "
+          "hand", file=sys.stderr, flush=True)
 
 
 def abandon(plan: RunPlan) -> None:
@@ -469,11 +472,24 @@ def remove_run(path: str | Path) -> None:
     holding another run. The metrics go first (a half-deleted run never looks finished) and the marker last (it
     stays ours, for the next command to finish deleting)."""
     path = Path(path)
+    why = _undeletable(path)
+    if why:
+        raise UserError(f"refusing to delete {path}: {why}")
+    try:
+        _delete(path)
+    except OSError as exc:
+        raise UserError(f"cannot delete the run {path}: {_os_reason(exc)}; remove it by hand") from None
+
+
+def _undeletable(path: Path) -> str:
+    """Why `path` is not a run this tool may delete ('' when it is)."""
     if path.is_symlink() or not is_ours(path):
-        raise UserError(f"refusing to delete {path}: it is not an rlhf run directory (no {MARKER_FILE}) or is a link")
+        return f"it is not an rlhf run directory (no {MARKER_FILE}) or is a link"
     inside = runs_inside(path)
-    if inside:
-        raise UserError(f"refusing to delete {path}: it holds another run ({inside[0]})")
+    return f"it holds another run ({inside[0]})" if inside else ""
+
+
+def _delete(path: Path) -> None:
     (path / METRICS_FILE).unlink(missing_ok=True)
     for item in path.iterdir():
         if item.name == MARKER_FILE:
@@ -484,6 +500,10 @@ def remove_run(path: str | Path) -> None:
             item.unlink()
     (path / MARKER_FILE).unlink()
     path.rmdir()
+
+
+def _os_reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)) + (f": {exc.filename}" if exc.filename else "")
 
 
 def remove_partial_checkpoints(run_dir: str | Path) -> None:

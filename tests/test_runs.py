@@ -447,6 +447,7 @@ def test_full_disk_names_where(tmp_path, tiny_model_dir, tiny_reward_dir, data_d
     assert result.exit_code == 1, result.output
     assert f"no space left on device while writing {out / 'checkpoints' / 'update-000001.tmp'}" in result.output
     assert "enforce fail" not in result.output and "Traceback" not in result.output
+    assert not out.exists()  # no complete checkpoint was written: nothing of the run is left (its half neither)
 
 
 # ---------------------------------------------------------------------------------------------------------------
