@@ -525,9 +525,14 @@ def _recorded_inputs(state: dict, name: str, run_dir: Path) -> dict[str, str] | 
     run it did not start."""
     marker = runs.run_marker(run_dir)
     recorded = state["stages"].get(name)
-    if marker is None or not isinstance(recorded, dict) or not isinstance(recorded.get("runs"), dict):
+    if marker is None or not isinstance(recorded, dict):
         return None
-    inputs = recorded["runs"].get(marker["run_id"])
+    if "runs" not in recorded:  # written before runs had ids: one entry, the last run, true once it finished
+        if recorded.get("finished") is True and isinstance(recorded.get("inputs"), dict) and runs.is_finished(run_dir) \
+                and not diff_keys(recorded.get("recipe"), saved_recipe_data(run_dir)):
+            return recorded["inputs"]
+        return None
+    inputs = recorded["runs"].get(marker["run_id"]) if isinstance(recorded["runs"], dict) else None
     return inputs if isinstance(inputs, dict) else None
 
 

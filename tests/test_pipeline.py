@@ -484,3 +484,24 @@ def test_runs_the_pipeline_did_not_make_are_kept_and_the_hints_work_as_printed(p
     finished = run_cli(*command[1:])
     assert finished.exit_code == 0, finished.output
     assert resolved(sft)["training"]["learning_rate"] == 0.005 and not staged.exists()
+
+
+def test_a_record_written_before_runs_had_ids_still_counts(tmp_path):
+    """pipeline.json as earlier versions wrote it (one entry per stage, `finished` once it ran through): it still
+    describes the finished run in the dir when the recipes agree, so an upgrade re-runs nothing; an unfinished entry
+    (the rerun that used to make a stage look up to date) describes nothing."""
+    from rlhf_pipeline import runs
+    from rlhf_pipeline.pipeline import _recorded_inputs
+
+    run = tmp_path / "sft"
+    run.mkdir()
+    (run / runs.MARKER_FILE).write_text(json.dumps({"run_id": "abc", "stage": "sft"}))
+    (run / runs.RECIPE_FILE).write_text("stage: sft\nseed: 0\nprovenance: {created: now}\n")
+    (run / runs.METRICS_FILE).write_text("{}")
+    entry = {"recipe": {"stage": "sft", "seed": 0}, "inputs": {"data.jsonl": "f1"}, "output_dir": str(run),
+             "finished": True}
+    assert _recorded_inputs({"stages": {"sft": entry}}, "sft", run) == {"data.jsonl": "f1"}
+    assert _recorded_inputs({"stages": {"sft": {**entry, "finished": False}}}, "sft", run) is None
+    assert _recorded_inputs({"stages": {"sft": {**entry, "recipe": {"stage": "sft", "seed": 1}}}}, "sft", run) is None
+    assert _recorded_inputs({"stages": {"sft": {"runs": {"abc": {"x": "1"}}}}}, "sft", run) == {"x": "1"}
+    assert _recorded_inputs({"stages": {"sft": {"runs": {"other": {"x": "1"}}}}}, "sft", run) is None
