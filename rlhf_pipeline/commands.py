@@ -6,12 +6,12 @@ import contextlib
 import dataclasses
 import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline import runs
-from rlhf_pipeline.errors import Problem, RecipeError, UserError
+from rlhf_pipeline.errors import DiskFull, Problem, RecipeError, UserError
 from rlhf_pipeline.recipe.load import LoadedRecipe, load_recipe
 
 STAGE_MODULES = {
@@ -61,19 +61,25 @@ def run_stage(stage: str, recipe_path: Path, overrides: Sequence[str], overwrite
     return None
 
 
-def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
-    """Run a stage so that no run is lost: hold the output dir's lock (process 0), complete or undo a swap a crash
-    interrupted, plan where the run writes (a staging sibling when it replaces a finished or resumable run), check
-    a resumed run's recipe, and on bad input remove what this run wrote. Ctrl-C saves a checkpoint (exit 130).
+def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = False,
+                  on_start: Callable[[runs.RunPlan], None] | None = None) -> dict[str, Any]:
+    """Run a stage so that no run is lost: hold the output dir's lock (process 0), check that every process sees
+    it, complete or undo a swap a crash interrupted, plan where the run writes (a staging sibling when it replaces a
+    finished or resumable run), check a resumed run's recipe, and on bad input or a full disk remove what this run
+    wrote (but a checkpoint). Ctrl-C saves a checkpoint (exit 130). `on_start(plan)` is called (process 0) once the
+    run is planned, before it writes anything: `rlhf pipeline` records the run's id and inputs.
 
     Launched as several processes, only process 0 plans and prepares the output dir; the others take its plan (or
     its refusal), so that every process writes to the same place and none races process 0's preparation."""
-    from rlhf_pipeline.stages.common import RunOptions, decided_by_main, graceful_interrupt, say
+    from rlhf_pipeline.stages.common import RunOptions, check_shared_dir, decided_by_main, graceful_interrupt, say
 
     output_dir = loaded.recipe.output_dir
     main = runs.is_main_process()
     with runs.lock(output_dir) if main else contextlib.nullcontext():
+        check_shared_dir(output_dir)
         plan = decided_by_main(lambda: _plan_and_prepare(loaded, overwrite, resume))
+        if main and on_start is not None:
+            on_start(plan)
         if plan.staged:
             say(loaded.stage, f"building the new run in {plan.work}; {output_dir} stays as it is until it finishes")
         if plan.mode == "resume":
@@ -82,15 +88,31 @@ def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = 
         try:
             with graceful_interrupt(loaded.stage):
                 return module.run(loaded.working_in(plan.work), RunOptions(plan))
-        except UserError:
-            if main:
-                runs.abandon(plan)
-            raise
-        except (OSError, RuntimeError) as exc:
-            full = runs.disk_full(exc, plan.work)
-            if full is None:
+        except Exception as exc:  # a full disk: OSError, torch's RuntimeError, safetensors' SafetensorError
+            error = exc if isinstance(exc, UserError) else runs.disk_full(exc, plan.work)
+            if error is None:
                 raise
-            raise full from None
+            if main:
+                if isinstance(error, DiskFull):
+                    runs.remove_partial_checkpoints(plan.work)
+                runs.abandon(plan)
+            if isinstance(error, DiskFull):
+                raise _after_full_disk(error, plan) from None
+            if error is exc:
+                raise
+            raise error from None
+
+
+def _after_full_disk(error: DiskFull, plan: runs.RunPlan) -> DiskFull:
+    """What to do after a full disk stopped a run: resume from the checkpoint that was kept, or run again (a run it
+    was to replace is as it was)."""
+    kept = runs.latest_checkpoint(plan.work) if plan.work.is_dir() else None
+    if kept is not None:
+        flags = ("--resume", "--overwrite") if plan.staged else ("--resume",)
+        return runs.full_disk_then(error, f"free some space, then resume from {kept.name} with: "
+                                          f"{runs.command_line(flags)}")
+    return runs.full_disk_then(error, "free some space and run again" + (
+        f" ({plan.output_dir} is as it was)" if plan.staged else ""))
 
 
 def _plan_and_prepare(loaded: LoadedRecipe, overwrite: bool, resume: bool) -> runs.RunPlan:
@@ -156,7 +178,9 @@ def run_pipeline(recipe_path: Path, overrides: Sequence[str], from_stage: str | 
         if dry_run:
             check_local_files(plan.loaded)
         check_tracker_packages(plan.loaded)
-    return run(loaded, Options(force=force, from_stage=from_stage, only=only, dry_run=dry_run, resume=resume))
+    command = ["rlhf", "pipeline", str(recipe_path), *(part for value in overrides for part in ("--set", value))]
+    return run(loaded, Options(force=force, from_stage=from_stage, only=only, dry_run=dry_run, resume=resume,
+                               command=command))
 
 
 def plan(recipe_path: Path, overrides: Sequence[str], processes: int | None, device_memory: str | None,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline import runs
-from rlhf_pipeline.errors import GateFailed, UserError
+from rlhf_pipeline.errors import DiskFull, GateFailed, Interrupted, UserError
 from rlhf_pipeline.recipe.load import (
     Assignment,
     LoadedRecipe,
@@ -37,6 +39,7 @@ class StagePlan:
     name: str  # the stage's name in the pipeline: a fixed stage, or a policy stage's own name
     loaded: LoadedRecipe
     wiring: list[str] = field(default_factory=list)  # human-readable "key <- value" lines
+    key: str = ""  # its entry in the pipeline recipe: stages.NAME or stages.policies.NAME
 
     @property
     def output_dir(self) -> Path:
@@ -85,8 +88,40 @@ def plan_stages(pipeline: LoadedRecipe) -> list[StagePlan]:
             if not path.is_file():
                 raise pipeline.error(f"{key}.recipe", f"no such file: {path}")
             loaded = load_recipe(path, expected_stage=kind, assignments=wiring + user_set)
-        plans[name] = StagePlan(name, loaded, [f"{k} <- {v}" for k, v, _ in wiring[1:] if k != "seed"])
+        plans[name] = StagePlan(name, loaded, [f"{k} <- {v}" for k, v, _ in wiring[1:] if k != "seed"], key)
+    _check_output_dirs(pipeline, list(plans.values()))
     return list(plans.values())
+
+
+def _check_output_dirs(pipeline: LoadedRecipe, plans: list[StagePlan]) -> None:
+    """Every stage writes a directory of its own: none the same as, inside, or holding another stage's (an
+    --overwrite of one would replace or delete the other), nor the pipeline's own root or state file."""
+    root = Path(os.path.realpath(pipeline.recipe.output_dir))
+    seen: list[tuple[StagePlan, Path]] = []
+    for plan in plans:
+        where = Path(os.path.realpath(plan.output_dir))
+        key = f"{plan.key}.set.output_dir" if "output_dir" in dict(_dotted(_entry_set(pipeline, plan))) \
+            else "output_dir"
+        if where in (root, root / STATE_FILE) or where in root.parents:
+            raise pipeline.error(key, f"stage {plan.name} would write to {plan.output_dir}, which is the pipeline's "
+                                      f"own output_dir (or holds it, or its {STATE_FILE}); give the stage a "
+                                      "directory of its own")
+        for other, other_where in seen:
+            relation = ("the same as" if where == other_where else "inside" if other_where in where.parents
+                        else "holding" if where in other_where.parents else None)
+            if relation:
+                raise pipeline.error(key, f"stage {plan.name} would write to {plan.output_dir}, {relation} stage "
+                                          f"{other.name}'s output dir ({other.output_dir}): one would replace or "
+                                          "delete the other; give every stage a directory of its own")
+        seen.append((plan, where))
+
+
+def _entry_set(pipeline: LoadedRecipe, plan: StagePlan) -> dict[str, Any]:
+    """The `set:` of a stage's entry in the pipeline recipe."""
+    stages = pipeline.recipe.stages
+    entry = (stages.policies or {}).get(plan.name) if plan.key.startswith("stages.policies.") \
+        else getattr(stages, plan.name)
+    return entry.set if entry is not None else {}
 
 
 def _policy_kind(pipeline: LoadedRecipe, key: str, entry) -> str:
@@ -271,16 +306,37 @@ class Options:
     only: str | None = None
     dry_run: bool = False
     resume: bool = False  # insist that an interrupted stage is resumed (it is anyway when nothing changed)
+    command: list[str] = field(default_factory=lambda: ["rlhf", "pipeline"])  # `rlhf pipeline RECIPE --set ...`
+
+    def hint(self, *flags: str) -> str:
+        """The pipeline's command line (recipe and --set values) with `flags`, quoted for a shell."""
+        return shlex.join([*self.command, *flags])
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # run, resume, adopt or skip
+    reason: str
+    staged: bool = False  # resume: the interrupted run is the replacement in `.NAME.next`
+    discard: Path | None = None  # an interrupted run of this pipeline nothing will resume: removed first
 
 
 def run_pipeline(pipeline: LoadedRecipe, options: Options) -> str:
-    """Run (or, dry, describe) the pipeline, holding its output dir's lock once every stage recipe validated;
-    returns the summary table."""
+    """Run (or, dry, describe) the pipeline, holding its output dir's lock and every stage's once every stage recipe
+    validated; returns the summary table."""
     plans = plan_stages(pipeline)
     if options.dry_run:
         return _run_pipeline(pipeline, plans, options)
-    # launched as several processes, every one runs every stage; process 0 alone decides, writes the state, pushes
-    with runs.lock(pipeline.recipe.output_dir) if runs.is_main_process() else contextlib.nullcontext():
+    from rlhf_pipeline.stages.common import check_shared_dir
+
+    with contextlib.ExitStack() as held:
+        # launched as several processes, every one runs every stage; process 0 alone decides, writes the state,
+        # pushes. Its locks keep a single-stage run out of the stage dirs while the pipeline decides and runs
+        if runs.is_main_process():
+            held.enter_context(runs.lock(pipeline.recipe.output_dir))
+            for plan in plans:
+                held.enter_context(runs.lock(plan.output_dir))
+        check_shared_dir(pipeline.recipe.output_dir)
         return _run_pipeline(pipeline, plans, options)
 
 
@@ -293,27 +349,37 @@ def _run_pipeline(pipeline: LoadedRecipe, plans: list[StagePlan], options: Optio
         decisions = decided_by_main(lambda: _decisions(pipeline, plans, options))
     root = Path(pipeline.recipe.output_dir)
     state_path = root / STATE_FILE
-    state = read_state(state_path)
     main = runs.is_main_process()
+    state = read_state(state_path) if main else {"stages": {}}
     rows: list[tuple[str, str, str, str]] = []
-    for plan, (decision, reason) in zip(plans, decisions):
+    for plan, decision in zip(plans, decisions):
         if options.dry_run:
-            rows.append((plan.name, decision, reason, str(plan.output_dir)))
+            rows.append((plan.name, decision.action, decision.reason, str(plan.output_dir)))
             continue
-        _say(f"{plan.name}: {decision} ({reason})")
+        _say(f"{plan.name}: {decision.action} ({decision.reason})")
         started = time.perf_counter()
-        records = main and decision in ("run", "resume", "adopt")  # process 0 remembers what the output is made of
-        inputs = {path: fingerprint(path) for path in local_inputs(plan.loaded)} if records else {}
-        if decision in ("run", "resume"):
-            if main:
-                _record(state, state_path, plan, inputs, finished=False)
-            _run_stage(plan, resume=decision == "resume")
-            if main:
-                _record(state, state_path, plan, inputs)
-        elif decision == "adopt" and records:
-            _record(state, state_path, plan, inputs)
-        elapsed = time.perf_counter() - started if decision in ("run", "resume") else None
-        status = {"run": "ran", "resume": "resumed"}.get(decision, "skipped")
+        if main and decision.discard is not None:
+            runs.remove_run(decision.discard)
+            _say(f"{plan.name}: removed the interrupted run in {decision.discard}: nothing will resume it")
+        inputs = {path: fingerprint(path) for path in local_inputs(plan.loaded)} if main and \
+            decision.action in ("run", "resume", "adopt") else {}
+        if decision.action in ("run", "resume"):
+            def on_start(run_plan: runs.RunPlan, plan: StagePlan = plan, inputs: dict[str, str] = inputs) -> None:
+                _record(state, state_path, plan, inputs, run_plan.run_id)
+
+            resume = options.hint(*(["--only", options.only] if options.only else []), "--resume")
+            try:
+                _run_stage(plan, decision, on_start)
+            except Interrupted as exc:  # the stage's own hint would be `rlhf pipeline ... --resume --overwrite`
+                raise Interrupted(str(exc), resume if exc.resume_command else None) from None
+            except DiskFull as exc:
+                kept = any(runs.resumable_checkpoint(d) for d in (plan.output_dir, runs.staging_dir(plan.output_dir)))
+                raise runs.full_disk_then(exc, f"free some space, then resume with: {resume}" if kept else
+                                          f"free some space, then run again: {options.hint()}") from None
+        elif decision.action == "adopt" and main and runs.run_marker(plan.output_dir) is not None:
+            _record(state, state_path, plan, inputs, runs.run_marker(plan.output_dir)["run_id"])
+        elapsed = time.perf_counter() - started if decision.action in ("run", "resume") else None
+        status = {"run": "ran", "resume": "resumed"}.get(decision.action, "skipped")
         rows.append((plan.name, status, f"{elapsed:.0f} s" if elapsed is not None else "-", _result(plan)))
         if plan.name == "reward" and any(p.kind == "ppo" for p in plans[plans.index(plan):]):
             _gate(pipeline, plan)
@@ -329,9 +395,13 @@ def _run_pipeline(pipeline: LoadedRecipe, plans: list[StagePlan], options: Optio
     return _table(("stage", "status", "time", "result"), rows, "pipeline summary")
 
 
-def _decisions(pipeline: LoadedRecipe, plans: list[StagePlan], options: Options) -> list[tuple[str, str]]:
-    """What to do with each stage (run, resume, adopt, skip) and why; a refusal stops the pipeline before anything
-    runs."""
+def _decisions(pipeline: LoadedRecipe, plans: list[StagePlan], options: Options) -> list[Decision]:
+    """What to do with each stage (run, resume, adopt, skip) and why, once every swap a crash interrupted is
+    completed or undone (a dry run reads the dirs as that would leave them); a refusal stops the pipeline before
+    anything runs."""
+    if not options.dry_run:
+        for plan in plans:
+            runs.recover(plan.output_dir)
     names = [p.name for p in plans]
     for flag, stage in (("--from", options.from_stage), ("--only", options.only)):
         if stage is None:
@@ -339,111 +409,176 @@ def _decisions(pipeline: LoadedRecipe, plans: list[StagePlan], options: Options)
         if stage not in names:
             raise UserError(f"{flag} {stage}: not a stage of this pipeline ({', '.join(names)})")
         for earlier in plans[: names.index(stage)]:  # checked before anything runs
-            if not runs.is_finished(earlier.output_dir):
+            if not runs.is_finished(runs.recovered_dir(earlier.output_dir)):
                 raise UserError(f"{flag} {stage}: the {earlier.name} output ({earlier.output_dir}) is missing or "
-                                f"unfinished; run the pipeline without {flag} first")
+                                f"unfinished; run the pipeline without {flag} first: {options.hint()}")
     state = read_state(Path(pipeline.recipe.output_dir) / STATE_FILE)
     upstream_will_change = False
     decisions = []
     for plan in plans:
-        decision, reason = _decide(plan, state, options, names, upstream_will_change)
-        decisions.append((decision, reason))
-        upstream_will_change |= decision in ("run", "resume")
-    if options.resume and not any(d == "resume" for d, _ in decisions):
+        decision = _decide(plan, state, options, names, upstream_will_change)
+        decisions.append(decision)
+        upstream_will_change |= decision.action in ("run", "resume")
+    if options.resume and not any(d.action == "resume" for d in decisions):
         raise UserError("--resume: no stage of this pipeline holds an interrupted run to resume (one with a "
                         "checkpoint, its recipe and inputs unchanged)")
     return decisions
 
 
-def _decide(plan: StagePlan, state: dict, options: Options, names: list[str],
-            upstream_will_change: bool) -> tuple[str, str]:
+def _decide(plan: StagePlan, state: dict, options: Options, names: list[str], upstream_will_change: bool) -> Decision:
+    """The truth rule: a stage is up to date only when its dir holds a finished run this pipeline recorded, whose
+    own saved recipe and recorded inputs are what the pipeline would run now. An interrupted run of this pipeline
+    (in the dir, or in `.NAME.next` when it was to replace a finished one) is resumed when its recipe and inputs
+    are those of now, else started over; a run the pipeline did not make is adopted when its recipe is the same,
+    and never replaced otherwise without being asked to."""
     name = plan.name
-    index = names.index(name)
-    finished = runs.is_finished(plan.output_dir)
     if options.only is not None and options.only != name:
-        return "skip", "--only " + options.only
+        return Decision("skip", "--only " + options.only)
+    outer = runs.enclosing_run(plan.output_dir)
+    if outer is not None:
+        raise UserError(f"stage {name} would write to {plan.output_dir}, inside the run {outer}: a run may not "
+                        "hold another; change the pipeline's output_dir")
     if options.force:
-        return "run", "--force"
+        return Decision("run", "--force")
+    final = runs.recovered_dir(plan.output_dir)  # the output dir itself, unless a dry run meets a pending swap
+    staged = runs.staging_dir(plan.output_dir)
+    status = runs.output_dir_status(final)
+    if status in ("foreign", "link"):
+        raise UserError(f"{plan.output_dir} exists and is not an rlhf run directory (or is a link); the pipeline "
+                        "will not write into it. Empty it or choose another output_dir.")
+    current = recipe_data(plan.loaded)
+    interrupted = [d for d in dict.fromkeys([staged, final]) if runs.resumable_checkpoint(d) is not None]
+    ours = {d: _recorded_inputs(state, name, d) for d in interrupted}
+    restart = ""
+    for run_dir in interrupted:
+        inputs = ours[run_dir]
+        if inputs is None:
+            continue
+        why = "an earlier stage will change" if upstream_will_change else _difference(plan, run_dir, inputs, current)
+        if not why:
+            checkpoint = runs.resumable_checkpoint(run_dir)
+            return Decision("resume", f"the last run stopped; resuming from {checkpoint.name}",
+                            staged=run_dir == staged)
+        restart = restart or f"the interrupted run in {run_dir} cannot resume: {why}"
+    # the interrupted run in `.NAME.next` is this pipeline's and will not be resumed: drop it before anything else
+    discard = staged if staged in ours and ours[staged] is not None else None
+
+    asked = options.only == name or (options.from_stage is not None
+                                      and names.index(name) >= names.index(options.from_stage))
     if options.only == name:
-        return "run", "--only"
-    if options.from_stage is not None and index >= names.index(options.from_stage):
-        return "run", f"--from {options.from_stage}"
-    if not finished:
-        status = runs.output_dir_status(plan.output_dir)
-        if status in ("foreign", "link"):
-            raise UserError(f"{plan.output_dir} exists and is not an rlhf run directory (or is a link); the pipeline "
-                            "will not write into it. Empty it or choose another output_dir.")
-        if status == "new":
-            return "run", "no finished output yet"
-        checkpoint = runs.latest_checkpoint(plan.output_dir)
-        if checkpoint is None:
-            return "run", "the last run did not finish and left no checkpoint"
-        changed = _changes_since_started(plan, state, upstream_will_change)
-        if not changed:
-            return "resume", f"the last run stopped; resuming from {checkpoint.name}"
-        raise UserError(f"{plan.output_dir} holds an interrupted run (checkpoint {checkpoint.name}) but {changed}: "
-                        f"pass --force to start the {name} stage over (the interrupted run stays until the new one "
-                        "finishes), or undo the change to resume it")
-    if upstream_will_change:
-        return "run", "an earlier stage will change"
-    recorded = state["stages"].get(name)
-    current_recipe = recipe_data(plan.loaded)
-    if recorded is None:
-        differences = diff_keys(saved_recipe_data(plan.output_dir), current_recipe)
-        if not differences:
-            return "adopt", "finished earlier with the same recipe"
-        raise UserError(f"{plan.output_dir} holds a finished run that this pipeline did not make, with a different "
-                        f"recipe (at {', '.join(differences[:5])}); pass --force to replace it, or change the "
-                        "pipeline's output_dir")
-    differences = diff_keys(recorded["recipe"], current_recipe)
-    if differences:
-        return "run", f"its recipe changed at {', '.join(differences[:5])}"
-    changed = _changed_inputs(plan, recorded)
-    if changed:
-        return "run", f"input changed: {', '.join(changed)}"
-    return "skip", "up to date"
+        decision = Decision("run", "--only", discard=discard)
+    elif asked:
+        decision = Decision("run", f"--from {options.from_stage}", discard=discard)
+    elif upstream_will_change:
+        decision = Decision("run", "an earlier stage will change", discard=discard)
+    elif status == "finished":
+        inputs = _recorded_inputs(state, name, final)
+        differences = diff_keys(saved_recipe_data(final), current)
+        if inputs is None:  # not made by this pipeline
+            if differences:
+                raise UserError(f"{plan.output_dir} holds a finished run that this pipeline did not make, with a "
+                                f"different recipe (at {', '.join(differences[:5])}); replace it with "
+                                f"`{options.hint('--from', name)}`, or change the pipeline's output_dir")
+            return Decision("adopt", "finished earlier with the same recipe", discard=discard)
+        if differences:
+            decision = Decision("run", f"its recipe changed at {', '.join(differences[:5])}", discard=discard)
+        else:
+            changed = _changed_inputs(plan, inputs)
+            if not changed:
+                return Decision("skip", "up to date", discard=discard)
+            decision = Decision("run", f"input changed: {', '.join(changed)}", discard=discard)
+    elif restart:
+        decision = Decision("run", f"{restart}; starting over", discard=discard)
+    elif status == "unfinished":
+        decision = Decision("run", "the last run did not finish and left no checkpoint", discard=discard)
+    else:
+        decision = Decision("run", "no finished output yet", discard=discard)
+    # running replaces what the dir holds: never an interrupted run somebody else started, unless asked to
+    for run_dir in interrupted:
+        if ours[run_dir] is None and not asked:
+            checkpoint = runs.resumable_checkpoint(run_dir)
+            again = options.hint("--force") if upstream_will_change else options.hint("--from", name)
+            resume = shlex.join(["rlhf", plan.kind, str(run_dir / runs.RECIPE_FILE), "--resume",
+                                 *(["--overwrite"] if run_dir == staged else [])])
+            raise UserError(f"{run_dir} holds an interrupted run (checkpoint {checkpoint.name}) that this pipeline "
+                            f"did not start, which running the {name} stage would replace: finish it with "
+                            f"`{resume}`, or replace it with `{again}`")
+    return decision
 
 
-def _changes_since_started(plan: StagePlan, state: dict, upstream_will_change: bool) -> str:
-    """Why an interrupted stage cannot be resumed as it is ('' when it can): its recipe or inputs changed since the
-    run started, or an earlier stage will change."""
-    if upstream_will_change:
-        return "an earlier stage will change"
-    differences = diff_keys(saved_recipe_data(plan.output_dir), recipe_data(plan.loaded))
+def _difference(plan: StagePlan, run_dir: Path, inputs: dict[str, str], current: dict[str, Any]) -> str:
+    """Why the run in `run_dir` (recorded with `inputs`) is not what the pipeline would run now ('' when it is)."""
+    differences = diff_keys(saved_recipe_data(run_dir), current)
     if differences:
-        return f"its recipe changed at {', '.join(differences[:5])}"
-    recorded = state["stages"].get(plan.name)
-    if recorded is None:
-        return "this pipeline did not start it"
-    changed = _changed_inputs(plan, recorded)
+        return f"its recipe differs at {', '.join(differences[:5])}"
+    changed = _changed_inputs(plan, inputs)
     return f"input changed: {', '.join(changed)}" if changed else ""
 
 
-def _changed_inputs(plan: StagePlan, recorded: dict) -> list[str]:
+def _changed_inputs(plan: StagePlan, recorded: dict[str, str]) -> list[str]:
     """The local inputs whose fingerprint differs from what the stage recorded."""
-    return [path for path in local_inputs(plan.loaded) if recorded["inputs"].get(path) != fingerprint(path)]
+    return [path for path in local_inputs(plan.loaded) if recorded.get(path) != fingerprint(path)]
+
+
+def _recorded_inputs(state: dict, name: str, run_dir: Path) -> dict[str, str] | None:
+    """The inputs this pipeline recorded when it started the run in `run_dir` (found by its run id), or None: a
+    run it did not start."""
+    marker = runs.run_marker(run_dir)
+    recorded = state["stages"].get(name)
+    if marker is None or not isinstance(recorded, dict):
+        return None
+    if "runs" not in recorded:  # written before runs had ids: one entry, the last run, true once it finished
+        if recorded.get("finished") is True and isinstance(recorded.get("inputs"), dict) and runs.is_finished(run_dir) \
+                and not diff_keys(recorded.get("recipe"), saved_recipe_data(run_dir)):
+            return recorded["inputs"]
+        return None
+    inputs = recorded["runs"].get(marker["run_id"]) if isinstance(recorded["runs"], dict) else None
+    return inputs if isinstance(inputs, dict) else None
 
 
 def read_state(state_path: Path) -> dict:
-    """What pipeline.json records of each stage's last run (empty before the first)."""
-    return json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
+    """What pipeline.json records of each stage's runs (empty before the first)."""
+    if not state_path.is_file():
+        return {"stages": {}}
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{state_path} cannot be read ({exc}): delete it, and the pipeline adopts the finished "
+                        "stages whose recipe is unchanged") from None
+    if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
+        raise UserError(f"{state_path} is not a pipeline record: delete it, and the pipeline adopts the finished "
+                        "stages whose recipe is unchanged")
+    return state
 
 
-def _record(state: dict, state_path: Path, plan: StagePlan, inputs: dict[str, str], finished: bool = True) -> None:
-    """Remember what this stage's output is made from (pipeline.json, next to the stage dirs), when it starts and
-    when it finishes."""
-    state["stages"][plan.name] = {"recipe": recipe_data(plan.loaded), "inputs": inputs,
-                                  "output_dir": str(plan.output_dir), "finished": finished}
+def _record(state: dict, state_path: Path, plan: StagePlan, inputs: dict[str, str], run_id: str) -> None:
+    """Remember the inputs of this stage's run `run_id` (pipeline.json, next to the stage dirs), before the run
+    writes anything. Only the runs still on disk (in the dir or its `.NAME.next`) stay recorded."""
+    entry = state["stages"].get(plan.name)
+    recorded = entry.get("runs") if isinstance(entry, dict) and isinstance(entry.get("runs"), dict) else {}
+    present = {(runs.run_marker(d) or {}).get("run_id") for d in (plan.output_dir, runs.staging_dir(plan.output_dir))}
+    kept = {rid: value for rid, value in recorded.items() if rid in present}
+    kept[run_id] = inputs
+    state["stages"][plan.name] = {"output_dir": str(plan.output_dir), "runs": kept}
     state_path.parent.mkdir(parents=True, exist_ok=True)
     runs.atomic_write_text(state_path, json.dumps(state, indent=1))
 
 
-def _run_stage(plan: StagePlan, resume: bool) -> None:
+def _run_stage(plan: StagePlan, decision: Decision, on_start) -> None:
     """The stage through `commands.execute_stage`: a finished or resumable output it replaces is built aside and
-    swapped in only once the new run has finished."""
+    swapped in only once the new run has finished; a resumed replacement continues in `.NAME.next`. The stage
+    starts from a fresh Accelerate state, as it would run alone: the state is one per process, and an earlier
+    stage's (a Trainer's mixed precision, from its recipe or `accelerate launch`) would make PPO's Accelerator
+    refuse its own recipe's precision."""
     from rlhf_pipeline.commands import execute_stage
 
-    execute_stage(plan.loaded, overwrite=not resume, resume=resume)
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()  # the process group (PartialState) stays
+        GradientState._reset_state()
+    resume = decision.action == "resume"
+    execute_stage(plan.loaded, overwrite=decision.staged or not resume, resume=resume, on_start=on_start)
 
 
 def _push_stages(hub, plans: list[StagePlan], only: str | None) -> list[tuple[str, str, str, str]]:

@@ -128,18 +128,36 @@ def lock_path(output_dir: str | Path) -> Path:
     return path.parent / f".{path.name}.lock"
 
 
+_HELD_LOCKS: set[Path] = set()  # lock files this process holds (`rlhf pipeline` holds its stages' for the run)
+
+# flock errors that mean the filesystem has no locks (some network filesystems), not that another run holds one
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+
+
 @contextlib.contextmanager
 def lock(output_dir: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on `output_dir` for the block (fcntl.flock: released by the OS if the process dies).
-    Another holder gets a UserError naming the directory and the holder's pid. The lock file is removed on release
-    (while still held; an acquirer checks that the file it locked is still the one at the path, so two processes
-    never both hold a lock)."""
+    Another holder gets a UserError naming the directory and the holder's pid; a lock this process already holds is
+    held on (re-entrant). The lock file is removed on release (while still held; an acquirer checks that the file it
+    locked is still the one at the path, so two processes never both hold a lock)."""
     import fcntl
 
     path = lock_path(output_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path in _HELD_LOCKS:
+        yield
+        return
+    created = [folder for folder in (path.parent, *path.parent.parents) if not os.path.exists(folder)]  # removed after
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise disk_full(exc, path.parent) or UserError(f"cannot create {path.parent} (for {output_dir}): "
+                                                       f"{exc.strerror or exc}") from None
     while True:
-        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the whole block)
+        try:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the whole block)
+        except OSError as exc:
+            raise disk_full(exc, path) or UserError(f"cannot write the lock file {path} (for {output_dir}): "
+                                                    f"{exc.strerror or exc}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -148,6 +166,16 @@ def lock(output_dir: str | Path) -> Iterator[None]:
             handle.close()
             raise UserError(f"{output_dir} is in use by another rlhf run (pid {holder}; lock {path}): wait for it "
                             "to finish, or stop it") from None
+        except OSError as exc:
+            handle.close()
+            with contextlib.suppress(OSError):
+                if path.stat().st_size == 0:  # the empty file this call created
+                    path.unlink()
+            _remove_empty(created)
+            why = ("its filesystem does not support file locks (as some network filesystems do not); use an output "
+                   "dir on one that does" if exc.errno in _NO_LOCKS else "")
+            raise UserError(f"cannot lock {output_dir} ({path}): {exc.strerror or exc}"
+                            + (f": {why}" if why else "")) from None
         try:
             current = os.stat(path).st_ino
         except FileNotFoundError:
@@ -155,16 +183,32 @@ def lock(output_dir: str | Path) -> Iterator[None]:
         if current == os.fstat(handle.fileno()).st_ino:
             break
         handle.close()  # the previous holder removed this file as we locked it: lock the new one
+    _HELD_LOCKS.add(path)
     try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        except OSError as exc:
+            raise disk_full(exc, path) or UserError(f"cannot write the lock file {path}: {exc.strerror}") from None
         yield
     finally:
+        _HELD_LOCKS.discard(path)
         with contextlib.suppress(OSError):
             path.unlink()
-        handle.close()  # closing releases the lock
+        with contextlib.suppress(OSError):
+            handle.close()  # closing releases the lock
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty: those a lock created and nothing was written in."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def is_main_process() -> bool:
@@ -189,6 +233,7 @@ class RunPlan:
     work: Path
     mode: str  # 'new', 'restart' (a crashed run with nothing to resume), 'replace', or 'resume'
     checkpoint: Path | None = None  # resume from here
+    run_id: str = ""  # the id its marker carries: new, or the resumed run's
 
     @property
     def staged(self) -> bool:
@@ -206,13 +251,18 @@ def plan_run(output_dir: str | Path, overwrite: bool, resume: bool) -> RunPlan:
     if status == "foreign":
         raise UserError(f"{final} exists and is not an rlhf run directory (no {MARKER_FILE}); refusing to write "
                         "into it or delete it. Choose another --output-dir or empty it.")
+    outer = enclosing_run(final)
+    if outer is not None:
+        raise UserError(f"{final} is inside the run {outer}: a run may not hold another (replacing {outer} would "
+                        "delete it); choose an output dir outside it")
     if resume:
         checkpoint = resumable_checkpoint(staged) if overwrite else None
         if checkpoint is not None:
-            return RunPlan(final, staged, "resume", checkpoint)
+            _check_swap_path(final)
+            return RunPlan(final, staged, "resume", checkpoint, _run_id(staged))
         checkpoint = resumable_checkpoint(final)
         if checkpoint is not None:
-            return RunPlan(final, final, "resume", checkpoint)
+            return RunPlan(final, final, "resume", checkpoint, _run_id(final))
         if resumable_checkpoint(staged) is not None:
             raise UserError(f"--resume: {final} is finished; the interrupted run that was to replace it is in "
                             f"{staged}: pass --resume --overwrite to continue that one")
@@ -227,34 +277,107 @@ def plan_run(output_dir: str | Path, overwrite: bool, resume: bool) -> RunPlan:
         if not is_ours(final):
             raise UserError(f"{final} holds a finished run without the {MARKER_FILE} marker this tool writes (made "
                             "by an older version?): it will not be deleted; move it away to run here")
-        return RunPlan(final, staged, "replace")
+        _check_nothing_inside(final)
+        _check_swap_path(final)
+        return RunPlan(final, staged, "replace", run_id=_new_run_id())
     if status == "unfinished":
+        _check_nothing_inside(final)
         checkpoint = latest_checkpoint(final)
         if checkpoint is None:
-            return RunPlan(final, final, "restart")
+            return RunPlan(final, final, "restart", run_id=_new_run_id())
         if not overwrite:
             raise UserError(f"{final} holds an unfinished run with checkpoint {checkpoint.name}: pass --resume to "
                             "continue it, or --overwrite to start over (it stays until the new run finishes)")
-        return RunPlan(final, staged, "replace")
-    return RunPlan(final, final, "new")
+        _check_swap_path(final)
+        return RunPlan(final, staged, "replace", run_id=_new_run_id())
+    return RunPlan(final, final, "new", run_id=_new_run_id())
+
+
+def _new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _run_id(run_dir: Path) -> str:
+    return (run_marker(run_dir) or {}).get("run_id", "")
+
+
+def _is_run(path: Path) -> bool:
+    """A directory holding a run: this tool's marker, or an older version's finished run (metrics and recipe).
+    Never raises (a parent the user may not list is simply not a run)."""
+    return os.path.isfile(path / MARKER_FILE) or (os.path.isfile(path / METRICS_FILE)
+                                                    and os.path.isfile(path / RECIPE_FILE))
+
+
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run directory `path` lies inside (links resolved: where it really is), or None."""
+    for parent in Path(os.path.realpath(path)).parents:
+        if _is_run(parent):
+            return parent
+    return None
+
+
+def runs_inside(run_dir: str | Path) -> list[Path]:
+    """The runs nested inside `run_dir` (not following links), which deleting it would delete too."""
+    root = Path(run_dir)
+    found = []
+    for folder, subdirs, _files in os.walk(root):
+        for name in subdirs:
+            if _is_run(Path(folder) / name):
+                found.append(Path(folder) / name)
+    return sorted(found)
+
+
+def _check_nothing_inside(run_dir: Path) -> None:
+    """A run about to be replaced or cleared must not hold another run (its deletion would take that one too)."""
+    inside = runs_inside(run_dir)
+    if inside:
+        raise UserError(f"{run_dir} holds another run ({inside[0]}), which replacing or clearing {run_dir} would "
+                        "delete: move that run out of it first")
+
+
+def _check_swap_path(final: Path) -> None:
+    """A replacement swaps the old run to `.NAME.old` once it finishes: refuse before training when something that
+    is not a run of ours is in the way there (it is never deleted, and the swap would fail)."""
+    retired = _retired_dir(final)
+    if (retired.exists() or retired.is_symlink()) and not is_ours(retired):
+        raise UserError(f"{retired} is in the way of replacing {final} (it is not an rlhf run, so it is never "
+                        "deleted): move it away or delete it, then run again")
 
 
 def recover(output_dir: str | Path) -> None:
-    """Finish or undo a swap that was interrupted between its two renames, and drop a retired run left behind."""
+    """Finish or undo a swap that was interrupted: between its two renames (the old run is `.NAME.old`), or before
+    the first (the new run in `.NAME.next` has its metrics.json); then drop the retired run."""
     final, retired, staged = Path(output_dir), _retired_dir(output_dir), staging_dir(output_dir)
-    if not is_ours(retired):
-        return
-    if not final.exists() and not final.is_symlink():
-        os.replace(retired if not (is_ours(staged) and is_finished(staged)) else staged, final)
-        fsync_dir(final.parent)
     if is_ours(retired):
-        remove_run(retired)
+        if not final.exists() and not final.is_symlink():
+            os.replace(staged if is_ours(staged) and is_finished(staged) else retired, final)
+            fsync_dir(final.parent)
+        if is_ours(retired):
+            _discard(retired)
+    if is_ours(staged) and is_finished(staged) and (is_ours(final) or not (final.exists() or final.is_symlink())):
+        promote(staged, final)
+
+
+def recovered_dir(output_dir: str | Path) -> Path:
+    """Where the run `recover` would leave at `output_dir` is now (`output_dir` itself unless a swap is pending):
+    what a dry run reads, as it recovers nothing."""
+    final, retired, staged = Path(output_dir), _retired_dir(output_dir), staging_dir(output_dir)
+    finished_staged = is_ours(staged) and is_finished(staged)
+    if is_ours(retired) and not final.exists() and not final.is_symlink():
+        return staged if finished_staged else retired
+    if finished_staged and (is_ours(final) or not (final.exists() or final.is_symlink())):
+        return staged
+    return final
 
 
 def prepare_run(plan: RunPlan) -> None:
     """Before the stage sets up: clear what a crashed attempt with nothing to resume left (`restart`), or a stale
-    staging dir (`replace`: an earlier replacement that never finished). Only runs of ours are ever removed."""
+    staging dir (`replace`: an earlier replacement that never finished). Only runs of ours are ever removed, and
+    never a finished one."""
     if plan.mode in ("restart", "replace") and (plan.work.exists() or plan.work.is_symlink()):
+        if is_finished(plan.work):  # `recover` swaps a finished staged run in: here only if that was refused
+            raise UserError(f"{plan.work} holds a finished run waiting to replace {plan.output_dir}; it is not "
+                            "deleted: run the command again once what stopped the swap is fixed")
         remove_run(plan.work)
 
 
@@ -265,7 +388,7 @@ def start_run(plan: RunPlan, stage: str, resolved_recipe_yaml: str) -> Path:
     if plan.mode == "resume":
         return work
     work.mkdir(parents=True, exist_ok=True)
-    marker = {"run_id": uuid.uuid4().hex, "stage": stage, "tool": "rlhf-pipeline",
+    marker = {"run_id": plan.run_id or _new_run_id(), "stage": stage, "tool": "rlhf-pipeline",
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "output_dir": str(plan.output_dir)}
     atomic_write_text(work / MARKER_FILE, json.dumps(marker, indent=1) + "\n")
     atomic_write_text(work / RECIPE_FILE, resolved_recipe_yaml)
@@ -305,13 +428,36 @@ def promote(staged: Path, final: Path) -> None:
     removed. Two renames on one filesystem; `recover` completes or undoes an interrupted swap."""
     retired = _retired_dir(final)
     if is_ours(retired):
-        remove_run(retired)
+        _discard(retired)
+    if retired.exists() or retired.is_symlink():
+        raise UserError(f"{retired} is in the way of the swap (it is not an rlhf run, so it is never deleted): move "
+                        f"it away; the finished run in {staged} then takes the place of {final} at the next command")
     if final.exists():
         os.replace(final, retired)
     os.replace(staged, final)
     fsync_dir(final.parent)
     if is_ours(retired):
-        remove_run(retired)
+        _discard(retired)
+
+
+def _discard(retired: Path) -> None:
+    """Delete a replaced run. One that cannot be deleted (a file the user may not remove, a run nested in it) is
+    moved aside with a warning instead, so that it never blocks the next command on this output dir."""
+    reason = _undeletable(retired)
+    if not reason:
+        try:
+            _delete(retired)
+            return
+        except OSError as exc:
+            reason = _os_reason(exc)
+    aside = retired.with_name(f"{retired.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(retired, aside)
+    except OSError as error:
+        raise UserError(f"cannot delete the replaced run {retired} ({reason}) nor move it aside ({error.strerror}): "
+                        "remove it by hand") from None
+    print(f"warning: could not delete the replaced run {retired} ({reason}); it was moved to {aside}: delete it by "
+          "hand", file=sys.stderr, flush=True)
 
 
 def abandon(plan: RunPlan) -> None:
@@ -322,12 +468,53 @@ def abandon(plan: RunPlan) -> None:
 
 
 def remove_run(path: str | Path) -> None:
-    """Delete a run directory of ours, and only that: never through a link, never without the marker."""
+    """Delete a run directory of ours, and only that: never through a link, never without the marker, never one
+    holding another run. The metrics go first (a half-deleted run never looks finished) and the marker last (it
+    stays ours, for the next command to finish deleting)."""
     path = Path(path)
+    why = _undeletable(path)
+    if why:
+        raise UserError(f"refusing to delete {path}: {why}")
+    try:
+        _delete(path)
+    except OSError as exc:
+        raise UserError(f"cannot delete the run {path}: {_os_reason(exc)}; remove it by hand") from None
+
+
+def _undeletable(path: Path) -> str:
+    """Why `path` is not a run this tool may delete ('' when it is)."""
     if path.is_symlink() or not is_ours(path):
-        raise UserError(f"refusing to delete {path}: it is not an rlhf run directory (no {MARKER_FILE}) or is a link")
-    (path / METRICS_FILE).unlink(missing_ok=True)  # first, so that a half-deleted run never looks finished
-    shutil.rmtree(path)  # rmtree does not follow links inside the tree
+        return f"it is not an rlhf run directory (no {MARKER_FILE}) or is a link"
+    inside = runs_inside(path)
+    return f"it holds another run ({inside[0]})" if inside else ""
+
+
+def _delete(path: Path) -> None:
+    (path / METRICS_FILE).unlink(missing_ok=True)
+    for item in path.iterdir():
+        if item.name == MARKER_FILE:
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)  # rmtree does not follow links inside the tree
+        else:
+            item.unlink()
+    (path / MARKER_FILE).unlink()
+    path.rmdir()
+
+
+def _os_reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)) + (f": {exc.filename}" if exc.filename else "")
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> None:
+    """Delete what a failed checkpoint save left half-written (a Trainer's `checkpoint-N` never marked complete, a
+    PPO `update-N.tmp`): nothing resumes from it, and it holds space a full disk needs."""
+    path = Path(run_dir)
+    partial = [p for p in path.glob("checkpoint-*") if not (p / CHECKPOINT_COMPLETE).is_file()]
+    partial += list((path / PPO_CHECKPOINTS).glob("update-*.tmp"))
+    for item in partial:
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
 
 
 def prune_checkpoints(checkpoints: list[Path], keep: int | None) -> None:
@@ -413,16 +600,49 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def disk_full(exc: BaseException, where: str | Path) -> DiskFull | None:
-    """A DiskFull error naming `where` when `exc` says the disk is full (an OSError ENOSPC, or torch's "file write
-    failed" from its zip writer); None otherwise."""
+# torch's zip writer (torch.save) reports a short write, a full disk's usual symptom, in these words
+_TORCH_WRITE_FAILED = ("file write failed", "unexpected pos")
+
+
+def disk_full(exc: BaseException, where: str | Path, then: str = "free some space and run again") -> DiskFull | None:
+    """A DiskFull error naming `where` when `exc` says the disk is full: an OSError ENOSPC or EDQUOT, safetensors'
+    SafetensorError ("... (os error 28)"), or torch's zip writer failing a write ("[enforce fail at
+    inline_container.cc] ... file write failed" or "unexpected pos N vs M", which do not say why: named a full disk
+    when the filesystem has less than 1 % or 64 MiB free, else a failed write); None otherwise. `then`: what to do
+    next (`full_disk_then` rewords it once the caller knows what was kept)."""
     text = str(exc)
+    target = getattr(exc, "filename", None) or where
     if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
-            or "file write failed" in text:
-        target = getattr(exc, "filename", None) or where
-        return DiskFull(f"no space left on device while writing {target}: free some space, then resume "
-                        "(the run's last complete checkpoint, if any, is intact)")
-    return None
+            or f"(os error {errno.ENOSPC})" in text or f"(os error {errno.EDQUOT})" in text:
+        head = f"no space left on device while writing {target}"
+    elif "inline_container" in text and any(words in text for words in _TORCH_WRITE_FAILED):
+        head = (f"no space left on device while writing {target}" if _low_on_space(Path(where)) else
+                f"writing {target} failed (torch: {text.strip().splitlines()[0][:200]}; is the disk full or a quota "
+                "exceeded?)")
+    else:
+        return None
+    error = DiskFull(f"{head}: {then}")
+    error.head = head
+    return error
+
+
+def full_disk_then(error: DiskFull, then: str) -> DiskFull:
+    """The same full disk, with what to do next."""
+    head = getattr(error, "head", None) or str(error)
+    reworded = DiskFull(f"{head}: {then}")
+    reworded.head = head
+    return reworded
+
+
+def _low_on_space(path: Path) -> bool:
+    """Whether the filesystem holding `path` (or its nearest existing parent) has less than 1 % or 64 MiB free."""
+    for folder in (path, *path.parents):
+        try:
+            usage = shutil.disk_usage(folder)
+        except OSError:
+            continue
+        return usage.free < max(64 << 20, usage.total // 100)
+    return False
 
 
 def _jsonable(value: Any) -> Any:

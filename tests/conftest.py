@@ -94,6 +94,19 @@ def hold_lock(path: Path):
     return holder
 
 
+def interrupt(mode: str, at: int, *args: str) -> subprocess.CompletedProcess:
+    """`rlhf ARGS...` in a subprocess stopped at a known point (tests/interrupt_at.py: kill -9 after a checkpoint,
+    Ctrl-C in a step, kill -9 before a swap)."""
+    import sys
+
+    import torch
+
+    # the threads of this process: a different count sums in another order, and bit-for-bit comparisons would fail
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.run([sys.executable, str(REPO / "tests" / "interrupt_at.py"), mode, str(at), *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 def run_cli(*args: str):
     """Invoke the Typer app in-process (CliRunner); returns the click Result."""
     from typer.testing import CliRunner

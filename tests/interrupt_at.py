@@ -2,6 +2,8 @@
 
     python tests/interrupt_at.py kill-after-checkpoint N ARGS...   SIGKILL once checkpoint N is complete on disk
     python tests/interrupt_at.py ctrl-c-at N ARGS...               SIGINT during Trainer step N / PPO update N
+    python tests/interrupt_at.py kill-before-swap 0 ARGS...        SIGKILL once a replacement finished (its
+                                                                   metrics.json written), before it is swapped in
 
 Nothing in rlhf_pipeline knows about this file: it wraps the real code from the outside.
 """
@@ -56,6 +58,11 @@ def main() -> None:
             return optimise(self, *a, **k)
 
         ppo.PPOTrainer._optimise = optimise_with_ctrl_c
+    elif mode == "kill-before-swap":
+        def kill(staged, final):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        runs.promote = kill
     else:
         raise SystemExit(f"unknown mode {mode}")
 

@@ -136,6 +136,25 @@ def test_a_refused_run_stops_every_process_with_one_message(epoch_pipeline, tiny
     assert second.stderr.count("holds a finished run") == 1, second.stderr[-3000:]
 
 
+def test_every_process_must_see_the_same_run_dir(tmp_path, tiny_model_dir, data_dir):
+    """Processes that share no filesystem (here each runs in a directory of its own, and the output dir is relative:
+    each sees a run dir of its own) stop before any work, with one message, printed once: otherwise each would read
+    its own copy of what process 0 wrote (a gate's metrics.json, a checkpoint)."""
+    recipe = write_recipe(tmp_path / "sft.yaml", stage_recipe("sft", Path("out") / "sft", tiny_model_dir,
+                                                              {"files": str(data_dir / "sft.jsonl")}))
+    machines = [tmp_path / "machine-0", tmp_path / "machine-1"]
+    for machine in machines:
+        machine.mkdir()
+    env = {f"RLHF_RANK_CWD_{rank}": str(machine) for rank, machine in enumerate(machines)}
+    done = torchrun(REPO / "tests" / "rank_cwd.py", ["sft", str(recipe)], tmp_path, env, timeout=300)
+    assert done.returncode != 0
+    message = (f"error: the processes of this launch do not see the same {Path('out') / 'sft'}: process 1 (on ")
+    assert done.stderr.count(message) == 1, done.stderr[-3000:]
+    assert f"cannot read {machines[1] / 'out' / '.sft.probe'}, which process 0 wrote beside it" in done.stderr
+    assert "Loading weights" not in done.stderr  # stopped before any work (torchrun then reports the exit codes)
+    assert [list(machine.iterdir()) for machine in machines] == [[], []]  # nothing written, nothing left
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the sharded engines, launched with recipes/accelerate/*.yaml: FSDP through tests/fsdp_on_cpu.py (Accelerate selects
 # FSDP only on GPUs; the shim changes that selection and nothing else), DeepSpeed on its CPU accelerator. Each run is

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST_TRAINING, hold_lock, run_cli, snapshot, write_pipeline_recipes, write_recipe
+from conftest import FAST_TRAINING, hold_lock, interrupt, run_cli, snapshot, write_pipeline_recipes, write_recipe
 
 
 @pytest.fixture
@@ -195,17 +197,17 @@ def test_pipeline_resumes_an_interrupted_stage(pipeline_dir, monkeypatch):
     assert again.exit_code == 2 and "no stage of this pipeline holds an interrupted run" in again.output
 
 
-def test_pipeline_refuses_to_restart_an_interrupted_stage_whose_recipe_changed(pipeline_dir, monkeypatch):
+def test_an_interrupted_stage_whose_recipe_changed_is_started_over(pipeline_dir, monkeypatch):
+    """Never skipped, never refused: the interrupted run cannot resume with another recipe, so the stage starts over
+    (the interrupted run stays until the new one finishes), and says why."""
     out = interrupt_ppo_in_update_2(pipeline_dir, monkeypatch)
-    before = snapshot(out)
     pipeline = pipeline_dir / "recipes" / "pipeline.yaml"
     result = run_cli("pipeline", pipeline, "--set", "stages.ppo.set.training.learning_rate=0.002")
-    assert result.exit_code == 2, result.output
-    assert "holds an interrupted run (checkpoint update-000001) but its recipe changed at training.learning_rate" \
-        in result.output and "--force" in result.output
-    assert snapshot(out) == before
-    result = run_cli("pipeline", pipeline, "--set", "stages.ppo.set.training.learning_rate=0.002", "--force")
     assert result.exit_code == 0, result.output
+    assert (f"ppo: run (the interrupted run in {out} cannot resume: its recipe differs at training.learning_rate; "
+            "starting over)") in result.output
+    assert statuses(result.output) == {"pretrain": "skipped", "sft": "skipped", "reward": "skipped", "ppo": "ran",
+                                       "eval": "ran"}
     assert (out / "metrics.json").is_file() and "learning_rate: 0.002" in (out / "recipe.resolved.yaml").read_text()
 
 
@@ -304,3 +306,202 @@ def test_bad_policy_stages(pipeline_dir, policies, message):
     write_recipe(recipe, data)
     result = run_cli("pipeline", recipe, "--dry-run")
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the truth rule (issue 19, item 1): up to date only when the dir holds a finished run with the recipe and inputs of
+# now; an interrupted rerun resumed or started over, never skipped; every hint a command that works as printed
+# ---------------------------------------------------------------------------------------------------------------
+def few_stages(pipeline_dir: Path, *names: str, **sets: dict) -> Path:
+    """The fixture pipeline cut to `names`, with `set:` values per stage; written beside the stage recipes."""
+    data = yaml.safe_load((pipeline_dir / "recipes" / "pipeline.yaml").read_text())
+    data["stages"] = {name: {**data["stages"][name], **({"set": sets[name]} if name in sets else {})}
+                      for name in names}
+    return write_recipe(pipeline_dir / "recipes" / f"{'-'.join(names)}.yaml", data)
+
+
+def rows(output: str) -> dict[str, str]:
+    """stage -> what a dry run would do."""
+    table = output[output.index("dry run: nothing was written"):output.index("wiring:")].splitlines()[3:]
+    return {line.split()[0]: line.split()[1] for line in table if line.strip()}
+
+
+def test_an_interrupted_or_refused_rerun_is_never_up_to_date(pipeline_dir):
+    """An edit to SFT, rerun: first refused (a single `rlhf sft` holds the sft dir), then stopped by Ctrl-C in step
+    2 (its checkpoint in `.sft.next`, the finished SFT run as it was). Neither makes the stage "up to date": the
+    interrupted run resumes with the printed command, run as printed."""
+    pipeline = few_stages(pipeline_dir, "pretrain", "sft", sft={"training.save_steps": 1})
+    sft = pipeline_dir / "runs" / "sft"
+    assert run_cli("pipeline", pipeline).exit_code == 0
+    edit = ["--set", "stages.sft.set={training.save_steps: 1, training.learning_rate: 0.002}"]
+
+    holder = hold_lock(sft)
+    try:
+        refused = run_cli("pipeline", pipeline, *edit)
+        assert refused.exit_code == 2 and f"{sft} is in use by another rlhf run (pid {holder.pid}" in refused.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rows(run_cli("pipeline", pipeline, *edit, "--dry-run").output)["sft"] == "run"
+
+    stopped = interrupt("ctrl-c-at", 2, "pipeline", pipeline, *edit)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert resolved(sft)["training"]["learning_rate"] == 0.001  # the finished run, as it was
+    staged = pipeline_dir / "runs" / ".sft.next"
+    assert (staged / "checkpoint-2" / ".rlhf-complete").is_file()
+    hint = stopped.stderr.strip().splitlines()[-1]
+    assert hint == f"resume with: rlhf pipeline {pipeline} --set '{edit[1]}' --resume", hint
+
+    assert rows(run_cli("pipeline", pipeline, *edit, "--dry-run").output)["sft"] == "resume"
+    assert rows(run_cli("pipeline", pipeline, "--dry-run").output)["sft"] == "skip"  # the finished run's recipe
+
+    command = shlex.split(hint.removeprefix("resume with: "))
+    assert command[:2] == ["rlhf", "pipeline"]
+    resumed = run_cli(*command[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert "sft: resume (the last run stopped; resuming from checkpoint-2)" in resumed.output
+    assert statuses(resumed.output) == {"pretrain": "skipped", "sft": "resumed"}
+    assert resolved(sft)["training"]["learning_rate"] == 0.002 and not staged.exists()
+    assert json.loads((sft / "metrics.json").read_text())["train_steps"] == 3
+    again = run_cli("pipeline", pipeline, *edit)
+    assert again.exit_code == 0 and set(statuses(again.output).values()) == {"skipped"}, again.output
+
+    # an interrupted rerun that nothing will resume (the edit was undone) is removed, not left with its checkpoints
+    other = ["--set", "stages.sft.set={training.save_steps: 1, training.learning_rate: 0.003}"]
+    assert interrupt("ctrl-c-at", 2, "pipeline", pipeline, *other).returncode == 130
+    assert (staged / "checkpoint-2" / ".rlhf-complete").is_file()
+    undone = run_cli("pipeline", pipeline, *edit)
+    assert undone.exit_code == 0 and set(statuses(undone.output).values()) == {"skipped"}, undone.output
+    assert f"sft: removed the interrupted run in {staged}: nothing will resume it" in undone.output
+    assert not staged.exists() and resolved(sft)["training"]["learning_rate"] == 0.002
+
+
+def test_a_swap_interrupted_in_a_stage_is_recovered_before_deciding(pipeline_dir):
+    """A kill between the two renames of a swap leaves the sft run as `.sft.old`: the pipeline completes the swap
+    before it decides, so `--only reward` finds the sft output, and a plain rerun retrains nothing."""
+    pipeline = few_stages(pipeline_dir, "pretrain", "sft", "reward")
+    runs_dir = pipeline_dir / "runs"
+    assert run_cli("pipeline", pipeline).exit_code == 0
+    os.replace(runs_dir / "sft", runs_dir / ".sft.old")
+    dry = run_cli("pipeline", pipeline, "--only", "reward", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert rows(dry.output) == {"pretrain": "skip", "sft": "skip", "reward": "run"}
+    assert (runs_dir / ".sft.old").is_dir() and not (runs_dir / "sft").exists()  # a dry run changes nothing
+    only = run_cli("pipeline", pipeline, "--only", "reward")
+    assert only.exit_code == 0, only.output
+    assert statuses(only.output) == {"pretrain": "skipped", "sft": "skipped", "reward": "ran"}
+    assert (runs_dir / "sft" / "metrics.json").is_file() and not (runs_dir / ".sft.old").exists()
+
+    os.replace(runs_dir / "sft", runs_dir / ".sft.old")
+    assert rows(run_cli("pipeline", pipeline, "--dry-run").output) == dict.fromkeys(["pretrain", "sft", "reward"],
+                                                                                     "skip")
+    again = run_cli("pipeline", pipeline)
+    assert again.exit_code == 0 and set(statuses(again.output).values()) == {"skipped"}, again.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# no two stages share or nest output dirs (issue 19, item 2)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage, where, message", [
+    ("ppo", "sft", "stage ppo would write to {out}, the same as stage sft's output dir"),
+    ("ppo", "sft/ppo", "stage ppo would write to {out}, inside stage sft's output dir"),
+    ("sft", "pretrain/x", "stage sft would write to {out}, inside stage pretrain's output dir"),
+    ("eval", ".", "stage eval would write to {out}, which is the pipeline's own output_dir"),
+    ("policies.rloo", "reward", "stage rloo would write to {out}, the same as stage reward's output dir"),
+])
+def test_stages_never_share_or_nest_output_dirs(pipeline_dir, stage, where, message):
+    """Refused by `recipe validate`, `--dry-run` and the run itself, before anything is written (a policy stage set
+    to write to <root>/sft used to replace the SFT model)."""
+    path = pipeline_dir / "recipes" / "pipeline.yaml"
+    data = yaml.safe_load(path.read_text())
+    out = str(Path(data["output_dir"]) / where) if where != "." else data["output_dir"]
+    if stage.startswith("policies."):
+        evaluation = data["stages"].pop("eval")  # listed in the order they run: policies before eval
+        data["stages"]["policies"] = {stage.split(".")[1]: {"recipe": "ppo.yaml", "set": {"output_dir": out}}}
+        data["stages"]["eval"] = evaluation
+    else:
+        data["stages"][stage]["set"] = {"output_dir": out}
+    write_recipe(path, data)
+    key = f"stages.{stage}.set.output_dir"
+    for args in (("recipe", "validate", path), ("pipeline", path, "--dry-run"), ("pipeline", path)):
+        result = run_cli(*args)
+        assert result.exit_code == 2, result.output
+        assert f"{key}: {message.format(out=out)}" in result.output and "Traceback" not in result.output
+    assert not (pipeline_dir / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one process, several stages (issue 19, item 11): each stage with the mixed precision it has alone
+# ---------------------------------------------------------------------------------------------------------------
+def test_trainer_stages_and_ppo_with_different_mixed_precision(pipeline_dir, tiny_model_dir, tiny_reward_dir,
+                                                               monkeypatch):
+    """Under `accelerate launch --mixed_precision bf16` the SFT Trainer takes bf16 from ACCELERATE_MIXED_PRECISION
+    (its recipe does not say) while PPO's recipe says `no`: PPO's Accelerator used to meet the Trainer's
+    AcceleratorState and crash ("AcceleratorState has already been initialized and cannot be changed")."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    pipeline = few_stages(pipeline_dir, "sft", "ppo", sft={"model.name_or_path": str(tiny_model_dir)},
+                          ppo={"reward.model": str(tiny_reward_dir)})
+    result = run_cli("pipeline", pipeline)
+    assert result.exit_code == 0, result.output
+    assert statuses(result.output) == {"sft": "ran", "ppo": "ran"}
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState().mixed_precision == "no"  # PPO's own, as `rlhf ppo` alone would run
+
+
+def printed_command(output: str, after: str) -> list[str]:
+    """The `rlhf ...` command a message printed between backquotes after `after`, split as a shell would."""
+    start = output.index(after) + len(after)
+    return shlex.split(output[output.index("`", start) + 1:output.index("`", output.index("`", start) + 1)])
+
+
+def test_runs_the_pipeline_did_not_make_are_kept_and_the_hints_work_as_printed(pipeline_dir):
+    """A single-stage run in a stage's dir is never replaced unasked: a finished one with another recipe, or an
+    interrupted replacement, stops the pipeline with the commands that resolve it, which work as printed."""
+    pipeline = few_stages(pipeline_dir, "pretrain", "sft")
+    sft = pipeline_dir / "runs" / "sft"
+    assert run_cli("pipeline", pipeline).exit_code == 0
+    own = ["--set", "training.learning_rate=0.005", "--set", "training.save_steps=1"]
+    assert run_cli("sft", sft / "recipe.resolved.yaml", "--overwrite", *own).exit_code == 0
+    refused = run_cli("pipeline", pipeline)
+    assert refused.exit_code == 2 and "holds a finished run that this pipeline did not make" in refused.output
+    command = printed_command(refused.output, "replace it with ")
+    assert command == ["rlhf", "pipeline", str(pipeline), "--from", "sft"]
+    replaced = run_cli(*command[1:])
+    assert replaced.exit_code == 0 and statuses(replaced.output) == {"pretrain": "skipped", "sft": "ran"}
+
+    stopped = interrupt("ctrl-c-at", 2, "sft", sft / "recipe.resolved.yaml", "--overwrite", *own)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    staged = pipeline_dir / "runs" / ".sft.next"
+    before = snapshot(staged)
+    edit = ["--set", "stages.sft.set.training.learning_rate=0.002"]
+    refused = run_cli("pipeline", pipeline, *edit)
+    assert refused.exit_code == 2 and f"{staged} holds an interrupted run (checkpoint checkpoint-2) that this " \
+        "pipeline did not start" in refused.output, refused.output
+    assert snapshot(staged) == before
+    command = printed_command(refused.output, "finish it with ")
+    assert command == ["rlhf", "sft", str(staged / "recipe.resolved.yaml"), "--resume", "--overwrite"]
+    finished = run_cli(*command[1:])
+    assert finished.exit_code == 0, finished.output
+    assert resolved(sft)["training"]["learning_rate"] == 0.005 and not staged.exists()
+
+
+def test_a_record_written_before_runs_had_ids_still_counts(tmp_path):
+    """pipeline.json as earlier versions wrote it (one entry per stage, `finished` once it ran through): it still
+    describes the finished run in the dir when the recipes agree, so an upgrade re-runs nothing; an unfinished entry
+    (the rerun that used to make a stage look up to date) describes nothing."""
+    from rlhf_pipeline import runs
+    from rlhf_pipeline.pipeline import _recorded_inputs
+
+    run = tmp_path / "sft"
+    run.mkdir()
+    (run / runs.MARKER_FILE).write_text(json.dumps({"run_id": "abc", "stage": "sft"}))
+    (run / runs.RECIPE_FILE).write_text("stage: sft\nseed: 0\nprovenance: {created: now}\n")
+    (run / runs.METRICS_FILE).write_text("{}")
+    entry = {"recipe": {"stage": "sft", "seed": 0}, "inputs": {"data.jsonl": "f1"}, "output_dir": str(run),
+             "finished": True}
+    assert _recorded_inputs({"stages": {"sft": entry}}, "sft", run) == {"data.jsonl": "f1"}
+    assert _recorded_inputs({"stages": {"sft": {**entry, "finished": False}}}, "sft", run) is None
+    assert _recorded_inputs({"stages": {"sft": {**entry, "recipe": {"stage": "sft", "seed": 1}}}}, "sft", run) is None
+    assert _recorded_inputs({"stages": {"sft": {"runs": {"abc": {"x": "1"}}}}}, "sft", run) == {"x": "1"}
+    assert _recorded_inputs({"stages": {"sft": {"runs": {"other": {"x": "1"}}}}}, "sft", run) is None

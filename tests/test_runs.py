@@ -17,6 +17,7 @@ from conftest import (
     FAST_TRAINING,
     REPO,
     hold_lock,
+    interrupt,
     ppo_recipe,
     run_cli,
     snapshot,
@@ -153,16 +154,28 @@ def test_written_files_get_the_ordinary_mode(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_disk_full_is_named():
+def test_disk_full_is_named(monkeypatch):
     import errno
+
+    from safetensors import SafetensorError
 
     error = runs.disk_full(OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"), "/runs/x")
     assert isinstance(error, DiskFull) and "no space left on device while writing /runs/x/model.safetensors" in \
         str(error)
-    torch_error = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
-                               "data/0: file write failed")
-    assert "while writing /runs/x/checkpoints" in str(runs.disk_full(torch_error, "/runs/x/checkpoints"))
+    # safetensors' own error for a full disk (its exact words, from a run on a full tmpfs)
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert str(runs.disk_full(full, "/runs/x")).startswith("no space left on device while writing /runs/x: ")
+    # torch's zip writer says only that a write failed ("unexpected pos", on a full tmpfs): a full disk when the
+    # filesystem is nearly full, else a failed write that says what torch said
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 176384 vs 176272")
+    monkeypatch.setattr(runs, "_low_on_space", lambda path: True)
+    assert "no space left on device while writing /runs/x/checkpoints" in str(runs.disk_full(torch_error,
+                                                                                             "/runs/x/checkpoints"))
+    monkeypatch.setattr(runs, "_low_on_space", lambda path: False)
+    assert str(runs.disk_full(torch_error, "/runs/x")).startswith("writing /runs/x failed (torch: [enforce fail at "
+                                                                  "inline_container.cc:672] . unexpected pos")
     assert runs.disk_full(RuntimeError("shapes do not match"), "/x") is None
+    assert runs.disk_full(SafetensorError("invalid header"), "/x") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,13 +325,6 @@ def test_recipe_resume_from_checkpoint_keeps_the_checkpoint(tmp_path, tiny_model
 # ---------------------------------------------------------------------------------------------------------------
 # kill -9 or Ctrl-C, then --resume: the same run as an uninterrupted one
 # ---------------------------------------------------------------------------------------------------------------
-def interrupt(mode: str, at: int, stage: str, recipe: Path, *flags: str) -> subprocess.CompletedProcess:
-    # the threads of this process: a different count sums in another order, and bit-for-bit comparisons would fail
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.run([sys.executable, str(REPO / "tests" / "interrupt_at.py"), mode, str(at), stage, str(recipe),
-                           *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
 def trainer_stage_recipe(stage, tmp_path, name, model, data_dir):
     out = tmp_path / name
     data = {"pretrain": {"files": str(data_dir / "text.jsonl"), "eval_size": 40, "block_size": 32},
@@ -436,7 +442,228 @@ def test_full_disk_names_where(tmp_path, tiny_model_dir, tiny_reward_dir, data_d
                            "data/0: file write failed")
 
     monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(runs, "_low_on_space", lambda path: True, raising=False)  # as on a full disk
     result = run_cli("ppo", recipe)
     assert result.exit_code == 1, result.output
     assert f"no space left on device while writing {out / 'checkpoints' / 'update-000001.tmp'}" in result.output
     assert "enforce fail" not in result.output and "Traceback" not in result.output
+    assert not out.exists()  # no complete checkpoint was written: nothing of the run is left (its half neither)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# no run inside another run (issue 19, item 3)
+# ---------------------------------------------------------------------------------------------------------------
+def error_line(result, alone: bool = True) -> str:
+    """The one error line a command printed, no traceback; `alone`: refused before it printed anything else."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert len(lines) == 1 or not alone, result.output
+    return errors[0]
+
+
+def test_a_run_inside_another_run_is_refused(tmp_path, tiny_model_dir, data_dir):
+    outer = make_run(tmp_path / "w" / "s")
+    (tmp_path / "alias").symlink_to(outer)
+    recipe = sft_recipe(tmp_path, outer / "variant", tiny_model_dir, data_dir)
+    before = snapshot(tmp_path / "w")
+    for flags in ((), ("--dry-run",), ("--output-dir", tmp_path / "alias" / "variant")):
+        result = run_cli("sft", recipe, *flags)
+        assert result.exit_code == 2
+        assert f"is inside the run {outer}: a run may not hold another" in error_line(result)
+    assert snapshot(tmp_path / "w") == before and not (outer / "variant").exists()
+
+
+def test_an_overwrite_never_deletes_a_run_nested_in_it(tmp_path, tiny_model_dir, data_dir):
+    """A run that holds another (made by hand, or by an older version): its --overwrite is refused before anything
+    runs, and the nested run stays; nothing deletes it through its parent."""
+    outer = make_run(tmp_path / "w" / "s")
+    make_run(outer / "variant")
+    recipe = sft_recipe(tmp_path, outer, tiny_model_dir, data_dir)
+    before = snapshot(tmp_path / "w")
+    for flags in (("--overwrite",), ("--overwrite", "--dry-run")):
+        result = run_cli("sft", recipe, *flags)
+        assert result.exit_code == 2
+        assert f"{outer} holds another run ({outer / 'variant'})" in error_line(result)
+    with pytest.raises(UserError, match="holds another run"):
+        runs.remove_run(outer)
+    assert snapshot(tmp_path / "w") == before
+    assert not (tmp_path / "w" / ".s.next").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the swap's edge cases (issue 19, item 6): no finished run lost, no dir stuck
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_leftover_old_dir_that_is_not_ours_is_refused_before_training(tmp_path, tiny_model_dir, data_dir):
+    """`.NAME.old` without a marker used to let --overwrite train fully, then fail the swap (ENOTEMPTY) and leave
+    the finished replacement for the next --overwrite to delete."""
+    out = make_run(tmp_path / "out")
+    leftover = tmp_path / ".out.old"
+    leftover.mkdir()
+    (leftover / "notes.txt").write_text("mine")
+    recipe = sft_recipe(tmp_path, out, tiny_model_dir, data_dir)
+    before = snapshot(tmp_path)
+    result = run_cli("sft", recipe, "--overwrite")
+    assert result.exit_code == 2
+    assert f"{leftover} is in the way of replacing {out}" in error_line(result)
+    assert snapshot(tmp_path) == before and not (tmp_path / ".out.next").exists()
+
+
+def test_swap_edge_cases_lose_no_run(tmp_path, monkeypatch, capsys):
+    final = make_run(tmp_path / "run")
+    # a replacement killed after its metrics.json, before the first rename: the next command swaps it in
+    staged = make_run(tmp_path / ".run.next")
+    (staged / "new.txt").write_text("new")
+    runs.recover(final)
+    assert (final / "new.txt").is_file() and not staged.exists() and not (tmp_path / ".run.old").exists()
+
+    # ... unless something that is not ours is in the way: refused (by every command), the replacement kept
+    staged = make_run(tmp_path / ".run.next")
+    (staged / "newer.txt").write_text("newer")
+    foreign = tmp_path / ".run.old"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"\.run\.old is in the way of the swap .* the finished run in .*\.run\.next"):
+        runs.recover(final)
+    assert runs.is_finished(staged) and (final / "new.txt").is_file() and (foreign / "notes.txt").is_file()
+    with pytest.raises(UserError, match="holds a finished run waiting to replace"):
+        runs.prepare_run(runs.RunPlan(final, staged, "replace"))
+    (foreign / "notes.txt").unlink()
+    foreign.rmdir()
+    runs.recover(final)
+    assert (final / "newer.txt").is_file() and not staged.exists()
+
+    # a retired run that cannot be deleted (a file the user may not remove): moved aside with a warning, and the
+    # commands after it are not stuck
+    real_rmtree = runs.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if ".run.old" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(runs.shutil, "rmtree", rmtree)
+    make_run(tmp_path / ".run.old", checkpoint="checkpoint-2")
+    runs.recover(final)  # the swap had finished; only the retired run was left
+    assert "could not delete the replaced run" in capsys.readouterr().err
+    assert not (tmp_path / ".run.old").exists() and runs.is_finished(final)
+    aside = [p.name for p in tmp_path.glob(".run.old-*")]
+    assert len(aside) == 1
+    runs.recover(final)  # nothing left to do
+    staged = make_run(tmp_path / ".run.next")
+    (staged / "newest.txt").write_text("newest")
+    (final / "logs").mkdir()  # a folder, which the retired run's deletion cannot remove
+    runs.promote(staged, final)  # and the next swap, whose retired run cannot be deleted either
+    assert (final / "newest.txt").is_file() and not (tmp_path / ".run.old").exists()
+    assert len(list(tmp_path.glob(".run.old-*"))) == 2
+
+
+def test_a_kill_between_a_finished_replacement_and_its_swap_loses_nothing(tmp_path, tiny_model_dir, data_dir):
+    """kill -9 after the replacement's metrics.json, before the first rename: the next command (any: here one that
+    is then refused) swaps the finished replacement in; it used to stay aside for the next --overwrite to delete."""
+    out = tmp_path / "out"
+    recipe = sft_recipe(tmp_path, out, tiny_model_dir, data_dir)
+    assert run_cli("sft", recipe).exit_code == 0
+    killed = interrupt("kill-before-swap", 0, "sft", recipe, "--overwrite", "--set", "training.learning_rate=0.002")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    staged = tmp_path / ".out.next"
+    assert runs.is_finished(staged) and "learning_rate: 0.001" in (out / runs.RECIPE_FILE).read_text()
+    replacement = runs.run_marker(staged)["run_id"]
+    result = run_cli("sft", recipe, "--set", "training.learning_rate=0.002")
+    assert result.exit_code == 2 and "holds a finished run" in result.output
+    assert runs.run_marker(out)["run_id"] == replacement and not staged.exists()
+    assert "learning_rate: 0.002" in (out / runs.RECIPE_FILE).read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a full disk (issue 19, item 5): one line, the run it was to replace intact, nothing half-written left
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_full_disk_at_a_trainer_checkpoint(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """torch's zip writer fails writing checkpoint-2's optimizer, as on a full tmpfs ('unexpected pos'): one line
+    naming where and the command that resumes, the finished run untouched, checkpoint-2's half removed, and the
+    replacement resumes from checkpoint-1 once there is room."""
+    out = make_run(tmp_path / "out")
+    recipe = sft_recipe(tmp_path, out, tiny_model_dir, data_dir, save_steps=1)
+    before = snapshot(out)
+    real_save = torch.save
+
+    def full_at_checkpoint_2(obj, f, *args, **kwargs):
+        if str(f).endswith(os.path.join("checkpoint-2", "optimizer.pt")):
+            Path(f).write_bytes(b"PK\x03\x04 half")  # what the short write left
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 176384 vs 176272")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_at_checkpoint_2)
+    monkeypatch.setattr(runs, "_low_on_space", lambda path: True, raising=False)  # as on a full disk
+    result = run_cli("sft", recipe, "--overwrite")
+    assert result.exit_code == 1
+    staged = tmp_path / ".out.next"
+    line = error_line(result, alone=False)
+    assert line.startswith(f"error: no space left on device while writing {staged}: free some space, then resume "
+                           "from checkpoint-1 with: rlhf ") and line.endswith(" --resume --overwrite"), line
+    assert snapshot(out) == before
+    assert runs.latest_checkpoint(staged) == staged / "checkpoint-1" and not (staged / "checkpoint-2").exists()
+
+    monkeypatch.setattr(torch, "save", real_save)
+    result = run_cli("sft", recipe, "--overwrite", "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / runs.METRICS_FILE).read_text())["train_steps"] == 3 and not staged.exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_a_full_disk_at_the_final_save(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir, monkeypatch, stage):
+    """safetensors fails writing the trained model (SafetensorError, 'os error 28', its words on a full tmpfs):
+    one line, exit 1, the finished run the new one was to replace untouched. Without a checkpoint nothing of the
+    new run is left; PPO's checkpoint of update 1 is kept, and the run resumes from it."""
+    import transformers
+    from safetensors import SafetensorError
+
+    out = make_run(tmp_path / "out")
+    if stage == "sft":
+        recipe = sft_recipe(tmp_path, out, tiny_model_dir, data_dir)
+    else:
+        recipe = write_recipe(tmp_path / "ppo.yaml", ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)},
+                                                                data_dir, save_every=1))
+    before = snapshot(out)
+    real = transformers.modeling_utils.safe_save_file
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    result = run_cli(stage, recipe, "--overwrite")
+    assert result.exit_code == 1
+    line = error_line(result, alone=False)
+    staged = tmp_path / ".out.next"
+    assert line.startswith(f"error: no space left on device while writing {staged}: free some space"), line
+    assert snapshot(out) == before
+    if stage == "sft":
+        assert line.endswith(f"and run again ({out} is as it was)") and not staged.exists()
+        return
+    assert "then resume from update-000001 with: rlhf " in line and line.endswith(" --resume --overwrite")
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real)
+    result = run_cli(stage, recipe, "--overwrite", "--resume")
+    assert result.exit_code == 0, result.output
+    assert runs.is_finished(out) and not staged.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a filesystem without locks (issue 19, item 11)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP"])
+def test_a_filesystem_without_locks_is_one_line(tmp_path, tiny_model_dir, data_dir, monkeypatch, code):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "runs" / "out"
+    recipe = sft_recipe(tmp_path, out, tiny_model_dir, data_dir)
+    result = run_cli("sft", recipe)
+    assert result.exit_code == 2
+    assert error_line(result) == (f"error: cannot lock {out} ({tmp_path / 'runs' / '.out.lock'}): "
+                                  f"{os.strerror(getattr(errno, code))}: its filesystem does not support file locks "
+                                  "(as some network filesystems do not); use an output dir on one that does")
+    assert not (tmp_path / "runs").exists()  # nothing left behind, not even the folder the lock file was to be in

@@ -164,6 +164,45 @@ def decided_by_main(decide: Callable[[], Any]) -> Any:
     return result
 
 
+def check_shared_dir(output_dir: str | Path) -> None:
+    """Several processes: every one must see the directory process 0 writes (one shared filesystem), or each would
+    read a copy of its own (a gate's metrics.json, a checkpoint to resume). Process 0 leaves a random token beside
+    the output dir and every process reads it back (a process that does not see it retries for a few seconds, for a
+    network filesystem's caches); if one cannot, every process stops, with one message, before any work."""
+    if runs.world_size() == 1:
+        return
+    import socket
+    import time
+    import uuid
+
+    probe = runs.lock_path(output_dir).with_suffix(".probe")  # `.NAME.probe`, as this process sees it
+    main = runs.is_main_process()
+    token = uuid.uuid4().hex if main else None
+    if main:
+        runs.atomic_write_text(probe, token)
+    token = share_from_main(token)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            seen = probe.read_text(encoding="utf-8") == token
+        except OSError:
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    views = gather_lists([(socket.gethostname(), str(probe), seen)])
+    if main:
+        probe.unlink(missing_ok=True)
+    blind = [(rank, host, path) for rank, (host, path, ok) in enumerate(views) if not ok]
+    if blind:
+        if not main:  # process 0 prints the message
+            raise SystemExit(EXIT_USER_ERROR)
+        rank, host, path = blind[0]
+        raise UserError(f"the processes of this launch do not see the same {output_dir}: process {rank} (on {host}) "
+                        f"cannot read {path}, which process 0 wrote beside it; run every process on one shared "
+                        "filesystem (with several machines: the output dir on a shared disk)")
+
+
 def share_from_main(value: Any) -> Any:
     """Process 0's `value` (any picklable object) in every process; the value itself when there is one process."""
     state = distributed_state()
