@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -137,7 +138,7 @@ def lock(output_dir: str | Path) -> Iterator[None]:
     import fcntl
 
     path = lock_path(output_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = make_dirs(path.parent)  # removed again on release when nothing was written into them
     while True:
         handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the whole block)
         try:
@@ -165,6 +166,41 @@ def lock(output_dir: str | Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             path.unlink()
         handle.close()  # closing releases the lock
+        remove_empty_dirs(created)
+
+
+def make_dirs(directory: Path) -> list[Path]:
+    """Create `directory` and its missing parents; return the ones created, outermost first. UserError naming the
+    directory when it cannot be: a parent is a file (`--output-dir run/config.json/x`), no permission, a read-only
+    or special file system."""
+    missing: list[Path] = []
+    existing = Path(directory)
+    while not existing.exists() and not existing.is_symlink():
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create {directory}: {existing} is a file, not a directory" if missing
+                        else f"{directory} is a file, not a directory")
+    created: list[Path] = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by another process: not ours to remove
+        except OSError as exc:
+            remove_empty_dirs(created)
+            raise UserError(f"cannot create {folder}: {exc.strerror or exc}") from None
+        created.append(folder)
+    return created
+
+
+def remove_empty_dirs(created: list[Path]) -> None:
+    """Remove directories `make_dirs` created, innermost first, as long as they are still empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # something was written into it (a run), or it is gone
 
 
 def is_main_process() -> bool:
@@ -198,6 +234,7 @@ class RunPlan:
 def plan_run(output_dir: str | Path, overwrite: bool, resume: bool) -> RunPlan:
     """Decide where a run writes (no side effects); UserError when the output dir may not be used."""
     final = Path(output_dir)
+    check_ancestors(final)
     status = output_dir_status(final)
     staged = staging_dir(final)
     if status == "link":
@@ -237,6 +274,16 @@ def plan_run(output_dir: str | Path, overwrite: bool, resume: bool) -> RunPlan:
                             "continue it, or --overwrite to start over (it stays until the new run finishes)")
         return RunPlan(final, staged, "replace")
     return RunPlan(final, final, "new")
+
+
+def check_ancestors(output_dir: Path) -> None:
+    """UserError when a directory above the output dir is a file (`--output-dir run/config.json/x`): nothing
+    could be written there."""
+    for parent in Path(output_dir).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write to {output_dir}: {parent} is a file, not a directory")
+            return
 
 
 def recover(output_dir: str | Path) -> None:
@@ -456,7 +503,7 @@ def command_line(extra: tuple[str, ...] = ()) -> str:
     """The `rlhf ...` command this process runs (plus `extra` flags not already on it)."""
     args = list(sys.argv[1:]) if sys.argv else []
     args += [flag for flag in extra if flag not in args]
-    return " ".join(["rlhf", *args])
+    return shlex.join(["rlhf", *args])  # quoted as a shell reads it: a path with spaces pastes back as one argument
 
 
 def git_commit() -> dict[str, Any] | None:
