@@ -29,8 +29,8 @@ def stage_overrides(overrides: Sequence[str] | None, output_dir: Path | None,
     """`--set` values plus `--output-dir` (which is `--set output_dir=...`) and `--push-to-hub ORG/NAME` (which is
     `--set hub.repo_id=ORG/NAME --set hub.push=true`, its repo id checked now, before anything is trained)."""
     values = list(overrides or [])
-    if output_dir is not None:
-        values.append(f"output_dir={output_dir}")
+    if output_dir is not None:  # JSON quoting: a path, never YAML's null (`~`), a number or a mapping (`a: b`)
+        values.append(f"output_dir={json.dumps(str(output_dir))}")
     if push_to_hub is not None:
         from rlhf_pipeline.hub import check_repo_id
 
@@ -100,6 +100,7 @@ def _plan_and_prepare(loaded: LoadedRecipe, overwrite: bool, resume: bool) -> ru
 
     check_engine(loaded)
     check_tracker_packages(loaded)
+    check_push(loaded)
     output_dir = loaded.recipe.output_dir
     runs.recover(output_dir)
     named = recipe_checkpoint(loaded)
@@ -130,13 +131,14 @@ def recipe_checkpoint(loaded: LoadedRecipe) -> Path | None:
 
 
 def check_same_recipe(loaded: LoadedRecipe, saved_path: Path) -> None:
-    """A run resumes only with the recipe it started with (apart from where it is published, and which checkpoint
-    `training.resume_from_checkpoint` names)."""
+    """A run resumes only with the recipe it started with (apart from where it is published, which checkpoint
+    `training.resume_from_checkpoint` names, and how the output dir is spelt: the run being resumed is the one found
+    there, whether --output-dir names it relatively, absolutely or with `~`)."""
     from rlhf_pipeline.recipe.load import diff_keys, resolved_data
 
-    differences = [key for key in diff_keys(resolved_data(saved_path.read_text()),
-                                            resolved_data(loaded.resolved_yaml()))
-                   if key != "training.resume_from_checkpoint"]
+    saved = resolved_data(saved_path.read_text(encoding="utf-8", errors="replace"), saved_path)
+    differences = [key for key in diff_keys(saved, resolved_data(loaded.resolved_yaml()))
+                   if key not in ("training.resume_from_checkpoint", "output_dir")]
     if differences:
         raise UserError(f"--resume: the recipe differs from the one the run started with ({saved_path}) at: "
                         f"{', '.join(differences)}. Resume with the same recipe, or start over with --overwrite.")
@@ -152,10 +154,12 @@ def run_pipeline(recipe_path: Path, overrides: Sequence[str], from_stage: str | 
     if resume and (force or from_stage):
         raise UserError("--resume continues an interrupted stage; it does not go with --force or --from")
     loaded = load_recipe(recipe_path, overrides, expected_stage="pipeline")
+    check_push(loaded)
     for plan in plan_stages(loaded):  # every stage's trackers, before the first stage runs for hours
         if dry_run:
             check_local_files(plan.loaded)
         check_tracker_packages(plan.loaded)
+        check_push(plan.loaded)
     return run(loaded, Options(force=force, from_stage=from_stage, only=only, dry_run=dry_run, resume=resume))
 
 
@@ -244,14 +248,38 @@ def check_tracker_packages(loaded: LoadedRecipe) -> None:
                                                  + (" (or pip install 'rlhf-pipeline[tracking]')" if extra else ""))
 
 
+def check_push(loaded: LoadedRecipe) -> None:
+    """A run that is to push itself when it finishes (`--push-to-hub`, `hub.push`) is refused before it trains when
+    it could not: no token, or offline."""
+    hub = getattr(loaded.recipe, "hub", None)
+    if hub is not None and getattr(hub, "push", False):
+        from rlhf_pipeline.hub import check_can_push
+
+        try:
+            check_can_push()
+        except UserError as exc:
+            raise loaded.error("hub.push", f"{exc} (or push later with `rlhf push`)") from None
+
+
 def check_local_files(loaded: LoadedRecipe) -> None:
-    """Local data files must exist (model paths need not: they may be written by an earlier stage)."""
+    """Local data files, chat templates and reward-function files must exist, as the run will check (model paths
+    need not: they may be written by an earlier stage)."""
     from rlhf_pipeline.data import check_data_files
+    from rlhf_pipeline.models import check_chat_template
+    from rlhf_pipeline.rewards import check_spec
 
     for key in ("data", "preferences"):
         section = getattr(loaded.recipe, key, None)
         if section is not None and (getattr(section, "files", None) or getattr(section, "datasets", None)):
             check_data_files(loaded, key)
+    check_chat_template(loaded)
+    for key in ("reward", "gold"):
+        source = getattr(loaded.recipe, key, None)
+        if getattr(source, "function", None):
+            try:
+                check_spec(source.function)
+            except UserError as exc:
+                raise loaded.error(f"{key}.function", str(exc)) from None
 
 
 def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -> str:
@@ -259,6 +287,7 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -
     recipe = loaded.recipe
     check_local_files(loaded)
     check_tracker_packages(loaded)
+    check_push(loaded)
     plan = runs.plan_run(recipe.output_dir, overwrite, resume or recipe_checkpoint(loaded) is not None)
     status_text = {
         "new": "new",

@@ -7,8 +7,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_pipeline.errors import RecipeError, did_you_mean
 from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.recipe.schema import BpeTraining, GPT2Architecture, LoraSection, ModelSection, TokenizerSection
+from rlhf_pipeline.recipe.yaml_io import read_text_file
 
 if TYPE_CHECKING:
     import torch
@@ -115,10 +117,44 @@ def read_chat_template(loaded: LoadedRecipe, value: str, key: str) -> str:
         return CHATML
     if "{{" in value or "{%" in value:
         return value
-    path = Path(value)
+    path = Path(value).expanduser()
     if not path.is_file():
-        raise loaded.error(key, f"not `chatml`, not a file ({value}) and not a Jinja template (no '{{{{' or '{{%')")
-    return path.read_text(encoding="utf-8")
+        if value.endswith((".jinja", ".j2", ".txt")) or "/" in value:
+            raise loaded.error(key, f"no such file: {value} (relative paths start at the current directory, "
+                                    f"{Path.cwd()}; or `chatml`, or the template text)")
+        raise loaded.error(key, f"not `chatml`, not a file ({value}) and not a Jinja template (no '{{{{' or '{{%')"
+                                f"{did_you_mean(value, ['chatml'])}")
+    try:
+        return read_text_file(path, what="chat template")
+    except RecipeError as exc:
+        raise loaded.error(key, f"{value}: {exc.problems[0].message}") from None
+
+
+def check_chat_template(loaded: LoadedRecipe) -> None:
+    """What the run would refuse about `tokenizer.chat_template`, told before it loads anything (torch-free, for
+    --dry-run and `rlhf recipe validate`): a template that is neither `chatml`, a readable file nor template text;
+    and ChatML's markers missing from the model's vocabulary (read from its tokenizer.json when it is on disk) where
+    the run cannot add them: with LoRA (`check_lora_vocabulary`), or in PPO (its reference and critic would not
+    match the grown policy)."""
+    recipe = loaded.recipe
+    section = getattr(recipe, "tokenizer", None)
+    if section is None or not section.chat_template:
+        return
+    read_chat_template(loaded, section.chat_template, "tokenizer.chat_template")
+    if section.chat_template != "chatml" or not (getattr(recipe, "peft", None) or recipe.stage == "ppo"):
+        return
+    model = getattr(recipe, "model", None) or getattr(recipe, "policy", None)
+    vocabulary = vocabulary_on_disk(section.name_or_path or getattr(model, "name_or_path", None))
+    if vocabulary is None or all(token in vocabulary for token in CHATML_TOKENS):
+        return
+    if recipe.stage == "ppo":
+        raise loaded.error("tokenizer.chat_template", "the policy's vocabulary lacks ChatML's markers: set "
+                                                      "`tokenizer.chat_template: chatml` in the SFT recipe, whose "
+                                                      "output carries them, not here")
+    raise loaded.error("peft", "`tokenizer.chat_template: chatml` adds tokens the model has no embedding for "
+                               f"({', '.join(CHATML_TOKENS)}); with LoRA their new embedding rows would never train. "
+                               "Add them in a full fine-tuning run (this stage without `peft:`), then use LoRA from "
+                               "that model on")
 
 
 def train_bpe_tokenizer(texts: Iterable[str], config: BpeTraining) -> PreTrainedTokenizerBase:

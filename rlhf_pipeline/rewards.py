@@ -26,16 +26,34 @@ from rlhf_pipeline.errors import UserError
 RewardFunction = Callable[..., Sequence[float]]
 
 
+def check_spec(spec: str) -> None:
+    """What can be told of a function spec without running any of its code (for --dry-run and `rlhf recipe
+    validate`): its shape, that a `file.py` exists, that a module's top-level package is installed. UserError if
+    not."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name or not name.isidentifier():
+        raise UserError(f"{spec!r}: expected `module:function` or `path/to/file.py:function`")
+    if target.endswith(".py"):
+        if not Path(target).is_file():
+            raise UserError(f"{spec!r}: no such file {target} (relative paths start at {Path.cwd()})")
+        return
+    top = target.split(".")[0]
+    try:
+        found = all(part.isidentifier() for part in target.split(".")) and importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UserError(f"{spec!r}: no module {top!r} can be imported here (a file is named `path/to/file.py:"
+                        "function`)")
+
+
 def load_function(spec: str) -> RewardFunction:
     """Import the callable named by `module:function` or `file.py:function`; UserError if it cannot."""
+    check_spec(spec)
     target, _, name = spec.rpartition(":")
-    if not target or not name:
-        raise UserError(f"{spec!r}: expected `module:function` or `path/to/file.py:function`")
     try:
         if target.endswith(".py"):
             path = Path(target)
-            if not path.is_file():
-                raise UserError(f"{spec!r}: no such file {target} (relative paths start at {Path.cwd()})")
             module_name = f"rlhf_user_reward_{abs(hash(path.resolve()))}"
             module_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(module_spec)
