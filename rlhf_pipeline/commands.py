@@ -178,11 +178,14 @@ def plan(recipe_path: Path, overrides: Sequence[str], processes: int | None, dev
             else planning.default_distribution(processes))
     loaded = load_recipe(recipe_path, overrides)
     if loaded.stage != "pipeline":
+        check_local_files(loaded)
         result = plan_recipe(loaded, dist, memory)
         return json.dumps(plan_json(result), indent=1) if as_json else render(result)
     from rlhf_pipeline.pipeline import plan_stages
 
     stages = [stage for stage in plan_stages(loaded) if stage.kind != "eval"]
+    for stage in stages:
+        check_local_files(stage.loaded)
     registry = Registry([stage.loaded for stage in stages])
     plans = [(stage.name, plan_recipe(stage.loaded, dist, memory, registry)) for stage in stages]
     if as_json:
