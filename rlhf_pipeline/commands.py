@@ -78,6 +78,9 @@ def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = 
             say(loaded.stage, f"building the new run in {plan.work}; {output_dir} stays as it is until it finishes")
         if plan.mode == "resume":
             say(loaded.stage, f"resuming {plan.work} from {plan.checkpoint.name}")
+        if plan.mode == "restart":  # killed, or exited from inside (os._exit), before its first checkpoint
+            say(loaded.stage, f"{output_dir} holds an unfinished run that stopped before its first checkpoint: "
+                              "starting it over")
         module = importlib.import_module(STAGE_MODULES[loaded.stage])
         try:
             with graceful_interrupt(loaded.stage):
@@ -86,11 +89,32 @@ def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = 
             if main:
                 runs.abandon(plan)
             raise
-        except (OSError, RuntimeError) as exc:
-            full = runs.disk_full(exc, plan.work)
+        except Exception as exc:
+            template = chat_template_error(loaded, exc)
+            if template is not None:
+                if main:
+                    runs.abandon(plan)
+                raise template from None
+            full = runs.disk_full(exc, plan.work) if isinstance(exc, (OSError, RuntimeError)) else None
             if full is None:
                 raise
             raise full from None
+
+
+def chat_template_error(loaded: LoadedRecipe, exc: BaseException) -> UserError | None:
+    """A chat template that fails as it is applied (a syntax error, a sandbox violation such as reading
+    `__class__`, its own raise_exception) becomes an error about `tokenizer.chat_template`, the key that replaces it;
+    None for any other exception."""
+    import sys
+
+    jinja2 = sys.modules.get("jinja2")
+    if jinja2 is None or not isinstance(exc, jinja2.TemplateError):
+        return None
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    section = getattr(loaded.recipe, "tokenizer", None)
+    whose = "" if section is not None and section.chat_template else " (the tokenizer's own; set this key to replace it)"
+    return loaded.error("tokenizer.chat_template", f"the chat template{whose} failed as it was applied: "
+                                                   f"{type(exc).__name__}: {first}")
 
 
 def _plan_and_prepare(loaded: LoadedRecipe, overwrite: bool, resume: bool) -> runs.RunPlan:
