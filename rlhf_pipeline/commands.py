@@ -316,6 +316,8 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -
     check_tracker_packages(loaded)
     check_push(loaded)
     plan = runs.plan_run(recipe.output_dir, overwrite, resume or recipe_checkpoint(loaded) is not None)
+    if plan.mode == "resume":  # as the run will: the same recipe, or nothing
+        check_same_recipe(loaded, plan.work / runs.RECIPE_FILE)
     status_text = {
         "new": "new",
         "restart": "holds an unfinished run with nothing to resume: it will be cleared",

@@ -40,6 +40,9 @@ def check_data_files(loaded: LoadedRecipe, key: str = "data") -> None:
 def _check_files_exist(loaded: LoadedRecipe, files: dict[str, list[str]], files_key: str) -> None:
     for split, paths in files.items():
         for path in paths:
+            if Path(path).exists() and not Path(path).is_file():
+                kind = "a directory" if Path(path).is_dir() else "not a regular file (a FIFO, a device or a socket)"
+                raise loaded.error(files_key, f"{path} is {kind}: expected a data file (split {split!r})")
             if not Path(path).is_file():
                 raise loaded.error(
                     files_key,

@@ -119,6 +119,9 @@ def read_chat_template(loaded: LoadedRecipe, value: str, key: str) -> str:
         return value
     path = Path(value).expanduser()
     if not path.is_file():
+        if path.exists():
+            raise loaded.error(key, f"{value} is not a regular file (a directory, a FIFO or a device): expected a "
+                                    "template file, `chatml` or the template text")
         if value.endswith((".jinja", ".j2", ".txt")) or "/" in value:
             raise loaded.error(key, f"no such file: {value} (relative paths start at the current directory, "
                                     f"{Path.cwd()}; or `chatml`, or the template text)")

@@ -133,8 +133,9 @@ def read_text_file(path: Path, what: str = "recipe") -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RecipeError([Problem(f"not a YAML text file: byte 0x{exc.object[exc.start]:02x} at offset {exc.start} "
-                                   "is not UTF-8", file=str(path))]) from None
+        kind = "YAML" if what == "recipe" else "UTF-8"
+        raise RecipeError([Problem(f"not a {kind} text file: byte 0x{exc.object[exc.start]:02x} at offset "
+                                   f"{exc.start} is not UTF-8", file=str(path))]) from None
 
 
 def load_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
@@ -153,9 +154,9 @@ def load_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
         if re.search(r"^[^#'\"]*[:-]\s*\{recipe_dir\}", text, re.MULTILINE):
             problem += (' (a value starting with {recipe_dir} needs quotes: "{recipe_dir}/data/train.jsonl"; '
                         "unquoted, YAML reads `{` as the start of a mapping)")
-        raise RecipeError(
-            [Problem(f"invalid YAML: {problem}", file=str(path), line=mark.line + 1 if mark else None)]
-        ) from None
+        position = getattr(exc, "position", None)  # a reader error (a control character) has no mark
+        line = mark.line + 1 if mark else text.count("\n", 0, position) + 1 if position is not None else None
+        raise RecipeError([Problem(f"invalid YAML: {problem}", file=str(path), line=line)]) from None
     lines: dict[KeyPath, int] = {}
     problems: list[Problem] = []
     if node is not None:
