@@ -155,9 +155,9 @@ REWARD_MODULES = {
 
 @pytest.mark.parametrize("kind, expected", [
     ("raises", ["raised ZeroDivisionError: division by zero", "held-out evaluation"]),
-    ("nan", ["returned 1 non-finite score(s), e.g. nan for response 0", "a batch of"]),
+    ("nan", ["returned 1 score(s) that are not finite in float32", "e.g. nan for response 0", "a batch of"]),
     ("short", ["returned 1 scores for 4 responses"]),
-    ("not-numbers", ["returned list, not one number per response"]),
+    ("not-numbers", ["returned text, not a number, for response 0 ('good')"]),
     ("exits", ["raised SystemExit: 3"]),
     ("exits-on-import", ["called sys.exit('usage: reward.py FILE')", "reward.function"]),
 ])
@@ -172,6 +172,25 @@ def test_a_bad_reward_function_is_named_and_leaves_nothing(tmp_path, tiny_model_
     assert_clean_error(result, names + expected, out)
 
 
+def test_os_exit_in_a_reward_function_is_not_an_exit_0(tmp_path, tiny_model_dir, data_dir):
+    """os._exit(0) inside the function used to end the process at once, exit status 0, the run unfinished and
+    nothing said. (Run as a process of its own: in this one, the unguarded call would end pytest.)"""
+    import subprocess
+    import sys
+
+    module = tmp_path / "quits.py"
+    module.write_text("import os\n\ndef reward(prompts, responses):\n    os._exit(0)\n")
+    out = tmp_path / "ppo"
+    recipe = ppo_recipe(out, tiny_model_dir, {"function": f"{module}:reward"}, data_dir)
+    recipe["value"] = {"mode": "shared"}
+    done = subprocess.run([sys.executable, "-m", "rlhf_pipeline", "ppo", str(write_recipe(tmp_path / "ppo.yaml",
+                                                                                          recipe))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"reward function {module}:reward called os._exit(0)" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
 def test_a_reward_function_failing_mid_training_names_the_update(tmp_path, tiny_model_dir, data_dir):
     module = tmp_path / "late.py"
     module.write_text("calls = 0\n\ndef reward(prompts, responses):\n    global calls\n    calls += 1\n"
@@ -184,6 +203,46 @@ def test_a_reward_function_failing_mid_training_names_the_update(tmp_path, tiny_
     # calls: 2 for the held-out evaluation (8 prompts, batches of 4), then update 1, then update 2
     assert_clean_error(result, [f"{module}:reward raised ValueError: the judge is down (update 2 of 2, a batch of "
                                 "8 responses)"], out)
+
+
+def test_a_diverging_update_saves_nothing_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, data_dir):
+    """Scores finite in float32 but huge (1e30) overflow in the advantages: the loss goes NaN. The run stops at that
+    update with a message, before any checkpoint is written from the NaN weights; the checkpoint of update 1 stays,
+    finite, to resume from (it used to be followed by a NaN checkpoint and a RuntimeError from sampling)."""
+    from safetensors.torch import load_file
+
+    module = tmp_path / "huge.py"
+    module.write_text("calls = 0\n\ndef reward(prompts, responses):\n    global calls\n    calls += 1\n"
+                      "    if calls < 4:\n        return [1.0] * len(responses)\n"
+                      "    return [1e30 * (i % 2) for i in range(len(responses))]\n")
+    out = tmp_path / "ppo"
+    recipe = ppo_recipe(out, tiny_model_dir, {"function": f"{module}:reward"}, data_dir, total_episodes=24,
+                        save_every=1)
+    recipe["value"] = {"mode": "shared"}
+    result = run_cli("ppo", write_recipe(tmp_path / "ppo.yaml", recipe))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "update 2: loss/policy is nan: training diverged" in result.output and "nothing of this update is saved" \
+        in result.output
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["update-000001"]
+    import torch
+
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoints" / "update-000001" / "model.safetensors")
+               .values())
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_chat_template_the_sandbox_refuses_names_the_key(tmp_path, tiny_model_dir, data_dir):
+    """A template reaching for `__class__` is a jinja2 SecurityError as it is applied to the data: one line about
+    tokenizer.chat_template, nothing left behind."""
+    out = tmp_path / "out"
+    template = "{{ ''.__class__.__mro__ }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    recipe = write_recipe(tmp_path / "r.yaml", stage_recipe("sft", out, tiny_model_dir,
+                                                            {"files": str(data_dir / "chat.jsonl")},
+                                                            tokenizer={"chat_template": template}))
+    assert_clean_error(run_cli("sft", recipe), ["tokenizer.chat_template: the chat template failed as it was applied: "
+                                                "SecurityError: access to attribute '__class__' of 'str' object is "
+                                                "unsafe"], out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

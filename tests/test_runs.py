@@ -153,6 +153,29 @@ def test_written_files_get_the_ordinary_mode(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_the_command_line_is_quoted_as_a_shell_reads_it(monkeypatch):
+    """provenance.command and the resume hints paste back as the same arguments: a path with a space stays one."""
+    import shlex
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/rlhf", "sft", "my recipes/sft.yaml", "--set", "data.files=a b.jsonl"])
+    line = runs.command_line(("--resume",))
+    assert line == "rlhf sft 'my recipes/sft.yaml' --set 'data.files=a b.jsonl' --resume"
+    assert shlex.split(line)[1:] == [*sys.argv[1:], "--resume"]
+    assert runs.provenance()["command"] == "rlhf sft 'my recipes/sft.yaml' --set 'data.files=a b.jsonl'"
+
+
+def test_lock_creates_the_missing_parents_and_removes_them_if_left_empty(tmp_path):
+    with runs.lock(tmp_path / "a" / "b" / "out"):
+        assert (tmp_path / "a" / "b" / ".out.lock").is_file()
+    assert list(tmp_path.iterdir()) == []  # nothing was written under them: no empty a/b left behind
+    with runs.lock(tmp_path / "a" / "b" / "out"):
+        (tmp_path / "a" / "b" / "out").mkdir()  # a run wrote its output: the parents stay
+    assert (tmp_path / "a" / "b" / "out").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file is a file, not a directory"), runs.lock(tmp_path / "file" / "x" / "y"):
+        pass
+
+
 def test_disk_full_is_named():
     import errno
 
