@@ -32,7 +32,9 @@ def load_tokenizer(loaded: LoadedRecipe, section: TokenizerSection, model: Model
             source, revision=section.revision if own else model.revision,
             trust_remote_code=section.trust_remote_code if own else model.trust_remote_code,
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if not damaged_folder(exc):
+            raise
         raise loaded.error(source_key, f"cannot load a tokenizer from {source!r}: {_short(exc)}") from None
     if tokenizer.pad_token is None:  # GPT-2 has none; padding is always masked, so EOS can stand in
         tokenizer.pad_token = tokenizer.eos_token
@@ -222,7 +224,9 @@ def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "caus
         if is_adapter_dir(source):
             return _load_base_plus_adapter(source, auto_class, kwargs)
         return create_model_from_path(source, auto_class, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if not damaged_folder(exc):
+            raise
         raise loaded.error(key, f"cannot load a model from {model.name_or_path!r}: {_short(exc)}") from None
 
 
@@ -241,12 +245,22 @@ def load_config(loaded: LoadedRecipe, model: ModelSection, key: str = "model.nam
 
     check_local_source(loaded, model.name_or_path, key)
     source = model.name_or_path
-    if is_adapter_dir(source):
-        source = json.loads((Path(source) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or source
     try:
+        if is_adapter_dir(source):
+            source = json.loads((Path(source) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or source
         return AutoConfig.from_pretrained(source, revision=model.revision, trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if not damaged_folder(exc):
+            raise
         raise loaded.error(key, f"cannot load a model from {model.name_or_path!r}: {_short(exc)}") from None
+
+
+def damaged_folder(exc: BaseException) -> bool:
+    """What loading a damaged or doctored model folder raises: a file that is not JSON (ValueError), a config.json
+    that is a list (TypeError, AttributeError, KeyError) or holds a layer count of "x" (huggingface_hub's
+    StrictDataclassError), weights that are not safetensors (SafetensorError), a missing file (OSError)."""
+    return (isinstance(exc, (OSError, ValueError, TypeError, KeyError, AttributeError))
+            or any(kind.__name__ in ("SafetensorError", "StrictDataclassError") for kind in type(exc).__mro__))
 
 
 def check_lora_vocabulary(loaded: LoadedRecipe, lora: LoraSection | None, tokenizer: PreTrainedTokenizerBase,
@@ -367,5 +381,7 @@ def count_parameters(model: PreTrainedModel) -> dict[str, int]:
 
 def _short(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Validation error for field 'n_layer':" and what it is
+        return f"{lines[0]} {lines[1]}"
     return lines[0] if lines else type(exc).__name__
 

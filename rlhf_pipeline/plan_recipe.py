@@ -228,7 +228,7 @@ def _read_rows(path: str) -> list[dict] | None:
                 return data
             if isinstance(data, dict):
                 columns = [v for v in data.values() if isinstance(v, list)]
-                if columns:
+                if columns and len(columns) == len(data):  # a mapping column -> values, every value a list
                     return [dict(zip(data, values)) for values in zip(*[data[k] for k in data])]
         except ValueError:
             pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import time
+from pathlib import Path
 
 import pytest
 from conftest import FAST_TRAINING, ppo_recipe, run_cli, stage_recipe, write_jsonl, write_recipe
@@ -248,6 +249,29 @@ def test_a_chat_template_the_sandbox_refuses_names_the_key(tmp_path, tiny_model_
 # ---------------------------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage, expected", [
+    ({"config.json": b"[1, 2]"}, "cannot load a tokenizer from"),
+    ({"config.json": b'{"model_type": "gpt2", "n_layer": "x"}'}, "Validation error for field 'n_layer': TypeError"),
+    ({"tokenizer.json": b"[1]"}, "cannot load a tokenizer from"),
+    ({"model.safetensors": b"not safetensors"}, "cannot load a model from"),
+    ({"config.json": None, "adapter_config.json": b"{nope"}, "cannot load a model from"),
+])
+def test_a_damaged_model_folder_is_named(tmp_path, tiny_model_dir, data_dir, damage, expected):
+    """Files of a model folder that are not what they claim (they used to end in TypeError, SafetensorError or
+    JSONDecodeError tracebacks): one line naming the key that points at the folder."""
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    for name, content in damage.items():
+        if content is None:
+            (folder / name).unlink()
+        else:
+            (folder / name).write_bytes(content)
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", stage_recipe("sft", out, folder, {"files": str(data_dir / "sft.jsonl")}))
+    assert_clean_error(run_cli("sft", recipe), ["model.name_or_path:", expected, str(folder)], out)
+
+
 @pytest.mark.parametrize("path", ["./runs/tiny/sfft", "runs/tiny/sfft", "/nonexistent/model", "tests/no-such-model"])
 def test_a_mistyped_local_model_path_is_missing_at_once(tmp_path, data_dir, path):
     """Not tried as a Hub id (which retries for about 50 s): a path-like name that does not exist is an error now."""

@@ -135,9 +135,9 @@ def model_folder(id: str, files: dict[str, object], *expect: str) -> Case:
                 files={f"model/{name}": content for name, content in files.items()})
 
 
-def data_file(id: str, name: str, content: object, *expect: str, command: str = "plan") -> Case:
+def data_file(id: str, name: str, content: object, *expect: str, command: str = "plan", **more) -> Case:
     args = ("plan", "@R") if command == "plan" else ("sft", "@R", "--dry-run")
-    return Case(id, args, sft("@DATA@/sft.jsonl", f"@CASE@/{name}"), expect, files={name: content})
+    return Case(id, args, sft("@DATA@/sft.jsonl", f"@CASE@/{name}"), expect, files={name: content}, **more)
 
 
 def run_dir(status: str, recipe: object = SFT) -> dict[str, object]:
@@ -464,6 +464,8 @@ CASES += [
     data_file("data-truncated-json", "d.json", '{"prompt":', "d.json:1: not JSON"),
     data_file("data-empty", "d.jsonl", "", "d.jsonl is empty: no rows"),
     data_file("data-blank-lines-only", "d.jsonl", "\n\n  \n", "d.jsonl is empty: no rows"),
+    data_file("data-json-columns-not-all-lists", "d.json", '{"prompt": ["a", "b"], "completion": 1}', "plan: ",
+              code=0),  # not rows the plan can measure: planned without them (the run says what is wrong)
     data_file("data-a-fifo", "d.jsonl", FIFO, "data.files: ", "d.jsonl is not a regular file", command="dry-run"),
     data_file("data-a-directory", "d.jsonl", None, "data.files: ", "d.jsonl is a directory", command="dry-run"),
     dry("data-missing", sft("@DATA@/sft.jsonl", "@CASE@/absent.jsonl"), "data.files: no such file:"),
