@@ -133,6 +133,21 @@ def test_malformed_json_line_is_named(tmp_path, tiny_model_dir):
                        out)
 
 
+@pytest.mark.parametrize("rows, expected", [
+    ([{"prompt": "a", "completion": None}] * 4, "the train data's `completion` column holds null values"),
+    ([{"prompt": "a", "completion": "b"}] * 4 + [{"text": "c"}] * 4, "4 of 8 rows have no `prompt` (null or absent)"),
+    ([{"prompt": i, "completion": "b"} for i in range(4)], "`prompt` column holds int64 values; expected text or a "
+                                                           "list of messages"),
+    ([{"messages": "hello"}] * 4, "`messages` column holds string values; expected a list of messages"),
+])
+def test_row_values_that_are_not_text_are_named(tmp_path, tiny_model_dir, rows, expected):
+    """A null, a number or a string of messages used to fail deep inside TRL ("'NoneType' object has no attribute
+    'endswith'", "No columns in the dataset match", "the trainer rejected these settings")."""
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    recipe, out = sft_with(tmp_path, tiny_model_dir, path)
+    assert_clean_error(run_cli("sft", recipe), [f"{recipe}:", "data: ", expected], out)
+
+
 def test_corrupt_gzip(tmp_path, tiny_model_dir):
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:60])
