@@ -220,6 +220,12 @@ CASES: list[Case] = [
              files={"bomb.yaml": BOMB}),
     validate("extends-a-list-file", SFT + "extends: list.yaml\n", "list.yaml:1: a recipe is a mapping",
              files={"list.yaml": "- 1\n"}),
+    validate("extends-too-deep", "extends: p1.yaml\n", "r.yaml: extends: `extends` goes more than 16 files deep",
+             files={**{f"p{i}.yaml": f"extends: p{i + 1}.yaml\n" for i in range(1, 30)}, "p30.yaml": SFT}),
+    validate("extends-fan-out-bomb", "extends: [p1.yaml, p1.yaml, p1.yaml, p1.yaml, p1.yaml, p1.yaml]\n",
+             "r.yaml: extends: `extends` goes more than 64 recipe files in all",  # 6**7 reads, unchecked
+             files={**{f"p{i}.yaml": f"extends: [{', '.join([f'p{i + 1}.yaml'] * 6)}]\n" for i in range(1, 7)},
+                    "p7.yaml": SFT}),
     # --- seed ----------------------------------------------------------------------------------------------------
     validate("seed-negative", sft("seed: 0", "seed: -1"), "r.yaml:2: seed: Input should be greater than or equal "
              "to 0"),

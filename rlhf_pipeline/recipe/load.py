@@ -187,11 +187,22 @@ def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # extends + merge
 # ---------------------------------------------------------------------------------------------------------------
-def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[KeyPath, Origin]]:
+MAX_EXTENDS_DEPTH = 16  # parents of parents...
+MAX_EXTENDS_READS = 64  # recipe files read for one recipe: a parent listed 9 times by each of 9 files is a bomb too
+
+
+def _read_with_extends(path: Path, chain: tuple[Path, ...], reads: list[int] | None = None) \
+        -> tuple[dict, dict[KeyPath, Origin]]:
     resolved = path.resolve()
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise RecipeError([Problem(f"`extends` cycle: {cycle}", "extends", str(path))])
+    reads = reads if reads is not None else [0]
+    reads[0] += 1
+    if len(chain) > MAX_EXTENDS_DEPTH or reads[0] > MAX_EXTENDS_READS:
+        what = (f"more than {MAX_EXTENDS_DEPTH} files deep" if len(chain) > MAX_EXTENDS_DEPTH
+                else f"more than {MAX_EXTENDS_READS} recipe files in all (parents listed many times over?)")
+        raise RecipeError([Problem(f"`extends` goes {what}: refusing to read further", "extends", str(chain[0]))])
     data, lines = load_yaml(path)
     if data is None:
         data = {}
@@ -216,7 +227,7 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[
         if not parent_path.is_file():
             line = lines.get(("extends", index), lines.get(("extends",)))
             raise RecipeError([Problem(f"no such file: {parent_path}", "extends", str(path), line)])
-        parent_data, parent_origins = _read_with_extends(parent_path, (*chain, resolved))
+        parent_data, parent_origins = _read_with_extends(parent_path, (*chain, resolved), reads)
         _deep_merge(merged, parent_data, merged_origins, parent_origins, ())
     _deep_merge(merged, data, merged_origins, origins, ())
     return merged, merged_origins
