@@ -676,3 +676,15 @@ def test_the_corpus_is_large_and_its_cases_distinct():
     assert len(CASES) >= 150
     assert len({case.id for case in CASES}) == len(CASES)
     assert sum(case.torch for case in CASES) <= 6  # the corpus stays quick: a run's start costs a torch import
+
+
+def test_a_run_dirs_recipe_is_read_within_the_limits(tmp_path):
+    """`rlhf push` and the model card read a run dir's recipe.resolved.yaml, which may be anyone's: an alias bomb is
+    refused there too, not built and rendered."""
+    from rlhf_pipeline.errors import UserError
+    from rlhf_pipeline.model_card import read_recipe
+
+    (tmp_path / "recipe.resolved.yaml").write_text(BOMB + "stage: sft\n")
+    with pytest.raises(UserError, match="recipe.resolved.yaml: more than 100,000 values"):
+        read_recipe(tmp_path)
+    assert read_recipe(tmp_path, missing_ok=True) == {}
