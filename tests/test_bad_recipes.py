@@ -430,5 +430,6 @@ def test_unfinished_run_is_cleared_without_overwrite(tmp_path, tiny_model_dir, d
     assert dry.exit_code == 0 and "holds an unfinished run with nothing to resume: it will be cleared" in dry.stdout
     result = run_cli("sft", recipe)
     assert result.exit_code == 0, result.output
+    assert "holds an unfinished run that stopped before its first checkpoint: starting it over" in result.output
     assert (out / "metrics.json").is_file()
     assert (out / "model.safetensors").stat().st_size > 1000
