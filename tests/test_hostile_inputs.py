@@ -437,6 +437,8 @@ CASES += [
     setting("set-output-dir-blank", "output_dir=' '", "output_dir: expected a directory path"),
     setting("set-files-empty-list", "data.files=[]", "data.files: split 'train': expected a path or a non-empty"),
     setting("set-files-empty-split", "data.files={train: }", "data.files: split 'train'"),
+    setting("set-files-empty-mapping", "data.files={}", "data.files: expected a path", "(got an empty mapping)",
+            stage="ppo", text=PPO),
     setting("set-provenance", "provenance=1", "provenance: Input should be a valid dictionary"),
     setting("set-hub-push-alone", "hub.push=true", "hub: `push: true` needs `repo_id`"),
     setting("set-report-to-typo", "training.report_to=wandbb", "training.report_to: unknown tracker 'wandbb'"),

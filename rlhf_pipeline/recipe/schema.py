@@ -168,8 +168,9 @@ def normalise_files(value: Any) -> dict[str, list[str]] | None:
         value = {"train": [value]}
     elif isinstance(value, list):
         value = {"train": value}
-    if not isinstance(value, dict):
-        raise ValueError("expected a path, a list of paths, or a mapping split -> path(s)")
+    if not isinstance(value, dict) or not value:
+        raise ValueError("expected a path, a list of paths, or a mapping split -> path(s)"
+                         + (" (got an empty mapping)" if value == {} else ""))
     normalised = {}
     for split, paths in value.items():
         paths = [paths] if isinstance(paths, str) else paths
