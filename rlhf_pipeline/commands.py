@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline import runs
-from rlhf_pipeline.errors import Problem, RecipeError, UserError
+from rlhf_pipeline.errors import Problem, RecipeError, UserError, unreadable
 from rlhf_pipeline.recipe.load import LoadedRecipe, load_recipe
 
 STAGE_MODULES = {
@@ -110,11 +110,10 @@ def chat_template_error(loaded: LoadedRecipe, exc: BaseException) -> UserError |
     jinja2 = sys.modules.get("jinja2")
     if jinja2 is None or not isinstance(exc, jinja2.TemplateError):
         return None
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     section = getattr(loaded.recipe, "tokenizer", None)
-    whose = "" if section is not None and section.chat_template else " (the tokenizer's own; set this key to replace it)"
+    whose = "" if section is not None and section.chat_template else " (the tokenizer's own: this key replaces it)"
     return loaded.error("tokenizer.chat_template", f"the chat template{whose} failed as it was applied: "
-                                                   f"{type(exc).__name__}: {first}")
+                                                   f"{unreadable(exc)}")
 
 
 def _plan_and_prepare(loaded: LoadedRecipe, overwrite: bool, resume: bool) -> runs.RunPlan:

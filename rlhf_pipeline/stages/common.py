@@ -437,10 +437,14 @@ def keep_token_count(trainer: Trainer, checkpoint: Path | None) -> None:
 
 
 # The Trainer's methods that read a checkpoint it resumes from, and what each reads.
-CHECKPOINT_READERS = {"_load_from_checkpoint": "its model weights", "_load_rng_state": "its random states (rng_state*.pth)",
-                      "_load_optimizer_and_scheduler": "its optimizer or scheduler state (optimizer.pt, scheduler.pt)",
-                      "_load_scaler": "its loss scaler (scaler.pt)", "load_from_json": "trainer_state.json",
-                      "_load_callback_state": "trainer_state.json (callback states)"}
+CHECKPOINT_READERS = {
+    "_load_from_checkpoint": "its model weights",
+    "_load_rng_state": "its random states (rng_state*.pth)",
+    "_load_optimizer_and_scheduler": "its optimizer or scheduler state (optimizer.pt, scheduler.pt)",
+    "_load_scaler": "its loss scaler (scaler.pt)",
+    "load_from_json": "trainer_state.json",
+    "_load_callback_state": "trainer_state.json (callback states)",
+}
 
 
 def damaged_checkpoint(exc: BaseException, checkpoint: str | None) -> UserError | None:
