@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline import runs
-from rlhf_pipeline.errors import DiskFull, Problem, RecipeError, UserError
+from rlhf_pipeline.errors import DiskFull, Problem, RecipeError, UserError, unreadable
 from rlhf_pipeline.recipe.load import LoadedRecipe, load_recipe
 
 STAGE_MODULES = {
@@ -29,8 +29,8 @@ def stage_overrides(overrides: Sequence[str] | None, output_dir: Path | None,
     """`--set` values plus `--output-dir` (which is `--set output_dir=...`) and `--push-to-hub ORG/NAME` (which is
     `--set hub.repo_id=ORG/NAME --set hub.push=true`, its repo id checked now, before anything is trained)."""
     values = list(overrides or [])
-    if output_dir is not None:
-        values.append(f"output_dir={output_dir}")
+    if output_dir is not None:  # JSON quoting: a path, never YAML's null (`~`), a number or a mapping (`a: b`)
+        values.append(f"output_dir={json.dumps(str(output_dir))}")
     if push_to_hub is not None:
         from rlhf_pipeline.hub import check_repo_id
 
@@ -84,12 +84,16 @@ def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = 
             say(loaded.stage, f"building the new run in {plan.work}; {output_dir} stays as it is until it finishes")
         if plan.mode == "resume":
             say(loaded.stage, f"resuming {plan.work} from {plan.checkpoint.name}")
+        if plan.mode == "restart":  # killed, or exited from inside (os._exit), before its first checkpoint
+            say(loaded.stage, f"{output_dir} holds an unfinished run that stopped before its first checkpoint: "
+                              "starting it over")
         module = importlib.import_module(STAGE_MODULES[loaded.stage])
         try:
             with graceful_interrupt(loaded.stage):
                 return module.run(loaded.working_in(plan.work), RunOptions(plan))
         except Exception as exc:  # a full disk: OSError, torch's RuntimeError, safetensors' SafetensorError
-            error = exc if isinstance(exc, UserError) else runs.disk_full(exc, plan.work)
+            error = exc if isinstance(exc, UserError) else (chat_template_error(loaded, exc)
+                                                            or runs.disk_full(exc, plan.work))
             if error is None:
                 raise
             if main:
@@ -115,6 +119,21 @@ def _after_full_disk(error: DiskFull, plan: runs.RunPlan) -> DiskFull:
         f" ({plan.output_dir} is as it was)" if plan.staged else ""))
 
 
+def chat_template_error(loaded: LoadedRecipe, exc: BaseException) -> UserError | None:
+    """A chat template that fails as it is applied (a syntax error, a sandbox violation such as reading
+    `__class__`, its own raise_exception) becomes an error about `tokenizer.chat_template`, the key that replaces it;
+    None for any other exception."""
+    import sys
+
+    jinja2 = sys.modules.get("jinja2")
+    if jinja2 is None or not isinstance(exc, jinja2.TemplateError):
+        return None
+    section = getattr(loaded.recipe, "tokenizer", None)
+    whose = "" if section is not None and section.chat_template else " (the tokenizer's own: this key replaces it)"
+    return loaded.error("tokenizer.chat_template", f"the chat template{whose} failed as it was applied: "
+                                                   f"{unreadable(exc)}")
+
+
 def _plan_and_prepare(loaded: LoadedRecipe, overwrite: bool, resume: bool) -> runs.RunPlan:
     """Process 0's part, under the lock: refuse an engine the stage cannot run under, recover from an interrupted
     swap, plan, check a resumed run's recipe, and clear what an earlier attempt left."""
@@ -122,6 +141,7 @@ def _plan_and_prepare(loaded: LoadedRecipe, overwrite: bool, resume: bool) -> ru
 
     check_engine(loaded)
     check_tracker_packages(loaded)
+    check_push(loaded)
     output_dir = loaded.recipe.output_dir
     runs.recover(output_dir)
     named = recipe_checkpoint(loaded)
@@ -152,13 +172,14 @@ def recipe_checkpoint(loaded: LoadedRecipe) -> Path | None:
 
 
 def check_same_recipe(loaded: LoadedRecipe, saved_path: Path) -> None:
-    """A run resumes only with the recipe it started with (apart from where it is published, and which checkpoint
-    `training.resume_from_checkpoint` names)."""
+    """A run resumes only with the recipe it started with (apart from where it is published, which checkpoint
+    `training.resume_from_checkpoint` names, and how the output dir is spelt: the run being resumed is the one found
+    there, whether --output-dir names it relatively, absolutely or with `~`)."""
     from rlhf_pipeline.recipe.load import diff_keys, resolved_data
 
-    differences = [key for key in diff_keys(resolved_data(saved_path.read_text()),
-                                            resolved_data(loaded.resolved_yaml()))
-                   if key != "training.resume_from_checkpoint"]
+    saved = resolved_data(saved_path.read_text(encoding="utf-8", errors="replace"), saved_path)
+    differences = [key for key in diff_keys(saved, resolved_data(loaded.resolved_yaml()))
+                   if key not in ("training.resume_from_checkpoint", "output_dir")]
     if differences:
         raise UserError(f"--resume: the recipe differs from the one the run started with ({saved_path}) at: "
                         f"{', '.join(differences)}. Resume with the same recipe, or start over with --overwrite.")
@@ -174,10 +195,12 @@ def run_pipeline(recipe_path: Path, overrides: Sequence[str], from_stage: str | 
     if resume and (force or from_stage):
         raise UserError("--resume continues an interrupted stage; it does not go with --force or --from")
     loaded = load_recipe(recipe_path, overrides, expected_stage="pipeline")
+    check_push(loaded)
     for plan in plan_stages(loaded):  # every stage's trackers, before the first stage runs for hours
         if dry_run:
             check_local_files(plan.loaded)
         check_tracker_packages(plan.loaded)
+        check_push(plan.loaded)
     command = ["rlhf", "pipeline", str(recipe_path), *(part for value in overrides for part in ("--set", value))]
     return run(loaded, Options(force=force, from_stage=from_stage, only=only, dry_run=dry_run, resume=resume,
                                command=command))
@@ -198,11 +221,14 @@ def plan(recipe_path: Path, overrides: Sequence[str], processes: int | None, dev
             else planning.default_distribution(processes))
     loaded = load_recipe(recipe_path, overrides)
     if loaded.stage != "pipeline":
+        check_local_files(loaded)
         result = plan_recipe(loaded, dist, memory)
         return json.dumps(plan_json(result), indent=1) if as_json else render(result)
     from rlhf_pipeline.pipeline import plan_stages
 
     stages = [stage for stage in plan_stages(loaded) if stage.kind != "eval"]
+    for stage in stages:
+        check_local_files(stage.loaded)
     registry = Registry([stage.loaded for stage in stages])
     plans = [(stage.name, plan_recipe(stage.loaded, dist, memory, registry)) for stage in stages]
     if as_json:
@@ -269,11 +295,26 @@ def check_tracker_packages(loaded: LoadedRecipe) -> None:
                                                  + (" (or pip install 'rlhf-pipeline[tracking]')" if extra else ""))
 
 
+def check_push(loaded: LoadedRecipe) -> None:
+    """A run that is to push itself when it finishes (`--push-to-hub`, `hub.push`) is refused before it trains when
+    it could not: no token, or offline."""
+    hub = getattr(loaded.recipe, "hub", None)
+    if hub is not None and getattr(hub, "push", False):
+        from rlhf_pipeline.hub import check_can_push
+
+        try:
+            check_can_push()
+        except UserError as exc:
+            raise loaded.error("hub.push", f"{exc} (or push later with `rlhf push`)") from None
+
+
 def check_local_files(loaded: LoadedRecipe) -> None:
-    """Local data files must exist (model paths need not: they may be written by an earlier stage); a LoRA adapter
-    the stage starts from must be one its own adapter can be folded with (`models.check_adapter_chain`)."""
+    """Local data files, chat templates and reward-function files must exist, as the run will check (model paths
+    need not: they may be written by an earlier stage); a LoRA adapter the stage starts from must be one its own
+    adapter can be folded with (`models.check_adapter_chain`)."""
     from rlhf_pipeline.data import check_data_files
-    from rlhf_pipeline.models import check_adapter_chain
+    from rlhf_pipeline.models import check_adapter_chain, check_chat_template
+    from rlhf_pipeline.rewards import check_spec
 
     for key in ("data", "preferences"):
         section = getattr(loaded.recipe, key, None)
@@ -284,6 +325,14 @@ def check_local_files(loaded: LoadedRecipe) -> None:
         if getattr(section, "name_or_path", None):
             check_adapter_chain(loaded, getattr(loaded.recipe, "peft", None), section.name_or_path,
                                 f"{key}.name_or_path")
+    check_chat_template(loaded)
+    for key in ("reward", "gold"):
+        source = getattr(loaded.recipe, key, None)
+        if getattr(source, "function", None):
+            try:
+                check_spec(source.function)
+            except UserError as exc:
+                raise loaded.error(f"{key}.function", str(exc)) from None
 
 
 def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -> str:
@@ -291,7 +340,10 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -
     recipe = loaded.recipe
     check_local_files(loaded)
     check_tracker_packages(loaded)
+    check_push(loaded)
     plan = runs.plan_run(recipe.output_dir, overwrite, resume or recipe_checkpoint(loaded) is not None)
+    if plan.mode == "resume":  # as the run will: the same recipe, or nothing
+        check_same_recipe(loaded, plan.work / runs.RECIPE_FILE)
     status_text = {
         "new": "new",
         "restart": "holds an unfinished run with nothing to resume: it will be cleared",

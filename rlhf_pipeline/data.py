@@ -40,6 +40,9 @@ def check_data_files(loaded: LoadedRecipe, key: str = "data") -> None:
 def _check_files_exist(loaded: LoadedRecipe, files: dict[str, list[str]], files_key: str) -> None:
     for split, paths in files.items():
         for path in paths:
+            if Path(path).exists() and not Path(path).is_file():
+                kind = "a directory" if Path(path).is_dir() else "not a regular file (a FIFO, a device or a socket)"
+                raise loaded.error(files_key, f"{path} is {kind}: expected a data file (split {split!r})")
             if not Path(path).is_file():
                 raise loaded.error(
                     files_key,
@@ -253,7 +256,35 @@ def select_columns(loaded: LoadedRecipe, dataset: Dataset, split: str, required:
     """Keep the columns of the given roles, renamed to the role names (`data.columns` maps role -> column)."""
     sources = _role_sources(loaded, column_mapping(getattr(loaded.recipe, key)), dataset.column_names,
                             (*required, *optional), f"{key}.columns", f"the {split} data", required)
-    return _renamed_to_roles(dataset, sources)
+    dataset = _renamed_to_roles(dataset, sources)
+    _check_role_values(loaded, dataset, sources, split, key)
+    return dataset
+
+
+TEXT_ROLES = ("text", "prompt", "completion", "chosen", "rejected", "messages")
+
+
+def _check_role_values(loaded: LoadedRecipe, dataset: Dataset, sources: dict[str, str], split: str, key: str) -> None:
+    """Every row's value of a text role is text (`text`), a list of messages (`messages`) or either (the others), and
+    none is missing: a number or a null would otherwise fail deep inside TRL or the tokenizer (AttributeError:
+    'NoneType' object has no attribute 'endswith') or be read as a conversation."""
+    from datasets import Value
+
+    for role, column in sources.items():
+        if role not in TEXT_ROLES:
+            continue
+        feature = dataset.features[role]
+        text = isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+        listed = not isinstance(feature, Value)
+        where = f"{key}.columns.{role}" if column != role else key
+        if not (listed if role == "messages" else text or (listed and role != "text")):
+            expected = {"messages": "a list of messages", "text": "text"}.get(role, "text or a list of messages")
+            found = feature.dtype if isinstance(feature, Value) else type(feature).__name__
+            raise loaded.error(where, f"the {split} data's `{column}` column holds {found} values; expected {expected}")
+        missing = sum(value is None for value in dataset[role])
+        if missing:
+            raise loaded.error(where, f"the {split} data: {missing} of {len(dataset)} rows have no `{column}` (null or "
+                                      "absent); every row needs one")
 
 
 def _role_sources(loaded: LoadedRecipe, mapping, available: Sequence[str], roles: Sequence[str], columns_key: str,

@@ -75,3 +75,12 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """"; did you mean 'x'?" for the closest choice, or ''."""
     match = closest(word, choices)
     return f"; did you mean '{match}'?" if match else ""
+
+
+def unreadable(exc: BaseException) -> str:
+    """Why a file could not be read, on one line, from the exception its reader raised."""
+    text = str(exc).strip()
+    if "Weights only load failed" in text:  # torch.load's long UnpicklingError
+        return "torch.load(weights_only=True) refused it: not plain tensors (a pickle of code is never run)"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first and first != type(exc).__name__ else type(exc).__name__

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -84,14 +85,10 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = True, revisio
     check_repo_id(repo_id)
     if base_repo_id is not None:
         check_repo_id(base_repo_id, what="base repo id")
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    token = token or get_token()
-    if not token:
-        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
-    if constants.is_offline_mode():
-        raise UserError("HF_HUB_OFFLINE is set: pushing needs the Hub; unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)")
+    token = check_can_push(token)
     branch = revision or constants.DEFAULT_REVISION
     files, skipped = select_files(path)
     if base_repo_id is not None and ADAPTER_CONFIG not in files:
@@ -133,6 +130,20 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = True, revisio
                       commit_url=info.commit_url, skipped=skipped, deleted=deleted)
 
 
+def check_can_push(token: str | None = None) -> str:
+    """A push needs a token and the Hub: UserError when there is no token (HF_TOKEN, `hf auth login`) or offline mode
+    is on. Asked before a stage trains when it is to push its run (`--push-to-hub`, `hub.push`), not hours later.
+    Returns the token."""
+    from huggingface_hub import constants, get_token
+
+    token = token or get_token()
+    if not token:
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
+    if constants.is_offline_mode():
+        raise UserError("HF_HUB_OFFLINE is set: pushing needs the Hub; unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)")
+    return token
+
+
 def push_if_configured(run_dir: str | Path, hub_section: HubSettings | None) -> PushResult | None:
     """Push a finished run at the end of a stage when the recipe's `hub:` section says so (push: true)."""
     if hub_section is None or not hub_section.push:
@@ -144,7 +155,7 @@ def push_if_configured(run_dir: str | Path, hub_section: HubSettings | None) -> 
         result = push_run(run_dir, hub_section.repo_id, private=hub_section.private, revision=hub_section.revision,
                           license=license)
     except UserError as exc:
-        command = f"rlhf push {run_dir} --repo-id {hub_section.repo_id}"
+        command = f"rlhf push {shlex.quote(str(run_dir))} --repo-id {hub_section.repo_id}"
         command += "" if hub_section.private else " --public"
         command += f" --revision {hub_section.revision}" if hub_section.revision else ""
         command += f" --license {license}" if license else ""

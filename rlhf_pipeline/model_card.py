@@ -368,12 +368,12 @@ def read_recipe(path: Path, missing_ok: bool = False) -> dict[str, Any]:
     """A run dir's recipe.resolved.yaml, provenance included ({} when `missing_ok` and it cannot be read)."""
     import yaml
 
-    from rlhf_pipeline.recipe.yaml_io import RecipeYamlLoader
+    from rlhf_pipeline.recipe.yaml_io import YamlLimitError, load_text
 
     file = path / runs.RECIPE_FILE
-    try:
-        data = yaml.load(file.read_text(encoding="utf-8"), Loader=RecipeYamlLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    try:  # within the recipe limits: a run dir's file may be anyone's (an alias bomb would hang the push)
+        data = load_text(file.read_text(encoding="utf-8"))[0]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, YamlLimitError) as exc:
         if missing_ok:
             return {}
         if isinstance(exc, FileNotFoundError):

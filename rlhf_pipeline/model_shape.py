@@ -443,7 +443,35 @@ def shape_of(name_or_path: str) -> ModelShape | None:
     """A local model's shape from its config.json, a known Hub id's from the table; None when neither is there."""
     config = Path(name_or_path) / "config.json"
     if config.is_file():
-        return ModelShape.from_config(json.loads(config.read_text()))
+        return ModelShape.from_config(read_config(config))
     if name_or_path in HUB_CONFIGS:
         return ModelShape.from_config(HUB_CONFIGS[name_or_path])
     return None
+
+
+# config.json keys a shape or a plan reads: whole numbers > 0, or numbers (dropout) where said
+SHAPE_KEYS = ("n_layer", "num_hidden_layers", "n_embd", "hidden_size", "n_head", "num_attention_heads", "vocab_size",
+              "n_positions", "max_position_embeddings", "n_inner", "intermediate_size")
+FRACTION_KEYS = ("resid_pdrop", "hidden_dropout_prob")
+
+
+def read_config(path: Path) -> dict:
+    """A model's config.json (or a LoRA adapter's adapter_config.json) as a JSON object whose shape numbers are
+    whole numbers > 0 (null where absent); ValueError naming the file and what is wrong otherwise (empty, not JSON,
+    not an object, a layer count of "x", 1e308 or NaN)."""
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = "it is empty" if not path.exists() or path.stat().st_size == 0 else str(exc).splitlines()[0]
+        raise ValueError(f"{path}: not a readable JSON config: {reason}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings (got {type(config).__name__})")
+    for key in SHAPE_KEYS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{path}: {key}: expected a whole number > 0 (got {value!r})")
+    for key in FRACTION_KEYS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+            raise ValueError(f"{path}: {key}: expected a number in [0, 1) (got {value!r})")
+    return config

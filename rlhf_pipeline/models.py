@@ -7,8 +7,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_pipeline.errors import RecipeError, did_you_mean
 from rlhf_pipeline.recipe.load import LoadedRecipe
 from rlhf_pipeline.recipe.schema import BpeTraining, GPT2Architecture, LoraSection, ModelSection, TokenizerSection
+from rlhf_pipeline.recipe.yaml_io import read_text_file
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +32,9 @@ def load_tokenizer(loaded: LoadedRecipe, section: TokenizerSection, model: Model
             source, revision=section.revision if own else model.revision,
             trust_remote_code=section.trust_remote_code if own else model.trust_remote_code,
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if not damaged_folder(exc):
+            raise
         raise loaded.error(source_key, f"cannot load a tokenizer from {source!r}: {_short(exc)}") from None
     if tokenizer.pad_token is None:  # GPT-2 has none; padding is always masked, so EOS can stand in
         tokenizer.pad_token = tokenizer.eos_token
@@ -115,10 +119,47 @@ def read_chat_template(loaded: LoadedRecipe, value: str, key: str) -> str:
         return CHATML
     if "{{" in value or "{%" in value:
         return value
-    path = Path(value)
+    path = Path(value).expanduser()
     if not path.is_file():
-        raise loaded.error(key, f"not `chatml`, not a file ({value}) and not a Jinja template (no '{{{{' or '{{%')")
-    return path.read_text(encoding="utf-8")
+        if path.exists():
+            raise loaded.error(key, f"{value} is not a regular file (a directory, a FIFO or a device): expected a "
+                                    "template file, `chatml` or the template text")
+        if value.endswith((".jinja", ".j2", ".txt")) or "/" in value:
+            raise loaded.error(key, f"no such file: {value} (relative paths start at the current directory, "
+                                    f"{Path.cwd()}; or `chatml`, or the template text)")
+        raise loaded.error(key, f"not `chatml`, not a file ({value}) and not a Jinja template (no '{{{{' or '{{%')"
+                                f"{did_you_mean(value, ['chatml'])}")
+    try:
+        return read_text_file(path, what="chat template")
+    except RecipeError as exc:
+        raise loaded.error(key, f"{value}: {exc.problems[0].message}") from None
+
+
+def check_chat_template(loaded: LoadedRecipe) -> None:
+    """What the run would refuse about `tokenizer.chat_template`, told before it loads anything (torch-free, for
+    --dry-run and `rlhf recipe validate`): a template that is neither `chatml`, a readable file nor template text;
+    and ChatML's markers missing from the model's vocabulary (read from its tokenizer.json when it is on disk) where
+    the run cannot add them: with LoRA (`check_lora_vocabulary`), or in PPO (its reference and critic would not
+    match the grown policy)."""
+    recipe = loaded.recipe
+    section = getattr(recipe, "tokenizer", None)
+    if section is None or not section.chat_template:
+        return
+    read_chat_template(loaded, section.chat_template, "tokenizer.chat_template")
+    if section.chat_template != "chatml" or not (getattr(recipe, "peft", None) or recipe.stage == "ppo"):
+        return
+    model = getattr(recipe, "model", None) or getattr(recipe, "policy", None)
+    vocabulary = vocabulary_on_disk(section.name_or_path or getattr(model, "name_or_path", None))
+    if vocabulary is None or all(token in vocabulary for token in CHATML_TOKENS):
+        return
+    if recipe.stage == "ppo":
+        raise loaded.error("tokenizer.chat_template", "the policy's vocabulary lacks ChatML's markers: set "
+                                                      "`tokenizer.chat_template: chatml` in the SFT recipe, whose "
+                                                      "output carries them, not here")
+    raise loaded.error("peft", "`tokenizer.chat_template: chatml` adds tokens the model has no embedding for "
+                               f"({', '.join(CHATML_TOKENS)}); with LoRA their new embedding rows would never train. "
+                               "Add them in a full fine-tuning run (this stage without `peft:`), then use LoRA from "
+                               "that model on")
 
 
 def train_bpe_tokenizer(texts: Iterable[str], config: BpeTraining) -> PreTrainedTokenizerBase:
@@ -183,7 +224,9 @@ def load_pretrained(loaded: LoadedRecipe, model: ModelSection, kind: str = "caus
         if is_adapter_dir(source):
             return _load_base_plus_adapter(source, auto_class, kwargs)
         return create_model_from_path(source, auto_class, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if not damaged_folder(exc):
+            raise
         raise loaded.error(key, f"cannot load a model from {model.name_or_path!r}: {_short(exc)}") from None
 
 
@@ -202,12 +245,22 @@ def load_config(loaded: LoadedRecipe, model: ModelSection, key: str = "model.nam
 
     check_local_source(loaded, model.name_or_path, key)
     source = model.name_or_path
-    if is_adapter_dir(source):
-        source = json.loads((Path(source) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or source
     try:
+        if is_adapter_dir(source):
+            source = json.loads((Path(source) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or source
         return AutoConfig.from_pretrained(source, revision=model.revision, trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if not damaged_folder(exc):
+            raise
         raise loaded.error(key, f"cannot load a model from {model.name_or_path!r}: {_short(exc)}") from None
+
+
+def damaged_folder(exc: BaseException) -> bool:
+    """What loading a damaged or doctored model folder raises: a file that is not JSON (ValueError), a config.json
+    that is a list (TypeError, AttributeError, KeyError) or holds a layer count of "x" (huggingface_hub's
+    StrictDataclassError), weights that are not safetensors (SafetensorError), a missing file (OSError)."""
+    return (isinstance(exc, (OSError, ValueError, TypeError, KeyError, AttributeError))
+            or any(kind.__name__ in ("SafetensorError", "StrictDataclassError") for kind in type(exc).__mro__))
 
 
 def check_lora_vocabulary(loaded: LoadedRecipe, lora: LoraSection | None, tokenizer: PreTrainedTokenizerBase,
@@ -450,5 +503,7 @@ def count_parameters(model: PreTrainedModel) -> dict[str, int]:
 
 def _short(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Validation error for field 'n_layer':" and what it is
+        return f"{lines[0]} {lines[1]}"
     return lines[0] if lines else type(exc).__name__
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from rlhf_pipeline import planning
 from rlhf_pipeline.errors import UserError
-from rlhf_pipeline.model_shape import HUB_CONFIGS, ModelShape, UnplannableModel
+from rlhf_pipeline.model_shape import HUB_CONFIGS, ModelShape, UnplannableModel, read_config
 from rlhf_pipeline.planning import (
     GIB,
     Distribution,
@@ -36,6 +36,7 @@ from rlhf_pipeline.planning import (
     format_flops,
 )
 from rlhf_pipeline.recipe.load import LoadedRecipe, load_recipe
+from rlhf_pipeline.recipe.schema import data_format
 
 TRL_STAGES = ("pretrain", "sft", "reward", "dpo")
 MEASURE_LIMIT_ROWS = 200_000  # longer local data are counted, not tokenized
@@ -135,10 +136,18 @@ def model_facts(name: str, registry: Registry | None = None, _seen: tuple[str, .
     path = Path(name).expanduser()
     config_file = path / "config.json"
     if config_file.is_file():
-        return config_facts(json.loads(config_file.read_text()), str(config_file), path)
+        try:
+            config = read_config(config_file)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        return config_facts(config, str(config_file), path)
     adapter = path / "adapter_config.json"
     if adapter.is_file():
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        try:
+            base = read_config(adapter).get("base_model_name_or_path")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        base = base if isinstance(base, str) else None
         facts = model_facts(base, registry, _seen + (name,)) if base and base not in _seen else None
         if facts is not None:
             tokenizer = str(path) if (path / "tokenizer.json").is_file() else facts.tokenizer
@@ -228,7 +237,24 @@ class DataFacts:
 
 
 def read_rows(path: str) -> list[dict] | None:
-    """The rows of a local jsonl / json / csv file (optionally .gz); None for parquet or when too large."""
+    """The rows of a local jsonl / json / csv file (optionally .gz); None for parquet or when too large. UserError
+    naming the file (and line) when it cannot be read, as the run would say (`data.check_text_file`)."""
+    import zlib
+
+    try:
+        rows = _read_rows(path)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, csv.Error) as exc:
+        from rlhf_pipeline.data import check_text_file
+
+        problem = check_text_file(path, data_format(path))
+        raise UserError(problem or f"{path}: cannot be read: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
+            from None
+    if rows == []:
+        raise UserError(f"{path} is empty: no rows")
+    return rows
+
+
+def _read_rows(path: str) -> list[dict] | None:
     file = Path(path)
     if file.stat().st_size > MEASURE_LIMIT_BYTES:
         return None
@@ -249,7 +275,7 @@ def read_rows(path: str) -> list[dict] | None:
                 return data
             if isinstance(data, dict):
                 columns = [v for v in data.values() if isinstance(v, list)]
-                if columns:
+                if columns and len(columns) == len(data):  # a mapping column -> values, every value a list
                     return [dict(zip(data, values)) for values in zip(*[data[k] for k in data])]
         except ValueError:
             pass
@@ -310,7 +336,11 @@ def load_tokenizer(directory: str | None):
         from tokenizers import Tokenizer
     except ImportError:
         return None
-    return Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+    try:
+        return Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+    except Exception as exc:  # the Rust library raises a bare Exception on a file it cannot read
+        raise UserError(f"{Path(directory) / 'tokenizer.json'}: not a tokenizer the tokenizers library can read: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def token_lengths(tokenizer, texts: list[str]) -> list[int]:

@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -146,12 +147,7 @@ def lock(output_dir: str | Path) -> Iterator[None]:
     if path in _HELD_LOCKS:
         yield
         return
-    created = [folder for folder in (path.parent, *path.parent.parents) if not os.path.exists(folder)]  # removed after
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise disk_full(exc, path.parent) or UserError(f"cannot create {path.parent} (for {output_dir}): "
-                                                       f"{exc.strerror or exc}") from None
+    created = make_dirs(path.parent)  # removed again on release when nothing was written into them
     while True:
         try:
             handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the whole block)
@@ -171,7 +167,7 @@ def lock(output_dir: str | Path) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 if path.stat().st_size == 0:  # the empty file this call created
                     path.unlink()
-            _remove_empty(created)
+            remove_empty_dirs(created)
             why = ("its filesystem does not support file locks (as some network filesystems do not); use an output "
                    "dir on one that does" if exc.errno in _NO_LOCKS else "")
             raise UserError(f"cannot lock {output_dir} ({path}): {exc.strerror or exc}"
@@ -199,16 +195,41 @@ def lock(output_dir: str | Path) -> Iterator[None]:
             path.unlink()
         with contextlib.suppress(OSError):
             handle.close()  # closing releases the lock
-        _remove_empty(created)
+        remove_empty_dirs(created)
 
 
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove the folders (deepest first) that are still empty: those a lock created and nothing was written in."""
-    for folder in folders:
+def make_dirs(directory: Path) -> list[Path]:
+    """Create `directory` and its missing parents; return the ones created, outermost first. UserError naming the
+    directory when it cannot be: a parent is a file (`--output-dir run/config.json/x`), no permission, a read-only
+    or special file system."""
+    missing: list[Path] = []
+    existing = Path(directory)
+    while not existing.exists() and not existing.is_symlink():
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create {directory}: {existing} is a file, not a directory" if missing
+                        else f"{directory} is a file, not a directory")
+    created: list[Path] = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by another process: not ours to remove
+        except OSError as exc:
+            remove_empty_dirs(created)
+            raise disk_full(exc, folder) or UserError(f"cannot create {folder}: {exc.strerror or exc}") from None
+        created.append(folder)
+    return created
+
+
+def remove_empty_dirs(created: list[Path]) -> None:
+    """Remove directories `make_dirs` created, innermost first, as long as they are still empty."""
+    for folder in reversed(created):
         try:
             folder.rmdir()
         except OSError:
-            return
+            return  # something was written into it (a run), or it is gone
 
 
 def is_main_process() -> bool:
@@ -243,6 +264,7 @@ class RunPlan:
 def plan_run(output_dir: str | Path, overwrite: bool, resume: bool) -> RunPlan:
     """Decide where a run writes (no side effects); UserError when the output dir may not be used."""
     final = Path(output_dir)
+    check_ancestors(final)
     status = output_dir_status(final)
     staged = staging_dir(final)
     if status == "link":
@@ -342,6 +364,16 @@ def _check_swap_path(final: Path) -> None:
     if (retired.exists() or retired.is_symlink()) and not is_ours(retired):
         raise UserError(f"{retired} is in the way of replacing {final} (it is not an rlhf run, so it is never "
                         "deleted): move it away or delete it, then run again")
+
+
+def check_ancestors(output_dir: Path) -> None:
+    """UserError when a directory above the output dir is a file (`--output-dir run/config.json/x`): nothing
+    could be written there."""
+    for parent in Path(output_dir).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write to {output_dir}: {parent} is a file, not a directory")
+            return
 
 
 def recover(output_dir: str | Path) -> None:
@@ -676,7 +708,7 @@ def command_line(extra: tuple[str, ...] = ()) -> str:
     """The `rlhf ...` command this process runs (plus `extra` flags not already on it)."""
     args = list(sys.argv[1:]) if sys.argv else []
     args += [flag for flag in extra if flag not in args]
-    return " ".join(["rlhf", *args])
+    return shlex.join(["rlhf", *args])  # quoted as a shell reads it: a path with spaces pastes back as one argument
 
 
 def git_commit() -> dict[str, Any] | None:

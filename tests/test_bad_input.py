@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import time
+from pathlib import Path
 
 import pytest
 from conftest import FAST_TRAINING, ppo_recipe, run_cli, stage_recipe, write_jsonl, write_recipe
@@ -132,6 +133,21 @@ def test_malformed_json_line_is_named(tmp_path, tiny_model_dir):
                        out)
 
 
+@pytest.mark.parametrize("rows, expected", [
+    ([{"prompt": "a", "completion": None}] * 4, "the train data's `completion` column holds null values"),
+    ([{"prompt": "a", "completion": "b"}] * 4 + [{"text": "c"}] * 4, "4 of 8 rows have no `prompt` (null or absent)"),
+    ([{"prompt": i, "completion": "b"} for i in range(4)], "`prompt` column holds int64 values; expected text or a "
+                                                           "list of messages"),
+    ([{"messages": "hello"}] * 4, "`messages` column holds string values; expected a list of messages"),
+])
+def test_row_values_that_are_not_text_are_named(tmp_path, tiny_model_dir, rows, expected):
+    """A null, a number or a string of messages used to fail deep inside TRL ("'NoneType' object has no attribute
+    'endswith'", "No columns in the dataset match", "the trainer rejected these settings")."""
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    recipe, out = sft_with(tmp_path, tiny_model_dir, path)
+    assert_clean_error(run_cli("sft", recipe), [f"{recipe}:", "data: ", expected], out)
+
+
 def test_corrupt_gzip(tmp_path, tiny_model_dir):
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:60])
@@ -155,9 +171,9 @@ REWARD_MODULES = {
 
 @pytest.mark.parametrize("kind, expected", [
     ("raises", ["raised ZeroDivisionError: division by zero", "held-out evaluation"]),
-    ("nan", ["returned 1 non-finite score(s), e.g. nan for response 0", "a batch of"]),
+    ("nan", ["returned 1 score(s) that are not finite in float32", "e.g. nan for response 0", "a batch of"]),
     ("short", ["returned 1 scores for 4 responses"]),
-    ("not-numbers", ["returned list, not one number per response"]),
+    ("not-numbers", ["returned text, not a number, for response 0 ('good')"]),
     ("exits", ["raised SystemExit: 3"]),
     ("exits-on-import", ["called sys.exit('usage: reward.py FILE')", "reward.function"]),
 ])
@@ -170,6 +186,25 @@ def test_a_bad_reward_function_is_named_and_leaves_nothing(tmp_path, tiny_model_
     result = run_cli("ppo", write_recipe(tmp_path / "ppo.yaml", recipe))
     names = [f"{module}:reward"]
     assert_clean_error(result, names + expected, out)
+
+
+def test_os_exit_in_a_reward_function_is_not_an_exit_0(tmp_path, tiny_model_dir, data_dir):
+    """os._exit(0) inside the function used to end the process at once, exit status 0, the run unfinished and
+    nothing said. (Run as a process of its own: in this one, the unguarded call would end pytest.)"""
+    import subprocess
+    import sys
+
+    module = tmp_path / "quits.py"
+    module.write_text("import os\n\ndef reward(prompts, responses):\n    os._exit(0)\n")
+    out = tmp_path / "ppo"
+    recipe = ppo_recipe(out, tiny_model_dir, {"function": f"{module}:reward"}, data_dir)
+    recipe["value"] = {"mode": "shared"}
+    done = subprocess.run([sys.executable, "-m", "rlhf_pipeline", "ppo", str(write_recipe(tmp_path / "ppo.yaml",
+                                                                                          recipe))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"reward function {module}:reward called os._exit(0)" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
 
 
 def test_a_reward_function_failing_mid_training_names_the_update(tmp_path, tiny_model_dir, data_dir):
@@ -186,9 +221,72 @@ def test_a_reward_function_failing_mid_training_names_the_update(tmp_path, tiny_
                                 "8 responses)"], out)
 
 
+def test_a_diverging_update_saves_nothing_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, data_dir):
+    """Scores finite in float32 but huge (1e30) overflow in the advantages: the loss goes NaN. The run stops at that
+    update with a message, before any checkpoint is written from the NaN weights; the checkpoint of update 1 stays,
+    finite, to resume from (it used to be followed by a NaN checkpoint and a RuntimeError from sampling)."""
+    from safetensors.torch import load_file
+
+    module = tmp_path / "huge.py"
+    module.write_text("calls = 0\n\ndef reward(prompts, responses):\n    global calls\n    calls += 1\n"
+                      "    if calls < 4:\n        return [1.0] * len(responses)\n"
+                      "    return [1e30 * (i % 2) for i in range(len(responses))]\n")
+    out = tmp_path / "ppo"
+    recipe = ppo_recipe(out, tiny_model_dir, {"function": f"{module}:reward"}, data_dir, total_episodes=24,
+                        save_every=1)
+    recipe["value"] = {"mode": "shared"}
+    result = run_cli("ppo", write_recipe(tmp_path / "ppo.yaml", recipe))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "update 2: loss/policy is nan: training diverged" in result.output and "nothing of this update is saved" \
+        in result.output
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["update-000001"]
+    import torch
+
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoints" / "update-000001" / "model.safetensors")
+               .values())
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_chat_template_the_sandbox_refuses_names_the_key(tmp_path, tiny_model_dir, data_dir):
+    """A template reaching for `__class__` is a jinja2 SecurityError as it is applied to the data: one line about
+    tokenizer.chat_template, nothing left behind."""
+    out = tmp_path / "out"
+    template = "{{ ''.__class__.__mro__ }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    recipe = write_recipe(tmp_path / "r.yaml", stage_recipe("sft", out, tiny_model_dir,
+                                                            {"files": str(data_dir / "chat.jsonl")},
+                                                            tokenizer={"chat_template": template}))
+    assert_clean_error(run_cli("sft", recipe), ["tokenizer.chat_template: the chat template failed as it was applied: "
+                                                "SecurityError: access to attribute '__class__' of 'str' object is "
+                                                "unsafe"], out)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage, expected", [
+    ({"config.json": b"[1, 2]"}, "cannot load a tokenizer from"),
+    ({"config.json": b'{"model_type": "gpt2", "n_layer": "x"}'}, "Validation error for field 'n_layer': TypeError"),
+    ({"tokenizer.json": b"[1]"}, "cannot load a tokenizer from"),
+    ({"model.safetensors": b"not safetensors"}, "cannot load a model from"),
+    ({"config.json": None, "adapter_config.json": b"{nope"}, "cannot load a model from"),
+])
+def test_a_damaged_model_folder_is_named(tmp_path, tiny_model_dir, data_dir, damage, expected):
+    """Files of a model folder that are not what they claim (they used to end in TypeError, SafetensorError or
+    JSONDecodeError tracebacks): one line naming the key that points at the folder."""
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    for name, content in damage.items():
+        if content is None:
+            (folder / name).unlink()
+        else:
+            (folder / name).write_bytes(content)
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", stage_recipe("sft", out, folder, {"files": str(data_dir / "sft.jsonl")}))
+    assert_clean_error(run_cli("sft", recipe), ["model.name_or_path:", expected, str(folder)], out)
+
+
 @pytest.mark.parametrize("path", ["./runs/tiny/sfft", "runs/tiny/sfft", "/nonexistent/model", "tests/no-such-model"])
 def test_a_mistyped_local_model_path_is_missing_at_once(tmp_path, data_dir, path):
     """Not tried as a Hub id (which retries for about 50 s): a path-like name that does not exist is an error now."""

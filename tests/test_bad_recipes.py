@@ -322,7 +322,7 @@ def test_chat_template_neither_file_nor_template(tmp_path, tiny_model_dir, data_
     recipe, out = _data_case(tmp_path, tiny_model_dir, "sft", {"files": str(data_dir / "chat.jsonl")},
                              tokenizer={"chat_template": "templates/missing.jinja"})
     assert_user_error(run_cli("sft", recipe),
-                      ["tokenizer.chat_template: not `chatml`, not a file (templates/missing.jinja)"], out)
+                      ["tokenizer.chat_template: no such file: templates/missing.jinja"], out)
 
 
 @pytest.mark.parametrize("stage, data, training, expected", [
@@ -430,5 +430,6 @@ def test_unfinished_run_is_cleared_without_overwrite(tmp_path, tiny_model_dir, d
     assert dry.exit_code == 0 and "holds an unfinished run with nothing to resume: it will be cleared" in dry.stdout
     result = run_cli("sft", recipe)
     assert result.exit_code == 0, result.output
+    assert "holds an unfinished run that stopped before its first checkpoint: starting it over" in result.output
     assert (out / "metrics.json").is_file()
     assert (out / "model.safetensors").stat().st_size > 1000

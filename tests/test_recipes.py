@@ -137,6 +137,7 @@ def test_recipe_dir_is_the_directory_of_the_file_that_wrote_the_value(tmp_path, 
                                                    'data:\n  files: "{recipe_dir}/data/d.jsonl"\n')
     child = _write(tmp_path / "set" / "child" / "c.yaml", 'extends: ../base/base.yaml\n'
                                                           'tokenizer: {chat_template: "{recipe_dir}/t.jinja"}\n')
+    _write(tmp_path / "set" / "child" / "t.jinja", "{% for m in messages %}{{ m.content }}{% endfor %}")
     monkeypatch.chdir(tmp_path)
     loaded = load_recipe(Path("set/child/c.yaml"), ["output_dir={recipe_dir}/out"])
     assert loaded.recipe.data.files == {"train": ["set/base/data/d.jsonl"]}  # the parent's directory, not the child's

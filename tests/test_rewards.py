@@ -54,9 +54,63 @@ def test_a_column_the_function_needs_and_the_data_lacks_is_named():
 @pytest.mark.parametrize("returned, message", [
     ([1.0, None], "returned None for 1 response"),
     ([1.0], "returned 1 scores for 2 responses"),
-    ([1.0, float("nan")], "non-finite"),
-    ("ab", "not one number per response"),
+    ([1.0, float("nan")], "not finite in float32"),
+    ([1.0, 1e39], r"not finite in float32 \(the dtype scores train in\), e.g. 1e\+39 for response 1"),
+    ("ab", "returned a str, not a list of numbers .*read character by character"),
+    ({"x": 1.0, "y": 2.0}, "returned a dict, not a list of numbers .*its keys would be taken for scores"),
+    ({1.0, 2.0}, "returned a set, not a list of numbers"),
+    ((s for s in (1.0, 2.0)), "returned a generator, not a list of numbers"),
+    (["1", "2"], "returned text, not a number, for response 0"),
 ])
 def test_bad_returns_are_named(returned, message):
     with pytest.raises(UserError, match=message):
         call_function(lambda prompts, responses: returned, ["p", "q"], ["a", "b"], [True, True], "mine.py:r")
+
+
+def test_numpy_arrays_bools_and_float32_extremes_are_scores():
+    import numpy as np
+
+    assert call_function(lambda p, r: np.array([1.5, 2.0]), ["p", "q"], ["a", "b"], [True, True]) == [1.5, 2.0]
+    assert call_function(lambda p, r: [True, False], ["p", "q"], ["a", "b"], [True, True]) == [1.0, 0.0]
+    assert call_function(lambda p, r: [3.0e38, -3.0e38], ["p", "q"], ["a", "b"], [True, True]) == [3.0e38, -3.0e38]
+
+
+def test_a_function_that_edits_its_arguments_edits_copies():
+    def vandal(prompts, responses, finished):
+        responses[0] = "rewritten"
+        responses.append("extra")
+        prompts.clear()
+        finished[0] = False
+        return [1.0, 1.0]
+
+    prompts, responses, finished = ["p", "q"], ["a", "b"], [True, True]
+    assert call_function(vandal, prompts, responses, finished) == [1.0, 1.0]
+    assert (prompts, responses, finished) == (["p", "q"], ["a", "b"], [True, True])
+
+    def trl_vandal(prompts, completions, solution, **kwargs):
+        completions[0][0]["content"] = "rewritten"
+        solution[0] = "changed"
+        return [0.0]
+
+    conversation = [[{"role": "assistant", "content": "a"}]]
+    columns = {"solution": ["s"]}
+    call_function(trl_vandal, [[{"role": "user", "content": "p"}]], conversation, [True], keywords=columns)
+    assert conversation == [[{"role": "assistant", "content": "a"}]] and columns == {"solution": ["s"]}
+
+
+def test_os_exit_in_a_reward_function_is_an_error_not_an_exit(monkeypatch):
+    """os._exit would end the process at once with the status it is given (0: a run that looks fine), unfinished.
+    (os._exit is replaced here by a stand-in, so that without the guard this test fails instead of ending pytest.)"""
+    import os
+
+    def process_exit(code):
+        raise AssertionError(f"os._exit({code}) reached: the process would have ended")
+
+    monkeypatch.setattr(os, "_exit", process_exit)
+
+    def quitter(prompts, responses):
+        os._exit(0)
+
+    with pytest.raises(UserError, match=r"reward function q.py:f called os._exit\(0\).*unfinished"):
+        call_function(quitter, ["p"], ["a"], [True], "q.py:f")
+    assert os._exit is process_exit  # the guard is gone once the call returns

@@ -154,6 +154,29 @@ def test_written_files_get_the_ordinary_mode(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_the_command_line_is_quoted_as_a_shell_reads_it(monkeypatch):
+    """provenance.command and the resume hints paste back as the same arguments: a path with a space stays one."""
+    import shlex
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/rlhf", "sft", "my recipes/sft.yaml", "--set", "data.files=a b.jsonl"])
+    line = runs.command_line(("--resume",))
+    assert line == "rlhf sft 'my recipes/sft.yaml' --set 'data.files=a b.jsonl' --resume"
+    assert shlex.split(line)[1:] == [*sys.argv[1:], "--resume"]
+    assert runs.provenance()["command"] == "rlhf sft 'my recipes/sft.yaml' --set 'data.files=a b.jsonl'"
+
+
+def test_lock_creates_the_missing_parents_and_removes_them_if_left_empty(tmp_path):
+    with runs.lock(tmp_path / "a" / "b" / "out"):
+        assert (tmp_path / "a" / "b" / ".out.lock").is_file()
+    assert list(tmp_path.iterdir()) == []  # nothing was written under them: no empty a/b left behind
+    with runs.lock(tmp_path / "a" / "b" / "out"):
+        (tmp_path / "a" / "b" / "out").mkdir()  # a run wrote its output: the parents stay
+    assert (tmp_path / "a" / "b" / "out").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file is a file, not a directory"), runs.lock(tmp_path / "file" / "x" / "y"):
+        pass
+
+
 def test_disk_full_is_named(monkeypatch):
     import errno
 
@@ -302,6 +325,7 @@ def test_no_stage_clears_another_stages_resumable_run(tmp_path, tiny_model_dir, 
     recipe = write_recipe(tmp_path / "ppo.yaml", ppo_recipe(out, tiny_model_dir, {"model": str(tiny_reward_dir)},
                                                             data_dir, total_episodes=24, save_every=1))
     assert interrupt("kill-after-checkpoint", 1, "ppo", recipe).returncode == -signal.SIGKILL
+    assert_ordinary_modes(out / "checkpoints" / "update-000001")  # readable by others before the run finishes
     before = snapshot(out)
     result = run_cli("sft", sft_recipe(tmp_path, out, tiny_model_dir, data_dir))
     assert result.exit_code == 2 and "pass --resume to continue it, or --overwrite" in result.output
@@ -314,6 +338,10 @@ def test_recipe_resume_from_checkpoint_keeps_the_checkpoint(tmp_path, tiny_model
     out = tmp_path / "out"
     recipe = sft_recipe(tmp_path, out, tiny_model_dir, data_dir, max_steps=6, save_steps=2, logging_steps=1)
     assert interrupt("kill-after-checkpoint", 4, "sft", recipe).returncode == -signal.SIGKILL
+    assert_ordinary_modes(out / "checkpoint-4")  # safetensors' mkstemp 0600 is not left until the run finishes
+    assert_damaged_checkpoint_refused(tmp_path, "sft", recipe, out / "checkpoint-4",
+                                      {"optimizer.pt": "optimizer or scheduler state", "trainer_state.json":
+                                       "trainer_state.json cannot be read (JSONDecodeError"})
     missing = run_cli("sft", recipe, "--set", f"training.resume_from_checkpoint={out / 'checkpoint-3'}")
     assert missing.exit_code == 2 and "is not a complete checkpoint of this run" in missing.output
     result = run_cli("sft", recipe, "--set", f"training.resume_from_checkpoint={out / 'checkpoint-2'}")
@@ -336,6 +364,41 @@ def trainer_stage_recipe(stage, tmp_path, name, model, data_dir):
         recipe["model"] = {"init": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}}
         recipe["tokenizer"] = {"train": {"vocab_size": 350}}
     return write_recipe(tmp_path / f"{name}.yaml", recipe), out
+
+
+def assert_ordinary_modes(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.is_file()}
+    assert modes and all(mode == 0o666 & ~umask for mode in modes.values()), modes
+
+
+def assert_damaged_checkpoint_refused(tmp_path: Path, stage: str, recipe: Path, checkpoint: Path,
+                                      damage: dict[str, str]) -> None:
+    """Each file of `damage` replaced in turn by a pickle that would run code (JSON files: by garbage): --resume
+    is one line naming the checkpoint and what cannot be read (`damage[file]`), exit 2, the code never runs, and the
+    run is left as it was (then the file is put back)."""
+    proof = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {proof}",))
+
+    for name, expected in damage.items():
+        file = checkpoint / name
+        original = file.read_bytes()
+        if name.endswith(".json"):
+            file.write_text("{ not json")
+        else:
+            torch.save({"state": Payload()}, file)
+        before = snapshot(checkpoint.parent)
+        result = run_cli(stage, recipe, "--resume")
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        assert f"error: cannot resume from {checkpoint}" in result.output and expected in result.output, result.output
+        assert "nothing in it was run" in result.output and not proof.exists()
+        assert snapshot(checkpoint.parent) == before
+        file.write_bytes(original)
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -362,12 +425,14 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model_dir,
         assert f"resume with: rlhf {stage} {recipe} --resume" in stopped.stderr
     assert not runs.is_finished(out) and runs.resumable_checkpoint(out) == out / f"checkpoint-{at}"
 
-    result = run_cli(stage, recipe, "--resume")
+    # the same dir, spelt otherwise than the recipe spells it: still the run to resume
+    result = run_cli(stage, recipe, "--resume", "--output-dir", f"{out.parent}/./{out.name}")
     assert result.exit_code == 0, result.output
     assert f"resuming {out} from checkpoint-{at}" in result.output
     assert same_weights(straight_out, out)
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight_out, out))
     assert b["eval_loss"] == a["eval_loss"] and b["train_steps"] == a["train_steps"] == 6
+    assert b.get("eval_num_tokens") == a.get("eval_num_tokens")  # TRL's token count: the whole run's
     assert b["final_train_loss"] == a["final_train_loss"]
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # save_total_limit 2
@@ -420,7 +485,9 @@ def test_a_crafted_rng_file_is_not_unpickled(tmp_path, tiny_model_dir, tiny_rewa
         def __reduce__(self):
             return (os.system, (f"touch {proof}",))
 
-    rng_file = out / "checkpoints" / "update-000001" / "random_states_0.pkl"
+    checkpoint = out / "checkpoints" / "update-000001"
+    assert_damaged_checkpoint_refused(tmp_path, "ppo", recipe, checkpoint, {"optimizer.bin": "weights_only=True"})
+    rng_file = checkpoint / "random_states_0.pkl"
     torch.save({"torch_manual_seed": torch.get_rng_state(), "random_state": Payload()}, rng_file)
     result = run_cli("ppo", recipe, "--resume")
     assert result.exit_code == 2, result.output

@@ -167,6 +167,7 @@ class PPOTrainer:
             stats = self._optimise(rollout, old_logprobs, old_values, ref_logprobs, advantages, returns, mask,
                                    kl_coef)
             t_trained = time.perf_counter()
+            check_finite_losses(stats, update + 1, raw_scores)  # before anything saves the weights it stepped
 
             # 8. bookkeeping
             k1 = core.masked_sum(old_logprobs - ref_logprobs, mask, dim=1)
@@ -532,6 +533,7 @@ class PPOTrainer:
                 (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
             self.accelerator.wait_for_everyone()
             if main:
+                runs.ordinary_modes(partial)  # readable by others as the finished model is, not mkstemp's 0600
                 runs.fsync_tree(partial)
                 os.replace(partial, path)
                 runs.fsync_dir(root)  # the rename itself
@@ -545,11 +547,32 @@ class PPOTrainer:
     def load_checkpoint(self, path: Path) -> None:
         """Everything `save_checkpoint` wrote, through Accelerate's `load_state` (which reads the optimizer and RNG
         pickles with torch.load(weights_only=True))."""
+        from rlhf_pipeline.errors import UserError, unreadable
+
         check_rng_file(path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl")
-        self.accelerator.load_state(str(path))
-        state = json.loads((path / TRAINER_STATE).read_text())
-        self.kl_controller.load_state_dict(state.pop("kl_coef"))
-        self.state = TrainerState(**{k: v for k, v in state.items() if k in TrainerState.__dataclass_fields__})
+        try:
+            self.accelerator.load_state(str(path))
+            state = json.loads((path / TRAINER_STATE).read_text())
+            self.kl_controller.load_state_dict(state.pop("kl_coef"))
+            self.state = TrainerState(**{k: v for k, v in state.items() if k in TrainerState.__dataclass_fields__})
+        except Exception as exc:  # a damaged or doctored file: torch.load(weights_only) refuses code, says why
+            raise UserError(f"cannot resume from {path}: it cannot be read ({unreadable(exc)}); nothing in it was "
+                            "run. Start over with --overwrite") from None
+
+
+def check_finite_losses(stats: dict[str, float], update: int, scores: torch.Tensor) -> None:
+    """A loss that is NaN or infinite has stepped the weights into NaN: stop before a checkpoint or the final save
+    writes them (the last checkpoint, if any, stays the one to resume from)."""
+    import math
+
+    from rlhf_pipeline.errors import UserError
+
+    bad = [key for key in ("loss/policy", "loss/value", "loss/kl") if key in stats and not math.isfinite(stats[key])]
+    if bad:
+        raise UserError(f"update {update}: {bad[0]} is {stats[bad[0]]}: training diverged and the weights are no "
+                        f"longer usable, so nothing of this update is saved (this update's scores range from "
+                        f"{float(scores.min()):.4g} to {float(scores.max()):.4g}; scores this large overflow float32 "
+                        "in the advantages: scale them down, or lower training.learning_rate)")
 
 
 def check_rng_file(path: Path) -> None:
@@ -558,16 +581,15 @@ def check_rng_file(path: Path) -> None:
     crafted file could otherwise run code on --resume, were it ever loaded without weights_only)."""
     from accelerate.utils import load
 
-    from rlhf_pipeline.errors import UserError
+    from rlhf_pipeline.errors import UserError, unreadable
 
     if not path.is_file():
         raise UserError(f"{path} is missing: the checkpoint cannot restore this process's random state")
     try:
         load(path)  # tensors, numpy's state and python's (a tuple of ints): weights_only takes them, and refuses code
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{path} is not a plain tensor file; refusing to load it (it could run code): {first}") \
-            from None
+        raise UserError(f"{path} is not a plain tensor file; refusing to load it (it could run code): "
+                        f"{unreadable(exc)}") from None
 
 
 def keep_freed_memory() -> bool:
@@ -601,9 +623,13 @@ def score(scorer: Callable[[Rollout], torch.Tensor], rollout: Rollout, where: st
     from rlhf_pipeline.errors import UserError
 
     try:
-        return scorer(rollout)
+        scores = scorer(rollout)
     except UserError as exc:
         raise UserError(f"{exc} ({where}, a batch of {len(rollout.responses)} responses)") from None
+    if not bool(torch.isfinite(scores.float()).all()):  # a reward model gone NaN: nothing may train on it
+        raise UserError(f"the scorer returned {int((~torch.isfinite(scores.float())).sum())} score(s) that are not "
+                        f"finite in float32 ({where}, a batch of {len(rollout.responses)} responses)")
+    return scores
 
 
 def read_log(output_dir: str | Path) -> list[dict]:

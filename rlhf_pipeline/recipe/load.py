@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
 from rlhf_pipeline.errors import KeyedValueError, Problem, RecipeError, UserError, did_you_mean
 from rlhf_pipeline.recipe import accelerate_config, training_fields
 from rlhf_pipeline.recipe.schema import STAGE_RECIPES, StageRecipe
 from rlhf_pipeline.recipe.suggest import unknown_key
-from rlhf_pipeline.recipe.yaml_io import KeyPath, dump_yaml, load_yaml, parse_scalar
+from rlhf_pipeline.recipe.yaml_io import KeyPath, YamlLimitError, dump_yaml, load_yaml, parse_scalar, yaml_problem
 
 Origin = tuple[str, "int | None"]  # (file or "--set ...", line)
 
@@ -94,7 +95,7 @@ def _validate(path: Path, data: dict, origins: dict, assignments: typing.Sequenc
     for key, value, origin in assignments:
         _assign(data, origins, tuple(key.split(".")), value, origin)
     stage = data.get("stage")
-    if stage not in STAGE_RECIPES:
+    if not isinstance(stage, str) or stage not in STAGE_RECIPES:
         file, line = _locate(origins, ("stage",), str(path))
         if stage is None and accelerate_config.is_accelerate_config(data):
             raise RecipeError([Problem(
@@ -103,7 +104,7 @@ def _validate(path: Path, data: dict, origins: dict, assignments: typing.Sequenc
         message = (
             "missing: every recipe names its stage"
             if stage is None
-            else f"unknown stage {stage!r}{did_you_mean(stage, STAGE_RECIPES)}"
+            else f"unknown stage {stage!r}{did_you_mean(str(stage), STAGE_RECIPES)}"
         )
         raise RecipeError([Problem(f"{message} (one of: {', '.join(STAGE_RECIPES)})", "stage", file, line)])
     if expected_stage and stage != expected_stage:
@@ -113,6 +114,7 @@ def _validate(path: Path, data: dict, origins: dict, assignments: typing.Sequenc
                      "stage", file, line)]
         )
     schema = STAGE_RECIPES[stage]
+    _drop_unsetting_nulls(schema, data, stage)
     problems: list[Problem] = []
     recipe = None
     try:
@@ -129,14 +131,44 @@ def _validate(path: Path, data: dict, origins: dict, assignments: typing.Sequenc
     return LoadedRecipe(path=path, recipe=recipe, data=data, origins=origins)
 
 
-def resolved_data(yaml_text: str) -> dict[str, Any]:
+def _drop_unsetting_nulls(schema: type[BaseModel], data: dict, stage: str) -> None:
+    """`null` for a key that takes no null means "not set": the key is dropped and its default applies, so that a
+    recipe (or `--set key=null`) can unset a key it inherits through `extends`. A key that takes null (e.g.
+    `training.max_length` in SFT: no truncation) keeps it as its value."""
+    for key, value in list(data.items()):
+        field_info = schema.model_fields.get(key)
+        if field_info is None:
+            continue
+        if value is None and not field_info.is_required() and not _admits_null(field_info.annotation):
+            del data[key]
+        elif isinstance(value, dict):
+            section = _model_class(field_info.annotation)
+            if section is not None:
+                _drop_unsetting_nulls(section, value, stage)
+            elif key == "training" and stage in training_fields.CONFIG_CLASSES:
+                fields = training_fields.fields_for(stage)
+                for name in [k for k, v in value.items() if v is None and k in fields
+                             and not {"null", "any"} & set(fields[k]["types"])]:
+                    del value[name]
+
+
+def _admits_null(annotation: Any) -> bool:
+    return annotation is Any or annotation is None or type(None) in typing.get_args(annotation)
+
+
+def resolved_data(yaml_text: str, where: str | Path = "the resolved recipe") -> dict[str, Any]:
     """A resolved recipe (YAML text) as data, without what does not change the result (provenance, where it is
-    published): what two runs compare."""
-    import yaml
+    published): what two runs compare. UserError naming `where` (e.g. a run's recipe.resolved.yaml) when the text
+    is not a recipe."""
+    from rlhf_pipeline.recipe.yaml_io import load_text
 
-    from rlhf_pipeline.recipe.yaml_io import RecipeYamlLoader
-
-    data = yaml.load(yaml_text, Loader=RecipeYamlLoader) or {}
+    try:
+        data = load_text(yaml_text)[0] or {}
+    except (yaml.YAMLError, YamlLimitError) as exc:
+        reason = yaml_problem(exc) if isinstance(exc, yaml.YAMLError) else str(exc)
+        raise UserError(f"{where}: cannot be read as a recipe: {reason}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: cannot be read as a recipe: it is not a mapping of keys to values")
     data.pop("provenance", None)
     data.pop("hub", None)
     return data
@@ -155,11 +187,22 @@ def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # extends + merge
 # ---------------------------------------------------------------------------------------------------------------
-def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[KeyPath, Origin]]:
+MAX_EXTENDS_DEPTH = 16  # parents of parents...
+MAX_EXTENDS_READS = 64  # recipe files read for one recipe: a parent listed 9 times by each of 9 files is a bomb too
+
+
+def _read_with_extends(path: Path, chain: tuple[Path, ...], reads: list[int] | None = None) \
+        -> tuple[dict, dict[KeyPath, Origin]]:
     resolved = path.resolve()
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise RecipeError([Problem(f"`extends` cycle: {cycle}", "extends", str(path))])
+    reads = reads if reads is not None else [0]
+    reads[0] += 1
+    if len(chain) > MAX_EXTENDS_DEPTH or reads[0] > MAX_EXTENDS_READS:
+        what = (f"more than {MAX_EXTENDS_DEPTH} files deep" if len(chain) > MAX_EXTENDS_DEPTH
+                else f"more than {MAX_EXTENDS_READS} recipe files in all (parents listed many times over?)")
+        raise RecipeError([Problem(f"`extends` goes {what}: refusing to read further", "extends", str(chain[0]))])
     data, lines = load_yaml(path)
     if data is None:
         data = {}
@@ -184,7 +227,7 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[
         if not parent_path.is_file():
             line = lines.get(("extends", index), lines.get(("extends",)))
             raise RecipeError([Problem(f"no such file: {parent_path}", "extends", str(path), line)])
-        parent_data, parent_origins = _read_with_extends(parent_path, (*chain, resolved))
+        parent_data, parent_origins = _read_with_extends(parent_path, (*chain, resolved), reads)
         _deep_merge(merged, parent_data, merged_origins, parent_origins, ())
     _deep_merge(merged, data, merged_origins, origins, ())
     return merged, merged_origins
@@ -233,13 +276,18 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
         return parts, raw.strip()
     try:
         value = parse_scalar(raw)
-    except Exception as exc:  # yaml errors on odd values: say which flag
-        raise UserError(f"--set {text!r}: cannot read the value: {exc}") from None
+    except YamlLimitError as exc:
+        raise UserError(f"--set {text!r}: refusing the value: {exc}") from None
+    except yaml.YAMLError as exc:  # odd values: say which flag, on one line
+        raise UserError(f"--set {text!r}: cannot read the value: {yaml_problem(exc)}") from None
     return parts, value
 
 
 def _assign(data: dict, origins: dict, parts: KeyPath, value: Any, label: str) -> None:
     """Set a dotted key (creating sections as needed); errors about it will name `label`."""
+    if parts[0] == "extends":  # it would be ignored: the parents were merged when the file was read
+        raise UserError(f"{label}: `extends` is read from the recipe file only (its parents are merged before any "
+                        "override applies); write it in the recipe file, or --set the keys themselves")
     origin: Origin = (label, None)
     node = data
     for depth, part in enumerate(parts[:-1]):

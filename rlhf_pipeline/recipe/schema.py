@@ -168,8 +168,9 @@ def normalise_files(value: Any) -> dict[str, list[str]] | None:
         value = {"train": [value]}
     elif isinstance(value, list):
         value = {"train": value}
-    if not isinstance(value, dict):
-        raise ValueError("expected a path, a list of paths, or a mapping split -> path(s)")
+    if not isinstance(value, dict) or not value:
+        raise ValueError("expected a path, a list of paths, or a mapping split -> path(s)"
+                         + (" (got an empty mapping)" if value == {} else ""))
     normalised = {}
     for split, paths in value.items():
         paths = [paths] if isinstance(paths, str) else paths
@@ -428,15 +429,42 @@ class HubSection(Section):
 # ---------------------------------------------------------------------------------------------------------------
 # stage recipes
 # ---------------------------------------------------------------------------------------------------------------
+SEED_LIMIT = 2**32  # numpy's np.random.seed (which transformers' set_seed calls) takes 0 to 2**32 - 1
+
+
+def usable_path(value: str) -> str:
+    """An output path as the shell would give it (`~` expanded: `~/runs` is not `./~/runs`), refused when no file
+    system could hold it: empty, a NUL byte, a name longer than 255 bytes."""
+    import os
+
+    if not value.strip():
+        raise ValueError("expected a directory path (got an empty string)")
+    if "\x00" in value:
+        raise ValueError(f"a path cannot hold a NUL byte (got {value!r})")
+    expanded = os.path.expanduser(value)
+    long = [part for part in PurePath(expanded).parts if len(os.fsencode(part)) > 255]
+    if long:
+        raise ValueError(f"the name {long[0][:40]}... is {len(os.fsencode(long[0]))} bytes long; a file system "
+                         "allows 255")
+    return expanded
+
+
 class StageRecipe(Section):
     stage: str = Field(description="Which stage this recipe is for.")
     extends: Any = Field(None, description="Recipe(s) this one builds on (deep merge; paths relative to this file).")
-    seed: int = Field(42, description="Seed for initialisation, data shuffling and splits, and sampling.")
-    output_dir: str = Field(description="Where the stage writes its model, tokenizer, recipe and metrics.")
+    seed: int = Field(42, ge=0, lt=SEED_LIMIT, description="Seed for initialisation, data shuffling and splits, and "
+                      "sampling: 0 to 2**32 - 1 (what numpy accepts).")
+    output_dir: str = Field(description="Where the stage writes its model, tokenizer, recipe and metrics (`~` is "
+                            "your home directory).")
     provenance: dict[str, Any] | None = Field(
         None, description="Written by rlhf into recipe.resolved.yaml (versions, git commit); ignored on input."
     )
     hub: HubSection = Field(default_factory=HubSection, description="Publish the finished run to the Hugging Face Hub.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _usable_path(cls, value: str) -> str:
+        return usable_path(value)
 
 
 class PretrainRecipe(StageRecipe):
@@ -812,6 +840,27 @@ class DpoRecipe(StageRecipe):
         default_factory=DpoEvaluation, description="The held-out generation evaluation.")
 
 
+# Names eval.json and the report use themselves: the baseline's figures (`baseline_score`), the reward model's
+# (`reward_accuracy`, `reward_score_std`, ...), a sample's prompt (`prompt`).
+REPORT_NAMES = ("baseline", "reward", "prompt")
+
+
+def check_report_names(names: list[str], key: str) -> None:
+    """`rlhf eval` writes each policy's figures as `<name>_<figure>` (`ppo_score`, `ppo_gold`, `ppo_gold_win_rate`):
+    two names collide when one is the other followed by `_` (`ppo` and `ppo_gold`: is `ppo_gold_win_rate` ppo's gold
+    win rate or ppo_gold's win rate?), and a name collides with the report's own (REPORT_NAMES). ValueError naming
+    the pair."""
+    for name in names:
+        for other in (*REPORT_NAMES, *names):
+            if name == other and other in REPORT_NAMES:
+                raise ValueError(f"{key}: {name!r} cannot name a policy: the evaluation report uses it for "
+                                 f"{'the reward model' if name == 'reward' else 'its own entries'}; rename it")
+            if name != other and name.startswith(f"{other}_"):
+                raise ValueError(f"{key}: the names {other!r} and {name!r} collide in eval.json, which writes each "
+                                 f"policy's figures as `<name>_<figure>` (`{name}_score` could be either's); rename "
+                                 f"one, e.g. {other}-{name[len(other) + 1:]}")
+
+
 class EvalRecipe(StageRecipe):
     """Evaluate a reward model on held-out pairs, and a policy against a baseline on held-out prompts."""
 
@@ -851,6 +900,7 @@ class EvalRecipe(StageRecipe):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name == "baseline":
                 raise ValueError(f"policies: {name!r} is not a usable name (letters, digits, `_`, `-`, `.`; not "
                                  "`baseline`)")
+        check_report_names(list(self.policies or {}), "policies")
         policy_parts = [self.policy or self.policies or None, self.baseline, self.data, self.reward]
         reward_parts = [self.reward is not None and self.reward.model, self.preferences]
         if any(policy_parts[:3]) and not all(policy_parts):
@@ -951,7 +1001,8 @@ class PipelineRecipe(StageRecipe):
 
     stage: Literal["pipeline"]
     output_dir: str = Field(description="Root directory: each stage writes to <output_dir>/<stage>.")
-    seed: int | None = Field(None, description="When set, every stage uses this seed instead of its recipe's.")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="When set, every stage uses this seed instead of "
+                             "its recipe's.")
     stages: PipelineStages = Field(description="The stages to run, in the order pretrain, sft, reward, ppo, eval.")
     gate: GateSection = Field(default_factory=GateSection, description="Quality gates between stages.")
     hub: PipelineHubSection = Field(
@@ -963,6 +1014,9 @@ class PipelineRecipe(StageRecipe):
             raise ValueError("`stages` lists no stage (pretrain, sft, reward, ppo, policies, eval)")
         if self.stages.ppo is not None and "ppo" in (self.stages.policies or {}):
             raise ValueError("`stages.policies.ppo` would write where `stages.ppo` writes: rename one")
+        if self.stages.eval is not None:  # the policy stages' names become the evaluation's policy names
+            check_report_names([*(["ppo"] if self.stages.ppo else []), *(self.stages.policies or {})],
+                               "stages.policies")
         return self
 
 

@@ -3,6 +3,7 @@ finish. Where a run writes, and that no run is ever lost, is `runs.py`'s job; `c
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline import runs
-from rlhf_pipeline.errors import EXIT_USER_ERROR, Interrupted, UserError
+from rlhf_pipeline.errors import EXIT_USER_ERROR, Interrupted, UserError, unreadable
 from rlhf_pipeline.recipe.load import LoadedRecipe
 
 if TYPE_CHECKING:
@@ -359,6 +360,7 @@ def trainer_callbacks() -> list:
             wait_for_everyone()
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if is_main_process() and checkpoint.is_dir():
+                runs.ordinary_modes(checkpoint)  # safetensors writes through mkstemp (0600): readable as the model is
                 runs.fsync_tree(checkpoint)
                 runs.atomic_write_text(checkpoint / runs.CHECKPOINT_COMPLETE, "")
             wait_for_everyone()
@@ -412,14 +414,20 @@ def train_and_evaluate(trainer: Trainer, options: RunOptions, has_eval: bool,
     """Train (from the plan's checkpoint when resuming), then evaluate on the held-out split; return the metrics every
     stage reports. Ctrl-C saves a checkpoint and raises Interrupted."""
     plan = options.plan
+    checkpoint = plan.checkpoint if plan.mode == "resume" else None
+    keep_token_count(trainer, checkpoint)  # first: its file is part of each checkpoint the next callback completes
     for callback in trainer_callbacks():
         trainer.add_callback(callback)
-    checkpoint = plan.checkpoint if plan.mode == "resume" else None
+    resume_from = str(checkpoint) if checkpoint else trainer.args.resume_from_checkpoint
     try:  # a checkpoint outside the output dir named by training.resume_from_checkpoint is the Trainer's to load
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint
-                               else trainer.args.resume_from_checkpoint)
-    except (OSError, RuntimeError) as exc:
-        raise runs.disk_full(exc, trainer.args.output_dir) or exc from None
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as exc:
+        damaged = damaged_checkpoint(exc, resume_from)
+        if damaged is not None:
+            raise damaged from None
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise runs.disk_full(exc, trainer.args.output_dir) or exc from None
+        raise
     if STOP.requested:
         wait_for_everyone()
         raise interrupted(plan, runs.latest_checkpoint(trainer.args.output_dir))
@@ -438,6 +446,60 @@ def train_and_evaluate(trainer: Trainer, options: RunOptions, has_eval: bool,
         if perplexity and "eval_loss" in metrics:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     return metrics
+
+
+TOKEN_COUNT_FILE = "rlhf_token_count.json"
+
+
+def keep_token_count(trainer: Trainer, checkpoint: Path | None) -> None:
+    """TRL's SFT, reward and DPO trainers count the training tokens seen (their logged `num_tokens`, and
+    `eval_num_tokens` in metrics.json) in `_total_train_tokens`, which a checkpoint does not keep: a resumed run would
+    count only the tokens since the resume. The count is saved with each checkpoint and restored from it. (The
+    Trainer's own `num_input_tokens_seen`, off by default, is kept in trainer_state.json.)"""
+    from transformers import TrainerCallback
+
+    if not hasattr(trainer, "_total_train_tokens"):
+        return
+    if checkpoint is not None:
+        saved = runs.read_json(Path(checkpoint) / TOKEN_COUNT_FILE)
+        if isinstance(saved, dict) and isinstance(saved.get("total_train_tokens"), (int, float)):
+            trainer._total_train_tokens = saved["total_train_tokens"]
+
+    class SaveTokenCount(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if is_main_process() and folder.is_dir():
+                runs.atomic_write_text(folder / TOKEN_COUNT_FILE,
+                                       json.dumps({"total_train_tokens": trainer._total_train_tokens}) + "\n")
+
+    trainer.add_callback(SaveTokenCount())
+
+
+# The Trainer's methods that read a checkpoint it resumes from, and what each reads.
+CHECKPOINT_READERS = {
+    "_load_from_checkpoint": "its model weights",
+    "_load_rng_state": "its random states (rng_state*.pth)",
+    "_load_optimizer_and_scheduler": "its optimizer or scheduler state (optimizer.pt, scheduler.pt)",
+    "_load_scaler": "its loss scaler (scaler.pt)",
+    "load_from_json": "trainer_state.json",
+    "_load_callback_state": "trainer_state.json (callback states)",
+}
+
+
+def damaged_checkpoint(exc: BaseException, checkpoint: str | None) -> UserError | None:
+    """A UserError naming the checkpoint when `exc` was raised while the Trainer read it (a damaged or doctored
+    file: torch.load(weights_only=True) refuses code, and says so in an UnpicklingError), else None."""
+    if not checkpoint or isinstance(exc, (KeyboardInterrupt, UserError)):
+        return None
+    reading, frame = None, exc.__traceback__
+    while frame is not None:
+        reading = CHECKPOINT_READERS.get(frame.tb_frame.f_code.co_name, reading)
+        frame = frame.tb_next
+    if reading is None:
+        return None
+    return UserError(f"cannot resume from {checkpoint}: {reading} cannot be read ({unreadable(exc)}); nothing in it "
+                     "was run. Start over with --overwrite (or name an earlier checkpoint with "
+                     "training.resume_from_checkpoint)")
 
 
 def _whole_run_loss(trainer: Trainer, session_loss: float, checkpoint: Path | None) -> float:

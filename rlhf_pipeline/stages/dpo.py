@@ -40,7 +40,7 @@ CURVES_FILE = "dpo_curves.png"
 def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf_pipeline.stages.ppo import build_scorer, write_eval_samples
+    from rlhf_pipeline.stages.ppo import build_scorer, read_eval_before, write_eval_samples
 
     recipe = loaded.recipe
     begin(loaded)
@@ -83,7 +83,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     before = None
     if eval_prompts is not None:
         if options.plan.mode == "resume" and (output_dir / EVAL_BEFORE_FILE).is_file():
-            before = json.loads((output_dir / EVAL_BEFORE_FILE).read_text())
+            before = read_eval_before(output_dir)
         else:
             before = evaluate()
             if is_main_process():

@@ -87,10 +87,11 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
                 plots[REWARD_PNG] = "held-out chosen vs rejected score distributions, and their margins"
 
     # 4. report
-    if main:
-        report = {"metrics": results, "samples": samples, "plots": plots}
-        runs.atomic_write_text(output_dir / EVAL_FILE, json.dumps(report, indent=1))
-        runs.atomic_write_text(output_dir / REPORT_FILE, markdown_report(loaded, results, samples, plots))
+    if main:  # both texts made before either is written: a report that fails leaves no half of it
+        report = json.dumps({"metrics": results, "samples": samples, "plots": plots}, indent=1)
+        markdown = markdown_report(loaded, results, samples, plots)
+        runs.atomic_write_text(output_dir / EVAL_FILE, report)
+        runs.atomic_write_text(output_dir / REPORT_FILE, markdown)
         say("eval", summary_line(results))
     return finish_outputs(loaded, options, results)
 
@@ -296,11 +297,14 @@ def _method_of(run_dir: Path) -> str | None:
     path = run_dir / runs.RECIPE_FILE
     if not path.is_file():
         return None
-    data = resolved_data(path.read_text())
-    stage = data.get("stage")
+    try:  # what the report says of the run; a damaged file only leaves the method out
+        data = resolved_data(path.read_text(encoding="utf-8", errors="replace"), path)
+    except (UserError, OSError):
+        return None
+    stage, training = data.get("stage"), data.get("training")
     if stage == "ppo":
-        return {"gae": "PPO", "rloo": "RLOO", "grpo": "GRPO"}.get(
-            (data.get("training") or {}).get("advantage_estimator", "gae"), "PPO")
+        estimator = training.get("advantage_estimator", "gae") if isinstance(training, dict) else "gae"
+        return {"gae": "PPO", "rloo": "RLOO", "grpo": "GRPO"}.get(str(estimator), "PPO")
     return str(stage).upper() if stage else None
 
 

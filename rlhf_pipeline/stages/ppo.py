@@ -203,7 +203,7 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
             trainer.load_checkpoint(checkpoint)
             if accelerator.is_main_process:
                 _truncate_logs(output_dir, trainer.state.update)
-            before = json.loads((output_dir / EVAL_BEFORE_FILE).read_text())
+            before = read_eval_before(output_dir)
             say("ppo", f"resuming from {checkpoint.name} ({trainer.state.update} of {trainer.plan.num_updates} "
                        "updates)")
         state = trainer.train(stop_requested)
@@ -535,6 +535,16 @@ def ppo_metrics(output_dir: Path, before: dict, after: dict, state, plan, saved:
         metrics["eval_gold_before"] = before["gold"]
         metrics["eval_gold_after"] = after["gold"]
     return metrics
+
+
+def read_eval_before(output_dir: Path) -> dict:
+    """The held-out evaluation before training, saved when the run started (a resumed run cannot redo it: its policy
+    has trained since). UserError when it is missing or damaged."""
+    before = runs.read_json(output_dir / EVAL_BEFORE_FILE)
+    if not isinstance(before, dict):
+        raise UserError(f"cannot resume: {output_dir / EVAL_BEFORE_FILE} (the evaluation before training) is missing "
+                        "or damaged; start over with --overwrite")
+    return before
 
 
 def write_eval_samples(output_dir: Path, before: dict, after: dict) -> None:
