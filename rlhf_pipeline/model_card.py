@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 from rlhf_pipeline import runs
 from rlhf_pipeline.models import ADAPTER_CONFIG
 from rlhf_pipeline.publish import (
-    HUB_FILE,
     REPORTS_WITH_SAMPLES,
     PublicRecipe,
     ancestry,
@@ -33,14 +32,11 @@ from rlhf_pipeline.publish import (
     is_hub_id,
     model_ref,
     parent_model,
-    pushed_to,
     quoting_files,
     read_recipe,
     without_samples,
 )
 from rlhf_pipeline.recipe.schema import BUILDERS
-
-__all__ = ["ADAPTER_CONFIG", "HUB_FILE", "is_hub_id", "model_card", "pushed_to", "read_recipe"]
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
 EVAL_FILE = "eval.json"
@@ -77,6 +73,18 @@ STAGE_TEXT = {
 }
 
 
+def bibtex(kind: str, key: str, **fields: str | tuple[str, ...]) -> str:
+    """A BibTeX entry; `author` given as a tuple of "Last, First" names; long values wrapped (BibTeX reads on)."""
+    import textwrap
+
+    lines = [f"@{kind}{{{key},"]
+    for name, value in fields.items():
+        text = " and ".join(value) if isinstance(value, tuple) else value
+        wrapped = textwrap.fill(text, width=100, initial_indent=" " * 15, subsequent_indent=" " * 15).strip()
+        lines.append(f"  {name:<9} = {{{wrapped}}},")
+    return "\n".join(lines) + "\n}"
+
+
 class Paper(NamedTuple):
     what: str  # what the card cites it for
     arxiv: str
@@ -84,56 +92,49 @@ class Paper(NamedTuple):
 
 
 PAPERS = {
-    "ppo": Paper("PPO, the policy-gradient algorithm", "1707.06347", """@article{schulman2017proximal,
-  title   = {Proximal Policy Optimization Algorithms},
-  author  = {Schulman, John and Wolski, Filip and Dhariwal, Prafulla and Radford, Alec and Klimov, Oleg},
-  journal = {arXiv preprint arXiv:1707.06347},
-  year    = {2017}
-}"""),
-    "instructgpt": Paper("RLHF: a reward model trained on human preference comparisons, then PPO against it with a KL "
-                         "penalty (InstructGPT)", "2203.02155", """@inproceedings{ouyang2022training,
-  title     = {Training language models to follow instructions with human feedback},
-  author    = {Ouyang, Long and Wu, Jeff and Jiang, Xu and Almeida, Diogo and Wainwright, Carroll L. and Mishkin, Pamela and Zhang, Chong and Agarwal, Sandhini and Slama, Katarina and Ray, Alex and Schulman, John and Hilton, Jacob and Kelton, Fraser and Miller, Luke and Simens, Maddie and Askell, Amanda and Welinder, Peter and Christiano, Paul and Leike, Jan and Lowe, Ryan},
-  booktitle = {Advances in Neural Information Processing Systems},
-  volume    = {35},
-  year      = {2022},
-  eprint    = {2203.02155},
-  archivePrefix = {arXiv}
-}"""),
-    "rloo": Paper("RLOO (REINFORCE Leave-One-Out)", "2402.14740", """@inproceedings{ahmadian2024back,
-  title     = {Back to Basics: Revisiting {REINFORCE}-Style Optimization for Learning from Human Feedback in {LLMs}},
-  author    = {Ahmadian, Arash and Cremer, Chris and Gall{\'e}, Matthias and Fadaee, Marzieh and Kreutzer, Julia and Pietquin, Olivier and {\"U}st{\"u}n, Ahmet and Hooker, Sara},
-  booktitle = {Proceedings of the 62nd Annual Meeting of the Association for Computational Linguistics (Volume 1: Long Papers)},
-  year      = {2024},
-  eprint    = {2402.14740},
-  archivePrefix = {arXiv}
-}"""),
-    "grpo": Paper("GRPO (Group Relative Policy Optimization), introduced with DeepSeekMath", "2402.03300",
-                  """@article{shao2024deepseekmath,
-  title   = {{DeepSeekMath}: Pushing the Limits of Mathematical Reasoning in Open Language Models},
-  author  = {Shao, Zhihong and Wang, Peiyi and Zhu, Qihao and Xu, Runxin and Song, Junxiao and Bi, Xiao and Zhang, Haowei and Zhang, Mingchuan and Li, Y. K. and Wu, Y. and Guo, Daya},
-  journal = {arXiv preprint arXiv:2402.03300},
-  year    = {2024}
-}"""),
-    "dpo": Paper("DPO (Direct Preference Optimization)", "2305.18290", """@inproceedings{rafailov2023direct,
-  title     = {Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
-  author    = {Rafailov, Rafael and Sharma, Archit and Mitchell, Eric and Manning, Christopher D. and Ermon, Stefano and Finn, Chelsea},
-  booktitle = {Advances in Neural Information Processing Systems},
-  volume    = {36},
-  year      = {2023},
-  eprint    = {2305.18290},
-  archivePrefix = {arXiv}
-}"""),
+    "ppo": Paper("PPO, the policy-gradient algorithm", "1707.06347", bibtex(
+        "article", "schulman2017proximal", title="Proximal Policy Optimization Algorithms",
+        author=("Schulman, John", "Wolski, Filip", "Dhariwal, Prafulla", "Radford, Alec", "Klimov, Oleg"),
+        journal="arXiv preprint arXiv:1707.06347", year="2017")),
+    "instructgpt": Paper(
+        "RLHF: a reward model trained on human preference comparisons, then PPO against it with a KL penalty "
+        "(InstructGPT)", "2203.02155", bibtex(
+            "inproceedings", "ouyang2022training",
+            title="Training language models to follow instructions with human feedback",
+            author=("Ouyang, Long", "Wu, Jeff", "Jiang, Xu", "Almeida, Diogo", "Wainwright, Carroll L.",
+                    "Mishkin, Pamela", "Zhang, Chong", "Agarwal, Sandhini", "Slama, Katarina", "Ray, Alex",
+                    "Schulman, John", "Hilton, Jacob", "Kelton, Fraser", "Miller, Luke", "Simens, Maddie",
+                    "Askell, Amanda", "Welinder, Peter", "Christiano, Paul", "Leike, Jan", "Lowe, Ryan"),
+            booktitle="Advances in Neural Information Processing Systems", volume="35", year="2022",
+            eprint="2203.02155", archivePrefix="arXiv")),
+    "rloo": Paper("RLOO (REINFORCE Leave-One-Out)", "2402.14740", bibtex(
+        "inproceedings", "ahmadian2024back",
+        title="Back to Basics: Revisiting {REINFORCE}-Style Optimization for Learning from Human Feedback in {LLMs}",
+        author=("Ahmadian, Arash", "Cremer, Chris", "Gall{\\'e}, Matthias", "Fadaee, Marzieh", "Kreutzer, Julia",
+                "Pietquin, Olivier", "{\\\"U}st{\\\"u}n, Ahmet", "Hooker, Sara"),
+        booktitle="Proceedings of the 62nd Annual Meeting of the Association for Computational Linguistics "
+                  "(Volume 1: Long Papers)", year="2024", eprint="2402.14740", archivePrefix="arXiv")),
+    "grpo": Paper("GRPO (Group Relative Policy Optimization), introduced with DeepSeekMath", "2402.03300", bibtex(
+        "article", "shao2024deepseekmath",
+        title="{DeepSeekMath}: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+        author=("Shao, Zhihong", "Wang, Peiyi", "Zhu, Qihao", "Xu, Runxin", "Song, Junxiao", "Bi, Xiao",
+                "Zhang, Haowei", "Zhang, Mingchuan", "Li, Y. K.", "Wu, Y.", "Guo, Daya"),
+        journal="arXiv preprint arXiv:2402.03300", year="2024")),
+    "dpo": Paper("DPO (Direct Preference Optimization)", "2305.18290", bibtex(
+        "inproceedings", "rafailov2023direct",
+        title="Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+        author=("Rafailov, Rafael", "Sharma, Archit", "Mitchell, Eric", "Manning, Christopher D.", "Ermon, Stefano",
+                "Finn, Chelsea"),
+        booktitle="Advances in Neural Information Processing Systems", volume="36", year="2023",
+        eprint="2305.18290", archivePrefix="arXiv")),
 }
 METHOD_PAPERS = {"ppo/gae": ("ppo", "instructgpt"), "ppo/rloo": ("rloo",), "ppo/grpo": ("grpo",), "dpo": ("dpo",),
                  "reward": ("instructgpt",)}
-TRL_CITATION = """@software{vonwerra2020trl,
-  title   = {{TRL: Transformer Reinforcement Learning}},
-  author  = {von Werra, Leandro and Belkada, Younes and Tunstall, Lewis and Beeching, Edward and Thrush, Tristan and Lambert, Nathan and Huang, Shengyi and Rasul, Kashif and Gallou{\'e}dec, Quentin},
-  license = {Apache-2.0},
-  url     = {https://github.com/huggingface/trl},
-  year    = {2020}
-}"""
+TRL_CITATION = bibtex(
+    "software", "vonwerra2020trl", title="{TRL: Transformer Reinforcement Learning}",
+    author=("von Werra, Leandro", "Belkada, Younes", "Tunstall, Lewis", "Beeching, Edward", "Thrush, Tristan",
+            "Lambert, Nathan", "Huang, Shengyi", "Rasul, Kashif", "Gallou{\\'e}dec, Quentin"),
+    license="Apache-2.0", url="https://github.com/huggingface/trl", year="2020")
 
 
 class Source(NamedTuple):

@@ -42,8 +42,9 @@ REPORTS_WITH_SAMPLES = ("eval_before.json", "eval.json")
 NUMBERS_ONLY_JSONL = ("log.jsonl", "eval_pairs.jsonl")
 # What the pushed recipe's provenance keeps (never the command line, platform, host or folders).
 PUBLIC_PROVENANCE = ("created", "python", "versions", "git")
-RECIPE_HEADER = ("# The resolved recipe of this run, as published: local paths are replaced by what they named (the Hub\n"
-                 "# repo an upstream run was pushed to, `local file NAME`, ...). Put your own in their place to re-run.\n")
+RECIPE_HEADER = ("# The resolved recipe of this run, as published: local paths are replaced by what they named\n"
+                 "# (the Hub repo an upstream run was pushed to, `local file NAME`, ...). Put your own in their\n"
+                 "# place to re-run.\n")
 
 
 def sample_reason(name: str) -> str | None:
@@ -231,10 +232,6 @@ class PublicRecipe:
         if last == "chat_template" and (value.endswith(".jinja") or looks_local(value)):
             return local_file(value)
         return f"local path {Path(value).name}" if looks_local(value) else value
-
-
-def public_recipe(run_dir: Path) -> PublicRecipe:
-    return PublicRecipe(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
