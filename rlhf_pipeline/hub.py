@@ -48,6 +48,8 @@ from rlhf_pipeline.publish import (
     is_hub_id,
     json_bytes,
     local_markers,
+    local_path,
+    made_from,
     pushed_to,
     read_recipe,
     sample_reason,
@@ -240,7 +242,7 @@ def prepare_upload(run_dir: Path, repo_id: str, *, endpoint: str, base_repo_id: 
 
 def _base_notes(run_dir: Path, recipe: dict[str, Any], adapter: dict | None, base_repo_id: str | None) -> list[str]:
     """What a push says (locally) about the card's base_model when the run came from local runs never pushed."""
-    base = card_base(recipe, adapter, base_repo_id)
+    base = card_base(run_dir, recipe, adapter, base_repo_id)
     if not base.unpushed:
         return []
     chain = ", ".join(f"{stage} run {path}" for stage, path in base.unpushed)
@@ -352,7 +354,7 @@ def hub_adapter_config(run_dir: Path, base_repo_id: str | None) -> dict[str, Any
     if not isinstance(config, dict):
         raise UserError(f"{file} is not a JSON object: expected the adapter config PEFT writes")
     base = str(config.get("base_model_name_or_path") or "")
-    local = Path(base).expanduser() if base else None
+    local = local_path(base, made_from(run_dir, read_recipe(run_dir))) if base else None
     if base_repo_id is None and (local is None or not local.is_dir()) and is_hub_id(base):
         return None
     pushed = {"repo_id": base_repo_id} if base_repo_id else pushed_to(local) if local and local.is_dir() else None

@@ -30,6 +30,8 @@ from rlhf_pipeline.publish import (
     dataset_ref,
     function_ref,
     is_hub_id,
+    local_path,
+    made_from,
     model_ref,
     parent_model,
     quoting_files,
@@ -176,7 +178,7 @@ def model_card(run_dir: str | Path, *, repo_id: str | None = None, endpoint: str
     adapter = adapter if isinstance(adapter, dict) else None
     lineage = _lineage(recipe, endpoint)
     has_model = any(path.glob("*.safetensors"))  # an eval run, say, holds reports only
-    base = card_base(recipe, adapter, base_repo_id)
+    base = card_base(path, recipe, adapter, base_repo_id)
     data = _card_data(recipe, stage, method, base, adapter, metrics, has_model, repo_id or path.name, license)
     samples = _samples(path) if include_samples else None
     card = ModelCard.from_template(
@@ -200,12 +202,13 @@ def model_card(run_dir: str | Path, *, repo_id: str | None = None, endpoint: str
 # ---------------------------------------------------------------------------------------------------------------
 # metadata
 # ---------------------------------------------------------------------------------------------------------------
-def card_base(recipe: dict[str, Any], adapter: dict[str, Any] | None, base_repo_id: str | None = None) -> Base:
+def card_base(run_dir: Path, recipe: dict[str, Any], adapter: dict[str, Any] | None,
+              base_repo_id: str | None = None) -> Base:
     """The model this one was trained from, as the Hub should know it: an adapter's base (as its pushed config names
     it); else `base_repo_id`; else the run's parent model when it is on the Hub (a Hub id, or a local run pushed
     before), or the nearest published ancestor through the local runs it came from (which the card then names)."""
     base = str((adapter or {}).get("base_model_name_or_path") or "")
-    if adapter is not None and base and is_hub_id(base) and not Path(base).expanduser().is_dir():
+    if adapter is not None and base and is_hub_id(base) and not local_path(base, made_from(run_dir, recipe)).is_dir():
         return Base(base, "adapter", [], "hub")
     if base_repo_id:
         return Base(base_repo_id, "adapter" if adapter is not None else "finetune", [], "hub")

@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -168,6 +169,57 @@ def data_file(value: str) -> str:
     return value if value.startswith(("hf://", "http://", "https://")) else local_file(value)
 
 
+def reference_kind(key: tuple) -> str | None:
+    """What a recipe value at `key` (its path of keys and list indices) may name on this machine: a "model", a
+    "data file", a "dataset", a "function" (`file.py:function`), a chat "template" file; None: nothing local."""
+    names = {k for k in key if isinstance(k, str)}
+    last = next((k for k in reversed(key) if isinstance(k, str)), "")
+    if last in ("name_or_path", "model"):
+        return "model"
+    if names & {"files", "data_files"}:
+        return "data file"
+    if last == "dataset" or (last == "path" and "datasets" in names):
+        return "dataset"
+    return {"function": "function", "chat_template": "template"}.get(last)
+
+
+def made_from(run_dir: Path, recipe: dict[str, Any]) -> Path:
+    """The directory a run was started from, where its recipe's relative paths start: the run dir's absolute path
+    less its (relative) output_dir; the current directory when that cannot be told."""
+    output_dir = recipe.get("output_dir")
+    run = run_dir.absolute()
+    if isinstance(output_dir, str) and output_dir and not os.path.isabs(output_dir):
+        parts = Path(os.path.normpath(output_dir)).parts
+        if ".." not in parts and run.parts[-len(parts):] == parts:
+            return Path(*run.parts[: -len(parts)])
+    return Path.cwd()
+
+
+def local_path(name: str, origin: Path) -> Path:
+    """Where `name`, as a recipe run from `origin` names it, is on this machine."""
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else origin / path
+
+
+def anchored(recipe: dict[str, Any], origin: Path) -> dict[str, Any]:
+    """The recipe with each relative reference to something under `origin` (a model dir, a data file, ...) made
+    absolute, so that it means the same whatever the current directory."""
+    def walk(value: Any, key: tuple) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, (*key, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, (*key, i)) for i, v in enumerate(value)]
+        if not isinstance(value, str) or "\n" in value or key[:1] == ("provenance",) or reference_kind(key) is None:
+            return value
+        file, sep, function = value.rpartition(":") if reference_kind(key) == "function" else ("", "", value)
+        name = file if sep else value
+        if not name or os.path.isabs(name) or name.startswith("~") or not (origin / name).exists():
+            return value
+        return str(origin / name) + (sep + function if sep else "")
+
+    return walk(recipe, ())
+
+
 def looks_local(value: str) -> bool:
     """A string that names a place on this machine: an absolute or home path."""
     return "\n" not in value and (os.path.isabs(value) or value.startswith("~"))
@@ -180,6 +232,7 @@ class PublicRecipe:
     def __init__(self, run_dir: Path, recipe: dict[str, Any] | None = None):
         self.run_dir = run_dir
         self.local = recipe if recipe is not None else read_recipe(run_dir)
+        self.origin = made_from(run_dir, self.local)
         self.replaced: dict[str, str] = {}
         data = copy.deepcopy(self.local)
         data.pop("provenance", None)
@@ -204,8 +257,10 @@ class PublicRecipe:
 
     def _remember(self, local: str, public: str) -> str:
         if local != public and "\n" not in local:  # every form a report may quote it in, if it is a path
-            for form in {local, str(Path(local).expanduser().absolute()), os.path.realpath(Path(local).expanduser())}:
-                if "/" in form or os.sep in form:
+            path = local_path(local, self.origin)
+            forms = {local, str(path), os.path.realpath(path), os.path.relpath(path, self.origin)}
+            for form in forms:
+                if ("/" in form or os.sep in form) and not form.startswith(".."):
                     self.replaced.setdefault(form, public)
         return public
 
@@ -219,17 +274,16 @@ class PublicRecipe:
         return self._remember(value, self._public(value, key))
 
     def _public(self, value: str, key: tuple) -> str:
-        names = {k for k in key if isinstance(k, str)}
-        last = next((k for k in reversed(key) if isinstance(k, str)), "")
-        if last in ("name_or_path", "model"):
+        kind = reference_kind(key)
+        if kind == "model":
             return model_ref(value).public
-        if names & {"files", "data_files"}:
+        if kind == "data file":
             return data_file(value)
-        if last == "dataset" or (last == "path" and "datasets" in names):
+        if kind == "dataset":
             return dataset_ref(value)
-        if last == "function":
+        if kind == "function":
             return function_ref(value)
-        if last == "chat_template" and (value.endswith(".jinja") or looks_local(value)):
+        if kind == "template" and (value.endswith(".jinja") or looks_local(value)):
             return local_file(value)
         return f"local path {Path(value).name}" if looks_local(value) else value
 
@@ -239,9 +293,9 @@ class PublicRecipe:
 # ---------------------------------------------------------------------------------------------------------------
 def local_markers(run_dir: Path, recipe: dict[str, Any]) -> list[str]:
     """Texts that say where and on what a run was made: the folders above it (absolute, as given and resolved),
-    the home folder, the local paths its recipe names, the platform it ran on. System folders with one part
-    (`/tmp`, `/home`) say nothing and are left out."""
-    paths = {run_dir.absolute().parent, run_dir.resolve().parent, Path.home()}
+    the folder it was started from, the home folder, the local paths its recipe names, the platform it ran on.
+    System folders with one part (`/tmp`, `/home`) say nothing and are left out."""
+    paths = {run_dir.absolute().parent, run_dir.resolve().parent, made_from(run_dir, recipe), Path.home()}
     names: list[str] = []
 
     def collect(value: Any) -> None:
@@ -266,8 +320,12 @@ def local_markers(run_dir: Path, recipe: dict[str, Any]) -> list[str]:
 
 
 def find_local(data: bytes, markers: list[str]) -> str | None:
-    """The first marker found in `data`, or None."""
-    return next((m for m in markers if m.encode("utf-8") in data), None)
+    """The first marker found in `data` whole (`/root` in `/root/x` or `"/root"`, not in `/srv/root` or `/rootfs`),
+    or None."""
+    for marker in markers:
+        if re.search(rb"(?<![\w.-])" + re.escape(marker.encode("utf-8")) + rb"(?![\w.-])", data):
+            return marker
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,7 +350,8 @@ def is_hub_id(name: str) -> bool:
 
 
 def read_recipe(path: Path, missing_ok: bool = False) -> dict[str, Any]:
-    """A run dir's recipe.resolved.yaml, provenance included ({} when `missing_ok` and it cannot be read)."""
+    """A run dir's recipe.resolved.yaml, provenance included ({} when `missing_ok` and it cannot be read), with its
+    relative references anchored where the run was made (`anchored`)."""
     import yaml
 
     from rlhf_pipeline.recipe.yaml_io import RecipeYamlLoader
@@ -306,7 +365,7 @@ def read_recipe(path: Path, missing_ok: bool = False) -> dict[str, Any]:
         if isinstance(exc, FileNotFoundError):
             raise UserError(f"{path} has no {runs.RECIPE_FILE}: not a run dir written by an rlhf stage") from None
         raise UserError(f"cannot read {file}: {exc}") from None
-    return data if isinstance(data, dict) else {}
+    return anchored(data, made_from(path, data)) if isinstance(data, dict) else {}
 
 
 def json_bytes(data: Any) -> bytes:

@@ -877,6 +877,35 @@ def test_the_recipe_names_local_things_by_what_they_are(hub, tmp_path, upstream)
     assert str(tmp_path) not in hub.uploaded("rlhf-test/mine")["README.md"].decode()
 
 
+def test_relative_paths_mean_what_they_meant_where_the_run_was_made(hub, tmp_path):
+    """A run made from its project folder names upstream runs and data relatively (`runs/sft` reads like a Hub id):
+    pushed from anywhere else, they still name the local runs and files they named."""
+    project = tmp_path / "project"
+    _write(project / "data" / "p.jsonl", json.dumps({"prompt": "x"}) + "\n")
+    sft = _finished_run(project / "runs" / "sft", {"stage": "sft", "output_dir": "runs/sft",
+                                                   "model": {"name_or_path": "gpt2"}}, {"eval_loss": 2.0})
+    recipe = {"stage": "ppo", "output_dir": "runs/ppo", "policy": {"name_or_path": "runs/sft"},
+              "reward": {"function": "rlhf_pipeline.tiny.annotator:gold_score"},
+              "data": {"files": {"train": ["data/p.jsonl"]}}}
+    ppo = _finished_run(project / "runs" / "ppo", recipe, {"eval_score_after": 1.0})
+    push_run(sft, "rlhf-test/sft")  # from the repository root (the tests' current directory), not the project
+    push_run(ppo, PPO_REPO)
+    card = _hub_card(PPO_REPO)
+    assert card.data.base_model == "rlhf-test/sft"
+    assert f"- **policy:** [rlhf-test/sft]({hub.url}/rlhf-test/sft), pushed from a local sft run" in card.text
+    published = yaml.safe_load(hub.uploaded(PPO_REPO)["recipe.resolved.yaml"])
+    assert published["policy"]["name_or_path"] == "rlhf-test/sft"
+    assert published["data"]["files"] == {"train": ["local file p.jsonl"]} and published["output_dir"] == "ppo"
+
+
+def test_a_local_path_is_found_whole():
+    from rlhf_pipeline.publish import find_local
+
+    assert find_local(b'{"dir": "/root"}', ["/root"]) == "/root"
+    assert find_local(b"made in /root/x", ["/root"]) == "/root"
+    assert find_local(b"/srv/root/x and /rootfs", ["/root"]) is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # samples only on request
 # ---------------------------------------------------------------------------------------------------------------
@@ -929,7 +958,7 @@ def test_an_eval_report_goes_only_with_samples(hub, real_runs):
     files = hub.uploaded("rlhf-test/eval")
     assert "eval.md" not in files and "quotes held-out prompts" in result.skipped["eval.md"]
     report = json.loads(files["eval.json"])
-    assert "samples" not in report and report["metrics"]["win_rate"] == 0.5 or "win_rate" in report["metrics"]
+    assert "samples" not in report and "win_rate" in report["metrics"] and "plots" in report
 
 
 # ---------------------------------------------------------------------------------------------------------------
