@@ -245,7 +245,8 @@ def _base_notes(run_dir: Path, recipe: dict[str, Any], adapter: dict | None, bas
     base = card_base(run_dir, recipe, adapter, base_repo_id)
     if not base.unpushed:
         return []
-    chain = ", ".join(f"{stage} run {path}" for stage, path in base.unpushed)
+    chain = ", ".join(f"{stage} run {path}" if stage != "model" else f"model directory {path}"
+                      for stage, path in base.unpushed)
     advice = (f"Push them first, upstream first (`rlhf push {base.unpushed[-1][1]} --repo-id ORG/NAME`), then this "
               "run again, or name the base with --base-repo-id ORG/NAME")
     if base.repo_id:

@@ -38,7 +38,7 @@ from rlhf_pipeline.publish import (
     read_recipe,
     without_samples,
 )
-from rlhf_pipeline.recipe.schema import BUILDERS
+from rlhf_pipeline.recipe.schema import BUILDERS, GenerationSection
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
 EVAL_FILE = "eval.json"
@@ -181,16 +181,17 @@ def model_card(run_dir: str | Path, *, repo_id: str | None = None, endpoint: str
     base = card_base(path, recipe, adapter, base_repo_id)
     data = _card_data(recipe, stage, method, base, adapter, metrics, has_model, repo_id or path.name, license)
     samples = _samples(path) if include_samples else None
+    quoted_text = _quoted_text(path, quoted if quoted is not None else quoting_files(path))
     card = ModelCard.from_template(
         data, template_path=str(TEMPLATE), title=repo_id or path.name, stage=stage, adapter=adapter,
         what=STAGE_TEXT.get(method, f"the output of the `{stage}` stage"),
         architecture=_architecture(path), saved=metrics.get("saved"), lineage=lineage,
         base=base if base.repo_id and base.unpushed else None, link=lambda repo: _link(repo, endpoint),
-        data=_data_text(recipe, endpoint, samples is not None), generation=recipe.get("generation"),
+        data=_data_text(recipe, endpoint, include_samples and bool(quoted_text)),
         usage=_usage(path, recipe, stage, adapter, repo_id, include_samples) if has_model else None,
-        tables=_metric_tables(metrics, evaluation), results_note=_results_note(data, recipe, metrics, has_model),
+        tables=_metric_tables(metrics, evaluation), results_note=_results_note(data, metrics, has_model),
         samples=samples, samples_published=include_samples,
-        quoted=_quoted_text(path, quoted if quoted is not None else quoting_files(path)),
+        quoted=quoted_text,
         papers=[(PAPERS[key], f"https://arxiv.org/abs/{PAPERS[key].arxiv}") for key in METHOD_PAPERS.get(method, ())],
         trl=TRAINED_WITH.get(stage) == "trl", trl_citation=TRL_CITATION,
         recipe_text=public.text().rstrip("\n"),
@@ -266,13 +267,13 @@ def _eval_results(recipe: dict[str, Any], task: str, metrics: dict[str, Any]) ->
             for key, value in own_results(metrics).items()]
 
 
-def _results_note(data: Any, recipe: dict[str, Any], metrics: dict[str, Any], has_model: bool) -> str | None:
+def _results_note(data: Any, metrics: dict[str, Any], has_model: bool) -> str | None:
     """Why the metadata holds fewer results than the tables show."""
     if not has_model or not own_results(metrics):
         return None
     if not data.eval_results:
-        return ("The held-out data are local files, so the card's metadata holds no results (the Hub's model-index "
-                "names its datasets by Hub id).")
+        return ("The held-out data are not a Hub dataset, so the card's metadata holds no results (the Hub's "
+                "model-index names its datasets by Hub id).")
     return ("The card's metadata (model-index) holds this model's held-out results after training; figures from "
             "before training and counts are in the tables only.")
 
@@ -421,9 +422,10 @@ def _usage(path: Path, recipe: dict[str, Any], stage: str, adapter: dict | None,
     rows = (runs.read_jsonl(path / EVAL_SAMPLES_FILE) or runs.read_jsonl(path / SAMPLES_FILE)) if include_samples \
         else []
     prompt = rows[0]["prompt"][:200] if rows and isinstance(rows[0].get("prompt"), str) else USAGE_PROMPT
-    settings = {"max_new_tokens": generation.get("response_length") or 64, "do_sample": True}
-    if generation:
-        settings.update({key: generation[key] for key in ("temperature", "top_k", "top_p") if key in generation})
+    settings: dict[str, Any] = {"max_new_tokens": generation.get("response_length") or 64, "do_sample": True}
+    if generation:  # the recipe's settings, its defaults where it has none
+        defaults = GenerationSection().model_dump()
+        settings.update({key: generation.get(key, defaults[key]) for key in ("temperature", "top_k", "top_p")})
     auto = f"Auto{'Peft' if adapter else ''}ModelFor{'SequenceClassification' if stage == 'reward' else 'CausalLM'}"
     text = json.dumps(prompt) + json.dumps(USAGE_RESPONSE)
     return {"auto": auto, "repo": json.dumps(repo_id or str(path)), "prompt": json.dumps(prompt),

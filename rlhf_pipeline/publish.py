@@ -2,10 +2,11 @@
 model card (rlhf_pipeline.model_card).
 
 A run dir keeps its full local record: recipe.resolved.yaml names models and data by local path, and its provenance
-holds the command line and the platform. None of that is published. The pushed copy of the recipe (`public_recipe`)
+holds the command line and the platform. None of that is published. The pushed copy of the recipe (`PublicRecipe`)
 names each local thing by what it is: an upstream run by the Hub repo it was pushed to (its hub.json), else
 "local sft run (not pushed)"; a data file as "local file NAME"; a Hub id as it is. Its provenance keeps what
-reproduces the run: library versions, the tool's commit, the Python version, when it was made.
+reproduces the run: library versions, the tool's commit, the Python version, when it was made. A recipe's relative
+paths are read from the directory the run was started from (`made_from`), whatever the current one.
 
 Files that quote the data or what the model wrote (samples, reports with samples, unknown JSON-lines files that may
 hold data rows) go only on request (`include_samples`); reports whose `samples` entry quotes them go without it.
@@ -59,7 +60,7 @@ def sample_reason(name: str) -> str | None:
 
 
 def quoting_files(run_dir: Path) -> list[str]:
-    """The files of those this tool writes that quote samples (a custom JSON-lines file is found by the push)."""
+    """The run's sample files among those this tool writes (a push finds other JSON-lines files too)."""
     return [name for name in SAMPLE_FILES if (run_dir / name).is_file()]
 
 
