@@ -182,6 +182,7 @@ def model_card(run_dir: str | Path, *, repo_id: str | None = None, endpoint: str
     data = _card_data(recipe, stage, method, base, adapter, metrics, has_model, repo_id or path.name, license)
     samples = _samples(path) if include_samples else None
     quoted_text = _quoted_text(path, quoted if quoted is not None else quoting_files(path))
+    papers, trl = [PAPERS[key] for key in METHOD_PAPERS.get(method, ())], TRAINED_WITH.get(stage) == "trl"
     card = ModelCard.from_template(
         data, template_path=str(TEMPLATE), title=repo_id or path.name, stage=stage, adapter=adapter,
         what=STAGE_TEXT.get(method, f"the output of the `{stage}` stage"),
@@ -192,8 +193,8 @@ def model_card(run_dir: str | Path, *, repo_id: str | None = None, endpoint: str
         tables=_metric_tables(metrics, evaluation), results_note=_results_note(data, metrics, has_model),
         samples=samples, samples_published=include_samples,
         quoted=quoted_text,
-        papers=[(PAPERS[key], f"https://arxiv.org/abs/{PAPERS[key].arxiv}") for key in METHOD_PAPERS.get(method, ())],
-        trl=TRAINED_WITH.get(stage) == "trl", trl_citation=TRL_CITATION,
+        papers=[(paper, f"https://arxiv.org/abs/{paper.arxiv}") for paper in papers], trl=trl,
+        citations="\n\n".join([paper.bibtex for paper in papers] + ([TRL_CITATION] if trl else [])),
         recipe_text=public.text().rstrip("\n"),
         provenance=public.data.get("provenance") if isinstance(public.data.get("provenance"), dict) else None,
         code=code, fence=fence)
