@@ -189,22 +189,45 @@ def push(
                                                     help="Branch to push to, created from main when missing; "
                                                          "default main.")] = None,
     base_repo_id: Annotated[Optional[str], typer.Option(
-        "--base-repo-id", metavar="ORG/NAME", help="An adapter's base model on the Hub, written into the pushed "
-                                                   "adapter_config.json. Default: the repo the base run was pushed "
-                                                   "to (its hub.json).")] = None,
+        "--base-repo-id", metavar="ORG/NAME",
+        help="The model this one was trained from, on the Hub: the card's base_model, and for an adapter the base "
+             "written into the pushed adapter_config.json. Default: the repo the parent run was pushed to (its "
+             "hub.json), else the nearest published ancestor.")] = None,
     license: Annotated[Optional[str], typer.Option("--license", metavar="ID",
                                                    help="License id for the model card, e.g. mit.")] = None,
+    include_samples: Annotated[Optional[bool], typer.Option(
+        "--include-samples/--no-samples",
+        help="Publish the generated samples and the reports that quote prompts of the data (samples.jsonl, "
+             "eval_samples.jsonl, eval.md, the samples in eval_before.json). Default: the recipe's "
+             "hub.include_samples (false unless set).", show_default=False)] = None,
+    preview: Annotated[Optional[Path], typer.Option(
+        "--preview", metavar="DIR",
+        help="Write to DIR (new or empty) exactly the files the push would upload, card included, and say what it "
+             "leaves out; contacts nothing, needs no token.")] = None,
 ) -> None:
-    """Make the repo mirror a finished run dir: weights, tokenizer, recipe, metrics and a model card with its
-    lineage; repo files the run does not have are deleted. The token comes from HF_TOKEN or `hf auth login` and is
-    never written anywhere."""
-    from rlhf_pipeline.hub import push_run
+    """Make the repo mirror a finished run dir: weights, tokenizer, metrics, the recipe as published and a model
+    card with its lineage; repo files the run does not have are deleted. Nothing local is published: no path, command
+    line or platform (models and data are named by Hub id or as `local file NAME`), and samples only when asked.
+    The token comes from HF_TOKEN or `hf auth login` and is never written anywhere."""
+    from rlhf_pipeline.hub import preview_run, push_run
 
     with user_errors():
-        result = push_run(run_dir, repo_id, private=private, revision=revision, base_repo_id=base_repo_id,
-                          license=license)
-    for path, reason in result.skipped.items():
+        if preview is not None:
+            upload = preview_run(run_dir, repo_id, preview, base_repo_id=base_repo_id, license=license,
+                                 include_samples=include_samples)
+            skipped, notes = upload.skipped, upload.notes
+        else:
+            result = push_run(run_dir, repo_id, private=private, revision=revision, base_repo_id=base_repo_id,
+                              license=license, include_samples=include_samples)
+            skipped, notes = result.skipped, result.notes
+    for path, reason in skipped.items():
         typer.echo(f"left out {path}: {reason}", err=True)
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    if preview is not None:
+        typer.echo(f"preview: {len(upload.files)} files in {preview}, as a push to {repo_id} would upload them "
+                   "(it would also delete the repo files the run does not have); nothing was sent")
+        return
     for path in result.deleted:
         typer.echo(f"deleted {path} from the repo: the run does not have it", err=True)
     typer.echo(f"pushed {len(result.files)} files to {result.url} (revision {result.revision}, "

@@ -590,7 +590,8 @@ def _push_stages(hub, plans: list[StagePlan], only: str | None) -> list[tuple[st
         if plan.name not in hub.stages or (only is not None and plan.name != only):
             continue
         repo_id = f"{hub.repo_prefix}-{plan.name}"
-        result = push_run(plan.output_dir, repo_id, private=hub.private, license=hub.license)
+        result = push_run(plan.output_dir, repo_id, private=hub.private, license=hub.license,
+                          include_samples=hub.include_samples)
         rows.append((f"push {plan.name}", "pushed", "-", result.url))
     return rows
 

@@ -712,14 +712,70 @@ def command_line(extra: tuple[str, ...] = ()) -> str:
 
 
 def git_commit() -> dict[str, Any] | None:
-    """The commit of the rlhf-pipeline checkout this code runs from, and whether it has uncommitted changes."""
-    source = Path(__file__).resolve().parent
+    """The rlhf-pipeline commit this code was installed from, told by the installed package's metadata, never by the
+    git repository around whatever folder the code sits in (a wheel installed into a virtualenv inside the user's own
+    repo would otherwise record the user's commit):
+    - installed from git (`pip install git+https://...@REV`): the commit pip recorded in the dist's direct_url.json;
+    - an editable install, or the source tree itself on sys.path: HEAD of that tree, only when the tree is the root
+      of its own git checkout of rlhf-pipeline (its pyproject.toml names the project);
+    - installed from a wheel or sdist: None (`versions` has the release)."""
+    source = Path(__file__).resolve().parents[1]  # the folder that holds the rlhf_pipeline package
+    direct_url = _installed_direct_url(source)
+    if direct_url is not None and not (direct_url.get("dir_info") or {}).get("editable"):
+        vcs = direct_url.get("vcs_info") or {}
+        return {"commit": str(vcs["commit_id"]), "dirty": False} if vcs.get("vcs") == "git" and vcs.get(
+            "commit_id") else None
+    return _checkout_commit(source)
+
+
+def _installed_direct_url(source: Path) -> dict[str, Any] | None:
+    """The installed rlhf-pipeline dist's direct_url.json (PEP 610; {} when it has none), when that dist is the code
+    running now (its files, or for an editable install its source folder); None when the code runs from a source
+    tree that is not the installed dist."""
+    from importlib.metadata import distribution
+
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
+        dist = distribution("rlhf-pipeline")
+    except PackageNotFoundError:
         return None
-    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    try:
+        direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
+    except ValueError:
+        direct_url = {}
+    direct_url = direct_url if isinstance(direct_url, dict) else {}
+    url = str(direct_url.get("url") or "")
+    if (direct_url.get("dir_info") or {}).get("editable") and url.startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        return direct_url if Path(unquote(urlsplit(url).path)).resolve() == source else None
+    installed = Path(str(dist.locate_file("rlhf_pipeline/runs.py")))
+    return direct_url if installed.is_file() and installed.resolve() == Path(__file__).resolve() else None
+
+
+def _checkout_commit(source: Path) -> dict[str, Any] | None:
+    """HEAD of `source` and whether it has uncommitted changes, when `source` is the top of a git checkout of
+    rlhf-pipeline; None for any other folder (e.g. a package folder copied into another project's repo)."""
+    import re
+
+    try:
+        pyproject = (source / "pyproject.toml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not re.search(r"""(?m)^name\s*=\s*["']rlhf-pipeline["']""", pyproject):
+        return None
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != source:
+        return None
+    head = git("rev-parse", "HEAD")
+    if not head:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": head, "dirty": bool(dirty)}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +13,20 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import FAST_TRAINING, TOKEN, _use_hub, run_cli, stage_recipe, write_recipe
+from conftest import (
+    FAST_TRAINING,
+    REPO,
+    TOKEN,
+    _use_hub,
+    run_cli,
+    stage_recipe,
+    write_pipeline_recipes,
+    write_recipe,
+)
 from hub_server import HubServer
 from huggingface_hub import ModelCard
 
+from rlhf_pipeline import runs as runs_io
 from rlhf_pipeline.errors import UserError
 from rlhf_pipeline.hub import push_if_configured, push_run, skip_reason
 from rlhf_pipeline.model_card import model_card
@@ -23,8 +36,8 @@ GIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 MODEL_FILES = ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json", "chat_template.jinja"]
-REPORT_FILES = ["recipe.resolved.yaml", "metrics.json", "eval.json", "log.jsonl", "samples.jsonl",
-                "eval_samples.jsonl", "ppo_curves.png", "notes/report.md"]
+REPORT_FILES = ["recipe.resolved.yaml", "metrics.json", "eval.json", "log.jsonl", "ppo_curves.png", "notes/report.md"]
+SAMPLE_FILES = ["eval_samples.jsonl", "samples.jsonl"]  # uploaded only on request
 NEVER_UPLOADED = ["training_args.bin", "rng_state.pth", "scaler.pt", "extra.pkl",
                   "checkpoints/update-000001/model.safetensors", "checkpoints/update-000001/optimizer.pt",
                   "runs/events.out.tfevents.1.host", ".hidden.json",
@@ -155,7 +168,8 @@ def test_push_uploads_the_run_and_its_card(hub, ppo_run, upstream):
     uploaded = hub.uploaded(PPO_REPO)
     assert set(uploaded) == {".gitattributes", "README.md", *MODEL_FILES, *REPORT_FILES}
     for name in MODEL_FILES + REPORT_FILES:
-        assert uploaded[name] == (ppo_run / name).read_bytes(), name
+        if name != "recipe.resolved.yaml":  # the recipe as published (see the tests of what stays local)
+            assert uploaded[name] == (ppo_run / name).read_bytes(), name
     # the weights went through the LFS batch API and arrive intact
     assert any(method == "PUT" and path.startswith("/__lfs/") for method, path in hub.requests)
     from safetensors.torch import load
@@ -169,6 +183,9 @@ def test_push_uploads_the_run_and_its_card(hub, ppo_run, upstream):
     assert result.commit_sha == repo.branches["main"]
     assert sorted(result.files) == sorted(["README.md", *MODEL_FILES, *REPORT_FILES])
     assert {"training_args.bin", "checkpoints/", "runs/", "README.md", ".hidden.json"} <= set(result.skipped)
+    # samples only on request
+    for name in SAMPLE_FILES:
+        assert "--include-samples" in result.skipped[name]
 
     # the run dir is untouched but for hub.json, which records the push (and no token)
     after = _snapshot(ppo_run)
@@ -180,7 +197,7 @@ def test_push_uploads_the_run_and_its_card(hub, ppo_run, upstream):
 
     # the card is the generated one, not the run dir's README.md
     card = uploaded["README.md"].decode()
-    assert card == model_card(ppo_run, repo_id=PPO_REPO, endpoint=hub.url)
+    assert card == model_card(ppo_run, repo_id=PPO_REPO, endpoint=hub.url, quoted=SAMPLE_FILES)
 
 
 def test_the_token_goes_only_into_the_authorization_header(hub, ppo_run, upstream):
@@ -212,11 +229,12 @@ def test_the_card_describes_the_run(hub, ppo_run, upstream):
 
     meta = _hub_card(PPO_REPO).data.to_dict()
     assert meta["library_name"] == "transformers"
-    assert meta["tags"][:4] == ["rlhf-pipeline", "trl", "rlhf", "ppo"]
+    assert meta["tags"] == ["rlhf-pipeline", "rlhf", "ppo"]  # our PPO trainer, not TRL's
     assert meta["pipeline_tag"] == "text-generation"
     assert meta["base_model"] == "rlhf-test/tiny-sft"  # the policy, pushed before
     assert meta["base_model_relation"] == "finetune"
     assert "license" not in meta and "datasets" not in meta  # none given; local files only
+    assert "model-index" not in meta  # the held-out data are local files: no Hub dataset to name
 
     # metrics (rounded) and the evaluation report
     assert "| eval_score_after | 3.3 |" in card
@@ -224,17 +242,45 @@ def test_the_card_describes_the_run(hub, ppo_run, upstream):
     assert "| final_policy_loss | -0.003921 |" in card
     assert "| episodes | 16 |" in card
     assert "| win_rate | 0.8125 |" in card and "| judge.agreement | 0.75 |" in card
+    assert "the card's metadata holds no results" in card
 
-    # lineage: the pushed SFT run links to its repo on the endpoint in use; the reward run was not pushed
-    assert f"[rlhf-test/tiny-sft]({hub.url}/rlhf-test/tiny-sft)" in card
+    # lineage: the pushed SFT run links to its repo on the endpoint in use; the reward run was not pushed, and is
+    # told by its stage and where it came from, never by its path
+    assert f"[rlhf-test/tiny-sft]({hub.url}/rlhf-test/tiny-sft), pushed from a local sft run" in card
     reward_line = next(line for line in card.splitlines() if line.startswith("- **reward model:**"))
-    assert "local run, not pushed" in reward_line and str(upstream["reward"]) in reward_line
-    assert "reward run" in reward_line
+    assert reward_line == ("- **reward model:** a local reward run (not pushed), trained from "
+                           f"[rlhf-test/tiny-sft]({hub.url}/rlhf-test/tiny-sft)")
     assert "rlhf_pipeline.tiny.annotator:gold_score" in card
-    assert "data/prompts.jsonl" in card
+    assert "- **data:** local files (train: `prompts.jsonl`; test: `prompts-test.jsonl`), not published" in card
+    assert str(upstream["reward"].parent) not in card and "data/prompts.jsonl" not in card
 
-    # how to load it
+    # how to load it, and sample as PPO did: every generation setting, top_k=0 too
     assert f'AutoModelForCausalLM.from_pretrained("{PPO_REPO}")' in card
+    assert ("model.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=0, top_p=1.0)"
+            in card)
+
+    # no sample is quoted; the card says which files stay with the run
+    assert "review of <Film|One>:" not in card and "second prompt" not in card
+    assert "Not published: `eval_samples.jsonl`, `samples.jsonl` quote prompts of the data" in card
+
+    # the method's papers, and how to cite them
+    assert "[arXiv:1707.06347](https://arxiv.org/abs/1707.06347)" in card
+    assert "[arXiv:2203.02155](https://arxiv.org/abs/2203.02155)" in card
+    assert "@article{schulman2017proximal," in card and "@inproceedings{ouyang2022training," in card
+
+    # the recipe as published, and its provenance
+    assert f"```yaml\n{hub.uploaded(PPO_REPO)['recipe.resolved.yaml'].decode().rstrip()}\n```" in card
+    assert GIT_COMMIT in card
+    assert "| transformers | 5.24.0 |" in card
+
+
+def test_the_card_quotes_samples_when_they_are_published(hub, ppo_run, upstream):
+    result = push_run(ppo_run, PPO_REPO, include_samples=True)
+    uploaded = hub.uploaded(PPO_REPO)
+    assert {"samples.jsonl", "eval_samples.jsonl"} <= set(uploaded) and not set(SAMPLE_FILES) & set(result.skipped)
+    card = uploaded["README.md"].decode()
+    assert "Published with this card, as asked" in card and "`eval_samples.jsonl`, `samples.jsonl`" in card
+    assert "published, but the samples published with this card quote prompts from them" in card
 
     # samples: before/after side by side, as JSON in a code block (which Markdown shows as written)
     block = card.split("## Samples", 1)[1].split("```json\n", 1)[1].split("\n```", 1)[0]
@@ -242,12 +288,7 @@ def test_the_card_describes_the_run(hub, ppo_run, upstream):
     assert pairs[0] == {"prompt": "review of <Film|One>:", "before": {"response": " dull *very*\nslow", "score": -1.25},
                         "after": {"response": " a joy<|endoftext|>", "score": 3.5}}
     assert [p["prompt"] for p in pairs] == ["review of <Film|One>:", "second prompt"]
-
-    # the resolved recipe, verbatim, and its provenance
-    recipe_text = (ppo_run / "recipe.resolved.yaml").read_text()
-    assert f"```yaml\n{recipe_text.rstrip()}\n```" in card
-    assert GIT_COMMIT in card
-    assert "| transformers | 5.24.0 |" in card
+    assert 'inputs = tokenizer("review of <Film|One>:", return_tensors="pt", add_special_tokens=False)' in card
 
 
 def test_a_second_push_to_the_same_repo(monkeypatch, tmp_path, ppo_run, upstream):
@@ -273,7 +314,6 @@ def test_a_second_push_to_the_same_repo(monkeypatch, tmp_path, ppo_run, upstream
         assert server.uploaded(PPO_REPO)["eval.json"] == b'{"win_rate": 0.9}'
         card = _hub_card(PPO_REPO)
         assert card.data.license == "mit" and "| win_rate | 0.9 |" in card.text
-        assert {r.metric_type: r.metric_value for r in card.data.eval_results}["win_rate"] == 0.9
         assert server.repos[PPO_REPO].commits[-1]["summary"] == "Re-evaluate"
         assert json.loads((ppo_run / "hub.json").read_text())["commit_sha"] == third.commit_sha
 
@@ -430,9 +470,11 @@ def test_card_of_a_pretraining_run_from_scratch(tmp_path):
     assert "base_model" not in meta and "base_model_relation" not in meta  # nothing it derives from
     assert meta["pipeline_tag"] == "text-generation"
     assert "initialised from scratch" in card and "byte-level BPE" in card
-    assert "- **data:** local files, not published (train: `corpus.jsonl`)" in card
+    assert "- **data:** local files (train: `corpus.jsonl`), not published" in card
     assert "layers 2, width 3, context 16, vocabulary 4" in card  # from config.json; the Hub counts parameters
-    assert [(r.metric_type, r.metric_value) for r in _results(meta)] == [("eval_loss", 2.5)]
+    assert _results(meta) == [] and "| eval_loss | 2.5 |" in card  # local data: no model-index
+    assert meta["tags"] == ["rlhf-pipeline", "transformers", "pretrain"]  # transformers' Trainer made it
+    assert "## Method" not in card
     assert f'AutoModelForCausalLM.from_pretrained("{run}")' in card
 
 
@@ -482,9 +524,10 @@ def test_card_code_blocks_hold_backticks(tmp_path):
     run = _finished_run(tmp_path / "sft", {"stage": "sft", "output_dir": "x", "model": {"name_or_path": "gpt2"},
                                            "note": "a ```` b"}, {"eval_loss": 1.0})
     _write(run / "samples.jsonl", json.dumps({"prompt": "say ``` now", "response": "`x`"}) + "\n")
-    card = model_card(run, endpoint="https://hub.example")
+    card = model_card(run, endpoint="https://hub.example", include_samples=True)
     assert "`````yaml\n" in card and "````json\n" in card and "````python\n" in card
     assert 'inputs = tokenizer("say ``` now", return_tensors="pt")' in card
+    assert "say ``` now" not in model_card(run, endpoint="https://hub.example")  # samples not published
 
 
 def test_card_of_a_run_without_weights(tmp_path):
@@ -523,14 +566,28 @@ def test_the_pushed_card_metadata_field_by_field(hub, tmp_path):
     assert "model-index" in data.to_dict()
 
 
-def test_the_ppo_card_model_index(hub, ppo_run, upstream):
-    push_run(ppo_run, PPO_REPO)
-    results = _hub_card(PPO_REPO).data.eval_results
-    assert {r.metric_type: r.metric_value for r in results} == {
-        "eval_score_before": 0.43723064661026, "eval_score_after": 3.300278663635254, "eval_kl": 4.0298,
-        "win_rate": 0.8125, "judge.agreement": 0.75}
-    assert {(r.task_type, r.dataset_type, r.dataset_split) for r in results} == {("text-generation", "local", "test")}
-    assert results[0].dataset_name == "local files prompts-test.jsonl"
+def test_the_ppo_card_model_index(hub, tmp_path):
+    """The model-index holds this model's own held-out results after training, on the Hub dataset they were measured
+    on; the figures from before training and the counts are in the text only."""
+    recipe = {"stage": "ppo", "output_dir": "x", "policy": {"name_or_path": "gpt2"}, "reward": {"model": "org/rm"},
+              "data": {"dataset": "org/prompts", "eval_split": "test"},
+              "generation": {"response_length": 8, "temperature": 0.7, "top_k": 0, "top_p": 1.0}}
+    metrics = {"eval_score_before": 0.43723064661026, "eval_score_after": 3.300278663635254, "eval_kl": 4.0298,
+               "eval_kl_before": 0.0, "eval_gold_before": 0.1, "eval_gold_after": 0.5, "eval_prompts": 64,
+               "eval_prompts_too_long": 0, "episodes": 16}
+    run = _finished_run(tmp_path / "ppo", recipe, metrics)
+    _write(run / "eval.json", json.dumps({"win_rate": 0.8125}))  # a comparison: the text reports it
+    push_run(run, PPO_REPO)
+    card = _hub_card(PPO_REPO)
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
+        "eval_score_after": 3.300278663635254, "eval_kl": 4.0298, "eval_gold_after": 0.5}
+    assert {(r.task_type, r.dataset_type, r.dataset_name, r.dataset_split) for r in card.data.eval_results} == {
+        ("text-generation", "org/prompts", "org/prompts", "test")}
+    assert card.data.datasets == ["org/prompts"] and card.data.base_model == "gpt2"
+    for row in ("| eval_score_before | 0.4372 |", "| eval_kl_before | 0 |", "| eval_prompts | 64 |",
+                "| win_rate | 0.8125 |"):
+        assert row in card.text
+    assert "figures from before training and counts are in the tables only" in card.text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -638,8 +695,10 @@ def test_base_repo_id_names_the_base(hub, tmp_path):
     assert "rlhf-test/base" in files["README.md"].decode().split("## How to use", 1)[1]
 
 
-def test_base_repo_id_without_an_adapter_is_refused(hub, ppo_run):
-    _refused(hub, ppo_run, "holds no adapter_config.json", base_repo_id="rlhf-test/base")
+def test_base_repo_id_names_the_base_of_a_full_model(hub, ppo_run):
+    push_run(ppo_run, PPO_REPO, base_repo_id="rlhf-test/other-sft")
+    data = _hub_card(PPO_REPO).data
+    assert (data.base_model, data.base_model_relation) == ("rlhf-test/other-sft", "finetune")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -675,3 +734,467 @@ def test_push_to_hub_checks_the_repo_id_before_training(hub, tmp_path, tiny_mode
     result = run_cli("sft", recipe, "--push-to-hub", "rlhf-test/cli-sft", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "push to rlhf-test/cli-sft" in result.output and hub.requests == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nothing local leaves the machine: real runs, made under a folder whose name must not be published
+# ---------------------------------------------------------------------------------------------------------------
+SECRET = "alice-acme-secret"  # in the folders above every run
+HOST, USER, PLATFORM = "alice-acme-host", "alice-acme-user", "Linux-alice-acme-platform-x86_64"
+
+
+@pytest.fixture(scope="module")
+def made_runs(tmp_path_factory, data_dir) -> dict[str, Path]:
+    """The tiny pipeline (pretrain, sft, reward, ppo, eval) and a DPO LoRA adapter on its SFT model, run in this
+    process under `<tmp>/alice-acme-secret/...` by a user whose home, user name, host name and platform carry the
+    same marks, from recipes named by absolute path."""
+    import getpass
+    import platform
+    import socket
+
+    root = tmp_path_factory.mktemp("hub-runs") / SECRET / "projects" / "rlhf"
+    root.mkdir(parents=True)
+    write_pipeline_recipes(root, data_dir, dict(FAST_TRAINING), ppo_episodes=8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(root.parent.parent / "home" / USER))
+        patch.setenv("USER", USER)
+        patch.setenv("LOGNAME", USER)
+        patch.setattr(socket, "gethostname", lambda: HOST)
+        patch.setattr(platform, "platform", lambda *args, **kwargs: PLATFORM)
+        patch.chdir(root)
+        assert getpass.getuser() == USER
+        patch.setattr(sys, "argv", ["rlhf", "pipeline", str(root / "recipes" / "pipeline.yaml")])  # as typed
+        done = run_cli("pipeline", root / "recipes" / "pipeline.yaml")
+        assert done.exit_code == 0, done.output
+        runs_dir = root / "runs"
+        dpo = stage_recipe("dpo", runs_dir / "dpo", runs_dir / "sft",
+                           {"files": {"train": str(root / "prefs.jsonl"), "test": str(root / "prefs-test.jsonl")},
+                            "eval_split": "test"},
+                           training={**FAST_TRAINING, "max_steps": 2}, reward={"model": str(runs_dir / "reward")},
+                           gold={"function": "rlhf_pipeline.tiny.annotator:gold_score"},
+                           generation={"response_length": 8}, evaluation={"prompts": 8},
+                           peft={"r": 4, "save": "adapter"})
+        patch.setattr(sys, "argv", ["rlhf", "dpo", str(root / "recipes" / "dpo.yaml")])
+        done = run_cli("dpo", write_recipe(root / "recipes" / "dpo.yaml", dpo))
+        assert done.exit_code == 0, done.output
+    return {stage: runs_dir / stage for stage in ("pretrain", "sft", "reward", "ppo", "eval", "dpo")}
+
+
+@pytest.fixture
+def real_runs(made_runs) -> dict[str, Path]:
+    """The runs as made: no push recorded yet."""
+    for run in made_runs.values():
+        (run / "hub.json").unlink(missing_ok=True)
+    return made_runs
+
+
+def _markers() -> list[bytes]:
+    import platform
+
+    return [m.encode() for m in (SECRET, HOST, USER, PLATFORM, platform.platform())]
+
+
+def test_pushed_runs_carry_nothing_local(hub, real_runs):
+    # the runs themselves keep the whole local record
+    ppo = real_runs["ppo"]
+    local = yaml.safe_load((ppo / "recipe.resolved.yaml").read_text())
+    assert SECRET in local["policy"]["name_or_path"] and SECRET in local["data"]["files"]["train"][0]
+    assert local["provenance"]["platform"] == PLATFORM and SECRET in local["provenance"]["command"]
+    assert SECRET in (real_runs["dpo"] / "adapter_config.json").read_text()
+    assert SECRET in (real_runs["eval"] / "eval.md").read_text()
+
+    # upstream first, so that each card links the runs it came from; samples too, where asked
+    for stage in ("pretrain", "sft", "reward", "ppo", "eval", "dpo"):
+        push_run(real_runs[stage], f"rlhf-test/{stage}", include_samples=stage in ("ppo", "eval"))
+
+    uploaded = {(repo_id, sha, name): content for repo_id, repo in hub.repos.items()
+                for sha, tree in repo.trees.items() for name, content in tree.items()}
+    names = {(repo, name) for repo, _, name in uploaded}
+    assert {("rlhf-test/ppo", "samples.jsonl"), ("rlhf-test/eval", "eval.md"),
+            ("rlhf-test/dpo", "adapter_config.json"), ("rlhf-test/dpo", "adapter_model.safetensors"),
+            ("rlhf-test/sft", "tokenizer_config.json"), ("rlhf-test/ppo", "log.jsonl")} <= names
+    # every byte of every file in every repo, and of every request (LFS uploads, commit payloads) besides
+    for (repo, _, name), content in uploaded.items():
+        for marker in _markers():
+            assert marker not in content, f"{repo}/{name} holds {marker!r}"
+    for body in hub.bodies:
+        for marker in _markers():
+            assert marker not in body
+    # no absolute path at all in the recipes and cards
+    for (repo, _, name), content in uploaded.items():
+        if name in ("README.md", "recipe.resolved.yaml", "eval.md"):
+            assert "/tmp/" not in content.decode() and str(Path.home()) + "/" not in content.decode(), (repo, name)
+
+    # what the paths became: Hub ids of the runs pushed before, local files by name
+    ppo_recipe = yaml.safe_load(hub.uploaded("rlhf-test/ppo")["recipe.resolved.yaml"])
+    assert ppo_recipe["policy"]["name_or_path"] == "rlhf-test/sft"
+    assert ppo_recipe["reward"]["model"] == "rlhf-test/reward"
+    assert ppo_recipe["data"]["files"] == {"train": ["local file prompts.jsonl"],
+                                           "test": ["local file prompts-test.jsonl"]}
+    assert ppo_recipe["output_dir"] == "ppo"
+    assert set(ppo_recipe["provenance"]) == {"created", "python", "versions", "git"}
+    assert json.loads(hub.uploaded("rlhf-test/dpo")["adapter_config.json"])["base_model_name_or_path"] == \
+        "rlhf-test/sft"
+    report = hub.uploaded("rlhf-test/eval")["eval.md"].decode()
+    assert "Policy `rlhf-test/ppo` against baseline `rlhf-test/sft`" in report
+    assert "Reward model `rlhf-test/reward`" in report
+
+
+def test_a_file_that_names_a_local_path_is_refused(hub, ppo_run):
+    _write(ppo_run / "notes" / "report.md", f"made in {ppo_run.parent}/work\n")
+    error = _refused(hub, ppo_run, "a local path or platform string")
+    assert "report.md" in str(error) and "Remove it from the file" in str(error)
+
+
+def test_a_file_that_names_the_platform_is_refused(hub, ppo_run):
+    import platform
+
+    _write(ppo_run / "log.jsonl", json.dumps({"host": platform.platform()}) + "\n")
+    _refused(hub, ppo_run, "log.jsonl holds")
+
+
+def test_the_recipe_names_local_things_by_what_they_are(hub, tmp_path, upstream):
+    """Every kind of local reference a recipe holds, as the pushed copy names it."""
+    recipe = {"stage": "sft", "output_dir": str(tmp_path / "runs" / "mine"),
+              "model": {"name_or_path": str(upstream["sft"])},
+              "tokenizer": {"name_or_path": "gpt2", "chat_template": str(tmp_path / "chat.jinja")},
+              "data": {"datasets": [{"path": "json", "data_files": [str(tmp_path / "a.jsonl")]},
+                                    {"path": "org/data", "split": "train"},
+                                    {"path": str(tmp_path), "split": "train"}]},
+              "reward": {"function": str(tmp_path / "score.py") + ":score"},
+              "training": {"resume_from_checkpoint": str(tmp_path / "ckpt"), "logging_dir": "~/logs/x"}}
+    run = _finished_run(tmp_path / "runs" / "mine", recipe, {"eval_loss": 1.0})
+    push_run(run, "rlhf-test/mine")
+    published = yaml.safe_load(hub.uploaded("rlhf-test/mine")["recipe.resolved.yaml"])
+    assert published["output_dir"] == "mine"
+    assert published["model"]["name_or_path"] == "rlhf-test/tiny-sft"
+    assert published["tokenizer"] == {"name_or_path": "gpt2", "chat_template": "local file chat.jinja"}
+    assert published["data"]["datasets"] == [{"path": "json", "data_files": ["local file a.jsonl"]},
+                                             {"path": "org/data", "split": "train"},
+                                             {"path": f"local dataset {tmp_path.name}", "split": "train"}]
+    assert published["reward"]["function"] == "local file score.py:score"
+    assert published["training"] == {"resume_from_checkpoint": "local path ckpt", "logging_dir": "local path x"}
+    assert str(tmp_path) not in hub.uploaded("rlhf-test/mine")["README.md"].decode()
+
+
+def test_relative_paths_mean_what_they_meant_where_the_run_was_made(hub, tmp_path):
+    """A run made from its project folder names upstream runs and data relatively (`runs/sft` reads like a Hub id):
+    pushed from anywhere else, they still name the local runs and files they named."""
+    project = tmp_path / "project"
+    _write(project / "data" / "p.jsonl", json.dumps({"prompt": "x"}) + "\n")
+    sft = _finished_run(project / "runs" / "sft", {"stage": "sft", "output_dir": "runs/sft",
+                                                   "model": {"name_or_path": "gpt2"}}, {"eval_loss": 2.0})
+    recipe = {"stage": "ppo", "output_dir": "runs/ppo", "policy": {"name_or_path": "runs/sft"},
+              "reward": {"function": "rlhf_pipeline.tiny.annotator:gold_score"},
+              "data": {"files": {"train": ["data/p.jsonl"]}}}
+    ppo = _finished_run(project / "runs" / "ppo", recipe, {"eval_score_after": 1.0})
+    push_run(sft, "rlhf-test/sft")  # from the repository root (the tests' current directory), not the project
+    push_run(ppo, PPO_REPO)
+    card = _hub_card(PPO_REPO)
+    assert card.data.base_model == "rlhf-test/sft"
+    assert f"- **policy:** [rlhf-test/sft]({hub.url}/rlhf-test/sft), pushed from a local sft run" in card.text
+    published = yaml.safe_load(hub.uploaded(PPO_REPO)["recipe.resolved.yaml"])
+    assert published["policy"]["name_or_path"] == "rlhf-test/sft"
+    assert published["data"]["files"] == {"train": ["local file p.jsonl"]} and published["output_dir"] == "ppo"
+
+
+def test_a_local_path_is_found_whole():
+    from rlhf_pipeline.publish import find_local
+
+    assert find_local(b'{"dir": "/root"}', ["/root"]) == "/root"
+    assert find_local(b"made in /root/x", ["/root"]) == "/root"
+    assert find_local(b"/srv/root/x and /rootfs", ["/root"]) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# samples only on request
+# ---------------------------------------------------------------------------------------------------------------
+def _sample_texts(run: Path) -> set[str]:
+    rows = runs_io.read_jsonl(run / "samples.jsonl") + runs_io.read_jsonl(run / "eval_samples.jsonl")
+    rows += json.loads((run / "eval_before.json").read_text())["samples"]
+    return {row[key] for row in rows for key in ("prompt", "response") if len(row.get(key) or "") > 4}
+
+
+def test_samples_and_data_stay_with_the_run_unless_asked(hub, real_runs):
+    ppo = real_runs["ppo"]
+    _write(ppo / "extra" / "rows.jsonl", json.dumps({"text": "a row of the training data"}) + "\n")
+    try:
+        result = push_run(ppo, "rlhf-test/ppo")
+    finally:
+        (ppo / "extra" / "rows.jsonl").unlink()
+        (ppo / "extra").rmdir()
+    files = hub.uploaded("rlhf-test/ppo")
+    assert not {"samples.jsonl", "eval_samples.jsonl", "extra/rows.jsonl"} & set(files)
+    assert "may hold data rows" in result.skipped["extra/rows.jsonl"]
+    before = json.loads(files["eval_before.json"])
+    assert "samples" not in before and before["score"] == json.loads((ppo / "eval_before.json").read_text())["score"]
+    texts = _sample_texts(ppo)
+    assert texts
+    for content in files.values():
+        assert not any(text.encode() in content for text in texts)
+    card = files["README.md"].decode()
+    assert "`extra/rows.jsonl`" in card and "the `samples` of `eval_before.json`" in card and "Not published" in card
+
+    # hub.include_samples in the recipe publishes them, as --include-samples does; --no-samples overrides it
+    recipe = yaml.safe_load((ppo / "recipe.resolved.yaml").read_text())
+    original = (ppo / "recipe.resolved.yaml").read_text()
+    recipe["hub"]["include_samples"] = True
+    (ppo / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    try:
+        push_run(ppo, "rlhf-test/ppo")
+        files = hub.uploaded("rlhf-test/ppo")
+        assert {"samples.jsonl", "eval_samples.jsonl"} <= set(files)
+        assert json.loads(files["eval_before.json"]) == json.loads((ppo / "eval_before.json").read_text())
+        assert any(text in files["README.md"].decode() for text in texts)
+        done = run_cli("push", ppo, "--repo-id", "rlhf-test/ppo", "--no-samples")
+        assert done.exit_code == 0, done.output
+        assert "samples.jsonl" not in hub.uploaded("rlhf-test/ppo")
+    finally:
+        (ppo / "recipe.resolved.yaml").write_text(original)
+
+
+def test_an_eval_report_goes_only_with_samples(hub, real_runs):
+    result = push_run(real_runs["eval"], "rlhf-test/eval")
+    files = hub.uploaded("rlhf-test/eval")
+    assert "eval.md" not in files and "quotes held-out prompts" in result.skipped["eval.md"]
+    report = json.loads(files["eval.json"])
+    assert "samples" not in report and "win_rate" in report["metrics"] and "plots" in report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rlhf push --preview
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage, flags", [("ppo", ["--include-samples"]), ("dpo", ["--base-repo-id", "rlhf-test/sft"]),
+                                          ("reward", [])])
+def test_preview_writes_what_a_push_uploads(hub, real_runs, tmp_path, monkeypatch, stage, flags):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN")  # a preview needs no token, and contacts nothing
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
+    run = real_runs[stage]
+    before = _snapshot(run)
+    done = run_cli("push", run, "--repo-id", f"rlhf-test/{stage}", "--preview", tmp_path / "preview", *flags)
+    assert done.exit_code == 0, done.output
+    assert hub.requests == [] and _snapshot(run) == before
+    assert f"files in {tmp_path / 'preview'}" in done.output and "nothing was sent" in done.output
+    assert "left out .rlhf-run.json: hidden" in done.output
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    done = run_cli("push", run, "--repo-id", f"rlhf-test/{stage}", *flags)
+    assert done.exit_code == 0, done.output
+    pushed = hub.uploaded(f"rlhf-test/{stage}")
+    pushed.pop(".gitattributes")
+    assert _snapshot(tmp_path / "preview") == pushed  # byte for byte, card and adapter config included
+    if stage == "dpo":
+        assert json.loads(pushed["adapter_config.json"])["base_model_name_or_path"] == "rlhf-test/sft"
+
+
+def test_preview_refuses_to_overwrite_or_to_write_into_the_run(hub, ppo_run, tmp_path):
+    _write(tmp_path / "full" / "x.txt", "mine")
+    done = run_cli("push", ppo_run, "--repo-id", PPO_REPO, "--preview", tmp_path / "full")
+    assert done.exit_code == 2 and "not an empty directory" in done.output and "Traceback" not in done.output
+    assert (tmp_path / "full" / "x.txt").read_text() == "mine"
+    done = run_cli("push", ppo_run, "--repo-id", PPO_REPO, "--preview", ppo_run / "preview")
+    assert done.exit_code == 2 and "inside the run dir" in done.output
+    assert not (ppo_run / "preview").exists() and hub.requests == []
+    (tmp_path / "empty").mkdir()
+    done = run_cli("push", ppo_run, "--repo-id", PPO_REPO, "--preview", tmp_path / "empty")
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "empty" / "README.md").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging dir left
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a truthful card
+# ---------------------------------------------------------------------------------------------------------------
+def _snippet(card: str, repo_id: str, local: Path) -> str:
+    """The card's Python snippet, with the repo id mapped to the local run dir."""
+    code = card.split("```python\n", 1)[1].split("\n```", 1)[0]
+    assert json.dumps(repo_id) in code
+    return code.replace(json.dumps(repo_id), json.dumps(str(local)))
+
+
+def _run_snippet(code: str, names: dict | None = None) -> str:
+    """Run the snippet (its variables land in `names`); what it printed."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "<model card>", "exec"), names if names is not None else {})
+    return out.getvalue()
+
+
+def test_the_policy_snippet_samples_as_training_did(real_runs):
+    """The snippet runs as printed (offline, the repo id mapped to the run dir) and draws the same tokens, seed for
+    seed, as PPO's own sampler with the recipe's generation settings (top_k=0: the full softmax)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_pipeline.ppo.modules import Prompts, sample_rollout
+    from rlhf_pipeline.recipe.schema import PpoGenerationSection
+
+    ppo = real_runs["ppo"]
+    card = model_card(ppo, repo_id="rlhf-test/ppo", endpoint="https://hub.example", include_samples=True)
+    code = _snippet(card, "rlhf-test/ppo", ppo)
+    torch.manual_seed(7)
+    printed = _run_snippet(code)
+
+    prompt = json.loads(code.split("inputs = tokenizer(", 1)[1].split(", return_tensors", 1)[0])
+    torch.manual_seed(7)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(ppo), AutoTokenizer.from_pretrained(ppo)
+    generation = PpoGenerationSection(**yaml.safe_load((ppo / "recipe.resolved.yaml").read_text())["generation"])
+    prompts = Prompts([prompt], [tokenizer(prompt)["input_ids"]])  # as PPO tokenizes a text prompt (BOS if any)
+    rollout = sample_rollout(model, tokenizer, prompts, generation, torch.device("cpu"))
+    assert printed == rollout.responses[0] + "\n"
+    assert "top_k=0" in code
+
+
+def test_the_adapter_snippet_runs(real_runs):
+    dpo = real_runs["dpo"]
+    card = model_card(dpo, repo_id="rlhf-test/dpo", endpoint="https://hub.example")
+    code = _snippet(card, "rlhf-test/dpo", dpo)
+    assert "AutoPeftModelForCausalLM" in code and "top_k=0" in code
+    assert _run_snippet(code).endswith("\n")
+
+
+def test_the_reward_snippet_scores_as_the_reward_stage_does(real_runs):
+    """prompt and response defined, EOS appended as RewardTrainer appends it: the snippet's score is the score the
+    pipeline gives the same pair (rlhf_pipeline.scoring)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_pipeline.scoring import RewardModel, reward_input_ids
+
+    reward = real_runs["reward"]
+    card = model_card(reward, repo_id="rlhf-test/reward", endpoint="https://hub.example")
+    names: dict = {}
+    printed = float(_run_snippet(_snippet(card, "rlhf-test/reward", reward), names))
+    tokenizer = AutoTokenizer.from_pretrained(reward)
+    prompt, response = names["prompt"], names["response"]
+    assert tokenizer(names["text"])["input_ids"] == reward_input_ids(tokenizer, prompt, response)
+    assert names["text"].endswith(tokenizer.eos_token) and not response.endswith(tokenizer.eos_token)
+    scorer = RewardModel(AutoModelForSequenceClassification.from_pretrained(reward), tokenizer)
+    assert printed == pytest.approx(scorer.score([prompt], [response]).item(), abs=1e-5)
+
+
+def test_base_model_through_runs_never_pushed(hub, tmp_path, capsys):
+    """A PPO policy whose SFT run was never pushed, the SFT having started from gpt2 on the Hub: the card names gpt2,
+    the nearest published ancestor (a fine-tune of it, through the local SFT run, as the card says), and the push
+    says which run to push first to name the direct parent instead."""
+    sft = _finished_run(tmp_path / "sft", {"stage": "sft", "output_dir": "x", "model": {"name_or_path": "gpt2"}},
+                        {"eval_loss": 2.0}, weights=False)
+    recipe = {"stage": "ppo", "output_dir": "y", "policy": {"name_or_path": str(sft)},
+              "reward": {"function": "rlhf_pipeline.tiny.annotator:gold_score"}}
+    ppo = _finished_run(tmp_path / "ppo", recipe, {"eval_score_after": 1.0})
+    result = run_cli("push", ppo, "--repo-id", PPO_REPO)
+    assert result.exit_code == 0, result.output
+    card = _hub_card(PPO_REPO)
+    assert (card.data.base_model, card.data.base_model_relation) == ("gpt2", "finetune")
+    assert f"The card's `base_model` is [gpt2]({hub.url}/gpt2), the nearest model on the Hub" in card.text
+    assert "the local sft run in between was not pushed" in card.text
+    assert f"- **policy:** a local sft run (not pushed), trained from [gpt2]({hub.url}/gpt2)" in card.text
+    assert f"rlhf push {sft} --repo-id ORG/NAME" in result.output and "--base-repo-id" in result.output
+
+    # pushed upstream first: the direct parent
+    push_run(sft, "rlhf-test/sft")
+    push_run(ppo, PPO_REPO)
+    assert _hub_card(PPO_REPO).data.base_model == "rlhf-test/sft"
+    assert "nearest model on the Hub" not in _hub_card(PPO_REPO).text
+
+
+def test_no_base_model_for_a_line_that_started_from_scratch(real_runs, hub):
+    result = push_run(real_runs["ppo"], "rlhf-test/ppo")
+    assert "base_model" not in _hub_card("rlhf-test/ppo").data.to_dict()
+    assert any("names no base_model" in note and "started from scratch" in note for note in result.notes)
+    push_run(real_runs["pretrain"], "rlhf-test/pretrain")
+    result = push_run(real_runs["ppo"], "rlhf-test/ppo")
+    assert _hub_card("rlhf-test/ppo").data.base_model == "rlhf-test/pretrain"
+    assert any("nearest model on the Hub" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("stage, estimator, tags, papers", [
+    ("pretrain", None, ["rlhf-pipeline", "transformers", "pretrain"], []),
+    ("sft", None, ["rlhf-pipeline", "trl", "sft"], []),
+    ("reward", None, ["rlhf-pipeline", "trl", "rlhf", "reward", "reward-model"], ["2203.02155"]),
+    ("ppo", "gae", ["rlhf-pipeline", "rlhf", "ppo"], ["1707.06347", "2203.02155"]),
+    ("ppo", "rloo", ["rlhf-pipeline", "rlhf", "rloo"], ["2402.14740"]),
+    ("ppo", "grpo", ["rlhf-pipeline", "rlhf", "grpo"], ["2402.03300"]),
+    ("dpo", None, ["rlhf-pipeline", "trl", "rlhf", "dpo"], ["2305.18290"]),
+])
+def test_tags_and_papers_name_what_trained_it(tmp_path, stage, estimator, tags, papers):
+    recipe = {"stage": stage, "output_dir": "x", "model": {"name_or_path": "gpt2"}}
+    if estimator:
+        recipe.update(policy={"name_or_path": "gpt2"}, training={"advantage_estimator": estimator})
+    card = model_card(_finished_run(tmp_path / stage, recipe, {"eval_loss": 1.0}), endpoint="https://hub.example")
+    assert _front_matter(card)["tags"] == tags
+    cited = re.findall(r"\[arXiv:(\d{4}\.\d{5})\]\(https://arxiv\.org/abs/\1\)", card)
+    assert cited == papers
+    bibtex = card.split("```bibtex\n", 1)[1].split("\n```", 1)[0] if "```bibtex" in card else ""
+    assert all(paper in bibtex for paper in papers)
+    assert ("@software{vonwerra2020trl," in bibtex) == ("trl" in tags)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the tool's commit: from the installed package's metadata, never from the folder around it
+# ---------------------------------------------------------------------------------------------------------------
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def _new_repo(path: Path) -> str:
+    """A git repo at `path` with one commit of what is there; its HEAD."""
+    _git(path, "init", "-q")
+    _git(path, "add", "-A")
+    _git(path, "commit", "-qm", "someone else's project")
+    return _git(path, "rev-parse", "HEAD")
+
+
+def _recorded_commit(sys_path: Path, cwd: Path) -> dict | None:
+    code = "import json; from rlhf_pipeline import runs; print(json.dumps(runs.git_commit()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(sys_path)})
+    return json.loads(done.stdout)
+
+
+def _copy_package(target: Path) -> None:
+    shutil.copytree(REPO / "rlhf_pipeline", target / "rlhf_pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def test_the_tool_commit_is_never_the_commit_of_the_repo_around_it(tmp_path):
+    # a wheel installed into a virtualenv inside the user's own repo: site-packages with the dist's metadata
+    site = tmp_path / "user-project" / ".venv" / "site-packages"
+    _copy_package(site)
+    dist = site / "rlhf_pipeline-0.1.0.dist-info"
+    _write(dist / "METADATA", "Metadata-Version: 2.1\nName: rlhf-pipeline\nVersion: 0.1.0\n")
+    _write(dist / "RECORD", "")
+    _write(dist / "direct_url.json", json.dumps({"url": "file:///somewhere/rlhf_pipeline-0.1.0-py3-none-any.whl",
+                                                 "archive_info": {}}))
+    users_commit = _new_repo(tmp_path / "user-project")
+    assert _recorded_commit(site, tmp_path / "user-project") is None
+
+    # installed from git: the commit pip recorded
+    _write(dist / "direct_url.json", json.dumps({"url": "https://github.com/example/rlhf-pipeline.git",
+                                                 "vcs_info": {"vcs": "git", "commit_id": GIT_COMMIT}}))
+    assert _recorded_commit(site, tmp_path / "user-project") == {"commit": GIT_COMMIT, "dirty": False}
+
+    # the package folder copied into another project's repo, run from there: not that project's commit
+    vendored = tmp_path / "other-project"
+    _copy_package(vendored / "vendor")
+    _write(vendored / "pyproject.toml", '[project]\nname = "other-project"\n')
+    _new_repo(vendored)
+    for sys_path in (vendored / "vendor", vendored):
+        if sys_path == vendored:
+            shutil.move(str(vendored / "vendor" / "rlhf_pipeline"), str(vendored / "rlhf_pipeline"))
+            _git(vendored, "add", "-A")
+            _git(vendored, "commit", "-qm", "move")
+        assert _recorded_commit(sys_path, vendored) is None
+    assert users_commit not in json.dumps(_recorded_commit(vendored, vendored))
+
+    # a checkout of rlhf-pipeline itself: its HEAD
+    checkout = tmp_path / "rlhf-pipeline"
+    _copy_package(checkout)
+    shutil.copy(REPO / "pyproject.toml", checkout / "pyproject.toml")
+    head = _new_repo(checkout)
+    assert _recorded_commit(checkout, tmp_path) == {"commit": head, "dirty": False}

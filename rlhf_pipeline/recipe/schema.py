@@ -413,6 +413,10 @@ class HubSection(Section):
     license: str | None = Field(
         None, description="License id for the model card's metadata (e.g. `mit`, `apache-2.0`; see the Hub's list of "
         "licenses); default: none stated.")
+    include_samples: bool = Field(
+        False, description="Publish the generated samples and the reports that quote prompts of the data "
+        "(samples.jsonl, eval_samples.jsonl, eval.md, the samples in eval_before.json), and let the card quote them. "
+        "Default: they stay with the run (`rlhf push --include-samples` publishes them).")
 
     @field_validator("repo_id")
     @classmethod
@@ -983,6 +987,9 @@ class PipelineHubSection(Section):
         default_factory=lambda: ["sft", "reward", "ppo"], description="The stages whose outputs are pushed.")
     license: str | None = Field(
         None, description="License id for the model cards' metadata (e.g. `mit`, `apache-2.0`); default: none stated.")
+    include_samples: bool = Field(
+        False, description="Publish each stage's generated samples and the reports that quote prompts of the data, as "
+        "`rlhf push --include-samples` does; default: they stay with the runs.")
 
     @field_validator("repo_prefix")
     @classmethod
