@@ -430,7 +430,7 @@ def _usage(path: Path, recipe: dict[str, Any], stage: str, adapter: dict | None,
     auto = f"Auto{'Peft' if adapter else ''}ModelFor{'SequenceClassification' if stage == 'reward' else 'CausalLM'}"
     text = json.dumps(prompt) + json.dumps(USAGE_RESPONSE)
     return {"auto": auto, "repo": json.dumps(repo_id or str(path)), "prompt": json.dumps(prompt),
-            "response": json.dumps(USAGE_RESPONSE),
+            "response": json.dumps(USAGE_RESPONSE), "sampled": bool(generation),
             "settings": ", ".join(f"{key}={value!r}" for key, value in settings.items()), "fence": fence(text)}
 
 

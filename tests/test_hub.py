@@ -288,7 +288,7 @@ def test_the_card_quotes_samples_when_they_are_published(hub, ppo_run, upstream)
     assert pairs[0] == {"prompt": "review of <Film|One>:", "before": {"response": " dull *very*\nslow", "score": -1.25},
                         "after": {"response": " a joy<|endoftext|>", "score": 3.5}}
     assert [p["prompt"] for p in pairs] == ["review of <Film|One>:", "second prompt"]
-    assert 'inputs = tokenizer("review of <Film|One>:", return_tensors="pt", add_special_tokens=False)' in card
+    assert 'inputs = tokenizer("review of <Film|One>:", return_tensors="pt")' in card
 
 
 def test_a_second_push_to_the_same_repo(monkeypatch, tmp_path, ppo_run, upstream):
