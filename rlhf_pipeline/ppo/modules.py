@@ -230,10 +230,16 @@ def response_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     end - 1): [B, R, V] and, when `hidden`, [B, R, H] (else None). The causal LM's own forward, its logits computed at
     those positions alone (`logits_to_keep`): whatever the model does after its LM head (Gemma-2's
     final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling) is applied, as in the `generate` that
-    sampled the tokens. The last hidden state is the trunk's output (after its final norm), what the LM head reads."""
+    sampled the tokens. The last hidden state is the trunk's output (after its final norm), what the LM head reads.
+
+    `model.forward` is called, not `model(...)`: the hooks an engine puts on the root module stay out, as when the
+    trunk and head were called apart. DeepSpeed ZeRO-3's start-of-forward hook is a collective that every process
+    must reach, and the held-out evaluation's shards are uneven (5 prompts over 2 processes): it would wait forever.
+    The weights are held whole there (`gathered`), and the layers inside keep their own hooks."""
     keep = input_ids.shape[1] - response_start + 1
-    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   use_cache=False, logits_to_keep=keep, output_hidden_states=hidden)
+    output = model.forward(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=keep,
+                           output_hidden_states=hidden)
     states = output.hidden_states[-1][:, response_start - 1 : -1] if hidden else None
     return output.logits[:, :-1], states
 
