@@ -134,6 +134,28 @@ def evaluate(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = 
 
 
 @app.command()
+def label(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    host: Annotated[Optional[str], typer.Option(
+        "--host", help="Serve on this address instead of the recipe's server.host (default 127.0.0.1: this machine "
+                       "only; another address needs a password: RLHF_LABEL_PASSWORD or typed).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", min=1, max=65535,
+                                                help="Serve on this port (default: the recipe's, else from 7860).")]
+    = None,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Serve a local labelling page: rank sampled responses (a preference dataset for `rlhf reward` / `rlhf dpo`) or
+    judge two models side by side (a human win rate for `rlhf eval`). Every label is saved as it is given; a
+    restart goes on where it stopped. Needs `pip install 'rlhf-pipeline[label]'`."""
+    with user_errors():
+        plan = commands.run_label(recipe, commands.stage_overrides(set_, output_dir), host, port, dry_run)
+    if plan:
+        typer.echo(plan)
+
+
+@app.command()
 def pipeline(
     recipe: RecipeArg,
     set_: SetOpt = None,
