@@ -40,7 +40,8 @@ KEYS_JS = """
 """
 
 CSS = """
-.rlhf-progress progress { width: 60%; height: 1.1em; vertical-align: middle; margin-right: 0.8em; }
+.rlhf-progress progress { width: 60%; height: 1.1em; vertical-align: middle; margin-right: 0.8em;
+                          accent-color: var(--color-accent); }
 .rlhf-response textarea { font-family: ui-monospace, monospace; }
 """
 
@@ -99,7 +100,7 @@ def build_app(store: LabelStore, settings: PageSettings, title: str = "rlhf labe
         if item is None:
             text = {"waiting": WAITING, "failed": FAILED, "done": DONE}[state]
             return {**out, message: text, timer: gr.Timer(active=state == "waiting")}
-        out.update({prompt: prompt_text(item.prompt), shown: item.item, message: status or READY})
+        out.update({prompt: prompt_text(item.prompt), shown: item.item, message: status or READY[settings.mode]})
         out.update({box: text for box, text in zip(responses, item.responses)})
         return out
 
@@ -241,7 +242,7 @@ HEADER = {
            "both bad; **S**: skip. Every label is saved the moment you give it."),
 }
 START = "Type your name and press **Start**."
-READY = "Which is better?"
+READY = {"rank": "Rank the responses, best first.", "ab": "Which response is better?"}
 SAVED = "Saved. Next prompt:"
 PICK_FIRST = "Pick at least the best response first (its number), then submit."
 WAITING = "The responses to the next prompt are being generated; it appears here as soon as it is ready."
