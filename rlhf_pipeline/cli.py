@@ -203,7 +203,8 @@ def plan(
 def push(
     run_dir: Annotated[Path, typer.Argument(help="A finished run dir (it has metrics.json).", show_default=False)],
     repo_id: Annotated[str, typer.Option("--repo-id", metavar="ORG/NAME", show_default=False,
-                                         help="Hub model repo to push to; created when missing.")],
+                                         help="Hub model repo to push to (a dataset repo for an `rlhf label` run); "
+                                              "created when missing.")],
     private: Annotated[bool, typer.Option("--private/--public",
                                           help="Visibility of a repo this push creates (an existing repo keeps its "
                                                "own).")] = True,
@@ -218,13 +219,20 @@ def push(
                                                    help="License id for the model card, e.g. mit.")] = None,
 ) -> None:
     """Make the repo mirror a finished run dir: weights, tokenizer, recipe, metrics and a model card with its
-    lineage; repo files the run does not have are deleted. The token comes from HF_TOKEN or `hf auth login` and is
-    never written anywhere."""
+    lineage; repo files the run does not have are deleted. An `rlhf label` run goes to a dataset repo: its preference
+    pairs, summary and a dataset card (labeler names pseudonymised). The token comes from HF_TOKEN or `hf auth
+    login` and is never written anywhere."""
     from rlhf_pipeline.hub import push_run
+    from rlhf_pipeline.hub_dataset import is_label_run, push_labels
 
     with user_errors():
-        result = push_run(run_dir, repo_id, private=private, revision=revision, base_repo_id=base_repo_id,
-                          license=license)
+        if is_label_run(run_dir):  # human labels: a dataset repo
+            if base_repo_id is not None:
+                raise UserError("--base-repo-id names an adapter's base model; a labelling run has none")
+            result = push_labels(run_dir, repo_id, private=private, revision=revision, license=license)
+        else:
+            result = push_run(run_dir, repo_id, private=private, revision=revision, base_repo_id=base_repo_id,
+                              license=license)
     for path, reason in result.skipped.items():
         typer.echo(f"left out {path}: {reason}", err=True)
     for path in result.deleted:
