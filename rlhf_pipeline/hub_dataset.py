@@ -159,13 +159,13 @@ def dataset_card(recipe: dict[str, Any], summary: dict[str, Any], rows: list[dic
         conversational=isinstance(rows[0]["prompt"], list), prompts=summary["prompts"],
         prompts_labelled=summary["prompts_labelled"], data_source=data_text(recipe.get("data") or {}, endpoint),
         responses_text=responses, labels=summary["labels"], labelers=len(summary["labelers"]),
-        decisions=", ".join(f"{count} {DECISION_TEXT.get(d, d)}" for d, count in sorted(summary["decisions"].items())),
+        decisions=", ".join(f"{DECISION_TEXT.get(d, d)}: {count}" for d, count in sorted(summary["decisions"].items())),
         pairs=len(rows), pairs_text="Ties, all bad and skips give no pair; nor do two identical responses.",
         agreement=agreement_text(summary["agreement"]), win_rates=rates, repo_id=repo_id, models=models,
         seed=recipe.get("seed")).content
 
 
-DECISION_TEXT = {"ranking": "rankings", "tie": "ties", "bad": "all bad", "skip": "skipped"}
+DECISION_TEXT = {"ranking": "rankings", "tie": "ties", "bad": "all (or both) bad", "skip": "skipped"}
 
 
 def size_category(n: int) -> str:

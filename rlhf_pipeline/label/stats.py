@@ -93,7 +93,7 @@ def agreement(units: dict[Hashable, dict[str, str]]) -> dict[str, Any]:
     for a, b in combinations(labelers, 2):
         both = [(values[a], values[b]) for values in shared.values() if a in values and b in values]
         if both:
-            kappas[f"{a} | {b}"] = {"units": len(both), "agreement": sum(x == y for x, y in both) / len(both),
+            kappas[f"{a} vs {b}"] = {"units": len(both), "agreement": sum(x == y for x, y in both) / len(both),
                                     "kappa": cohen_kappa(both)}
     return {"units": len(shared), "comparisons": compared,
             "pairwise_agreement": same / compared if compared else None,

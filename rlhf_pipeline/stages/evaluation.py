@@ -54,8 +54,8 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     reward_scores = None
 
     # 1. data and models, checked before anything is written
+    human = human_results(loaded) if recipe.human_labels else {}  # first: cheap, and a mismatch stops the run
     policy_setup = _policy_setup(loaded, device) if (recipe.policy or recipe.policies) else None
-    human = human_results(loaded) if recipe.human_labels else {}
     reward_setup = _reward_setup(loaded, device) if recipe.preferences is not None else None
     start_outputs(loaded, options)
     output_dir = Path(recipe.output_dir)
