@@ -85,15 +85,22 @@ def open_run(path: Path, recipe: dict[str, Any], planned: list[int]):
 
 
 class LabelServer:
-    """`rlhf label RECIPE` in a subprocess (this checkout's code), its output in `log`."""
+    """`rlhf label RECIPE` in a subprocess (this checkout's code), started at once; its output goes to `log`."""
 
-    def __init__(self, recipe: Path, port: int, log: Path, env: dict[str, str] | None = None):
-        self.port, self.log = port, log
-        self.url = f"http://127.0.0.1:{port}/"
-        environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-        with open(log, "ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "rlhf_pipeline", "label", str(recipe)], cwd=REPO,
-                                            stdout=out, stderr=subprocess.STDOUT, env=environment)
+    def __init__(self, recipe: Path, log: Path, env: dict[str, str] | None = None):
+        import yaml
+
+        settings = yaml.safe_load(recipe.read_text())
+        self.recipe, self.log, self.env = recipe, log, {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.output_dir = Path(settings["output_dir"])
+        self.url = f"http://127.0.0.1:{settings['server']['port']}/"
+        self.restart()
+
+    def restart(self) -> LabelServer:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "rlhf_pipeline", "label", str(self.recipe)],
+                                            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        return self
 
     def wait_ready(self, timeout: float = 120) -> LabelServer:
         deadline = time.monotonic() + timeout

@@ -429,7 +429,7 @@ def test_server_login_blocked_routes_and_a_password_never_written(tmp_path, tiny
     recipe = label_recipe(out, prompts_data(data_dir), tiny_model_dir, num_prompts=2, labelers=["ann"],
                           server={"port": port})
     path = write_recipe(tmp_path / "label.yaml", recipe)
-    server = LabelServer(path, port, tmp_path / "server.log", env={"RLHF_LABEL_PASSWORD": password})
+    server = LabelServer(path, tmp_path / "server.log", env={"RLHF_LABEL_PASSWORD": password})
     try:
         server.wait_ready()
         jar = http.cookiejar.CookieJar()
