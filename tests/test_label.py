@@ -303,7 +303,7 @@ def test_samples_are_seeded_per_prompt_and_a_restart_does_not_resample(tmp_path,
     assert sampled == [3] and (out / SAMPLES_FILE).read_bytes() == first
 
 
-def test_ab_sides_are_drawn_per_prompt_and_both_models_get_the_same_noise(tmp_path, tiny_model_dir, data_dir):
+def test_ab_sides_are_drawn_per_prompt_and_each_model_has_its_own_seed(tmp_path, tiny_model_dir, data_dir):
     from rlhf_pipeline.label.sampler import sample_item
     from rlhf_pipeline.label.serve import load_setup
     from rlhf_pipeline.recipe.load import load_recipe
@@ -316,8 +316,10 @@ def test_ab_sides_are_drawn_per_prompt_and_both_models_get_the_same_noise(tmp_pa
              for i in setup.planned]
     assert {tuple(item.models) for item in items} == {("policy", "baseline"), ("baseline", "policy")}
     assert all(item.candidate == "policy" for item in items)
-    # the same weights under the same seed: the same response, whichever side it is shown on
-    assert all(item.responses[0] == item.responses[1] for item in items)
+    # the same weights, each under its own seed: two samples, not one shown twice (a forced tie)
+    assert sum(item.responses[0] != item.responses[1] for item in items) > len(items) // 2
+    again = sample_item(3, 3, setup.prompts, setup.models, setup.tokenizer, "ab", 2, 0, setup.device, ["policy"])
+    assert again == items[3]
     assert items[0].prompt == setup.prompts.texts[0]  # the held-out split (prompts-test.jsonl)
 
 

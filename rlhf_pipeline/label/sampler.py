@@ -1,10 +1,12 @@
 """The background thread that samples responses ahead of the labelers.
 
-Each prompt is sampled on its own, under its own seed (`store.item_seed`: the recipe's seed and the prompt's
-position), with each model's sampling settings alone (`sample_rollout`, as PPO and `rlhf eval` sample): a prompt
-sampled again (its row was never written: the server was killed while sampling it) gets the very same responses.
-In A/B mode the candidate and the baseline answer under the same seed, as in `rlhf eval`; the side each response is
-shown on is drawn from the prompt's seed too, and stored.
+Each prompt is sampled on its own, each model under a seed of its own (`store.item_seed`: the recipe's seed, the
+prompt's position and the model's name), with that model's sampling settings alone (`sample_rollout`, as PPO and
+`rlhf eval` sample): a prompt sampled again (its row was never written: the server was killed while sampling it)
+gets the very same responses. The models do not share their sampling noise (as `rlhf eval` makes them, to compare
+scores with less variance): two close models would often write the very same text, and a person would be shown a
+forced tie. The order the responses are shown in (in A/B mode, the sides) is drawn from the prompt's seed, and
+stored.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def sample_item(index: int, position: int, prompts, models: dict[str, Model], to
     responses: dict[str, list[str]] = {}
     for name in dict.fromkeys(sources):
         count = sources.count(name)
-        with seeded(own_seed, device):  # every model samples with the same noise
+        with seeded(item_seed(seed, index, name), device):
             rollout = sample_rollout(models[name].model, tokenizer, prompts.select([index] * count),
                                      models[name].generation, device)
         responses[name] = list(rollout.responses)

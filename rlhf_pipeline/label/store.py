@@ -110,10 +110,11 @@ def item_id(index: int) -> str:
     return f"{index:06d}"
 
 
-def item_seed(seed: int, index: int) -> int:
-    """The sampling seed of one prompt: fixed by the recipe's seed and the prompt's position alone, so that a prompt
-    samples the same responses whenever (and after whatever) it is sampled."""
-    return int.from_bytes(hashlib.sha256(f"rlhf-label/{seed}/{index}".encode()).digest()[:4], "little")
+def item_seed(seed: int, index: int, model: str | None = None) -> int:
+    """The seed of one prompt (of one model's sampling of it): fixed by the recipe's seed, the prompt's position
+    (and the model's name) alone, so that a prompt gets the same responses whenever it is sampled."""
+    key = f"rlhf-label/{seed}/{index}" + (f"/{model}" if model is not None else "")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
 
 def needs_second_labeler(seed: int, index: int, overlap: float) -> bool:
