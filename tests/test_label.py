@@ -216,7 +216,7 @@ def test_conversational_prompts_give_conversational_pairs(tmp_path, data_dir):
      "labels the held-out prompts: set `data.eval_split`"),
     ({"split": "held_out"}, "`split: held_out` labels the held-out prompts"),
     ({"labelers": []}, "an empty list allows nobody"),
-    ({"hub": {"push": True, "repo_id": "a/b"}}, "`rlhf push OUTPUT_DIR --repo-id"),
+    ({"hub": {"push": True, "repo_id": "a/b"}}, "hub: a labelling run is published with `rlhf push OUTPUT_DIR"),
     ({"respones_per_prompt": 4}, "did you mean 'responses_per_prompt'"),
     ({"responses_per_prompt": 10}, "less than or equal to 9"),
     ({"overlap": 1.5}, "less than or equal to 1"),

@@ -922,9 +922,9 @@ class LabelRecipe(StageRecipe):
         "(`data.eval_split`, or `eval_size` carved off). Default: train in `rank` mode, held_out in `ab` mode.")
     num_prompts: int | None = Field(
         None, ge=1, description="Label at most this many prompts (the first of the split, in order); default: all.")
-    responses_per_prompt: int = Field(
-        4, ge=2, le=9, description="`rank` mode: responses sampled per prompt (K; keys 1-9 pick them). InstructGPT "
-        "used 4 to 9. `ab` mode always shows 2.")
+    responses_per_prompt: int | None = Field(
+        None, ge=2, le=9, description="`rank` mode: responses sampled per prompt (K; keys 1-9 pick them), default 4 "
+        "(InstructGPT used 4 to 9). `ab` mode always shows 2.")
     generation: GenerationSection = Field(
         default_factory=GenerationSection, description="Sampling settings (a model's own `generation` overrides).")
     overlap: float = Field(
@@ -936,6 +936,17 @@ class LabelRecipe(StageRecipe):
     ahead: int = Field(
         16, ge=1, description="Prompts whose responses are generated (in the background) ahead of the labelers.")
     server: LabelServer = Field(default_factory=LabelServer, description="Where the page is served.")
+    hub: None = Field(
+        None, exclude=True, description="Not a key of a labelling run: it is published, once labelled, with `rlhf push "
+        "OUTPUT_DIR --repo-id ORG/NAME` (a Hub dataset repo).")
+
+    @field_validator("hub", mode="before")
+    @classmethod
+    def _no_hub(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("a labelling run is published with `rlhf push OUTPUT_DIR --repo-id ORG/NAME` (a dataset "
+                             "repo) once labelled: leave `hub` out")
+        return None
 
     @field_validator("labelers")
     @classmethod
@@ -962,16 +973,15 @@ class LabelRecipe(StageRecipe):
             raise ValueError("`ab` mode compares a policy with a `baseline`: set `baseline` (e.g. the SFT model)")
         if self.mode == "rank" and self.baseline is not None:
             raise ValueError("`baseline` is for `ab` mode; in `rank` mode list every model under `policies`")
-        if self.mode == "ab" and "responses_per_prompt" in self.model_fields_set and self.responses_per_prompt != 2:
+        if self.mode == "ab" and self.responses_per_prompt not in (None, 2):
             raise ValueError("`ab` mode shows 2 responses (the policy's and the baseline's): leave "
                              "`responses_per_prompt` out")
+        if self.responses_per_prompt is None:
+            self.responses_per_prompt = 4 if self.mode == "rank" else 2
         split = self.split or ("train" if self.mode == "rank" else "held_out")
         if split == "held_out" and not (self.data.eval_split or self.data.eval_size):
             raise ValueError(f"{'`split: held_out`' if self.split else '`ab` mode'} labels the held-out prompts: set "
                              "`data.eval_split` or `data.eval_size` (or `split: train`)")
-        if self.hub.push:
-            raise ValueError("a labelling run is published with `rlhf push OUTPUT_DIR --repo-id ORG/NAME` (a dataset "
-                             "repo) once labelled; `hub.push` does not apply")
         return self
 
 
