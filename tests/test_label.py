@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import FAST_TRAINING, TOKEN, run_cli, write_recipe
+from conftest import FAST_TRAINING, TOKEN, run_cli, write_jsonl, write_recipe
 from label_support import LabelServer, free_port, label_recipe, open_run, require_gradio
 
 from rlhf_pipeline.errors import UserError
@@ -252,7 +252,8 @@ def test_a_labelling_run_goes_on_only_with_the_same_recipe(tmp_path, data_dir):
         state(output_dir=str(tmp_path / "foreign"))
 
 
-def test_exposing_the_page_needs_a_password(tmp_path, data_dir, monkeypatch):
+def test_refused_before_anything_is_loaded_or_written(tmp_path, data_dir, monkeypatch):
+    """Exposing the page needs a password; a port in use is named."""
     require_gradio()
     out = tmp_path / "labels"
     path = write_recipe(tmp_path / "label.yaml", label_recipe(out, prompts_data(data_dir), "m"))
@@ -264,7 +265,12 @@ def test_exposing_the_page_needs_a_password(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("RLHF_LABEL_PASSWORD", "short")
     result = run_cli("label", path, "--host", "0.0.0.0")
     assert result.exit_code == 2 and "at least 8 characters" in result.output
-    assert not out.exists()  # refused before anything was written (or loaded)
+    monkeypatch.delenv("RLHF_LABEL_PASSWORD")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = run_cli("label", path, "--port", port)
+    assert result.exit_code == 2 and f"cannot serve on 127.0.0.1:{port}: Address already in use" in result.output
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,6 +349,38 @@ def test_dpo_trains_on_the_preference_dataset(tmp_path, tiny_model_dir, data_dir
     result = run_cli("dpo", write_recipe(tmp_path / "dpo.yaml", recipe))
     assert result.exit_code == 0, result.output
     assert "eval_rewards/accuracies" in json.loads((tmp_path / "dpo" / "metrics.json").read_text())
+
+
+def test_conversational_prompts_sampled_from_a_chat_model_train_a_reward_model(tmp_path, tiny_world):
+    """Conversations through the chat template (an instruct model's ChatML), labelled: the pairs are conversational
+    (TRL's format) and `rlhf reward` trains on them as they are."""
+    from trl.data_utils import is_conversational
+    from zoo import build
+
+    from rlhf_pipeline.label.sampler import Sampler, sample_item
+    from rlhf_pipeline.label.serve import load_setup
+
+    model = build("instruct", tmp_path / "zoo", [r["text"] for r in tiny_world["corpus"]])
+    chats = [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in tiny_world["prompts-train"][:6]]
+    data = {"files": str(write_jsonl(tmp_path / "chat-prompts.jsonl", chats))}
+    out = tmp_path / "labels"
+    recipe = label_recipe(out, data, model, generation={"response_length": 8})
+    loaded, store = open_run(tmp_path / "label.yaml", recipe, list(range(6)))
+    setup = load_setup(loaded)
+    Sampler(store, setup.planned, lambda index, position: sample_item(
+        index, position, setup.prompts, setup.models, setup.tokenizer, "rank", 3, 0, setup.device)).run()
+    for index in range(6):
+        assert store.items[item_id(index)].prompt == chats[index]["prompt"]
+        store.record("ann", item_id(index), "ranking", [index % 3])
+    store.close()
+    rows = lines(out / PREFERENCES_FILE)
+    assert rows and all(is_conversational(row) and row["chosen"][0]["role"] == "assistant" for row in rows)
+    assert not any("<|im_end|>" in row["chosen"][0]["content"] for row in rows)  # the end of turn is not text
+    reward = {"stage": "reward", "seed": 0, "output_dir": str(tmp_path / "reward"), "model": {"name_or_path":
+              str(model)}, "data": {"files": str(out / PREFERENCES_FILE), "eval_size": 2},
+              "training": {**FAST_TRAINING, "max_steps": 2}}
+    result = run_cli("reward", write_recipe(tmp_path / "reward.yaml", reward))
+    assert result.exit_code == 0, result.output
 
 
 def ab_run(tmp_path: Path, data_dir: Path, policy: Path, baseline: Path, labels: list) -> Path:

@@ -107,7 +107,7 @@ def build_app(store: LabelStore, settings: PageSettings, title: str = "rlhf labe
     def who(typed: str, request: gr.Request) -> str:
         """The labeler: the login name when labelers log in, else the name typed on the page."""
         if settings.authenticated:
-            return getattr(request, "username", None) or ""
+            return (getattr(request, "username", None) or "").strip()
         return (typed or "").strip()
 
     def begin(typed: str, request: gr.Request) -> dict:

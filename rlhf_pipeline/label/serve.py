@@ -15,9 +15,7 @@ import hmac
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +84,20 @@ def password_for(host: str) -> str | None:
     if secret is not None and len(secret) < MIN_PASSWORD:
         raise UserError(f"the labelers' password ({PASSWORD_ENV} or typed) must be at least {MIN_PASSWORD} characters")
     return secret
+
+
+def check_port(host: str, port: int | None) -> None:
+    """A port given must be free (checked before any model loads; Gradio finds a free one itself otherwise)."""
+    import socket
+
+    if port is None:
+        return
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot serve on {host}:{port}: {exc.strerror or exc} (another server there? choose "
+                        "another with --port or server.port)") from None
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -195,6 +207,7 @@ def run(loaded: LoadedRecipe, host: str | None = None, port: int | None = None) 
     port = port if port is not None else recipe.server.port
     require_gradio()
     password = password_for(host)  # before anything loads
+    check_port(host, port)
     output_dir = Path(recipe.output_dir)
     with runs.lock(output_dir):
         state = output_dir_state(loaded)
@@ -220,21 +233,20 @@ def run(loaded: LoadedRecipe, host: str | None = None, port: int | None = None) 
         sampler.start()
         settings = PageSettings(recipe.mode, recipe.responses_per_prompt, recipe.labelers, password is not None)
         try:
-            serve(store, settings, host, port, password, output_dir)
+            serve(store, settings, host, port, password)
         finally:
+            store.stop()
+            sampler.join(timeout=30)  # it stops after the prompt it is sampling
             store.close()
-            sampler.join(timeout=10)
             summary = store.summary()
             runs.atomic_write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
             say("label", summary_text(summary, output_dir))
     return summary
 
 
-def serve(store: LabelStore, settings, host: str, port: int | None, password: str | None, output_dir: Path) -> None:
+def serve(store: LabelStore, settings, host: str, port: int | None, password: str | None) -> None:
     """Launch the page and keep it up until Ctrl-C (a kill loses nothing: every label is on disk)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    scratch = tempfile.mkdtemp(prefix="rlhf-label-gradio-")  # Gradio's cache dir: nothing is uploaded to it
-    os.environ["GRADIO_TEMP_DIR"] = scratch
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # Gradio phones home otherwise
     import gradio as gr
     from starlette.middleware import Middleware
 
@@ -260,22 +272,17 @@ def serve(store: LabelStore, settings, host: str, port: int | None, password: st
                 os.sep)], max_file_size=0, enable_monitoring=False, ssr_mode=False, pwa=False, mcp_server=False,
             theme=theme, css=CSS, js=demo.rlhf_keys_js, app_kwargs={"middleware": [Middleware(BlockedRoutes)]})
     except OSError as exc:
-        shutil.rmtree(scratch, ignore_errors=True)
         raise UserError(f"cannot serve on {host}:{port or 'a port from 7860'}: {exc}") from None
     say("label", f"labelling page: {url}" + (" (labelers log in with their name and the password)" if password
                                                 else "") + "; Ctrl-C stops (every label is already saved)")
-    reported = False
     try:
-        while True:
+        while True:  # the server runs in its own threads; a sampling failure is printed by the sampler
             time.sleep(0.5)
-            if store.failure and not reported:
-                reported = True  # the sampler printed it; the page says so too
     except KeyboardInterrupt:
         say("label", "stopping")
     finally:
         with contextlib.suppress(Exception):
             demo.close()
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class BlockedRoutes:

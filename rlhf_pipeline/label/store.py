@@ -173,6 +173,7 @@ class LabelStore:
         self.failure: str | None = None
         self.sampling = True  # the sampler is (or will be) running
         self.stopping = False
+        self.closed = False
         rows = [row for label in self._labels.rows if label["item"] in self.items
                 for row in preference_rows(self.items[label["item"]], label)]
         runs.atomic_write_text(self.directory / PREFERENCES_FILE,
@@ -199,7 +200,7 @@ class LabelStore:
 
     def add_item(self, item: Item) -> None:
         with self._changed:
-            if item.item in self.items:
+            if item.item in self.items or self.closed:  # closed: sampled as the server stopped; sampled again later
                 return
             self._samples.append({"item": item.item, **{k: v for k, v in asdict(item).items() if k != "item"}})
             self.items[item.item] = item
@@ -261,6 +262,8 @@ class LabelStore:
         if decision not in stats.DECISIONS:
             raise ValueError(f"unknown decision {decision!r}: one of {', '.join(stats.DECISIONS)}")
         with self._changed:
+            if self.closed:
+                raise ValueError("the labelling run is closed (the server is stopping)")
             if item not in self.items:
                 raise ValueError(f"no prompt {item!r} in this run")
             sample = self.items[item]
@@ -301,6 +304,7 @@ class LabelStore:
     def close(self) -> None:
         self.stop()
         with self._lock:
+            self.closed = True
             for log in (self._samples, self._labels, self._preferences):
                 log.close()
 
