@@ -20,6 +20,7 @@ from label_support import CHROMIUM, CHROMIUM_ARGS, LabelServer, free_port, label
 from rlhf_pipeline.label.store import LABELS_FILE, PREFERENCES_FILE, SAMPLES_FILE, Item, preference_rows
 
 HOSTILE = '<script>top.p=1</script><img src=x onerror="top.p=2">'  # shown as text, never run
+HOSTILE_RESPONSE = '<img src=y onerror="top.q=1"><b>bold</b> **strong** [a](javascript:top.q=2)'
 TIMEOUT = 30_000  # ms: the longest any step may take (the first page load included)
 
 
@@ -146,10 +147,17 @@ def rank_session(browser, server: LabelServer, prompts: list[str], shots) -> Pat
     assert len(rows_of(out / LABELS_FILE)) == 5  # on disk already
 
     server.kill()  # SIGKILL halfway: nothing may be lost
+    # as if the model had written HTML, Markdown and a javascript: link into a response still to be shown
+    samples = rows_of(out / SAMPLES_FILE)
+    samples[6]["responses"][1] = HOSTILE_RESPONSE
+    (out / SAMPLES_FILE).write_text("".join(json.dumps(row) + "\n" for row in samples))
     server.restart().wait_ready()
     ann.start(server.url, "ann", 5)  # a reloaded page goes on at the first prompt not labelled
     ann.click("rlhf-skip")
     ann.at(6)
+    assert ann.responses(["2"]) == [HOSTILE_RESPONSE]  # shown as the text it is
+    assert page.evaluate("() => [typeof top.q, document.querySelectorAll('img[src=\"y\"], a[href^=\"javascript\"]')"
+                         ".length]") == ["undefined", 0]
     ann.keys("2", "3", "Enter")
     ann.at(7)
     ann.click("rlhf-pick-1", "rlhf-submit")
