@@ -136,7 +136,7 @@ def rank_session(browser, server: LabelServer, prompts: list[str], shots) -> Pat
     ann.at(1)
     ann.keys("2", "Enter")  # keys: the best only
     ann.at(2)
-    ann.keys("t")  # a tie
+    ann.keys("t", "t")  # a tie; pressed twice, as a hurried labeler does: prompt 3, not yet shown, is not labelled
     ann.at(3)
     ann.keys("1", "3", "Backspace", "Backspace", "2")  # undo twice, then 1 > 2 (3 implied)
     ann.shows("rlhf-ranking", "1 > 2 > 3")

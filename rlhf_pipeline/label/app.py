@@ -122,17 +122,17 @@ def build_app(store: LabelStore, settings: PageSettings, title: str = "rlhf labe
                 return view(labeler if labeler else None)
             given = decision
             order: list[int] | None = None
-            if decision == "ranking" and read_ranking:
-                order = parse_ranking(ranked, k)
-                if not order:
-                    return {message: PICK_FIRST}
-            elif decision in ("A", "B"):  # A/B: the side that won, over the other
-                order = [0, 1] if decision == "A" else [1, 0]
-                given = "ranking"
             try:
+                if decision == "ranking" and read_ranking:
+                    order = parse_ranking(ranked, k)
+                    if not order:
+                        return {message: PICK_FIRST}
+                elif decision in ("A", "B"):  # A/B: the side that won, over the other
+                    order = [0, 1] if decision == "A" else [1, 0]
+                    given = "ranking"
                 store.record(labeler, item, given, order)
-            except ValueError as exc:
-                return {message: f"Not recorded: {type(exc).__name__}."}
+            except ValueError:  # a ranking the page cannot have sent, a closing server: nothing is written
+                return {message: NOT_RECORDED}
             return view(labeler, SAVED)
         return handler
 
@@ -144,7 +144,7 @@ def build_app(store: LabelStore, settings: PageSettings, title: str = "rlhf labe
 
     keys: dict[str, str] = {}
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(HEADER[settings.mode].format(k=k, last=k))
+        gr.Markdown(HEADER[settings.mode].format(k=k))
         with gr.Row():
             name = gr.Textbox(label="Your name", placeholder="who is labelling", max_length=MAX_NAME, scale=4,
                               interactive=not settings.authenticated, elem_id="rlhf-name")
@@ -246,7 +246,8 @@ READY = {"rank": "Rank the responses, best first.", "ab": "Which response is bet
 SAVED = "Saved. Next prompt:"
 PICK_FIRST = "Pick at least the best response first (its number), then submit."
 WAITING = "The responses to the next prompt are being generated; it appears here as soon as it is ready."
-DONE = "**Nothing left for you to label.** Every prompt has its labels. Thank you!"
+DONE = "**Nothing left for you to label.** Thank you!"
+NOT_RECORDED = "**Not recorded** (the server refused that label); nothing was saved for it."
 FAILED = ("**Generating responses failed** (the server's log says why). The labels given so far are saved; nothing "
           "more can be labelled until the server is restarted.")
 
