@@ -24,6 +24,7 @@ from typing import Any
 
 from rlhf_pipeline import runs
 from rlhf_pipeline.errors import UserError
+from rlhf_pipeline.model_card import hub_datasets, is_hub_id, pushed_to
 
 TEMPLATE = Path(__file__).with_name("dataset_card.md")
 CARD_FILE = "README.md"
@@ -130,8 +131,6 @@ def dataset_card(recipe: dict[str, Any], summary: dict[str, Any], rows: list[dic
                  endpoint: str, license: str | None) -> str:
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    from rlhf_pipeline.model_card import hub_datasets
-
     endpoint = endpoint.rstrip("/")
     mode = str(recipe.get("mode"))
     sources = hub_datasets(recipe.get("data") or {})
@@ -184,8 +183,6 @@ def model_sections(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def model_text(section: dict[str, Any], endpoint: str) -> str:
     """A model as the card names it: its Hub id (linked), the repo a local run was pushed to, or "a local model"."""
-    from rlhf_pipeline.model_card import is_hub_id, pushed_to
-
     name = str(section.get("name_or_path") or "")
     local = Path(name).expanduser()
     if local.is_dir():
@@ -201,8 +198,6 @@ def model_text(section: dict[str, Any], endpoint: str) -> str:
 
 def data_text(data: dict[str, Any], endpoint: str) -> str:
     """Where the prompts came from: the Hub datasets (linked), or local files (never their paths)."""
-    from rlhf_pipeline.model_card import hub_datasets
-
     names = hub_datasets(data)
     local = bool(data.get("files")) or any(
         isinstance(entry, dict) and entry.get("data_files") for entry in data.get("datasets") or [])
