@@ -134,6 +134,28 @@ def evaluate(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputDirOpt = 
 
 
 @app.command()
+def label(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    host: Annotated[Optional[str], typer.Option(
+        "--host", help="Serve on this address instead of the recipe's server.host (default 127.0.0.1: this machine "
+                       "only; another address needs a password: RLHF_LABEL_PASSWORD or typed).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", min=1, max=65535,
+                                                help="Serve on this port (default: the recipe's, else from 7860).")]
+    = None,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Serve a local labelling page: rank sampled responses (a preference dataset for `rlhf reward` / `rlhf dpo`) or
+    judge two models side by side (a human win rate for `rlhf eval`). Every label is saved as it is given; a
+    restart goes on where it stopped. Needs `pip install 'rlhf-pipeline[label]'`."""
+    with user_errors():
+        plan = commands.run_label(recipe, commands.stage_overrides(set_, output_dir), host, port, dry_run)
+    if plan:
+        typer.echo(plan)
+
+
+@app.command()
 def pipeline(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -181,7 +203,8 @@ def plan(
 def push(
     run_dir: Annotated[Path, typer.Argument(help="A finished run dir (it has metrics.json).", show_default=False)],
     repo_id: Annotated[str, typer.Option("--repo-id", metavar="ORG/NAME", show_default=False,
-                                         help="Hub model repo to push to; created when missing.")],
+                                         help="Hub model repo to push to (a dataset repo for an `rlhf label` run); "
+                                              "created when missing.")],
     private: Annotated[bool, typer.Option("--private/--public",
                                           help="Visibility of a repo this push creates (an existing repo keeps its "
                                                "own).")] = True,
@@ -207,12 +230,23 @@ def push(
 ) -> None:
     """Make the repo mirror a finished run dir: weights, tokenizer, metrics, the recipe as published and a model
     card with its lineage; repo files the run does not have are deleted. Nothing local is published: no path, command
-    line or platform (models and data are named by Hub id or as `local file NAME`), and samples only when asked.
-    The token comes from HF_TOKEN or `hf auth login` and is never written anywhere."""
+    line or platform (models and data are named by Hub id or as `local file NAME`), and samples only when asked. An
+    `rlhf label` run goes to a dataset repo: its preference pairs, summary and a dataset card (labeler names
+    pseudonymised). The token comes from HF_TOKEN or `hf auth login` and is never written anywhere."""
     from rlhf_pipeline.hub import preview_run, push_run
+    from rlhf_pipeline.hub_dataset import is_label_run, push_labels
 
+    notes: list[str] = []
     with user_errors():
-        if preview is not None:
+        if is_label_run(run_dir):  # human labels: a dataset repo
+            if base_repo_id is not None:
+                raise UserError("--base-repo-id names an adapter's base model; a labelling run has none")
+            if preview is not None:
+                raise UserError("--preview shows a model push; a labelling run's dataset repo holds only what its "
+                                "card lists (preferences.jsonl, summary.json, README.md), rebuilt at the push")
+            result = push_labels(run_dir, repo_id, private=private, revision=revision, license=license)
+            skipped = result.skipped
+        elif preview is not None:
             upload = preview_run(run_dir, repo_id, preview, base_repo_id=base_repo_id, license=license,
                                  include_samples=include_samples)
             skipped, notes = upload.skipped, upload.notes

@@ -61,6 +61,19 @@ def run_stage(stage: str, recipe_path: Path, overrides: Sequence[str], overwrite
     return None
 
 
+def run_label(recipe_path: Path, overrides: Sequence[str], host: str | None, port: int | None,
+              dry_run: bool) -> str | None:
+    """`rlhf label`: serve the labelling page (rlhf_pipeline/label/), or describe what it would do."""
+    from rlhf_pipeline.label import serve
+
+    loaded = load_recipe(recipe_path, overrides, expected_stage="label")
+    check_local_files(loaded)
+    if dry_run:
+        return serve.describe(loaded, host, port)
+    serve.run(loaded, host, port)
+    return None
+
+
 def execute_stage(loaded: LoadedRecipe, overwrite: bool = False, resume: bool = False,
                   on_start: Callable[[runs.RunPlan], None] | None = None) -> dict[str, Any]:
     """Run a stage so that no run is lost: hold the output dir's lock (process 0), check that every process sees

@@ -3,7 +3,7 @@
 It serves just what `HfApi.create_repo`, `HfApi.create_branch` and `HfApi.create_commit` (huggingface_hub 1.x/2.x)
 send, and records everything it receives:
 
-  POST /api/repos/create                          create a model repo (409 when it exists)
+  POST /api/repos/create                          create a model (or dataset) repo (409 when it exists)
   POST /api/validate-yaml                         README.md front matter check (parses it with yaml.safe_load)
   POST /api/models/{ns}/{name}/branch/{branch}    create a branch from main (409 when it exists)
   POST /api/models/{ns}/{name}/preupload/{rev}    upload mode of each file: "regular" (base64 in the commit) or
@@ -19,6 +19,9 @@ send, and records everything it receives:
                                                   X-Linked-Size, as the Hub does
   GET  /__lfs/{oid}                               the stand-in CDN, reached as `localhost` (another host than the
                                                   Hub's 127.0.0.1, so the client sends it no token)
+
+Dataset repos (`"type": "dataset"` at creation) answer the same routes under /api/datasets/... and /datasets/...
+(`dataset_repos`; `uploaded(..., repo_type="dataset")`).
 
 Large files go through Xet when `hf_xet` is installed and the Hub answers "lfs"; this server has no Xet storage, so a
 test that asks for LFS must disable Xet (`huggingface_hub.constants.HF_HUB_DISABLE_XET = True`).
@@ -54,6 +57,12 @@ class Repo:
     trees: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit sha -> {path: content}
     lfs_paths: dict[str, set[str]] = field(default_factory=dict)  # commit sha -> paths committed as LFS pointers
     commits: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = "model"  # or "dataset"
+
+    @property
+    def url_path(self) -> str:
+        """The repo's place in URLs: `org/name` for a model, `datasets/org/name` for a dataset."""
+        return self.repo_id if self.kind == "model" else f"datasets/{self.repo_id}"
 
     def files(self, revision: str = "main") -> dict[str, bytes]:
         sha = self.branches.get(revision, revision)
@@ -67,6 +76,7 @@ class HubServer:
         self.token = token  # when set, requests to /api and the LFS batch API must carry `Bearer <token>`
         self.lfs_patterns = lfs_patterns
         self.repos: dict[str, Repo] = {}
+        self.dataset_repos: dict[str, Repo] = {}  # dataset repos (`rlhf push` of a labelling run)
         self.created: list[dict[str, Any]] = []  # create-repo payloads, also those answered 409
         self.requests: list[tuple[str, str]] = []  # (method, path)
         self.bodies: list[bytes] = []
@@ -92,9 +102,9 @@ class HubServer:
         self._httpd.server_close()
         self._thread.join(timeout=5)
 
-    def uploaded(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+    def uploaded(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
         """The files of the repo at `revision` (a branch or commit): path -> bytes."""
-        return self.repos[repo_id].files(revision)
+        return (self.repos if repo_type == "model" else self.dataset_repos)[repo_id].files(revision)
 
     # ---------------------------------------------------------------------------------------------------------
     # handlers: each returns (status, body: JSON data or the bytes of a file, extra headers)
@@ -116,13 +126,16 @@ class HubServer:
             return self._create_repo(json.loads(body))
         if method == "POST" and parts == ["api", "validate-yaml"]:
             return self._validate_yaml(json.loads(body))
+        store = self.repos
+        if parts[0] == "datasets" and len(parts) >= 3:  # /datasets/org/name/...: a dataset repo's git and files
+            store, parts = self.dataset_repos, parts[1:]
         if method == "POST" and len(parts) == 6 and parts[1].endswith(".git") \
                 and parts[2:] == ["info", "lfs", "objects", "batch"]:
-            return self._lfs_batch(f"{parts[0]}/{parts[1].removesuffix('.git')}", json.loads(body))
+            return self._lfs_batch(f"{parts[0]}/{parts[1].removesuffix('.git')}", json.loads(body), store)
         if len(parts) >= 5 and parts[0] != "api" and parts[2] == "resolve" and method in ("HEAD", "GET"):
-            return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
-        if len(parts) >= 4 and parts[:2] == ["api", "models"]:
-            repo = self.repos.get(f"{parts[2]}/{parts[3]}")
+            return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), store)
+        if len(parts) >= 4 and parts[:2] in (["api", "models"], ["api", "datasets"]):
+            repo = (self.repos if parts[1] == "models" else self.dataset_repos).get(f"{parts[2]}/{parts[3]}")
             if repo is None:
                 return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
             rest = parts[4:]
@@ -140,23 +153,25 @@ class HubServer:
 
     def _create_repo(self, payload: dict[str, Any]):
         self.created.append(payload)
-        if payload.get("type") not in (None, "model"):
-            return 400, {"error": "the stand-in Hub only holds model repos"}, {}
+        kind = payload.get("type") or "model"
+        if kind not in ("model", "dataset"):
+            return 400, {"error": "the stand-in Hub only holds model and dataset repos"}, {}
+        store = self.repos if kind == "model" else self.dataset_repos
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
-        url = f"{self.url}/{repo_id}"
+        url = f"{self.url}/{repo_id if kind == 'model' else 'datasets/' + repo_id}"
         with self._lock:
-            if repo_id in self.repos:
-                return 409, {"error": "You already created this model repo", "url": url}, {}
+            if repo_id in store:
+                return 409, {"error": f"You already created this {kind} repo", "url": url}, {}
             visibility = payload.get("visibility")
             private = payload.get("private") if visibility is None else visibility == "private"
-            repo = Repo(repo_id, private)
+            repo = Repo(repo_id, private, kind=kind)
             sha = self._new_sha()
             gitattributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
             repo.trees[sha] = {".gitattributes": gitattributes}
             repo.lfs_paths[sha] = set()
             repo.branches["main"] = sha
             repo.commits.append({"sha": sha, "summary": "initial commit", "revision": "main"})
-            self.repos[repo_id] = repo
+            store[repo_id] = repo
         return 200, {"url": url, "name": repo_id, "id": repo_id}, {}
 
     def _validate_yaml(self, payload: dict[str, Any]):
@@ -194,8 +209,8 @@ class HubServer:
             files.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
         return 200, {"files": files, "commitOid": head}, {}
 
-    def _lfs_batch(self, repo_id: str, payload: dict[str, Any]):
-        if repo_id not in self.repos:
+    def _lfs_batch(self, repo_id: str, payload: dict[str, Any], store: dict[str, Repo]):
+        if repo_id not in store:
             return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
         objects = []
         for obj in payload["objects"]:
@@ -244,7 +259,7 @@ class HubServer:
             repo.trees[sha], repo.lfs_paths[sha] = tree, lfs
             repo.branches[revision] = sha
             repo.commits.append({"sha": sha, "summary": lines[0]["value"].get("summary"), "revision": revision})
-        return 200, {"success": True, "commitOid": sha, "commitUrl": f"{self.url}/{repo.repo_id}/commit/{sha}",
+        return 200, {"success": True, "commitOid": sha, "commitUrl": f"{self.url}/{repo.url_path}/commit/{sha}",
                      "pullRequestUrl": None}, {}
 
     def _info(self, repo: Repo, revision: str):
@@ -254,8 +269,8 @@ class HubServer:
         return 200, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": sha, "private": bool(repo.private),
                      "siblings": [{"rfilename": p} for p in sorted(repo.trees[sha])]}, {}
 
-    def _resolve(self, repo_id: str, revision: str, path: str):
-        repo = self.repos.get(repo_id)
+    def _resolve(self, repo_id: str, revision: str, path: str, store: dict[str, Repo]):
+        repo = store.get(repo_id)
         if repo is None:
             return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
         sha = repo.branches.get(revision, revision)

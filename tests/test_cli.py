@@ -330,6 +330,9 @@ def test_fast_commands_import_no_torch(tmp_path):
         ["dpo", "--help"],
         ["recipe", "keys", "dpo", "training"],
         ["dpo", "recipes/tiny/dpo.yaml", "--dry-run", "--output-dir", str(tmp_path / "out-dpo")],
+        ["label", "--help"],
+        ["recipe", "keys", "label"],
+        ["label", "recipes/tiny/label.yaml", "--dry-run", "--output-dir", str(tmp_path / "out-label")],
         ["sft", str(bad)],
     ]
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)], cwd=REPO, capture_output=True,

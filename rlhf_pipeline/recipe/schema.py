@@ -895,6 +895,10 @@ class EvalRecipe(StageRecipe):
     ppo_run: str | None = Field(
         None, description="A PPO output dir whose log.jsonl gives the per-update curves; default: the policy's dir "
         "when it has one.")
+    human_labels: str | None = Field(
+        None, description="The output dir of an `rlhf label` run in `ab` mode that compared these policies (matched "
+        "by `name_or_path`) with this baseline: the human win rate, with its 95% Wilson interval, is reported beside "
+        "the reward-model and gold win rates.")
 
     @model_validator(mode="after")
     def _something_to_evaluate(self):
@@ -916,6 +920,122 @@ class EvalRecipe(StageRecipe):
         for name, section in (("data", self.data), ("preferences", self.preferences)):
             if section is not None and not (section.eval_split or section.eval_size):
                 raise ValueError(f"`{name}`: set `eval_split` or `eval_size`: evaluation uses held-out data only")
+        if self.human_labels is not None and not all(policy_parts):
+            raise ValueError("`human_labels` are compared with a policy evaluation: give `policy` (or `policies`), "
+                             "`baseline`, `data` and `reward` too")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# label (human preferences in the browser: rlhf_pipeline/label/)
+# ---------------------------------------------------------------------------------------------------------------
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class LabelPolicy(ModelSection):
+    generation: GenerationSection | None = Field(
+        None, description="This model's sampling settings; default: the recipe's `generation`.")
+
+
+class LabelServer(Section):
+    host: str = Field(
+        "127.0.0.1", description="Address the labelling page listens on. The default (loopback) serves this machine "
+        "only; any other address (e.g. `0.0.0.0`) exposes it and needs a password, read from the environment "
+        "variable RLHF_LABEL_PASSWORD or typed at the prompt (never written anywhere); each labeler then logs in "
+        "with their name and that password.")
+    port: int | None = Field(
+        None, ge=1, le=65535, description="Port; default: the first free one from 7860 (Gradio's rule).")
+
+
+class LabelRecipe(StageRecipe):
+    """Collect human preferences (ranking mode) or judge two models side by side (A/B mode) in a local web page."""
+
+    stage: Literal["label"]
+    output_dir: str = Field(
+        description="The labelling run: samples.jsonl (the responses, generated ahead and stored), labels.jsonl (every "
+        "label as given, appended and fsync'd), preferences.jsonl (the preference dataset, TRL's prompt / chosen / "
+        "rejected) and summary.json. Labelling resumes here when restarted.")
+    mode: Literal["rank", "ab"] = Field(
+        "rank", description="`rank`: each prompt with `responses_per_prompt` sampled responses; the labeler ranks them "
+        "(or picks the best, or says tie, all bad, skip); rankings expand to pairs as in InstructGPT. `ab`: the "
+        "responses of a policy and of `baseline` side by side, their order random and hidden; gives a human win "
+        "rate with a confidence interval (and preference pairs too).")
+    policy: LabelPolicy | None = Field(None, description="The model to sample responses from (e.g. the SFT output).")
+    policies: dict[str, LabelPolicy] | None = Field(
+        None, description="Several models by name, instead of `policy`: in `rank` mode the responses to each prompt "
+        "are drawn from them in turn; in `ab` mode each prompt compares one of them (in turn) with `baseline`.")
+    baseline: LabelPolicy | None = Field(
+        None, description="`ab` mode: what the policy is compared with (e.g. the SFT model).")
+    tokenizer: TokenizerSection = Field(
+        default_factory=TokenizerSection, description="Tokenizer overrides (one tokenizer for every model, as in "
+        "`rlhf eval`).")
+    data: PromptData = Field(description="The prompts (any data source the other stages take).")
+    split: Literal["train", "held_out"] | None = Field(
+        None, description="Which split's prompts are labelled: `train` (`data.train_split`) or `held_out` "
+        "(`data.eval_split`, or `eval_size` carved off). Default: train in `rank` mode, held_out in `ab` mode.")
+    num_prompts: int | None = Field(
+        None, ge=1, description="Label at most this many prompts (the first of the split, in order); default: all.")
+    responses_per_prompt: int | None = Field(
+        None, ge=2, le=9, description="`rank` mode: responses sampled per prompt (K; keys 1-9 pick them), default 4 "
+        "(InstructGPT used 4 to 9). `ab` mode always shows 2.")
+    generation: GenerationSection = Field(
+        default_factory=GenerationSection, description="Sampling settings (a model's own `generation` overrides).")
+    overlap: float = Field(
+        0.0, ge=0, le=1, description="Share of prompts also shown to a second labeler, chosen at random with the seed, "
+        "so that agreement between labelers can be measured (pairwise agreement, Cohen's and Krippendorff's "
+        "figures, in summary.json).")
+    labelers: list[str] | None = Field(
+        None, description="The names allowed to label; default: any name typed on the page (or logged in with).")
+    ahead: int = Field(
+        16, ge=1, description="Prompts whose responses are generated (in the background) ahead of the labelers.")
+    server: LabelServer = Field(default_factory=LabelServer, description="Where the page is served.")
+    hub: None = Field(
+        None, exclude=True, description="Not a key of a labelling run: it is published, once labelled, with `rlhf push "
+        "OUTPUT_DIR --repo-id ORG/NAME` (a Hub dataset repo).")
+
+    @field_validator("hub", mode="before")
+    @classmethod
+    def _no_hub(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("a labelling run is published with `rlhf push OUTPUT_DIR --repo-id ORG/NAME` (a dataset "
+                             "repo) once labelled: leave `hub` out")
+        return None
+
+    @field_validator("labelers")
+    @classmethod
+    def _labeler_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("an empty list allows nobody: leave `labelers` out to allow any name")
+            for name in value:
+                if not name.strip() or len(name) > 64:
+                    raise ValueError(f"{name!r}: a labeler name is 1 to 64 characters")
+            if len(set(value)) < len(value):
+                raise ValueError("a name is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _models_for_the_mode(self):
+        if (self.policy is None) == (not self.policies):
+            raise ValueError("give `policy` (one model) or `policies` (several, by name)")
+        for name in self.policies or {}:
+            if not POLICY_NAME.fullmatch(name) or name == "baseline":
+                raise ValueError(f"policies: {name!r} is not a usable name (letters, digits, `_`, `-`, `.`; not "
+                                 "`baseline`)")
+        if self.mode == "ab" and self.baseline is None:
+            raise ValueError("`ab` mode compares a policy with a `baseline`: set `baseline` (e.g. the SFT model)")
+        if self.mode == "rank" and self.baseline is not None:
+            raise ValueError("`baseline` is for `ab` mode; in `rank` mode list every model under `policies`")
+        if self.mode == "ab" and self.responses_per_prompt not in (None, 2):
+            raise ValueError("`ab` mode shows 2 responses (the policy's and the baseline's): leave "
+                             "`responses_per_prompt` out")
+        if self.responses_per_prompt is None:
+            self.responses_per_prompt = 4 if self.mode == "rank" else 2
+        split = self.split or ("train" if self.mode == "rank" else "held_out")
+        if split == "held_out" and not (self.data.eval_split or self.data.eval_size):
+            raise ValueError(f"{'`split: held_out`' if self.split else '`ab` mode'} labels the held-out prompts: set "
+                             "`data.eval_split` or `data.eval_size` (or `split: train`)")
         return self
 
 
@@ -1034,5 +1154,6 @@ STAGE_RECIPES: dict[str, type[StageRecipe]] = {
     "ppo": PpoRecipe,
     "dpo": DpoRecipe,
     "eval": EvalRecipe,
+    "label": LabelRecipe,
     "pipeline": PipelineRecipe,
 }

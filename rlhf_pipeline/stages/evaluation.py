@@ -4,6 +4,8 @@
 - A policy against a baseline on held-out prompts, one sample each with the same sampling settings and seeds:
   reward-model score, win rate judged by the reward model (a tie counts half), KL to the reference, response length,
   EOS rate, distinct-n diversity, and the gold score when a gold scorer is configured; side-by-side samples.
+- Beside those, the human win rate of an `rlhf label` A/B run of the same models (`human_labels`), with its 95 %
+  Wilson interval.
 
 Writes eval.json, eval.md (a Markdown report) and PNG plots, then metrics.json (last, as every stage).
 
@@ -52,6 +54,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     reward_scores = None
 
     # 1. data and models, checked before anything is written
+    human = human_results(loaded) if recipe.human_labels else {}  # first: cheap, and a mismatch stops the run
     policy_setup = _policy_setup(loaded, device) if (recipe.policy or recipe.policies) else None
     reward_setup = _reward_setup(loaded, device) if recipe.preferences is not None else None
     start_outputs(loaded, options)
@@ -62,6 +65,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
     if policy_setup is not None:
         policy_results, samples, policy_scores = evaluate_policies(loaded, *policy_setup)
         results.update(policy_results)
+        results.update(human)
         names = list(policy_setup[2])
         run_dirs = runs_of(recipe, names)
         results.update(training_figures(run_dirs, results, names))
@@ -131,6 +135,12 @@ def _policy_setup(loaded: LoadedRecipe, device):
     else:
         reference = baseline
     return tokenizer, prompts, candidates, baseline, reference, scorer, gold, device
+
+
+def human_results(loaded: LoadedRecipe) -> dict[str, Any]:
+    from rlhf_pipeline.label.judged import human_win_rates
+
+    return human_win_rates(loaded)
 
 
 def _reward_setup(loaded: LoadedRecipe, device):
@@ -437,6 +447,11 @@ def markdown_report(loaded: LoadedRecipe, results: dict[str, Any], samples: list
                           f"**{results['win_rate']:.3f}** (a tie counts half)."]
             if "gold_win_rate" in results:
                 lines.append(f"Judged by the gold scorer: **{results['gold_win_rate']:.3f}**.")
+            if "human_win_rate" in results:
+                lines.append(f"Judged by people (A/B labels of `{recipe.human_labels}`, "
+                             f"{results['human_labelers']} labeler(s)): **{results['human_win_rate']:.3f}** (95% "
+                             f"Wilson interval {results['human_win_rate_low']:.3f}-{results['human_win_rate_high']:.3f}"
+                             f" over {results['human_win_rate_prompts']} prompts, a tie or both bad counting half).")
         else:
             lines += ["", "Win rates are over the baseline (a tie counts half). Gold ± is the standard error of the "
                           "mean over prompts. Training time and throughput come from each policy's own run "
@@ -478,6 +493,7 @@ def comparison_table(results: dict[str, Any], names: list[str]) -> list[str]:
         ("gold score (mean ± SE)", gold_cell if "baseline_gold" in results else None),
         ("win rate (reward model)", "win_rate"),
         ("win rate (gold)", "gold_win_rate"),
+        ("win rate (human, 95% interval)", lambda m: human_cell(results, m)),
         ("KL to the reference (nats)", "kl"),
         ("sqrt(KL)", lambda m: f"{math.sqrt(max(results[f'{m}_kl'], 0.0)):.2f}"),
         ("response length (tokens)", "response_length"),
@@ -505,16 +521,26 @@ def comparison_table(results: dict[str, Any], names: list[str]) -> list[str]:
     return lines
 
 
+def human_cell(results: dict[str, Any], name: str) -> str:
+    """`0.625 [0.306, 0.863], 8 prompts`: a human win rate with its 95 % Wilson interval (empty without one)."""
+    if f"{name}_human_win_rate" not in results:
+        return ""
+    return (f"{results[f'{name}_human_win_rate']:.3f} [{results[f'{name}_human_win_rate_low']:.3f}, "
+            f"{results[f'{name}_human_win_rate_high']:.3f}], {results[f'{name}_human_win_rate_prompts']} prompts")
+
+
 def summary_line(results: dict[str, Any]) -> str:
     parts = []
-    names = [k[: -len("_win_rate")] for k in results if k.endswith("_win_rate") and not k.endswith("gold_win_rate")
-             and k != "win_rate"]
+    names = [k[: -len("_win_rate")] for k in results if k.endswith("_win_rate")
+             and not k.endswith(("gold_win_rate", "human_win_rate")) and k != "win_rate"]
     for name in names:
         label = "" if names == ["policy"] else f"{name}: "
         text = (f"{label}score {results['baseline_score']:.3f} -> {results[f'{name}_score']:.3f}, win rate "
                 f"{results[f'{name}_win_rate']:.3f}, KL {results[f'{name}_kl']:.2f}")
         if f"{name}_gold" in results:
             text += f", gold {results['baseline_gold']:.3f} -> {results[f'{name}_gold']:.3f}"
+        if f"{name}_human_win_rate" in results:
+            text += f", human win rate {results[f'{name}_human_win_rate']:.3f}"
         parts.append(text)
     if "reward_accuracy" in results:
         parts.append(f"reward accuracy {results['reward_accuracy']:.3f}")

@@ -339,15 +339,18 @@ def _truncate_logs(output_dir: Path, updates_done: int) -> None:
 # -------------------------------------------------------------------------------------------------------------
 def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data", eval_limit: int | None = None,
                  scorers: tuple = ()):
-    """Tokenized training and held-out prompts from the `key` section. Preference data without a prompt column gives
-    its shared prefix as the prompt (see `implicit_prompts`). Prompts longer than `max_prompt_length` tokens, or than
-    what leaves room for a whole response (`prompt_limit`) in the policy's `context` and in the reward models' of
-    `scorers`, are left out (and counted)."""
+    """Tokenized training and held-out prompts from the `key` section (held-out: None when there is no held-out
+    split). Preference data without a prompt column gives its shared prefix as the prompt (see `implicit_prompts`).
+    Prompts longer than `max_prompt_length` tokens, or than what leaves room for a whole response (`prompt_limit`) in
+    the policy's `context` and in the reward models' of `scorers`, are left out (and counted)."""
 
     section = getattr(loaded.recipe, key)
     train, held_out = data_io.load_splits(loaded, key)
     tokenized = []
     for split, name in ((train, "training"), (held_out, "held-out")):
+        if split is None:  # no held-out split (a label recipe may have none)
+            tokenized.append(None)
+            continue
         present = data_io.roles_present(loaded, split, ["prompt", "chosen", "rejected"], key)
         columns: dict[str, list] = {}
         if "prompt" not in present and {"chosen", "rejected"} <= present:
@@ -364,7 +367,7 @@ def load_prompts(loaded: LoadedRecipe, tokenizer, context: int, key: str = "data
         tokenized.append(tokenize_prompts(loaded, prompts, tokenizer, limit, name, f"{key}.max_prompt_length",
                                           columns))
     train_prompts, eval_prompts = tokenized
-    if eval_limit is not None:
+    if eval_limit is not None and eval_prompts is not None:
         eval_prompts = eval_prompts.select(list(range(min(eval_limit, len(eval_prompts)))))
     return train_prompts, eval_prompts
 
