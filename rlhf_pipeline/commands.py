@@ -354,15 +354,15 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -
     check_local_files(loaded)
     check_tracker_packages(loaded)
     check_push(loaded)
-    plan = runs.plan_run(recipe.output_dir, overwrite, resume or recipe_checkpoint(loaded) is not None)
-    if plan.mode == "resume":  # as the run will: the same recipe, or nothing
-        check_same_recipe(loaded, plan.work / runs.RECIPE_FILE)
+    plan, flags, needs = _dry_run_plan(loaded, overwrite, resume)
     status_text = {
         "new": "new",
         "restart": "holds an unfinished run with nothing to resume: it will be cleared",
         "replace": f"holds a run: the new one is built in {plan.work} and replaces it once finished",
         "resume": f"resumes from {plan.checkpoint}",
     }[plan.mode]
+    if flags:
+        status_text = f"with {' '.join(flags)}: {status_text}"
     rows: list[tuple[str, str]] = [
         ("stage", recipe.stage),
         ("recipe", str(loaded.path)),
@@ -393,7 +393,41 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -
               }.get(recipe.stage, "model + tokenizer (safetensors)") + ", recipe.resolved.yaml, metrics.json (last)"
     rows.append(("writes", writes))
     width = max(len(k) for k, _ in rows)
-    return "dry run: nothing was written\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+    return "dry run: nothing was written\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows) + needs
+
+
+def _dry_run_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool) -> tuple[runs.RunPlan, tuple[str, ...], str]:
+    """The plan a dry run shows, made and checked as the run will make it (a resumed run: the same recipe). A dry
+    run never refuses over a run: where the run would refuse only for want of --overwrite or --resume, the plan it
+    would make with the first flag that works, that flag, and a note saying what the run needs, with its command
+    lines; else (plan, (), ''). A refusal that no flag lifts (a run of an older version that --overwrite will not
+    delete) is raised."""
+    output_dir = loaded.recipe.output_dir
+    resume = resume or recipe_checkpoint(loaded) is not None
+
+    def checked_plan(overwrite: bool, resume: bool) -> runs.RunPlan:
+        plan = runs.plan_run(output_dir, overwrite, resume)
+        if plan.mode == "resume":  # as the run will: the same recipe, or nothing
+            check_same_recipe(loaded, plan.work / runs.RECIPE_FILE)
+        return plan
+
+    try:
+        return checked_plan(overwrite, resume), (), ""
+    except runs.NeedsFlag as exc:
+        refusal = exc
+    works: list[tuple[tuple[str, ...], runs.RunPlan]] = []
+    refused: list[tuple[tuple[str, ...], UserError]] = []
+    for flags in refusal.alternatives:
+        try:
+            works.append((flags, checked_plan(overwrite or "--overwrite" in flags, resume or "--resume" in flags)))
+        except UserError as exc:
+            refused.append((flags, exc))
+    if not works:
+        raise refused[0][1]
+    lines = [f"the run needs {' or '.join(' '.join(flags) for flags, _ in works)}: {refusal}"]
+    lines += [f"  {' '.join(flags)} would be refused: {exc}" for flags, exc in refused]
+    lines += [f"  {runs.command_line(flags, without=('--dry-run',))}" for flags, _ in works]
+    return works[0][1], works[0][0], "\n" + "\n".join(lines)
 
 
 def _model_rows(recipe: Any) -> list[tuple[str, str]]:

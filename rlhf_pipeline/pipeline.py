@@ -8,6 +8,7 @@ printed. A reward model whose held-out accuracy is under the gate stops the pipe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -319,6 +320,7 @@ class Decision:
     reason: str
     staged: bool = False  # resume: the interrupted run is the replacement in `.NAME.next`
     discard: Path | None = None  # an interrupted run of this pipeline nothing will resume: removed first
+    needs: runs.NeedsFlag | None = None  # a dry run only: the run refuses this stage without a flag
 
 
 def run_pipeline(pipeline: LoadedRecipe, options: Options) -> str:
@@ -390,8 +392,11 @@ def _run_pipeline(pipeline: LoadedRecipe, plans: list[StagePlan], options: Optio
         wiring = [f"  {plan.name}: {line}" for plan in plans for line in plan.wiring]
         if hub.push:
             wiring.append(f"  then push {', '.join(hub.stages)} to {hub.repo_prefix}-<stage>")
+        notes = [f"the run needs {' '.join(d.needs.alternatives[0])} (stage {plan.name}): {d.needs}\n"
+                 f"  {options.hint(*d.needs.alternatives[0])}"
+                 for plan, d in zip(plans, decisions) if d.needs is not None]
         return "\n".join([_table(("stage", "would", "why", "output"), rows, "dry run: nothing was written"),
-                          "wiring:", *wiring])
+                          "wiring:", *wiring, *notes])
     return _table(("stage", "status", "time", "result"), rows, "pipeline summary")
 
 
@@ -416,7 +421,19 @@ def _decisions(pipeline: LoadedRecipe, plans: list[StagePlan], options: Options)
     upstream_will_change = False
     decisions = []
     for plan in plans:
-        decision = _decide(plan, state, options, names, upstream_will_change)
+        try:
+            decision = _decide(plan, state, options, names, upstream_will_change)
+        except runs.NeedsFlag as exc:
+            if not options.dry_run:
+                raise
+            # a dry run never refuses over a run: it shows what the run would do with the flag it needs, and names it
+            flags = exc.alternatives[0]
+            flagged = (dataclasses.replace(options, force=True) if flags == ("--force",)
+                       else dataclasses.replace(options, from_stage=flags[1]))
+            decisions = _decisions(pipeline, plans, flagged)
+            at = plans.index(plan)
+            decisions[at] = dataclasses.replace(decisions[at], needs=exc)
+            return decisions
         decisions.append(decision)
         upstream_will_change |= decision.action in ("run", "resume")
     if options.resume and not any(d.action == "resume" for d in decisions):
@@ -476,9 +493,10 @@ def _decide(plan: StagePlan, state: dict, options: Options, names: list[str], up
         differences = diff_keys(saved_recipe_data(final), current)
         if inputs is None:  # not made by this pipeline
             if differences:
-                raise UserError(f"{plan.output_dir} holds a finished run that this pipeline did not make, with a "
-                                f"different recipe (at {', '.join(differences[:5])}); replace it with "
-                                f"`{options.hint('--from', name)}`, or change the pipeline's output_dir")
+                raise runs.NeedsFlag(f"{plan.output_dir} holds a finished run that this pipeline did not make, "
+                                     f"with a different recipe (at {', '.join(differences[:5])}); replace it with "
+                                     f"`{options.hint('--from', name)}`, or change the pipeline's output_dir",
+                                     ("--from", name))
             return Decision("adopt", "finished earlier with the same recipe", discard=discard)
         if differences:
             decision = Decision("run", f"its recipe changed at {', '.join(differences[:5])}", discard=discard)
@@ -500,9 +518,10 @@ def _decide(plan: StagePlan, state: dict, options: Options, names: list[str], up
             again = options.hint("--force") if upstream_will_change else options.hint("--from", name)
             resume = shlex.join(["rlhf", plan.kind, str(run_dir / runs.RECIPE_FILE), "--resume",
                                  *(["--overwrite"] if run_dir == staged else [])])
-            raise UserError(f"{run_dir} holds an interrupted run (checkpoint {checkpoint.name}) that this pipeline "
-                            f"did not start, which running the {name} stage would replace: finish it with "
-                            f"`{resume}`, or replace it with `{again}`")
+            raise runs.NeedsFlag(f"{run_dir} holds an interrupted run (checkpoint {checkpoint.name}) that this "
+                                 f"pipeline did not start, which running the {name} stage would replace: finish it "
+                                 f"with `{resume}`, or replace it with `{again}`",
+                                 ("--force",) if upstream_will_change else ("--from", name))
     return decision
 
 

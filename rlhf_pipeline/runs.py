@@ -261,8 +261,22 @@ class RunPlan:
         return self.work != self.output_dir
 
 
+class NeedsFlag(UserError):
+    """A refusal that a flag lifts: the output dir holds a run that a command replaces or continues only when told
+    to. `alternatives`: the flags that would lift it (each a tuple; the first is the one a dry run plans with). A run
+    refuses (exit code 2); a dry run shows what the run would do with the flag, and says it needs it."""
+
+    def __init__(self, message: str, *alternatives: tuple[str, ...]):
+        super().__init__(message)
+        self.alternatives = alternatives
+
+    def __reduce__(self):  # pickled whole: process 0 shares its refusal with the other processes
+        return type(self), (str(self), *self.alternatives)
+
+
 def plan_run(output_dir: str | Path, overwrite: bool, resume: bool) -> RunPlan:
-    """Decide where a run writes (no side effects); UserError when the output dir may not be used."""
+    """Decide where a run writes (no side effects); UserError when the output dir may not be used (NeedsFlag when
+    it may, given --overwrite or --resume)."""
     final = Path(output_dir)
     check_ancestors(final)
     status = output_dir_status(final)
@@ -286,16 +300,17 @@ def plan_run(output_dir: str | Path, overwrite: bool, resume: bool) -> RunPlan:
         if checkpoint is not None:
             return RunPlan(final, final, "resume", checkpoint, _run_id(final))
         if resumable_checkpoint(staged) is not None:
-            raise UserError(f"--resume: {final} is finished; the interrupted run that was to replace it is in "
-                            f"{staged}: pass --resume --overwrite to continue that one")
+            raise NeedsFlag(f"--resume: {final} is finished; the interrupted run that was to replace it is in "
+                            f"{staged}: pass --resume --overwrite to continue that one", ("--overwrite",))
         why = "it is finished" if status == "finished" else "it has no complete checkpoint"
         raise UserError(f"--resume: {final} holds no unfinished run to resume ({why}). Checkpoints are written "
                         "every training.save_steps steps (pretrain, sft, reward) or training.save_every updates "
                         "(ppo)")
     if status == "finished":
         if not overwrite:
-            raise UserError(f"{final} holds a finished run ({METRICS_FILE} is there). Pass --overwrite to replace it "
-                            "(the old run stays until the new one finishes), or choose another --output-dir.")
+            raise NeedsFlag(f"{final} holds a finished run ({METRICS_FILE} is there). Pass --overwrite to replace it "
+                            "(the old run stays until the new one finishes), or choose another --output-dir.",
+                            ("--overwrite",))
         if not is_ours(final):
             raise UserError(f"{final} holds a finished run without the {MARKER_FILE} marker this tool writes (made "
                             "by an older version?): it will not be deleted; move it away to run here")
@@ -308,8 +323,9 @@ def plan_run(output_dir: str | Path, overwrite: bool, resume: bool) -> RunPlan:
         if checkpoint is None:
             return RunPlan(final, final, "restart", run_id=_new_run_id())
         if not overwrite:
-            raise UserError(f"{final} holds an unfinished run with checkpoint {checkpoint.name}: pass --resume to "
-                            "continue it, or --overwrite to start over (it stays until the new run finishes)")
+            raise NeedsFlag(f"{final} holds an unfinished run with checkpoint {checkpoint.name}: pass --resume to "
+                            "continue it, or --overwrite to start over (it stays until the new run finishes)",
+                            ("--resume",), ("--overwrite",))
         _check_swap_path(final)
         return RunPlan(final, staged, "replace", run_id=_new_run_id())
     return RunPlan(final, final, "new", run_id=_new_run_id())
@@ -704,9 +720,9 @@ def provenance() -> dict[str, Any]:
     }
 
 
-def command_line(extra: tuple[str, ...] = ()) -> str:
-    """The `rlhf ...` command this process runs (plus `extra` flags not already on it)."""
-    args = list(sys.argv[1:]) if sys.argv else []
+def command_line(extra: tuple[str, ...] = (), without: tuple[str, ...] = ()) -> str:
+    """The `rlhf ...` command this process runs (less the flags `without`, plus `extra` flags not already on it)."""
+    args = [arg for arg in sys.argv[1:] if arg not in without] if sys.argv else []
     args += [flag for flag in extra if flag not in args]
     return shlex.join(["rlhf", *args])  # quoted as a shell reads it: a path with spaces pastes back as one argument
 

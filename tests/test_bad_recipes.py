@@ -369,11 +369,13 @@ def test_finished_run_is_refused(tmp_path, tiny_model_dir, data_dir):
     metrics = _finished_run(out)
     before = os.stat(out / "metrics.json").st_mtime_ns
     recipe, _ = _data_case(tmp_path, tiny_model_dir, "sft", {"files": str(data_dir / "sft.jsonl")})
-    for extra in ((), ("--dry-run",)):
+    for extra in ((), ("--dry-run",)):  # a dry run does not refuse: it says what the run needs
         result = run_cli("sft", recipe, *extra)
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == (0 if extra else 2), result.output
         assert "Traceback" not in result.output
         assert f"{out} holds a finished run" in result.output and "--overwrite" in result.output
+        if extra:
+            assert f"the run needs --overwrite: {out} holds a finished run" in result.stdout
         assert (out / "metrics.json").read_bytes() == metrics
         assert os.stat(out / "metrics.json").st_mtime_ns == before
         assert sorted(p.name for p in out.iterdir()) == [".rlhf-run.json", "metrics.json", "recipe.resolved.yaml"]

@@ -467,6 +467,10 @@ def test_runs_the_pipeline_did_not_make_are_kept_and_the_hints_work_as_printed(p
     assert refused.exit_code == 2 and "holds a finished run that this pipeline did not make" in refused.output
     command = printed_command(refused.output, "replace it with ")
     assert command == ["rlhf", "pipeline", str(pipeline), "--from", "sft"]
+    dry = run_cli("pipeline", pipeline, "--dry-run")  # never refuses: plans as with the flag, and names it
+    assert dry.exit_code == 0 and rows(dry.output) == {"pretrain": "skip", "sft": "run"}, dry.output
+    assert "the run needs --from sft (stage sft): " in dry.output and "did not make" in dry.output
+    assert dry.output.rstrip().endswith(f"\n  rlhf pipeline {pipeline} --from sft")
     replaced = run_cli(*command[1:])
     assert replaced.exit_code == 0 and statuses(replaced.output) == {"pretrain": "skipped", "sft": "ran"}
 
@@ -478,6 +482,10 @@ def test_runs_the_pipeline_did_not_make_are_kept_and_the_hints_work_as_printed(p
     refused = run_cli("pipeline", pipeline, *edit)
     assert refused.exit_code == 2 and f"{staged} holds an interrupted run (checkpoint checkpoint-2) that this " \
         "pipeline did not start" in refused.output, refused.output
+    assert snapshot(staged) == before
+    dry = run_cli("pipeline", pipeline, *edit, "--dry-run")
+    assert dry.exit_code == 0 and rows(dry.output) == {"pretrain": "skip", "sft": "run"}, dry.output
+    assert "the run needs --from sft (stage sft): " in dry.output and "did not start" in dry.output
     assert snapshot(staged) == before
     command = printed_command(refused.output, "finish it with ")
     assert command == ["rlhf", "sft", str(staged / "recipe.resolved.yaml"), "--resume", "--overwrite"]
