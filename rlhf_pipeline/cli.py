@@ -32,8 +32,15 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Check and inspect recipes (fast: no torch).", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+recipes_app = typer.Typer(help="The recipe sets shipped with rlhf-pipeline: the tiny default (offline, CPU), GPT-2 "
+                               "and Qwen recipes, Accelerate configs. List them, or copy one to edit.",
+                          no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(
+    help="Recipe YAML file. When no such file or folder is here, a shipped recipe by name: a set (`tiny`: its recipe "
+         "for this command) or one of its recipes (`tiny/sft`); see `rlhf recipes list`. A folder: its recipe for "
+         "this command.", show_default=False)]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", metavar="KEY=VALUE",
@@ -270,9 +277,11 @@ def push(
 
 @recipe_app.command("validate")
 def recipe_validate(
-    paths: Annotated[list[Path], typer.Argument(help="Recipe files, or directories to search for *.yaml.")],
+    paths: Annotated[list[Path], typer.Argument(
+        help="Recipe files, or directories to search for *.yaml; a shipped set or recipe by name (`tiny`, "
+             "`tiny/sft`) when no such file or folder is here.")],
 ) -> None:
-    """Validate recipes against their stage's schema; exit code 2 if any is invalid."""
+    """Validate recipes (and Accelerate configs) against their schema; exit code 2 if any is invalid."""
     with user_errors():
         valid, errors = commands.validate_paths(paths)
     for path, stage in valid:
@@ -286,10 +295,8 @@ def recipe_validate(
 @recipe_app.command("show")
 def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Print the fully resolved recipe: extends merged, --set applied, defaults filled in."""
-    from rlhf_pipeline.recipe.load import load_recipe
-
     with user_errors():
-        typer.echo(load_recipe(recipe, set_ or []).resolved_yaml(), nl=False)
+        typer.echo(commands.show_recipe(recipe, set_ or []), nl=False)
 
 
 @recipe_app.command("keys")
@@ -303,6 +310,25 @@ def recipe_keys(
 
     with user_errors():
         typer.echo(stage_reference(stage, section))
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the shipped recipe sets: name, what each is, its recipes (and a pipeline's stages)."""
+    with user_errors():
+        typer.echo(commands.list_recipe_sets())
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="The set, as `rlhf recipes list` names it (e.g. tiny, gpt2-hh, "
+                                             "accelerate).", show_default=False)],
+    directory: Annotated[Path, typer.Argument(help="A new or empty folder to copy it into.", show_default=False)],
+) -> None:
+    """Copy a shipped recipe set, data included, into a new or empty folder to edit it; prints the commands that run
+    the copy. Its data paths ({recipe_dir}/...) name the copy's own files."""
+    with user_errors():
+        typer.echo(commands.copy_recipe_set(name, directory))
 
 
 def _version(value: bool) -> None:

@@ -51,10 +51,90 @@ def end_process_group() -> None:
             dist.destroy_process_group()
 
 
+def recipe_argument(path: Path, command: str | None) -> Path:
+    """The recipe a command's recipe argument names (recipe/sets.py: a folder, or a set or recipe shipped with the
+    package, stands for one of its recipes); says on stderr which file it took when it is not the argument itself.
+    `command`: the stage whose recipe a set stands for; None (`recipe validate`): a set is its folder."""
+    import sys
+
+    from rlhf_pipeline.recipe import sets
+
+    found, note = sets.resolve(path, command)
+    if note is not None and runs.is_main_process():
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    return found
+
+
+def show_recipe(recipe_path: Path, overrides: Sequence[str]) -> str:
+    """`rlhf recipe show`: the fully resolved recipe as YAML."""
+    return load_recipe(recipe_argument(recipe_path, "pipeline"), overrides).resolved_yaml()
+
+
+def list_recipe_sets() -> str:
+    """`rlhf recipes list`: every shipped set, its description (its README's heading) and its recipes."""
+    import textwrap
+
+    from rlhf_pipeline.recipe import sets
+
+    names = sets.names()
+    width = max(map(len, names))
+    lines = [f"Recipe sets shipped with rlhf-pipeline, in {sets.root()}:", ""]
+    for name in names:
+        chosen = sets.recipe_set(name)
+        listing = ", ".join(_recipe_entry(recipe, what) for recipe, what in chosen.recipes)
+        label = "configs (accelerate launch --config_file)" if chosen.is_accelerate else "recipes"
+        lines.append(f"  {name.ljust(width)}  {chosen.description}")
+        lines += [f"  {' ' * width}  {line}" for line in textwrap.wrap(
+            f"{label}: {listing}", 110 - width, break_on_hyphens=False, break_long_words=False)]
+    lines += ["", *textwrap.wrap(
+        "A set's name goes where a recipe path does, when no such file or folder is here: `rlhf pipeline tiny` runs "
+        "tiny/pipeline.yaml, `rlhf sft tiny` tiny/sft.yaml, `rlhf dpo tiny/compare/dpo` that recipe. Outputs go "
+        "under the current folder (each recipe's output_dir, e.g. runs/tiny/sft).", 118),
+        "To edit one: rlhf recipes copy NAME DIR"]
+    return "\n".join(lines)
+
+
+def _recipe_entry(name: str, what: str) -> str:
+    """`sft`, `label-ab (label)`, `pipeline (pretrain, sft, ...)` for a recipe's listing."""
+    last = name.rsplit("/", 1)[-1]
+    if what in (last, "accelerate"):
+        return name
+    return f"{name} ({what.removeprefix(last + ': ')})"
+
+
+def copy_recipe_set(name: str, destination: Path) -> str:
+    """`rlhf recipes copy NAME DIR`: the set copied to edit, and the commands that run the copy."""
+    import shlex
+
+    from rlhf_pipeline.recipe import sets
+
+    chosen, copy = sets.copy(name, destination)
+    files = [p for p in copy.rglob("*") if p.is_file()]
+    data = [p for p in files if p.suffix not in (".yaml", ".yml", ".md")]
+    size = sum(p.stat().st_size for p in data)
+    recipes = [recipe for recipe, _ in chosen.recipes]
+    head = (f"copied the recipe set {chosen.name} to {copy}: {len(recipes)} "
+            f"{'Accelerate configs' if chosen.is_accelerate else 'recipes'}"
+            + (f" and {len(data)} data files ({size / 2 ** 20:.1f} MiB)" if data else ""))
+    where = shlex.quote(str(copy))
+    if chosen.is_accelerate:
+        return "\n".join([head, "check them, then launch a stage with one:", f"  rlhf recipe validate {where}",
+                          f"  accelerate launch --config_file {shlex.quote(str(copy / 'ddp.yaml'))} -m rlhf_pipeline "
+                          "sft RECIPE"])
+    data_paths = " Its data paths (\"{recipe_dir}/...\") name the copy's own files." if data else ""
+    lines = [f"{head}.{data_paths} Each recipe's output_dir is under the folder you run from.", "Edit them, then:",
+             f"  rlhf recipe validate {where}"]
+    for recipe, what in chosen.recipes:
+        if "/" not in recipe:  # a folder's recipes (tiny/compare) are run by the set's pipeline that names them
+            command = what.split(":")[0]
+            lines.append(f"  rlhf {command} {shlex.quote(str(copy / (recipe + '.yaml')))}")
+    return "\n".join(lines)
+
+
 def run_stage(stage: str, recipe_path: Path, overrides: Sequence[str], overwrite: bool, dry_run: bool,
               resume: bool = False) -> str | None:
     """Load and validate the recipe; print the plan (dry run) or run the stage. Returns the plan text on dry runs."""
-    loaded = load_recipe(recipe_path, overrides, expected_stage=stage)
+    loaded = load_recipe(recipe_argument(recipe_path, stage), overrides, expected_stage=stage)
     if dry_run:
         return describe_plan(loaded, overwrite, resume)
     execute_stage(loaded, overwrite=overwrite, resume=resume)
@@ -66,7 +146,7 @@ def run_label(recipe_path: Path, overrides: Sequence[str], host: str | None, por
     """`rlhf label`: serve the labelling page (rlhf_pipeline/label/), or describe what it would do."""
     from rlhf_pipeline.label import serve
 
-    loaded = load_recipe(recipe_path, overrides, expected_stage="label")
+    loaded = load_recipe(recipe_argument(recipe_path, "label"), overrides, expected_stage="label")
     check_local_files(loaded)
     if dry_run:
         return serve.describe(loaded, host, port)
@@ -207,7 +287,7 @@ def run_pipeline(recipe_path: Path, overrides: Sequence[str], from_stage: str | 
         raise UserError("--from and --only do not go together")
     if resume and (force or from_stage):
         raise UserError("--resume continues an interrupted stage; it does not go with --force or --from")
-    loaded = load_recipe(recipe_path, overrides, expected_stage="pipeline")
+    loaded = load_recipe(recipe_argument(recipe_path, "pipeline"), overrides, expected_stage="pipeline")
     check_push(loaded)
     for plan in plan_stages(loaded):  # every stage's trackers, before the first stage runs for hours
         if dry_run:
@@ -232,7 +312,7 @@ def plan(recipe_path: Path, overrides: Sequence[str], processes: int | None, dev
     memory = planning.parse_size(device_memory) if device_memory is not None else None
     dist = (planning.read_accelerate_config(accelerate_config, processes) if accelerate_config is not None
             else planning.default_distribution(processes))
-    loaded = load_recipe(recipe_path, overrides)
+    loaded = load_recipe(recipe_argument(recipe_path, "pipeline"), overrides)
     if loaded.stage != "pipeline":
         check_local_files(loaded)
         result = plan_recipe(loaded, dist, memory)
@@ -265,7 +345,7 @@ def validate_paths(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[
     from rlhf_pipeline.recipe import accelerate_config
 
     files: list[Path] = []
-    for path in paths:
+    for path in (recipe_argument(path, None) for path in paths):
         if path.is_dir():
             files.extend(sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()))
         else:

@@ -22,7 +22,7 @@ def test_help_lists_every_command():
     result = run_cli("--help")
     assert result.exit_code == 0, result.output
     assert "Usage: " in result.output and "[OPTIONS] COMMAND [ARGS]..." in result.output
-    for command in (*STAGES, "recipe"):
+    for command in (*STAGES, "recipe", "recipes"):
         assert f"\n  {command} " in result.output, command
 
 
@@ -211,6 +211,24 @@ def test_dry_run_of_tiny_recipes(stage, tmp_path):
     assert not out.exists() and not out.parent.exists()
 
 
+def test_dry_run_over_a_finished_run_plans_and_names_the_flag(tmp_path):
+    """The tiny reward recipe dry-run once the reward stage ran (the README's example): not refused, it plans the run
+    as --overwrite would make it and says that the run needs that flag."""
+    out = tmp_path / "reward"
+    out.mkdir()
+    (out / ".rlhf-run.json").write_text('{"run_id": "r1", "stage": "reward"}')
+    (out / "recipe.resolved.yaml").write_text("stage: reward\n")
+    (out / "metrics.json").write_text("{}")
+    result = run_cli("reward", "recipes/tiny/reward.yaml", "--output-dir", out, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert (f"  output_dir  {out} (with --overwrite: holds a run: the new one is built in {tmp_path / '.reward.next'} "
+            "and replaces it once finished)\n") in result.stdout
+    assert f"\nthe run needs --overwrite: {out} holds a finished run (metrics.json is there)." in result.stdout
+    assert result.stdout.rstrip().splitlines()[-1].endswith(" --overwrite")  # the command that runs it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reward"]
+    assert sorted(p.name for p in out.iterdir()) == [".rlhf-run.json", "metrics.json", "recipe.resolved.yaml"]
+
+
 def _batches_row(plan: str) -> str:
     (row,) = [line for line in plan.splitlines() if line.startswith("  batches ")]
     return row.split(None, 1)[1]
@@ -334,6 +352,9 @@ def test_fast_commands_import_no_torch(tmp_path):
         ["recipe", "keys", "label"],
         ["label", "recipes/tiny/label.yaml", "--dry-run", "--output-dir", str(tmp_path / "out-label")],
         ["sft", str(bad)],
+        ["recipes", "list"],
+        ["recipes", "copy", "tiny", str(tmp_path / "copy")],
+        ["pipeline", "tiny", "--dry-run", "--set", f"output_dir={tmp_path / 'runs'}"],
     ]
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
