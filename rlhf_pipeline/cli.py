@@ -23,8 +23,11 @@ from rlhf_pipeline.errors import (
 )
 from rlhf_pipeline.recipe.schema import STAGE_RECIPES
 
+HELP = ("The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo (or dpo). Recipes are YAML files; "
+        "recipe sets ship with the package (`rlhf recipes list`): `rlhf pipeline tiny` runs the tiny default, "
+        "offline, on a CPU.")
 app = typer.Typer(
-    help="The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo (or dpo). Recipes are YAML files.",
+    help=HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -56,9 +59,9 @@ OverwriteOpt = Annotated[bool, typer.Option(
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Continue the unfinished run in the output dir from its last complete checkpoint (with "
                      "--overwrite: the interrupted run that was to replace a finished one).")]
-DryRunOpt = Annotated[
-    bool, typer.Option("--dry-run", help="Resolve and validate the recipe, print the plan, write nothing.")
-]
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Resolve and validate the recipe, print the plan, write nothing. Over a finished or interrupted "
+                      "run too: it plans as the run would with the flag it needs (--overwrite, --resume) and says so.")]
 PushToHubOpt = Annotated[Optional[str], typer.Option(
     "--push-to-hub", metavar="ORG/NAME", help="When the run finishes, push it to this Hub model repo, as `rlhf push` "
                                               "does (overrides the recipe's hub.repo_id and implies hub.push).")]
@@ -177,7 +180,8 @@ def pipeline(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Run the stages of a pipeline recipe in order, wiring each output into the next stage and skipping the
-    stages that are up to date; stops before PPO when the reward model fails the quality gate (exit code 3)."""
+    stages that are up to date; stops before PPO when the reward model fails the quality gate (exit code 3).
+    `rlhf pipeline tiny` runs the tiny default that ships with the package, writing runs/tiny/ here."""
     with user_errors():
         summary = commands.run_pipeline(recipe, set_ or [], from_stage, only, force, dry_run, resume)
     if runs.is_main_process():  # once, in a multi-process launch
@@ -343,7 +347,9 @@ def _main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo (or dpo). Recipes are YAML files."""
+    """The whole RLHF recipe for GPT-2-class models: pretrain, sft, reward, ppo (or dpo). Recipes are YAML files;
+    recipe sets ship with the package (`rlhf recipes list`): `rlhf pipeline tiny` runs the tiny default, offline, on
+    a CPU."""
 
 
 def main() -> None:
