@@ -132,6 +132,18 @@ def test_a_shipped_recipe_by_name_from_any_folder(tmp_path, monkeypatch, args, r
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
 
 
+def test_in_the_repository_a_set_name_reads_the_same_recipe_as_its_path(monkeypatch):
+    """`rlhf sft tiny` in the repository is `rlhf sft recipes/tiny/sft.yaml`, resolved recipe and all (a pipeline
+    run one way and then the other would otherwise see its data paths change, and run again)."""
+    from rlhf_pipeline.commands import recipe_argument
+    from rlhf_pipeline.recipe.load import load_recipe
+
+    monkeypatch.chdir(REPO)
+    found = recipe_argument(Path("tiny"), "sft")
+    assert found == Path("recipes/tiny/sft.yaml")
+    assert load_recipe(found).resolved_yaml() == load_recipe("recipes/tiny/sft.yaml").resolved_yaml()
+
+
 def test_a_file_or_folder_here_comes_before_a_shipped_set(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()  # a folder of the user's named like a set, without an sft recipe: read as it is

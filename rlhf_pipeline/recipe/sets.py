@@ -133,8 +133,8 @@ def resolve(argument: Path, command: str | None) -> tuple[Path, str | None]:
     key = _strip(str(argument))
     base = root()
     if command is None and key.split("/")[0] in names() and (base / key).is_dir() and ".." not in key.split("/"):
-        return base / key, (f"{argument}: no such file or folder here; reading the shipped recipes in "
-                            f"{base / key}")
+        folder = _as_reached(base / key)
+        return folder, f"{argument}: no such file or folder here; reading the shipped recipes in {folder}"
     if key in names():  # a set
         found = base / key / f"{command}.yaml"
         if not found.is_file():
@@ -153,8 +153,18 @@ def resolve(argument: Path, command: str | None) -> tuple[Path, str | None]:
                                 f"{key.removeprefix(top + '/')} (it has: {have})")
             raise UserError(f"{argument}: no such recipe file here, nor a recipe set shipped with rlhf-pipeline"
                             f"{did_you_mean(top, names())} (the sets: {', '.join(names())}; `rlhf recipes list`)")
-    return found, (f"{argument}: no such file here; reading the shipped recipe "
-                   f"{found.relative_to(base).as_posix()} ({found})")
+    return _as_reached(found), (f"{argument}: no such file here; reading the shipped recipe "
+                                f"{found.relative_to(base).as_posix()} ({_as_reached(found)})")
+
+
+def _as_reached(path: Path) -> Path:
+    """A shipped recipe's path relative to the current folder when it lies inside it (in the repository, `rlhf sft
+    tiny` reads recipes/tiny/sft.yaml, as `rlhf sft recipes/tiny/sft.yaml` does: its `{recipe_dir}` data paths and
+    so its resolved recipe are the same, and a pipeline sees no change between the two), else absolute."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def copy(name: str, destination: Path) -> tuple[RecipeSet, Path]:
