@@ -2,7 +2,7 @@
 the Accelerate configs. Imports no torch.
 
 Where they are: `recipes/` at the root of the repository; a wheel carries that folder as `rlhf_pipeline/recipes/`
-(setup.py maps the one to the other), so that a `pip install` has them too. `root()` finds either.
+(pyproject.toml's package-dir maps the one to the other), so that a `pip install` has them too. `root()` finds either.
 
 How a command finds one (`resolve`): a recipe argument that exists here is always taken as it is, so that a file or
 folder of the user's is never shadowed. Only when nothing of that name exists here does it name a shipped recipe:
