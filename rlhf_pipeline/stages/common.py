@@ -463,9 +463,10 @@ def curves_file(stage: str) -> str:
 def training_log(path: Path, checkpoint: Path | None):
     """A callback that appends each Trainer log event to log.jsonl as one row of numbers: `step`, `epoch`, then what
     the Trainer logged (loss, learning_rate, grad_norm, the trainer's own metrics, `eval_*` rows), flushed as it
-    goes. The Trainer's end-of-training summary (`train_runtime`, a session's `train_loss`) is left out: the run's
-    figures are in metrics.json. A fresh run starts the file empty; a resumed one keeps the rows up to its
-    checkpoint's step and continues (what was logged after it is logged again)."""
+    goes. The Trainer's end-of-training summary (a session's `train_loss`, `train_runtime`, `total_flos`) is left
+    out: the whole run's figures are in metrics.json. A fresh run starts the file empty; a resumed one keeps the rows
+    up to its checkpoint's step and continues (what was logged after it is logged again). docs/training-logs.md
+    defines the keys."""
     from transformers import TrainerCallback
 
     if is_main_process():
@@ -476,7 +477,7 @@ def training_log(path: Path, checkpoint: Path | None):
 
     class TrainingLog(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "train_runtime" in logs:
+            if not state.is_world_process_zero or not logs or "train_loss" in logs:  # the end-of-training summary
                 return
             row: dict[str, float] = {"step": state.global_step}
             if "epoch" in logs:
