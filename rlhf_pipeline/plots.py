@@ -111,6 +111,8 @@ def draw_panels(rows: list[dict], x_key: str, x_label: str, panels: tuple[Panel,
     lines = -(-len(shown) // columns)
     figure, axes = plt.subplots(lines, columns, figsize=(3.9 * columns, 2.7 * lines + 0.4), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    first, last = min(r[x_key] for r in rows), max(r[x_key] for r in rows)
+    margin = 0.03 * (last - first) or 0.5  # every panel over the whole run, so that they read side by side
     for axis, (panel_title, drawn) in zip(axes.flat, shown):
         for index, (label, (xs, ys), (held_x, held_y)) in enumerate(drawn):
             colour = colours[index % len(colours)]
@@ -125,6 +127,7 @@ def draw_panels(rows: list[dict], x_key: str, x_label: str, panels: tuple[Panel,
             axis.set_ylim(-0.05, 1.05)
         axis.set_title(panel_title, fontsize=9)
         axis.set_xlabel(x_label, fontsize=8)
+        axis.set_xlim(first - margin, last + margin)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and updates are whole
         axis.tick_params(labelsize=7)
         axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
