@@ -468,9 +468,12 @@ def describe_plan(loaded: LoadedRecipe, overwrite: bool, resume: bool = False) -
     if hub is not None and getattr(hub, "push", False) and recipe.stage != "pipeline":
         rows.append(("hub", f"push to {hub.repo_id} ({'private' if hub.private else 'public'}"
                             f"{', branch ' + hub.revision if hub.revision else ''}) when finished"))
+    history = f"log.jsonl, {recipe.stage}_curves.png"
     writes = {"eval": "eval.json, eval.md, PNG plots",
-              "dpo": "model + tokenizer (safetensors), eval_before.json, eval_samples.jsonl, dpo_curves.png",
-              }.get(recipe.stage, "model + tokenizer (safetensors)") + ", recipe.resolved.yaml, metrics.json (last)"
+              "dpo": f"model + tokenizer (safetensors), eval_before.json, eval_samples.jsonl, {history}",
+              "ppo": f"model + tokenizer (safetensors), eval_before.json, samples.jsonl, eval_samples.jsonl, {history}",
+              }.get(recipe.stage, f"model + tokenizer (safetensors), {history}") + \
+        ", recipe.resolved.yaml, metrics.json (last)"
     rows.append(("writes", writes))
     width = max(len(k) for k, _ in rows)
     return "dry run: nothing was written\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows) + needs

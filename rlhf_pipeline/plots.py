@@ -24,57 +24,120 @@ def save(figure, png_path: Path) -> Path:
     return png_path
 
 
+# A panel: its title and the series drawn in it, as (log key, legend label).
+Panel = tuple[str, tuple[tuple[str, str], ...]]
+
+# PPO, RLOO, GRPO: what log.jsonl holds per update (docs/ppo.md defines every key). A panel whose keys were not
+# logged (the value panels of a critic-free estimator, gold without a gold scorer) is left out.
+PPO_PANELS: tuple[Panel, ...] = (
+    ("reward-model score", (("objective/score", "score"),)),
+    ("gold score", (("objective/gold", "gold"),)),
+    ("KL to the reference (nats / response)", (("objective/kl", "k1"), ("objective/kl_k3", "k3"))),
+    ("KL coefficient (beta)", (("objective/kl_coef", "beta"),)),
+    ("policy loss", (("loss/policy", "policy"),)),
+    ("value loss", (("loss/value", "value"),)),
+    ("total loss", (("loss/total", "total"), ("loss/kl", "KL term"), ("loss/entropy", "entropy term"))),
+    ("clip fraction", (("policy/clipfrac", "policy"), ("value/clipfrac", "value"))),
+    ("approx. KL of one update (old -> new)", (("policy/approx_kl", "approx_kl"),)),
+    ("entropy (nats / token)", (("policy/entropy", "entropy"),)),
+    ("explained variance of the value", (("value/explained_variance", "explained variance"),)),
+    ("gradient norm (before clipping)", (("policy/grad_norm", "grad norm"),)),
+    ("learning rate", (("train/learning_rate", "learning rate"),)),
+    ("response length (tokens)", (("rollout/response_length", "length"),)),
+    ("EOS rate", (("rollout/eos_rate", "EOS rate"),)),
+    ("groups whose scores are all equal", (("objective/frac_zero_std_groups", "share"),)),
+)
+# The Trainer stages (pretrain, SFT, reward, DPO): what their log.jsonl holds per logging step, under the Trainer's
+# and TRL's names; held-out evaluations (`eval_<key>`) are drawn as points on their training key's panel.
+TRAINER_PANELS: tuple[Panel, ...] = (
+    ("loss", (("loss", "loss"),)),
+    ("pairwise accuracy (chosen > rejected)", (("accuracy", "accuracy"),)),
+    ("score margin (chosen - rejected)", (("margin", "margin"),)),
+    ("reward-model scores", (("mean_reward", "mean"), ("min_reward", "min"), ("max_reward", "max"))),
+    ("implicit-reward accuracy", (("rewards/accuracies", "accuracy"),)),
+    ("implicit-reward margin (chosen - rejected)", (("rewards/margins", "margin"),)),
+    ("implicit rewards", (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"))),
+    ("log-probability of the responses", (("logps/chosen", "chosen"), ("logps/rejected", "rejected"))),
+    ("token accuracy", (("mean_token_accuracy", "token accuracy"),)),
+    ("entropy (nats / token)", (("entropy", "entropy"),)),
+    ("gradient norm (before clipping)", (("grad_norm", "grad norm"),)),
+    ("learning rate", (("learning_rate", "learning rate"),)),
+)
+# The panels of a share, drawn over [0, 1].
+SHARE_PANELS = {"clip fraction", "EOS rate", "groups whose scores are all equal",
+                "pairwise accuracy (chosen > rejected)", "implicit-reward accuracy", "token accuracy"}
+
+
 def plot_ppo_curves(log_path: Path, png_path: Path) -> Path | None:
-    """Score (and gold), KL, and response length / EOS rate per update, from a PPO log.jsonl."""
-    rows = runs.read_jsonl(Path(log_path))
-    if not rows:
-        return None
-    plt = pyplot()
-    updates = [r["train/update"] for r in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    axes[0].plot(updates, [r["objective/score"] for r in rows], label="reward score")
-    if "objective/gold" in rows[0]:
-        gold_axis = axes[0].twinx()
-        gold_axis.plot(updates, [r["objective/gold"] for r in rows], color="tab:orange", label="gold")
-        gold_axis.set_ylabel("gold score")
-        axes[0].legend(handles=axes[0].get_lines() + gold_axis.get_lines(), loc="lower right")
-    axes[0].set_title("score per update")
-    axes[0].set_ylabel("reward score")
-    axes[1].plot(updates, [r["objective/kl"] for r in rows], color="tab:red")
-    axes[1].set_title("KL to the reference (nats per response)")
-    axes[2].plot(updates, [r["rollout/response_length"] for r in rows], color="tab:green", label="length")
-    eos_axis = axes[2].twinx()
-    eos_axis.plot(updates, [r["rollout/eos_rate"] for r in rows], color="tab:purple", label="EOS rate")
-    eos_axis.set_ylim(0, 1.05)
-    axes[2].set_title("response length and EOS rate")
-    axes[2].legend(handles=axes[2].get_lines() + eos_axis.get_lines(), loc="lower right")
-    for axis in axes:
-        axis.set_xlabel("update")
-        axis.grid(alpha=0.3)
-    return save(figure, png_path)
+    """A PPO-family log.jsonl drawn per update: score and gold (each on its own axes), KL and its coefficient, the
+    losses, clip fractions, approx_kl, entropy, explained variance, grad norm, learning rate, response length and
+    EOS rate. None when the log has no rows."""
+    rows = [r for r in runs.read_jsonl(Path(log_path)) if "train/update" in r]
+    return draw_panels(rows, "train/update", "update", PPO_PANELS, "PPO training curves, per update", png_path)
 
 
-def plot_dpo_curves(log_history: list[dict], png_path: Path) -> Path | None:
-    """DPO loss, and the implicit reward's accuracy and margin on the training pairs, per step (a Trainer's
-    log_history); held-out evaluations, when there were any during or after training, as points."""
-    train = [r for r in log_history if "loss" in r and "rewards/accuracies" in r]
-    held_out = [r for r in log_history if "eval_loss" in r and "eval_rewards/accuracies" in r]
-    if not train and not held_out:
+def plot_training_curves(log_path: Path, png_path: Path, stage: str) -> Path | None:
+    """A Trainer stage's log.jsonl (pretrain, SFT, reward, DPO) drawn per optimizer step: the loss, the stage's own
+    metrics, grad norm and learning rate; held-out evaluations as points. None when the log has no rows."""
+    rows = [r for r in runs.read_jsonl(Path(log_path)) if "step" in r]
+    return draw_panels(rows, "step", "step", TRAINER_PANELS, f"{stage}: training curves, per step "
+                       "(held-out evaluations as points)", png_path, held_out_prefix="eval_")
+
+
+def draw_panels(rows: list[dict], x_key: str, x_label: str, panels: tuple[Panel, ...], title: str, png_path: Path,
+                held_out_prefix: str | None = None) -> Path | None:
+    """One small plot per panel whose keys the rows hold, four to a line. With `held_out_prefix`, the rows'
+    `<prefix><key>` values are drawn as points in the colour of `key`'s line."""
+    import math
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        points = [(r[x_key], r[key]) for r in rows if isinstance(r.get(key), (int, float))
+                  and math.isfinite(r[key])]
+        return [x for x, _ in points], [y for _, y in points]
+
+    shown = []
+    for panel_title, keys in panels:
+        drawn = [(label, series(key), series(f"{held_out_prefix}{key}") if held_out_prefix else ([], []))
+                 for key, label in keys]
+        drawn = [entry for entry in drawn if entry[1][0] or entry[2][0]]
+        if drawn:
+            shown.append((panel_title, drawn))
+    if not shown:
         return None
     plt = pyplot()
-    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for axis, key, title in ((axes[0], "loss", "DPO loss"),
-                             (axes[1], "rewards/accuracies", "reward accuracy (chosen > rejected)"),
-                             (axes[2], "rewards/margins", "reward margin (chosen - rejected)")):
-        axis.plot([r["step"] for r in train], [r[key] for r in train], label="train")
-        if held_out:
-            axis.plot([r["step"] for r in held_out], [r[f"eval_{key}"] for r in held_out], "o", color="tab:orange",
-                      label="held-out")
-        axis.set_title(title)
-        axis.set_xlabel("step")
+    from matplotlib.ticker import MaxNLocator
+
+    columns = min(4, len(shown))
+    lines = -(-len(shown) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(3.9 * columns, 2.7 * lines + 0.4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    first, last = min(r[x_key] for r in rows), max(r[x_key] for r in rows)
+    margin = 0.03 * (last - first) or 0.5  # every panel over the whole run, so that they read side by side
+    for axis, (panel_title, drawn) in zip(axes.flat, shown):
+        for index, (label, (xs, ys), (held_x, held_y)) in enumerate(drawn):
+            colour = colours[index % len(colours)]
+            several = len(drawn) > 1
+            if xs:
+                axis.plot(xs, ys, color=colour, lw=1.3, marker="o" if len(xs) <= 25 else None, ms=2.5,
+                          label=label if several else "train" if held_x else None)
+            if held_x:
+                axis.plot(held_x, held_y, "D", color=colour, ms=5, markeredgecolor="black", markeredgewidth=0.6,
+                          label=f"{label} (held-out)" if several else "held-out")
+        if panel_title in SHARE_PANELS:
+            axis.set_ylim(-0.05, 1.05)
+        axis.set_title(panel_title, fontsize=9)
+        axis.set_xlabel(x_label, fontsize=8)
+        axis.set_xlim(first - margin, last + margin)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and updates are whole
+        axis.tick_params(labelsize=7)
+        axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
+        axis.yaxis.get_offset_text().set_fontsize(7)
         axis.grid(alpha=0.3)
-        axis.legend(loc="best")
-    axes[1].set_ylim(-0.05, 1.05)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7, loc="best")
+    for axis in list(axes.flat)[len(shown):]:
+        axis.set_visible(False)
+    figure.suptitle(title, fontsize=10)
     return save(figure, png_path)
 
 

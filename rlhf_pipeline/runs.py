@@ -39,6 +39,7 @@ from rlhf_pipeline.errors import DiskFull, UserError
 METRICS_FILE = "metrics.json"
 RECIPE_FILE = "recipe.resolved.yaml"
 MARKER_FILE = ".rlhf-run.json"
+LOG_FILE = "log.jsonl"  # every stage's per-step history: one JSON object of numbers per logged step or update
 CHECKPOINT_COMPLETE = ".rlhf-complete"  # in a Trainer checkpoint: every file of it is on disk
 PPO_CHECKPOINTS = "checkpoints"  # our PPO's checkpoints/update-NNNNNN (complete by construction: renamed into place)
 LIBRARIES = ("rlhf-pipeline", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers",
@@ -95,10 +96,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     path = Path(output_dir)
     found = [p for p in (path / PPO_CHECKPOINTS).glob("update-*") if p.is_dir() and not p.name.endswith(".tmp")]
     found += [p for p in path.glob("checkpoint-*") if (p / CHECKPOINT_COMPLETE).is_file()]
-    return max(found, key=_checkpoint_step) if found else None
+    return max(found, key=checkpoint_step) if found else None
 
 
-def _checkpoint_step(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The step (Trainer) or update (PPO) a checkpoint was saved at, from its name; -1 when the name has none."""
     digits = path.name.rsplit("-", 1)[-1]
     return int(digits) if digits.isdigit() else -1
 
@@ -569,7 +571,7 @@ def prune_checkpoints(checkpoints: list[Path], keep: int | None) -> None:
     """Delete all but the last `keep` checkpoints (oldest first in the list)."""
     if keep is None:
         return
-    for old in sorted(checkpoints, key=_checkpoint_step)[:-keep]:  # keep >= 1 (the schema says so)
+    for old in sorted(checkpoints, key=checkpoint_step)[:-keep]:  # keep >= 1 (the schema says so)
         if not old.is_symlink():
             shutil.rmtree(old)
 
@@ -597,6 +599,14 @@ def read_jsonl(file: Path) -> list[dict[str, Any]]:
         with contextlib.suppress(ValueError):
             rows.append(json.loads(line))
     return [row for row in rows if isinstance(row, dict)]
+
+
+def keep_rows_through(file: Path, key: str, last: int) -> None:
+    """Keep the rows of a JSON-lines log whose `key` is at most `last`, and drop a line torn by a kill: a run resumed
+    from its checkpoint at `last` writes the later rows again."""
+    if file.exists():
+        kept = [row for row in read_jsonl(file) if row.get(key, 0) <= last]
+        atomic_write_text(file, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def read_metrics(output_dir: str | Path) -> dict[str, Any]:

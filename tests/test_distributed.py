@@ -96,6 +96,8 @@ def test_the_pipeline_under_two_processes(epoch_pipeline, tmp_path):
         assert trainer["first_batch"] != twin["first_batch"], f"{stage}: both processes saw the same batch"
         metrics = json.loads((runs_dir / stage / "metrics.json").read_text())
         assert metrics["train_steps"] == trainer["steps"]
+        logged = [json.loads(line) for line in (runs_dir / stage / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in logged if "loss" in r] == list(range(1, trainer["steps"] + 1)), stage  # once each
 
     # PPO: each process samples half of every rollout batch
     assert main["trainers"]["ppo"]["local_rollout_batch_size"] == 4

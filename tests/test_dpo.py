@@ -59,7 +59,10 @@ def test_dpo_trains_evaluates_and_keeps_a_finished_run(tmp_path, tiny_model_dir,
     assert {"prompt", "response", "score", "gold"} <= set(samples[0])
     before = json.loads((out / "eval_before.json").read_text())
     assert before["gold"] == metrics["eval_gold_before"] and before["score"] == metrics["eval_score_before"]
-    assert (out / "dpo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from test_stages import check_training_log
+
+    rows = check_training_log(out, "dpo", metrics, has_eval=True, logging_steps=1)  # and dpo_curves.png
+    assert rows[-1]["eval_rewards/accuracies"] == metrics["eval_rewards/accuracies"]
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     changed = weights(out)
     assert any(not torch.equal(t, changed[k]) for k, t in weights(tiny_model_dir).items())
@@ -77,7 +80,7 @@ def test_dpo_trains_evaluates_and_keeps_a_finished_run(tmp_path, tiny_model_dir,
 def test_dpo_ctrl_c_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, data_dir):
     """Ctrl-C during step 3 of 4 saves checkpoint-3 and exits 130; --resume keeps the evaluation made before training
     and ends with the weights and metrics of a run never interrupted."""
-    from test_runs import interrupt, same_weights
+    from test_runs import interrupt, same_log, same_weights
 
     def recipe_for(name):
         out = tmp_path / name
@@ -99,6 +102,7 @@ def test_dpo_ctrl_c_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, d
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight_out, out))
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_gold_before", "eval_gold_after", "eval_kl"):
         assert b[key] == a[key], key
+    assert same_log(straight_out, out)  # the resumed run's log.jsonl: the steps before and after, each once
 
 
 def test_dpo_lora_reference_is_the_adapter_disabled(tmp_path, tiny_model_dir, data_dir):

@@ -36,6 +36,34 @@ def test_win_rate_and_distinct_n_by_hand():
     assert distinct_n(["", "x"], 2) == 0.0
 
 
+def test_win_rate_interval_and_report_precision_by_hand():
+    """A win rate with ties as half a win and its 95 % Wilson interval, worked by hand; the report's numbers at the
+    precision they carry."""
+    from rlhf_pipeline.stages.evaluation import comparison_table, seconds, share, significant, win_rate_figures
+
+    # 8 prompts: 5 wins, 1 tie, 2 losses: p = 5.5 / 8 = 0.6875. z = 1.959964, z^2 / n = 0.480182:
+    # centre = (p + z^2 / 2n) / (1 + z^2 / n) = (0.6875 + 0.240091) / 1.480182 = 0.626674
+    # half = z sqrt(p (1 - p) / n + z^2 / 4n^2) / 1.480182 = 1.959964 * sqrt(0.026855 + 0.015006) / 1.480182 = 0.270918
+    figures = win_rate_figures("win_rate", [1, 1, 1, 1, 1, 0, 0, 0.5], [0, 0, 0, 0, 0, 1, 1, 0.5])
+    assert figures == pytest.approx({"win_rate": 0.6875, "win_rate_low": 0.355755, "win_rate_high": 0.897592},
+                                    abs=1e-6)
+    assert win_rate_figures("r", [2.0] * 12, [2.0] * 12) == pytest.approx({"r": 0.5, "r_low": 0.253782,
+                                                                          "r_high": 0.746218}, abs=1e-6)
+
+    assert [significant(v) for v in (0.95123, 41.6, -0.0012345, 0.9996, 1234.5, 0.0, 3)] == \
+        ["0.951", "41.6", "-0.00123", "1.00", "1234", "0", "3"]
+    assert significant(-2.3e-7) == "-2.30e-07" and share(0.96125) == "0.961" and seconds(41.6) == "41.6 s"
+    assert seconds(271.34) == "271 s"
+    results = {"num_prompts": 8, "baseline_score": 0.12345, "policy_score": 0.45678, "baseline_kl": 0.0,
+               "policy_kl": 4.2137, "policy_train_seconds": 41.6, "policy_episodes_per_second": 110.37,
+               "baseline_eos_rate": 0.5, "policy_eos_rate": 0.875, **{f"policy_{k}": v for k, v in figures.items()}}
+    table = "\n".join(comparison_table(results, ["policy"]))
+    for row in ("| reward-model score (mean) | 0.123 | 0.457 |", "| KL to the reference (nats) | 0 | 4.21 |",
+                "| win rate (reward model, 95% interval) | - | 0.688 [0.356, 0.898] |", "| EOS rate | 0.500 | 0.875 |",
+                "| sqrt(KL) | 0 | 2.05 |", "| training time | - | 41.6 s |", "| episodes / s (training) | - | 110 |"):
+        assert row in table, (row, table)
+
+
 def test_policy_against_itself(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):
     """The same model as policy and baseline, sampled with the same seeds: every comparison is a tie."""
     out = tmp_path / "eval"
@@ -48,6 +76,11 @@ def test_policy_against_itself(tmp_path, tiny_model_dir, tiny_reward_dir, data_d
     assert metrics == json.loads((out / "metrics.json").read_text())
     assert metrics["num_prompts"] == 12
     assert metrics["win_rate"] == 0.5 and metrics["gold_win_rate"] == 0.5
+    # 12 ties: 0.5 with its 95% Wilson interval over 12 prompts (worked by hand in the test above)
+    assert (metrics["win_rate_low"], metrics["win_rate_high"]) == (pytest.approx(0.253782, abs=1e-6),
+                                                                 pytest.approx(0.746218, abs=1e-6))
+    assert metrics["policy_gold_win_rate_high"] == metrics["gold_win_rate_high"] == metrics["win_rate_high"]
+    assert metrics["reward_accuracy_low"] < metrics["reward_accuracy"] < metrics["reward_accuracy_high"]
     assert metrics["policy_score"] == pytest.approx(metrics["baseline_score"])
     assert metrics["policy_kl"] == pytest.approx(0.0, abs=1e-5)  # computed: the policy is not the reference object
     assert 0 < metrics["policy_response_length"] <= 8 and 0 <= metrics["policy_distinct_2"] <= 1
@@ -59,6 +92,9 @@ def test_policy_against_itself(tmp_path, tiny_model_dir, tiny_reward_dir, data_d
         assert f"]({name})" in (out / "eval.md").read_text()
     markdown = (out / "eval.md").read_text()
     assert "| reward-model score (mean) |" in markdown and "## Side by side" in markdown
+    assert "| win rate (reward model, 95% interval) | - | 0.500 [0.254, 0.746] |" in markdown
+    assert "judged by the reward model: **0.500** (95% Wilson interval 0.254-0.746 over 12 prompts" in markdown
+    assert f"pairs, {metrics['reward_ties']} ties, counted as wrong)" in markdown
 
 
 def test_kl_to_an_explicit_reference(tmp_path, tiny_model_dir, tiny_reward_dir, data_dir):

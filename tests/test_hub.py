@@ -717,7 +717,7 @@ def test_push_to_hub_pushes_the_finished_run(hub, tmp_path, tiny_model_dir, data
     assert result.exit_code == 0, result.output
     files = hub.uploaded("rlhf-test/cli-sft")
     assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json", "recipe.resolved.yaml",
-            "README.md"} <= set(files)
+            "README.md", "log.jsonl", "sft_curves.png"} <= set(files)  # the history: numbers only, it goes along
     assert hub.repos["rlhf-test/cli-sft"].private is True
     record = json.loads((tmp_path / "out" / "hub.json").read_text())
     assert record["repo_id"] == "rlhf-test/cli-sft"

@@ -288,6 +288,13 @@ def test_pipeline_compares_several_policies(pipeline_dir):
     assert "dpo_pairs_per_second" in metrics and "rloo_episodes_per_second" in metrics
     report = (runs / "eval" / "eval.md").read_text()
     assert "| | baseline | rloo | grpo | dpo |" in report and "| method | - | RLOO | GRPO | DPO |" in report
+    from rlhf_pipeline.stages.evaluation import seconds
+
+    time_row = next(line for line in report.splitlines() if line.startswith("| training time |"))
+    assert time_row == "| training time | - | " + " | ".join(seconds(metrics[f"{n}_train_seconds"])
+                                                          for n in ("rloo", "grpo", "dpo")) + " |", time_row
+    assert time_row.endswith(" s |") and ".000" not in time_row
+    assert "| win rate (gold, 95% interval) | - | " in report
     assert (runs / "eval" / "eval_gold_vs_sqrt_kl.png").read_bytes()[:4] == b"\x89PNG"
 
     again = run_cli("pipeline", folder / "compare.yaml")  # everything up to date

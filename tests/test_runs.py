@@ -401,6 +401,15 @@ def assert_damaged_checkpoint_refused(tmp_path: Path, stage: str, recipe: Path, 
         file.write_bytes(original)
 
 
+def same_log(a: Path, b: Path) -> bool:
+    """Two runs' log.jsonl hold the same rows, timings apart (a resumed run's against an uninterrupted one's)."""
+    def rows(run: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith(("_runtime", "_per_second"))}
+                for line in (run / "log.jsonl").read_text().splitlines()]
+
+    return rows(a) == rows(b)
+
+
 def same_weights(a: Path, b: Path) -> bool:
     wa, wb = weights(a), weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -419,6 +428,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model_dir,
     stopped = interrupt(how, at, stage, recipe)
     if how == "kill-after-checkpoint":
         assert stopped.returncode == -signal.SIGKILL, stopped.stderr[-3000:]
+        with open(out / "log.jsonl", "a") as log:  # as if the run had logged past its checkpoint, then torn a line
+            log.write('{"step": 5, "epoch": 1.0, "loss": 9.0}\n{"step": 6, "lo')
     else:
         assert stopped.returncode == 130, stopped.stderr[-3000:]
         assert f"checkpoint saved: {out / 'checkpoint-3'}" in stopped.stderr
@@ -436,6 +447,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model_dir,
     assert b["final_train_loss"] == a["final_train_loss"]
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # save_total_limit 2
+    # log.jsonl: the rows up to the checkpoint kept, the later ones (and the torn line) replaced by the resumed run's
+    assert same_log(straight_out, out)
+    assert [r["step"] for r in runs.read_jsonl(out / "log.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("how", ["kill-after-checkpoint", "ctrl-c-at"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers  # noqa: F401
 import yaml
-from conftest import FAST_TRAINING, HH_RLHF, run_cli, stage_recipe, write_recipe
+from conftest import FAST_TRAINING, HH_RLHF, REPO, run_cli, stage_recipe, write_recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -72,7 +72,43 @@ def check_run_dir(out: Path, stage: str, has_eval: bool = True) -> dict:
         assert versions[library], library
     assert resolved["provenance"]["command"].startswith("rlhf")
     assert load_recipe(out / "recipe.resolved.yaml").recipe.output_dir == str(out)  # it loads again
+    check_training_log(out, stage, metrics, has_eval, resolved["training"].get("logging_steps", 10))
     return metrics
+
+
+# What each Trainer stage logs at every logging step besides step, epoch, loss, grad_norm and learning_rate.
+STAGE_LOG_KEYS = {
+    "pretrain": set(),
+    "sft": {"num_tokens", "mean_token_accuracy", "entropy"},
+    "reward": {"num_tokens", "accuracy", "margin", "mean_reward", "min_reward", "max_reward"},
+    "dpo": {"num_tokens", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected", "mean_token_accuracy", "entropy"},
+}
+
+
+def check_training_log(out: Path, stage: str, metrics: dict, has_eval: bool, logging_steps: int) -> list[dict]:
+    """log.jsonl of a finished Trainer stage: a row of numbers every `logging_steps` steps with the loss, grad norm,
+    learning rate and the stage's own figures; the evaluation after training as the last row; every key defined in
+    docs/training-logs.md; and its curves drawn in `<stage>_curves.png`. Returns the rows."""
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(logging_steps, metrics["train_steps"] + 1, logging_steps))
+    for row in train:
+        assert {"step", "epoch", "loss", "grad_norm", "learning_rate", *STAGE_LOG_KEYS[stage]} <= set(row), row
+    assert train[-1]["loss"] == metrics["final_train_loss"]
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in rows for v in r.values())
+    assert not [r for r in rows if "train_loss" in r]  # the Trainer's end-of-session summary is metrics.json's
+    if has_eval:
+        last = rows[-1]
+        assert last["step"] == metrics["train_steps"] and last["eval_loss"] == metrics["eval_loss"]
+    else:
+        assert not [r for r in rows if "eval_loss" in r]
+    documented = (REPO / "docs" / "training-logs.md").read_text()
+    undefined = {k for r in rows for k in r if f"`{k}`" not in documented
+                 and not (k.startswith("eval_") and f"`{k.removeprefix('eval_')}`" in documented)}
+    assert not undefined, f"docs/training-logs.md does not define {undefined}"
+    assert (out / f"{stage}_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rows
 
 
 def check_full_model(out: Path) -> None:

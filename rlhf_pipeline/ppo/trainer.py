@@ -46,10 +46,10 @@ from rlhf_pipeline.ppo.modules import (
 )
 from rlhf_pipeline.ppo.plan import BatchPlan
 from rlhf_pipeline.recipe.schema import GenerationSection, PpoTraining
+from rlhf_pipeline.runs import LOG_FILE
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # beside Accelerate's files in a checkpoint
-LOG_FILE = "log.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 
 

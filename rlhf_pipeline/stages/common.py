@@ -409,15 +409,18 @@ def training_config(loaded: LoadedRecipe, config_class: type, model=None):
     return args
 
 
-def train_and_evaluate(trainer: Trainer, options: RunOptions, has_eval: bool,
+def train_and_evaluate(trainer: Trainer, options: RunOptions, stage: str, has_eval: bool,
                        perplexity: bool = False) -> dict[str, Any]:
     """Train (from the plan's checkpoint when resuming), then evaluate on the held-out split; return the metrics every
-    stage reports. Ctrl-C saves a checkpoint and raises Interrupted."""
+    stage reports. The history goes to log.jsonl as it is logged and is drawn at the end (`<stage>_curves.png`).
+    Ctrl-C saves a checkpoint and raises Interrupted."""
     plan = options.plan
     checkpoint = plan.checkpoint if plan.mode == "resume" else None
     keep_token_count(trainer, checkpoint)  # first: its file is part of each checkpoint the next callback completes
     for callback in trainer_callbacks():
         trainer.add_callback(callback)
+    log_path = Path(trainer.args.output_dir) / runs.LOG_FILE
+    trainer.add_callback(training_log(log_path, checkpoint))
     resume_from = str(checkpoint) if checkpoint else trainer.args.resume_from_checkpoint
     try:  # a checkpoint outside the output dir named by training.resume_from_checkpoint is the Trainer's to load
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -445,7 +448,46 @@ def train_and_evaluate(trainer: Trainer, options: RunOptions, has_eval: bool,
                         and "per_second" not in k})
         if perplexity and "eval_loss" in metrics:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    if is_main_process():
+        from rlhf_pipeline.plots import plot_training_curves
+
+        plot_training_curves(log_path, log_path.with_name(curves_file(stage)), stage)
     return metrics
+
+
+def curves_file(stage: str) -> str:
+    """The PNG of a stage's history, drawn from its log.jsonl."""
+    return f"{stage}_curves.png"
+
+
+def training_log(path: Path, checkpoint: Path | None):
+    """A callback that appends each Trainer log event to log.jsonl as one row of numbers: `step`, `epoch`, then what
+    the Trainer logged (loss, learning_rate, grad_norm, the trainer's own metrics, `eval_*` rows), flushed as it
+    goes. The Trainer's end-of-training summary (a session's `train_loss`, `train_runtime`, `total_flos`) is left
+    out: the whole run's figures are in metrics.json. A fresh run starts the file empty; a resumed one keeps the rows
+    up to its checkpoint's step and continues (what was logged after it is logged again). docs/training-logs.md
+    defines the keys."""
+    from transformers import TrainerCallback
+
+    if is_main_process():
+        if checkpoint is None:
+            runs.atomic_write_text(path, "")
+        else:
+            runs.keep_rows_through(path, "step", runs.checkpoint_step(checkpoint))
+
+    class TrainingLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "train_loss" in logs:  # the end-of-training summary
+                return
+            row: dict[str, float] = {"step": state.global_step}
+            if "epoch" in logs:
+                row["epoch"] = logs["epoch"]
+            row.update((key, value) for key, value in logs.items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool))
+            with open(path, "a", encoding="utf-8") as handle:  # closed, hence flushed, at every event
+                handle.write(json.dumps(row) + "\n")
+
+    return TrainingLog()
 
 
 TOKEN_COUNT_FILE = "rlhf_token_count.json"
@@ -508,7 +550,7 @@ def _whole_run_loss(trainer: Trainer, session_loss: float, checkpoint: Path | No
     a logging step, as with logging_steps dividing save_steps)."""
     if checkpoint is None:
         return session_loss
-    resumed_at = int(checkpoint.name.rsplit("-", 1)[-1])
+    resumed_at = runs.checkpoint_step(checkpoint)
     total, previous = 0.0, 0
     for row in trainer.state.log_history:
         if "loss" in row and row["step"] <= resumed_at:

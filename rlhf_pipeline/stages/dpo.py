@@ -34,7 +34,6 @@ from rlhf_pipeline.stages.common import (
 )
 
 EVAL_BEFORE_FILE = "eval_before.json"
-CURVES_FILE = "dpo_curves.png"
 
 
 def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
@@ -88,7 +87,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
             before = evaluate()
             if is_main_process():
                 runs.atomic_write_text(output_dir / EVAL_BEFORE_FILE, json.dumps(before, indent=1))
-    metrics = train_and_evaluate(trainer, options, has_eval=True)
+    metrics = train_and_evaluate(trainer, options, loaded.stage, has_eval=True)
     after = evaluate() if eval_prompts is not None else None
 
     # 5. save (after the evaluation: saving merges a LoRA adapter into the weights)
@@ -97,9 +96,6 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
         if before is not None:
             metrics.update(generation_metrics(before, after, len(eval_prompts)))
             write_eval_samples(output_dir, before, after)
-        from rlhf_pipeline.plots import plot_dpo_curves
-
-        plot_dpo_curves(trainer.state.log_history, output_dir / CURVES_FILE)
         metrics.update(models.count_parameters(trainer.model), prompt=prompt_kind, reference=reference_kind,
                        saved=saved, train_pairs=len(trainer.train_dataset), eval_pairs=len(trainer.eval_dataset),
                        pairs_per_second=metrics["train_samples_per_second"], **too_long)

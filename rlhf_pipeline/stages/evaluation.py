@@ -1,13 +1,16 @@
 """`rlhf eval`: an honest look at what the pipeline produced.
 
-- A reward model on held-out preference pairs: pairwise accuracy (a tie counts as wrong), margin, score distributions.
+- A reward model on held-out preference pairs: pairwise accuracy (a tie counts as wrong) with its 95 % Wilson
+  interval, margin, score distributions.
 - A policy against a baseline on held-out prompts, one sample each with the same sampling settings and seeds:
-  reward-model score, win rate judged by the reward model (a tie counts half), KL to the reference, response length,
-  EOS rate, distinct-n diversity, and the gold score when a gold scorer is configured; side-by-side samples.
+  reward-model score, win rate judged by the reward model (a tie counts half) with its 95 % Wilson interval over the
+  prompts, KL to the reference, response length, EOS rate, distinct-n diversity, and the gold score and gold win rate
+  when a gold scorer is configured; side-by-side samples.
 - Beside those, the human win rate of an `rlhf label` A/B run of the same models (`human_labels`), with its 95 %
   Wilson interval.
 
-Writes eval.json, eval.md (a Markdown report) and PNG plots, then metrics.json (last, as every stage).
+Writes eval.json (every figure, unrounded), eval.md (a Markdown report, its numbers rounded to what they can tell)
+and PNG plots, then metrics.json (last, as every stage).
 
 Launched as several processes, each samples and scores its share of the prompt batches and of the preference pairs;
 every batch is seeded by its position, so the report is the same as one process's, and only process 0 writes it.
@@ -76,7 +79,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
                 from rlhf_pipeline.plots import plot_ppo_curves
 
                 if plot_ppo_curves(log_path, output_dir / CURVES_PNG):
-                    plots[CURVES_PNG] = "PPO: score, gold and KL per update"
+                    plots[CURVES_PNG] = "PPO training curves per update: score, gold, KL, losses, optimisation"
             plots[OVEROPTIMISATION_PNG] = plot_overoptimisation(run_dirs, results, names,
                                                                 output_dir / OVEROPTIMISATION_PNG)
 
@@ -216,13 +219,12 @@ def evaluate_policies(loaded: LoadedRecipe, tokenizer, prompts, candidates, base
             results[f"{name}_gold"] = _mean(out["gold"])
             results[f"{name}_gold_std"] = _std(out["gold"])
         if name != "baseline":
-            results[f"{name}_win_rate"] = win_rate(out["score"], collected["baseline"]["score"])
+            results.update(win_rate_figures(f"{name}_win_rate", out["score"], collected["baseline"]["score"]))
             if gold is not None:
-                results[f"{name}_gold_win_rate"] = win_rate(out["gold"], collected["baseline"]["gold"])
+                results.update(win_rate_figures(f"{name}_gold_win_rate", out["gold"], collected["baseline"]["gold"]))
     if recipe.policy is not None:  # one policy: its win rates under their plain names too
-        results["win_rate"] = results["policy_win_rate"]
-        if gold is not None:
-            results["gold_win_rate"] = results["policy_gold_win_rate"]
+        results.update({key.removeprefix("policy_"): value for key, value in list(results.items())
+                        if key.startswith(("policy_win_rate", "policy_gold_win_rate"))})
 
     samples = []
     for i in range(min(recipe.num_samples, len(prompt_texts))):
@@ -324,6 +326,16 @@ def win_rate(candidate: list[float], baseline: list[float]) -> float:
     return wins / len(candidate) if candidate else float("nan")
 
 
+def win_rate_figures(key: str, candidate: list[float], baseline: list[float]) -> dict[str, float]:
+    """`key`: the win rate (a tie counts half); `key_low`, `key_high`: its 95 % Wilson interval over the prompts,
+    as the human win rates of `rlhf label` (label.stats.wilson_interval, the rate with ties as half a win)."""
+    from rlhf_pipeline.label.stats import wilson_interval
+
+    rate = win_rate(candidate, baseline)
+    low, high = wilson_interval(rate, len(candidate))
+    return {key: rate, f"{key}_low": low, f"{key}_high": high}
+
+
 def distinct_n(texts: list[str], n: int) -> float:
     """Unique n-grams over all n-grams of the responses (whitespace words): 1 is all different, near 0 is repetitive."""
     grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
@@ -355,7 +367,11 @@ def evaluate_reward_model(reward_model, pairs):
     scored = sorted(gather_lists(list(zip(mine, chosen.tolist(), rejected.tolist()))))
     chosen_scores = torch.tensor([c for _, c, _ in scored])
     rejected_scores = torch.tensor([r for _, _, r in scored])
+    from rlhf_pipeline.label.stats import wilson_interval
+
     metrics = {f"reward_{k}": v for k, v in preference_metrics(chosen_scores, rejected_scores).items()}
+    metrics["reward_accuracy_low"], metrics["reward_accuracy_high"] = wilson_interval(metrics["reward_accuracy"],
+                                                                                      metrics["reward_num_pairs"])
     metrics["reward_pairs_too_long"] = len(encoded) - len(kept)
     return metrics, {"chosen": chosen_scores.tolist(), "rejected": rejected_scores.tolist()}
 
@@ -432,6 +448,8 @@ def plot_overoptimisation(run_dirs: dict[str, Path], results: dict[str, Any], na
 # report
 # -------------------------------------------------------------------------------------------------------------
 def markdown_report(loaded: LoadedRecipe, results: dict[str, Any], samples: list[dict], plots: dict[str, str]) -> str:
+    """The report, its numbers at the precision they carry (`significant`, `share`, `seconds`); eval.json keeps them
+    whole."""
     recipe = loaded.recipe
     lines = ["# Evaluation report", ""]
     names = list(policy_sections(recipe))
@@ -443,28 +461,33 @@ def markdown_report(loaded: LoadedRecipe, results: dict[str, Any], samples: list
                   "model).", ""]
         lines += comparison_table(results, names)
         if recipe.policy is not None:
+            prompts = results["num_prompts"]
             lines += ["", f"Win rate of the policy over the baseline, judged by the reward model: "
-                          f"**{results['win_rate']:.3f}** (a tie counts half)."]
+                          f"{rate_sentence(results, 'win_rate', prompts, 'prompts')}."]
             if "gold_win_rate" in results:
-                lines.append(f"Judged by the gold scorer: **{results['gold_win_rate']:.3f}**.")
+                lines.append("Judged by the gold scorer: "
+                             f"{rate_sentence(results, 'gold_win_rate', prompts, 'prompts')}.")
             if "human_win_rate" in results:
                 lines.append(f"Judged by people (A/B labels of `{recipe.human_labels}`, "
-                             f"{results['human_labelers']} labeler(s)): **{results['human_win_rate']:.3f}** (95% "
-                             f"Wilson interval {results['human_win_rate_low']:.3f}-{results['human_win_rate_high']:.3f}"
-                             f" over {results['human_win_rate_prompts']} prompts, a tie or both bad counting half).")
+                             f"{results['human_labelers']} labeler(s)): **{share(results['human_win_rate'])}** (95% "
+                             f"Wilson interval {share(results['human_win_rate_low'])}-"
+                             f"{share(results['human_win_rate_high'])} over {results['human_win_rate_prompts']} "
+                             "prompts, a tie or both bad counting half).")
         else:
-            lines += ["", "Win rates are over the baseline (a tie counts half). Gold ± is the standard error of the "
-                          "mean over prompts. Training time and throughput come from each policy's own run "
-                          "(`metrics.json`); gold gain per minute = (gold - baseline gold) / training minutes. "
-                          f"The training rows read a PPO-family run's log (rollout batches, {SMOOTHING}-update moving "
-                          "means): a gold score at the end well below its peak is over-optimisation of the reward "
-                          "model."]
+            lines += ["", "Win rates are over the baseline (a tie counts half), with their 95% Wilson intervals over "
+                          "the prompts. Gold ± is the standard error of the mean over prompts. Training time and "
+                          "throughput come from each policy's own run (`metrics.json`); gold gain per minute = (gold - "
+                          "baseline gold) / training minutes. The training rows read a PPO-family run's log (rollout "
+                          f"batches, {SMOOTHING}-update moving means): a gold score at the end well below its peak is "
+                          "over-optimisation of the reward model."]
         lines.append("")
     if "reward_accuracy" in results:
-        lines += [f"Reward model `{recipe.reward.model}` on {results['reward_num_pairs']} held-out pairs: accuracy "
-                  f"**{results['reward_accuracy']:.3f}** (a tie counts as wrong; {results['reward_ties']} ties), mean "
-                  f"margin {results['reward_margin']:.3f} (chosen {results['reward_chosen_score_mean']:.3f}, rejected "
-                  f"{results['reward_rejected_score_mean']:.3f}).", ""]
+        pairs, ties = results["reward_num_pairs"], results["reward_ties"]
+        lines += [f"Reward model `{recipe.reward.model}` on {pairs} held-out pairs: accuracy "
+                  f"{rate_sentence(results, 'reward_accuracy', pairs, 'pairs', f'{ties} ties, counted as wrong')}, "
+                  f"mean margin {significant(results['reward_margin'])} (chosen "
+                  f"{significant(results['reward_chosen_score_mean'])}, rejected "
+                  f"{significant(results['reward_rejected_score_mean'])}).", ""]
     for name, caption in plots.items():
         lines += [f"![{caption}]({name})", ""]
     if samples:
@@ -472,50 +495,65 @@ def markdown_report(loaded: LoadedRecipe, results: dict[str, Any], samples: list
         gold = "baseline_gold" in samples[0]
         lines += ["## Side by side", "", "| prompt | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
         for row in samples:
-            cells = [f"{_cell(row[n])} ({row[f'{n}_score']:.2f}" + (f", gold {row[f'{n}_gold']:.2f})" if gold else ")")
-                     for n in shown]
+            cells = [f"{_cell(row[n])} ({significant(row[f'{n}_score'])}"
+                     + (f", gold {significant(row[f'{n}_gold'])})" if gold else ")") for n in shown]
             lines.append(f"| {_cell(row['prompt'])} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
+def rate_sentence(results: dict[str, Any], key: str, n: int, over: str, tie: str = "a tie counting half") -> str:
+    """`**0.961** (95% Wilson interval 0.912-0.985 over 128 prompts, a tie counting half)`."""
+    return (f"**{share(results[key])}** (95% Wilson interval {share(results[f'{key}_low'])}-"
+            f"{share(results[f'{key}_high'])} over {n} {over}, {tie})")
+
+
 def comparison_table(results: dict[str, Any], names: list[str]) -> list[str]:
-    """Markdown rows: one column per model (the baseline first), one row per measure."""
+    """Markdown rows: one column per model (the baseline first), one row per measure, each number at its precision:
+    scores, KL and lengths to 3 significant figures, shares to 3 decimals, times in seconds to 0.1 s."""
     shown = ["baseline", *names]
     n = results.get("num_prompts") or 1
 
     def gold_cell(name: str) -> str:
-        return f"{results[f'{name}_gold']:.3f} ± {results[f'{name}_gold_std'] / math.sqrt(n):.3f}"
+        return f"{significant(results[f'{name}_gold'])} ± {significant(results[f'{name}_gold_std'] / math.sqrt(n), 2)}"
 
-    rows: list[tuple[str, Any]] = [
-        ("method", lambda m: results.get(f"{m}_method", "")),
-        ("reward-model score (mean)", "score"),
-        ("gold score (mean ± SE)", gold_cell if "baseline_gold" in results else None),
-        ("win rate (reward model)", "win_rate"),
-        ("win rate (gold)", "gold_win_rate"),
-        ("win rate (human, 95% interval)", lambda m: human_cell(results, m)),
-        ("KL to the reference (nats)", "kl"),
-        ("sqrt(KL)", lambda m: f"{math.sqrt(max(results[f'{m}_kl'], 0.0)):.2f}"),
-        ("response length (tokens)", "response_length"),
-        ("EOS rate", "eos_rate"),
-        ("distinct-1", "distinct_1"),
-        ("distinct-2", "distinct_2"),
-        ("training time (s)", "train_seconds"),
-        ("episodes / s (training)", "episodes_per_second"),
-        ("pairs / s (training)", "pairs_per_second"),
-        ("gold gain per training minute", "gold_gain_per_minute"),
-        (f"training: gold peak ({SMOOTHING}-update mean)", "train_gold_peak"),
-        ("training: KL at the gold peak (nats)", "train_gold_peak_kl"),
-        ("training: gold at the end", "train_gold_end"),
+    def rate_cell(key: str):
+        def cell(name: str) -> str:
+            if f"{name}_{key}" not in results:
+                return ""
+            return (f"{share(results[f'{name}_{key}'])} [{share(results[f'{name}_{key}_low'])}, "
+                    f"{share(results[f'{name}_{key}_high'])}]")
+        return cell
+
+    rows: list[tuple[str, Any, Any]] = [  # (label, the figure's name or a cell function, how a figure is written)
+        ("method", lambda m: results.get(f"{m}_method", ""), None),
+        ("reward-model score (mean)", "score", significant),
+        ("gold score (mean ± SE)", gold_cell if "baseline_gold" in results else None, None),
+        ("win rate (reward model, 95% interval)", rate_cell("win_rate"), None),
+        ("win rate (gold, 95% interval)", rate_cell("gold_win_rate"), None),
+        ("win rate (human, 95% interval)", lambda m: human_cell(results, m), None),
+        ("KL to the reference (nats)", "kl", significant),
+        ("sqrt(KL)", lambda m: significant(math.sqrt(max(results[f'{m}_kl'], 0.0))), None),
+        ("response length (tokens)", "response_length", significant),
+        ("EOS rate", "eos_rate", share),
+        ("distinct-1", "distinct_1", share),
+        ("distinct-2", "distinct_2", share),
+        ("training time", "train_seconds", seconds),
+        ("episodes / s (training)", "episodes_per_second", significant),
+        ("pairs / s (training)", "pairs_per_second", significant),
+        ("gold gain per training minute", "gold_gain_per_minute", significant),
+        (f"training: gold peak ({SMOOTHING}-update mean)", "train_gold_peak", significant),
+        ("training: KL at the gold peak (nats)", "train_gold_peak_kl", significant),
+        ("training: gold at the end", "train_gold_end", significant),
     ]
     lines = ["| | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
-    for label, how in rows:
+    for label, how, write in rows:
         if how is None:
             continue
         if callable(how):
             cells = [str(how(m)) if f"{m}_kl" in results else "" for m in shown]
         else:
-            cells = [_fmt(results[f"{m}_{how}"]) if f"{m}_{how}" in results else "" for m in shown]
+            cells = [write(results[f"{m}_{how}"]) if f"{m}_{how}" in results else "" for m in shown]
         if any(cells[1:]) or (how in ("score", "kl") and any(cells)):
             lines.append(f"| {label} | " + " | ".join(c or "-" for c in cells) + " |")
     return lines
@@ -525,8 +563,36 @@ def human_cell(results: dict[str, Any], name: str) -> str:
     """`0.625 [0.306, 0.863], 8 prompts`: a human win rate with its 95 % Wilson interval (empty without one)."""
     if f"{name}_human_win_rate" not in results:
         return ""
-    return (f"{results[f'{name}_human_win_rate']:.3f} [{results[f'{name}_human_win_rate_low']:.3f}, "
-            f"{results[f'{name}_human_win_rate_high']:.3f}], {results[f'{name}_human_win_rate_prompts']} prompts")
+    return (f"{share(results[f'{name}_human_win_rate'])} [{share(results[f'{name}_human_win_rate_low'])}, "
+            f"{share(results[f'{name}_human_win_rate_high'])}], {results[f'{name}_human_win_rate_prompts']} prompts")
+
+
+def significant(value: float, digits: int = 3) -> str:
+    """`value` to `digits` significant figures: 0.951, 41.6, -0.00123; 1234 keeps its whole digits, 2.30e-07 its
+    exponent; an integer as it is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value) or value == 0:
+        return f"{abs(value) if value == 0 else value:g}"
+    if abs(value) >= 10 ** digits:
+        return f"{value:.0f}"
+    if abs(value) < 1e-4:  # a rounding residue, or a tiny figure: an exponent reads better than zeros
+        return f"{value:.{digits - 1}e}"
+    rounded = float(f"{value:.{digits}g}")  # first: 0.9996 rounds to 1.00, not 1.000
+    decimals = max(digits - 1 - math.floor(math.log10(abs(rounded))), 0)
+    return f"{rounded:.{decimals}f}"
+
+
+def share(value: float) -> str:
+    """A share in [0, 1] (a win rate, an accuracy, an EOS rate) to 3 decimals: 0.961."""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def seconds(value: float) -> str:
+    """A duration: `41.6 s` (0.1 s; whole seconds from 100 s)."""
+    return f"{value:.1f} s" if value < 100 else f"{value:.0f} s"
 
 
 def summary_line(results: dict[str, Any]) -> str:
@@ -549,10 +615,6 @@ def summary_line(results: dict[str, Any]) -> str:
 
 def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _mean(values: list[float]) -> float:

@@ -231,7 +231,7 @@ def _train(loaded: LoadedRecipe, options: RunOptions, accelerator) -> dict[str, 
         metrics = ppo_metrics(output_dir, before, after, state, trainer.plan, saved)
         from rlhf_pipeline.plots import plot_ppo_curves
 
-        plot_ppo_curves(output_dir / "log.jsonl", output_dir / CURVES_FILE)
+        plot_ppo_curves(output_dir / runs.LOG_FILE, output_dir / CURVES_FILE)
         say("ppo", _summary(metrics))
     return metrics
 
@@ -328,10 +328,7 @@ def _truncate_logs(output_dir: Path, updates_done: int) -> None:
     from rlhf_pipeline.ppo.trainer import LOG_FILE, SAMPLES_FILE
 
     for name, key in ((LOG_FILE, "train/update"), (SAMPLES_FILE, "update")):
-        path = output_dir / name
-        if path.exists():
-            kept = [row for row in runs.read_jsonl(path) if row.get(key, 0) <= updates_done]
-            runs.atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+        runs.keep_rows_through(output_dir / name, key, updates_done)
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
 
     # 4. train (TRL evaluates the held-out pairs), then score every held-out pair on its own
     start_outputs(loaded, options)
-    metrics = train_and_evaluate(trainer, options, has_eval=True)
+    metrics = train_and_evaluate(trainer, options, loaded.stage, has_eval=True)
     # every process scores: under FSDP or ZeRO-3 each forward gathers the weights from all of them
     chosen, rejected = held_out_pair_scores(trainer, tokenizer.pad_token_id)
     if is_main_process():

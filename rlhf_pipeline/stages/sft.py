@@ -61,7 +61,7 @@ def run(loaded: LoadedRecipe, options: RunOptions) -> dict[str, Any]:
 
     # 4. train
     start_outputs(loaded, options)
-    metrics = train_and_evaluate(trainer, options, has_eval=held_out is not None, perplexity=True)
+    metrics = train_and_evaluate(trainer, options, loaded.stage, has_eval=held_out is not None, perplexity=True)
 
     # 5. save
     saved = save_trained(trainer, loaded, recipe.peft)
